@@ -1,0 +1,63 @@
+"""Shared pytest fixtures and marker handling. Everything here is CPU-only and offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_multi = pytest.mark.skip(reason="needs two or more CUDA GPUs")
+    for item in items:
+        if "gpu" in item.keywords and gpus < 1:
+            item.add_marker(skip_gpu)
+        if "multi_gpu" in item.keywords and gpus < 2:
+            item.add_marker(skip_multi)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_path(tmp_path_factory):
+    from unimm.testing import build_qwen_style_tokenizer
+
+    path = tmp_path_factory.mktemp("qwen_tok")
+    build_qwen_style_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_path(tmp_path_factory):
+    from unimm.testing import build_llama_style_tokenizer
+
+    path = tmp_path_factory.mktemp("llama_tok")
+    build_llama_style_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_path(tmp_path_factory, qwen_tokenizer_path):
+    """A tiny random Qwen2ForCausalLM + Qwen-style BPE tokenizer saved with save_pretrained."""
+    from transformers import AutoTokenizer
+
+    from unimm.testing import build_tiny_llm
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    return build_tiny_llm(path, "qwen2", AutoTokenizer.from_pretrained(qwen_tokenizer_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory, llama_tokenizer_path):
+    """A tiny random LlamaForCausalLM + sentencepiece tokenizer saved with save_pretrained."""
+    from transformers import AutoTokenizer
+
+    from unimm.testing import build_tiny_llm
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    return build_tiny_llm(path, "llama", AutoTokenizer.from_pretrained(llama_tokenizer_path))

@@ -1,0 +1,1 @@
+"""Small shared helpers: optional imports, logging, distributed wrappers, config parsing, attention backend."""
