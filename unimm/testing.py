@@ -49,7 +49,9 @@ def build_qwen_style_tokenizer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     bpe.train_from_iterator(list(corpus) * 4, trainer=trainer)
-    vocab = {tok: i for tok, i in bpe.get_vocab().items() if tok not in specials}
+    # Renumber from 0: the special tokens are re-added after the vocabulary and must not share ids with it.
+    ordinary = sorted((i, tok) for tok, i in bpe.get_vocab().items() if tok not in specials)
+    vocab = {tok: new_id for new_id, (_, tok) in enumerate(ordinary)}
     import json
 
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]

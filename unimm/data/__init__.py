@@ -1,1 +1,94 @@
-"""unimm.data."""
+"""unimm.data: readers, sequence building, tasks, code cache and collation for UniMM training (DESIGN §4)."""
+
+from unimm.data.bad_samples import BadSampleTracker, TooManyBadSamplesError
+from unimm.data.code_cache import (
+    CodeCache,
+    CodeCacheMismatchError,
+    PretokenizeConfig,
+    finalize_code_cache,
+    load_code_cache,
+    pretokenize,
+    run_pretokenize,
+)
+from unimm.data.collator import GroupedBatchSampler, UniMMCollator
+from unimm.data.images import (
+    ImageDataset,
+    ImageLoadError,
+    ImageTransform,
+    collate_images,
+    load_image,
+    read_image_records,
+)
+from unimm.data.sequence import (
+    ImageSlot,
+    MalformedRecordError,
+    Sample,
+    SampleError,
+    SampleTooLongError,
+    SequenceBuilder,
+    Text,
+    TokenIds,
+)
+from unimm.data.sources import llava_messages, read_llava_json, read_text_records
+from unimm.data.tasks import (
+    CodeCacheImages,
+    IterableTaskDataset,
+    MixtureConfig,
+    MixtureDataset,
+    PixelImages,
+    SampleConfig,
+    SampleFactory,
+    TaskDataset,
+    build_mixture,
+    caption_dataset,
+    conversation_dataset,
+    t2i_dataset,
+    text_dataset,
+)
+from unimm.data.templates import ChatMessage, get_chat_format
+
+__all__ = [
+    "BadSampleTracker",
+    "ChatMessage",
+    "CodeCache",
+    "CodeCacheImages",
+    "CodeCacheMismatchError",
+    "GroupedBatchSampler",
+    "ImageDataset",
+    "ImageLoadError",
+    "ImageSlot",
+    "ImageTransform",
+    "IterableTaskDataset",
+    "MalformedRecordError",
+    "MixtureConfig",
+    "MixtureDataset",
+    "PixelImages",
+    "PretokenizeConfig",
+    "Sample",
+    "SampleConfig",
+    "SampleError",
+    "SampleFactory",
+    "SampleTooLongError",
+    "SequenceBuilder",
+    "TaskDataset",
+    "Text",
+    "TokenIds",
+    "TooManyBadSamplesError",
+    "UniMMCollator",
+    "build_mixture",
+    "caption_dataset",
+    "collate_images",
+    "conversation_dataset",
+    "finalize_code_cache",
+    "get_chat_format",
+    "llava_messages",
+    "load_code_cache",
+    "load_image",
+    "pretokenize",
+    "read_image_records",
+    "read_llava_json",
+    "read_text_records",
+    "run_pretokenize",
+    "t2i_dataset",
+    "text_dataset",
+]

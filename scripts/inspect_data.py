@@ -1,0 +1,6 @@
+"""Show N training samples token by token with their supervision and image slots (see unimm.data.inspect)."""
+
+from unimm.data.inspect import main
+
+if __name__ == "__main__":
+    main()

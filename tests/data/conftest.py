@@ -1,0 +1,51 @@
+"""Fixtures of the data tests: tokenizers with UniMM's special tokens and their vocabulary layouts.
+
+The layout comes from the real `unimm.llm.vocab.extend_tokenizer_and_model`, so the data layer is tested against
+the ids training uses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from unimm.llm.layout import VocabLayout
+
+SEMANTIC_SPEC = {"semantic": {"num_codes": 32, "depth": 1, "code_dim": 8}}
+DUAL_SPEC = {"pixel": {"num_codes": 16, "depth": 3, "code_dim": 4}, "semantic": {"num_codes": 8, "depth": 2,
+                                                                                 "code_dim": 4}}
+
+
+def add_layout(tokenizer, codebook_spec: dict, flat_codes: bool = False) -> VocabLayout:
+    """Extend `tokenizer` with the real `extend_tokenizer_and_model` (on a throwaway one-layer LM of the same
+    vocabulary) and return the layout."""
+    from transformers import AutoModelForCausalLM
+
+    from unimm.llm.vocab import extend_tokenizer_and_model
+    from unimm.testing import tiny_llm_config
+
+    config = tiny_llm_config("qwen2", vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2,
+                             num_kv_heads=1)
+    return extend_tokenizer_and_model(tokenizer, AutoModelForCausalLM.from_config(config), codebook_spec, flat_codes)
+
+
+@pytest.fixture
+def qwen(qwen_tokenizer_path):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_path)
+    return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
+
+
+@pytest.fixture
+def llama(llama_tokenizer_path):
+    tokenizer = AutoTokenizer.from_pretrained(llama_tokenizer_path)
+    return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run much faster on one intra-op thread than on two contended ones (2-core CI)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

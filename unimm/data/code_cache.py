@@ -1,0 +1,351 @@
+"""Offline code cache: the visual tokenizer runs once over a dataset's images and its codes are stored in Arrow
+shards, so LLM training reads code inputs and targets from disk instead of running the tokenizer in the step.
+
+Layout of a cache directory:
+- `shard-00000.arrow` ... : Arrow IPC streams with columns `id` (the record id, or the image path as written in
+  a LLaVA file), `text` (caption, when the source has one) and `codes_<group>` (int32, N*D codes flattened);
+- `shard-00000.json` ... : per-shard counts and skipped ids, written after the Arrow file, so its presence
+  marks the shard finished (an interrupted shard is redone from its start on resume);
+- `pretokenize_state.json`: what the run was started with (tokenizer hash, number of records, shard size), so a
+  resume with different inputs is refused;
+- `cache_info.json`: written at the end; `tokenizer_config_hash`, codebook spec, per-group shapes, counts and
+  skipped ids. `load_code_cache` refuses a cache whose hash differs from the training tokenizer's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from unimm.data.bad_samples import BadSampleTracker
+from unimm.data.images import ImageDataset, ImageTransform, collate_images
+
+logger = logging.getLogger(__name__)
+
+CACHE_INFO = "cache_info.json"
+STATE_FILE = "pretokenize_state.json"
+CACHE_FORMAT_VERSION = 1
+
+
+class CodeCacheMismatchError(ValueError):
+    """The cache was written by a different tokenizer (or a different pretokenize run)."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def _tokenizer_hash(tokenizer_or_hash: Any) -> str:
+    return tokenizer_or_hash if isinstance(tokenizer_or_hash, str) else str(tokenizer_or_hash.config_hash())
+
+
+def _codebook_spec_dict(tokenizer: Any) -> dict[str, dict[str, int]]:
+    spec = getattr(tokenizer, "codebook_spec", None) or {}
+    return {name: (group.to_dict() if hasattr(group, "to_dict") else dict(group)) for name, group in spec.items()}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(tmp, path)
+
+
+@dataclass
+class PretokenizeResult:
+    """What one process did: shards written now, shards skipped because a previous run finished them."""
+
+    written_shards: list[int]
+    skipped_shards: list[int]
+    num_shards: int
+
+
+def _image_transform(tokenizer: Any) -> ImageTransform:
+    return ImageTransform(int(tokenizer.image_size), tuple(tokenizer.image_mean), tuple(tokenizer.image_std))
+
+
+@torch.no_grad()
+def _encode_shard(records: Any, tokenizer: Any, transform: ImageTransform, batch_size: int, num_workers: int,
+                  device: torch.device | str, tracker: BadSampleTracker, progress: Any) -> tuple[pa.Table, dict]:
+    has_text = "text" in (records.column_names or [])
+    loader = torch.utils.data.DataLoader(ImageDataset(records, transform), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=collate_images)
+    ids: list[str] = []
+    groups: dict[str, list[np.ndarray]] = {}
+    shapes: dict[str, list[int]] = {}
+    skipped: list[list[str]] = []
+    for batch in loader:
+        for sample_id, reason in batch["skipped"]:
+            skipped.append([sample_id, reason])
+            tracker.record_bad(sample_id, reason)
+        if batch["ids"]:
+            pixel_values = batch["pixel_values"].to(device=device, dtype=getattr(tokenizer, "dtype", torch.float32))
+            codes = tokenizer.encode(pixel_values)  # group -> [B, N, D]
+            for name, group_codes in codes.items():
+                group_codes = group_codes.detach().to("cpu", torch.int32)
+                shapes[name] = list(group_codes.shape[1:])
+                groups.setdefault(name, []).append(group_codes.reshape(group_codes.shape[0], -1).numpy())
+            ids.extend(batch["ids"])
+            tracker.record_ok(len(batch["ids"]))
+        if progress is not None:
+            progress.update(len(batch["ids"]) + len(batch["skipped"]))
+    columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
+    if has_text:
+        kept = set(ids)
+        text_by_id = {r["id"]: r["text"] for r in records.select_columns(["id", "text"]) if r["id"] in kept}
+        columns["text"] = pa.array([text_by_id[i] for i in ids], pa.string())
+    for name in _codebook_spec_dict(tokenizer) or groups:
+        flat = np.concatenate(groups[name]) if groups.get(name) else np.zeros((0, 0), np.int32)  # [B, N*D]
+        offsets = np.arange(flat.shape[0] + 1, dtype=np.int32) * flat.shape[1]
+        columns[f"codes_{name}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1)))
+    meta = {"num_records": len(records), "num_written": len(ids), "skipped": skipped, "shapes": shapes}
+    return pa.table(columns), meta
+
+
+def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_size: int = 32,
+                shard_size: int = 1024, num_workers: int = 0, device: torch.device | str = "cpu",
+                process_index: int = 0, num_processes: int = 1, max_bad_fraction: float = 0.01,
+                source: str | None = None, show_progress: bool = True) -> PretokenizeResult:
+    """Encode the images of `records` (a map-style `datasets.Dataset` with `id`, `image`, optional `text`, as from
+    `read_image_records`) with `tokenizer` and write this process's shards of the cache in `out_dir`.
+
+    Shard `s` holds records `[s * shard_size, (s + 1) * shard_size)` and belongs to process `s % num_processes`.
+    Finished shards (their `.json` exists) are skipped, so rerunning after an interruption resumes. Call
+    `finalize_code_cache` once every process is done (the script does it on the main process after a barrier).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if shard_size <= 0 or batch_size <= 0:
+        raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    num_records = len(records)
+    state = {"format_version": CACHE_FORMAT_VERSION, "tokenizer_config_hash": _tokenizer_hash(tokenizer),
+             "num_records": num_records, "shard_size": shard_size, "source": source}
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        previous = json.loads(state_path.read_text())
+        if previous != state:
+            raise CodeCacheMismatchError(f"{out} holds a pretokenize run started with {previous}, but this run has "
+                                         f"{state}; use another out_dir or delete the old cache")
+    elif process_index == 0:
+        _write_json_atomic(state_path, state)
+    num_shards = max(1, -(-num_records // shard_size))
+    mine = [s for s in range(num_shards) if s % num_processes == process_index]
+    done = [s for s in mine if (out / f"{shard_name(s)}.json").exists()]
+    todo = [s for s in mine if s not in done]
+    transform = _image_transform(tokenizer)
+    tracker = BadSampleTracker(max_bad_fraction=max_bad_fraction, name=f"pretokenize[{process_index}]")
+    total = sum(min(shard_size, num_records - s * shard_size) for s in todo)
+    progress = tqdm(total=total, desc=f"pretokenize (process {process_index})", unit="img",
+                    disable=not show_progress)
+    if done:
+        logger.info("process %d: %d shard(s) already finished, %d to do", process_index, len(done), len(todo))
+    for shard in todo:
+        start, stop = shard * shard_size, min(num_records, (shard + 1) * shard_size)
+        table, meta = _encode_shard(records.select(range(start, stop)), tokenizer, transform, batch_size,
+                                    num_workers, device, tracker, progress)
+        _write_arrow_atomic(out / f"{shard_name(shard)}.arrow", table)
+        _write_json_atomic(out / f"{shard_name(shard)}.json", {"shard": shard, "start": start, "stop": stop, **meta})
+    progress.close()
+    tracker.check(final=True)
+    return PretokenizeResult(written_shards=todo, skipped_shards=done, num_shards=num_shards)
+
+
+def finalize_code_cache(out_dir: str | os.PathLike, tokenizer: Any, max_bad_fraction: float = 1.0) -> dict:
+    """Check every shard is finished, merge their counts and write `cache_info.json`. Returns the info."""
+    out = Path(out_dir)
+    state = json.loads((out / STATE_FILE).read_text())
+    num_shards = max(1, -(-state["num_records"] // state["shard_size"]))
+    missing = [s for s in range(num_shards) if not (out / f"{shard_name(s)}.json").exists()]
+    if missing:
+        raise RuntimeError(f"{out}: shard(s) {missing} are not finished; rerun pretokenize to complete them")
+    metas = [json.loads((out / f"{shard_name(s)}.json").read_text()) for s in range(num_shards)]
+    shapes: dict[str, list[int]] = {}
+    for meta in metas:
+        shapes.update(meta["shapes"])
+    skipped = [entry for meta in metas for entry in meta["skipped"]]
+    num_written = sum(meta["num_written"] for meta in metas)
+    tracker = BadSampleTracker(max_bad_fraction=max_bad_fraction, min_seen=0, name=f"code cache {out}")
+    tracker.num_ok, tracker.num_bad, tracker.bad_examples = num_written, len(skipped), skipped[:20]
+    tracker.check(final=True)
+    info = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "tokenizer_config_hash": _tokenizer_hash(tokenizer),
+        "codebook_spec": _codebook_spec_dict(tokenizer),
+        "shapes": shapes,  # group -> [N, D]
+        "image_size": int(tokenizer.image_size),
+        "num_records": state["num_records"],
+        "num_codes_written": num_written,
+        "num_skipped": len(skipped),
+        "skipped": skipped,
+        "shards": [f"{shard_name(s)}.arrow" for s in range(num_shards)],
+        "source": state.get("source"),
+    }
+    if info["tokenizer_config_hash"] != state["tokenizer_config_hash"]:
+        raise CodeCacheMismatchError(f"{out}: shards were written with tokenizer hash {state['tokenizer_config_hash']}"
+                                     f", finalising with {info['tokenizer_config_hash']}")
+    _write_json_atomic(out / CACHE_INFO, info)
+    return info
+
+
+class CodeCache:
+    """A finished code cache: `cache[i]` -> `{"id", "text"?, "codes": {group: LongTensor [N, D]}}`, and
+    `codes_for(key)` by record id / image path."""
+
+    def __init__(self, path: Path, info: dict, dataset: Any):
+        self.path = path
+        self.info = info
+        self.dataset = dataset
+        self.group_names = list(info["shapes"])
+        self.shapes = {name: tuple(shape) for name, shape in info["shapes"].items()}
+        self.has_text = "text" in dataset.column_names
+        self._index: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _row(self, row: dict) -> dict:
+        codes = {name: torch.tensor(row[f"codes_{name}"], dtype=torch.long).view(*self.shapes[name])
+                 for name in self.group_names}
+        out = {"id": row["id"], "codes": codes}
+        if self.has_text:
+            out["text"] = row["text"]
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        return self._row(self.dataset[int(index)])
+
+    def keys(self) -> list[str]:
+        return list(self.dataset["id"])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_index()
+
+    def _key_index(self) -> dict[str, int]:
+        if self._index is None:
+            self._index = {key: i for i, key in enumerate(self.dataset["id"])}
+        return self._index
+
+    def codes_for(self, key: str) -> dict[str, torch.Tensor]:
+        index = self._key_index().get(key)
+        if index is None:
+            raise KeyError(f"{key!r} is not in the code cache {self.path} (was it skipped when pretokenizing? "
+                           f"{self.info.get('num_skipped', 0)} image(s) were)")
+        return self[index]["codes"]
+
+
+def load_code_cache(path: str | os.PathLike, expected_hash: Any | None) -> CodeCache:
+    """Open the cache at `path`. `expected_hash` is the training tokenizer's `config_hash()` (or the tokenizer);
+    a cache written by a different tokenizer is refused with both hashes and the path. `None` skips the check
+    (inspection only)."""
+    import datasets
+
+    path = Path(path)
+    info_path = path / CACHE_INFO
+    if not info_path.is_file():
+        partial = " (pretokenize did not finish: rerun it to resume)" if (path / STATE_FILE).exists() else ""
+        raise FileNotFoundError(f"no {CACHE_INFO} in {path}; not a finished code cache{partial}")
+    info = json.loads(info_path.read_text())
+    if expected_hash is not None:
+        expected = _tokenizer_hash(expected_hash)
+        if info.get("tokenizer_config_hash") != expected:
+            raise CodeCacheMismatchError(
+                f"code cache {path} was written by a tokenizer with config hash {info.get('tokenizer_config_hash')}, "
+                f"but the training tokenizer's hash is {expected}; re-run scripts/pretokenize.py with this tokenizer")
+    shards = [datasets.Dataset.from_file(str(path / name)) for name in info["shards"]]
+    dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
+    return CodeCache(path, info, dataset)
+
+
+
+# ------------------------------------------------------------------------------------------------ program glue
+
+
+def _field(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class PretokenizeConfig:
+    """Arguments of `scripts/pretokenize.py`."""
+
+    data: str = _field(None, "Image-text records (folder, jsonl/json, parquet, save_to_disk dir, webdataset "
+                             "tar glob) or, with data_format=llava, a LLaVA conversation JSON.")
+    tokenizer_path: str = _field(None, "Directory of a trained visual tokenizer (unimm.tokenizer.load_tokenizer).")
+    output_dir: str = _field(None, "Cache directory (Arrow shards + cache_info.json); rerun with the same to resume.")
+    data_format: str = _field("pairs", "pairs: cache keyed by record id, with captions; llava: the distinct images "
+                                       "of a LLaVA JSON, keyed by the image path as written in the file.")
+    image_folder: str | None = _field(None, "LLaVA only: folder the image paths are relative to (default: the "
+                                            "JSON file's folder).")
+    image_key: str = _field("image", "Column / field holding the image (pairs).")
+    text_key: str | None = _field(None, "Column holding the caption (pairs); default: text, caption or txt.")
+    batch_size: int = _field(32, "Images per tokenizer forward pass.")
+    shard_size: int = _field(1024, "Records per Arrow shard (the unit of resumption and of multi-GPU sharding).")
+    num_workers: int = _field(2, "DataLoader workers decoding images.")
+    max_bad_fraction: float = _field(0.01, "Fraction of unreadable images tolerated before stopping.")
+    dtype: str = _field("float32", "Tokenizer weight dtype on GPU: float32, bfloat16 or float16.")
+
+    def __post_init__(self) -> None:
+        for name in ("data", "tokenizer_path", "output_dir"):
+            if getattr(self, name) is None:
+                raise ValueError(f"pretokenize needs --{name}")
+        if self.data_format not in ("pairs", "llava"):
+            raise ValueError(f"data_format must be 'pairs' or 'llava', got {self.data_format!r}")
+
+
+def llava_image_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> Any:
+    """The distinct images of a LLaVA file as records `id` (path as written, the cache key) and `image` (resolved)."""
+    import datasets
+
+    from unimm.data.sources import read_llava_json
+
+    folder = Path(image_folder) if image_folder is not None else Path(path).resolve().parent
+    refs = sorted({ref for refs in read_llava_json(path)["images"] for ref in refs})
+    return datasets.Dataset.from_dict({"id": refs, "image": [ref if os.path.isabs(ref) else str(folder / ref)
+                                                             for ref in refs]})
+
+
+def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> dict | None:
+    """Pretokenize with every process of the current `accelerate` launch; the main process writes
+    `cache_info.json` once all shards are done and returns it (other processes return None)."""
+    from accelerate import Accelerator
+
+    from unimm.data.images import read_image_records
+    from unimm.tokenizer import load_tokenizer
+
+    # cpu=True on CPU-only machines so a multi-process launch (torchrun, accelerate launch) uses gloo ranks.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    tokenizer = load_tokenizer(config.tokenizer_path).to(accelerator.device).eval()
+    if dtype != torch.float32 and accelerator.device.type != "cpu":
+        tokenizer = tokenizer.to(dtype)
+    if config.data_format == "llava":
+        records = llava_image_records(config.data, config.image_folder)
+    else:
+        records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key)
+    pretokenize(records, tokenizer, config.output_dir, batch_size=config.batch_size, shard_size=config.shard_size,
+                num_workers=config.num_workers, device=accelerator.device, process_index=accelerator.process_index,
+                num_processes=accelerator.num_processes, max_bad_fraction=config.max_bad_fraction,
+                source=str(config.data), show_progress=show_progress and accelerator.is_local_main_process)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    info = finalize_code_cache(config.output_dir, tokenizer, max_bad_fraction=config.max_bad_fraction)
+    logger.info("code cache %s: %d codes written, %d skipped", config.output_dir, info["num_codes_written"],
+                info["num_skipped"])
+    return info

@@ -1,0 +1,159 @@
+"""Collation of `Sample`s into the batch of docs/CONTRACTS.md, with right padding or sequence packing, and a
+sampler that groups batches by task (modality) and length.
+
+Packing puts several samples in one row of at most `max_length` tokens. `position_ids` restart at 0 at each
+sample and the batch has no `attention_mask`; transformers then derives a block-diagonal causal mask from the
+position ids, so packed samples cannot attend to each other (tested with a real Qwen2). transformers only does
+this when the forward pass has no KV cache: call the model with `use_cache=False` on packed batches (with the
+default `use_cache=True` a cache is created and the packed rows silently attend across samples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from unimm.data.bad_samples import BadSampleTracker
+from unimm.data.sequence import Sample
+from unimm.llm.layout import IGNORE_INDEX
+
+
+@dataclass
+class UniMMCollator:
+    """`samples -> batch`. `pad_token_id` fills padding; `packing=True` needs `max_length` (the row length).
+
+    Without packing a sample longer than `max_length` is an error (build samples with the same max_length);
+    with packing, samples are placed first-fit in arrival order, so a batch of B samples may become fewer rows.
+    """
+
+    pad_token_id: int
+    packing: bool = False
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    tracker: BadSampleTracker | None = None
+
+    def __post_init__(self) -> None:
+        if self.packing and not self.max_length:
+            raise ValueError("packing needs max_length (the length of a packed row)")
+
+    def _rows(self, samples: Sequence[Sample]) -> list[list[Sample]]:
+        if not self.packing:
+            return [[s] for s in samples]
+        rows: list[list[Sample]] = []
+        free: list[int] = []
+        for sample in samples:
+            for r, space in enumerate(free):
+                if len(sample) <= space:
+                    rows[r].append(sample)
+                    free[r] -= len(sample)
+                    break
+            else:
+                rows.append([sample])
+                free.append(self.max_length - len(sample))
+        return rows
+
+    def __call__(self, samples: Sequence[Sample]) -> dict:
+        kept = []
+        for sample in samples:
+            if sample is None:
+                continue
+            if self.max_length is not None and len(sample) > self.max_length:
+                if self.tracker is None:
+                    raise ValueError(f"sample {sample.sample_id} has {len(sample)} tokens > max_length "
+                                     f"{self.max_length}; build samples with the same max_length")
+                self.tracker.record_bad(sample.sample_id, f"{len(sample)} tokens > max_length {self.max_length}")
+                continue
+            kept.append(sample)
+        if not kept:
+            raise ValueError("no sample left to collate in this batch")
+        rows = self._rows(kept)
+        length = max(sum(len(s) for s in row) for row in rows)
+        if self.pad_to_multiple_of:
+            length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
+        num_rows = len(rows)
+        input_ids = torch.full((num_rows, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((num_rows, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((num_rows, length), dtype=torch.long)
+        position_ids = torch.zeros((num_rows, length), dtype=torch.long)
+        groups = {name: codes.shape[1] for s in kept if s.visual_codes for name, codes in s.visual_codes.items()}
+        visual_codes = {name: torch.full((num_rows, length, depth), -1, dtype=torch.long)
+                        for name, depth in groups.items()}
+        features: list[torch.Tensor] = []
+        pixels: list[torch.Tensor] = []
+        sample_ids: list[str] = []
+        for r, row in enumerate(rows):
+            offset = 0
+            for sample in row:
+                end = offset + len(sample)
+                input_ids[r, offset:end] = sample.input_ids
+                labels[r, offset:end] = sample.labels
+                attention_mask[r, offset:end] = 1
+                position_ids[r, offset:end] = torch.arange(len(sample))
+                for name, codes in (sample.visual_codes or {}).items():
+                    visual_codes[name][r, offset:end] = codes
+                features.extend(sample.image_features)  # consumed in row-major order, like the positions
+                pixels.extend(sample.pixel_values)
+                sample_ids.append(sample.sample_id)
+                offset = end
+            if self.packing and offset < length:
+                # Padding forms its own position block, so no real token attends to it (labels are ignored).
+                position_ids[r, offset:] = torch.arange(length - offset)
+        batch: dict = {"input_ids": input_ids, "labels": labels, "sample_ids": sample_ids}
+        if self.packing:
+            batch["position_ids"] = position_ids
+        else:
+            batch["attention_mask"] = attention_mask
+        if visual_codes:
+            batch["visual_codes"] = visual_codes
+        if features:
+            batch["image_features"] = torch.stack(features)  # [num_images, N, C]
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)  # [num_images, 3, H, W]
+        return batch
+
+
+class GroupedBatchSampler(torch.utils.data.Sampler[int]):
+    """Orders indices so that each run of `batch_size` consecutive indices has one task (modality) and similar
+    lengths: indices are shuffled per task, cut into mega-batches of `batch_size * mega_batch_factor`, sorted by
+    length inside each, split into batches, and the batches shuffled. Deterministic per (seed, epoch)."""
+
+    def __init__(self, tasks: Sequence[str], lengths: Sequence[int], batch_size: int, seed: int = 0,
+                 mega_batch_factor: int = 16):
+        if len(tasks) != len(lengths):
+            raise ValueError(f"tasks ({len(tasks)}) and lengths ({len(lengths)}) must have the same size")
+        self.tasks = list(tasks)
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega = batch_size * mega_batch_factor
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches: list[list[int]] = []
+        for task in sorted(set(self.tasks)):
+            indices = np.array([i for i, t in enumerate(self.tasks) if t == task])
+            indices = indices[rng.permutation(len(indices))]
+            for start in range(0, len(indices), self.mega):
+                mega = indices[start:start + self.mega]
+                mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
+                batches.extend(mega[i:i + self.batch_size].tolist() for i in range(0, len(mega), self.batch_size))
+            short = self.batch_size - len(batches[-1])
+            if short:
+                batches[-1].extend(rng.choice(indices, size=short).tolist())
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in self.batches():
+            yield from batch
+
+    def __len__(self) -> int:
+        counts = [self.tasks.count(task) for task in set(self.tasks)]
+        return sum(math.ceil(count / self.batch_size) * self.batch_size for count in counts)

@@ -1,0 +1,246 @@
+"""The one sequence builder: typed segments -> `input_ids`, `labels`, visual codes and image spans.
+
+Every sample (caption, text-to-image, conversation, text) is described as a list of segments; labels come from
+each segment's `supervise` flag at the moment its ids are produced, so they are never recovered afterwards by
+re-tokenising text (the LLaVA "tokenization mismatch" failure). Image slots follow `unimm.llm.layout`:
+`<|boi|> v_1 .. v_N <|eoi|>`, where each v_i holds `image_token_id` (or, in flat mode, the code's token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from unimm.llm.layout import IGNORE_INDEX, VocabLayout, encode_plain_text
+
+
+class SampleError(ValueError):
+    """A record cannot become a training sample; the message starts with the sample id. Datasets skip and count
+    these (see `BadSampleTracker`)."""
+
+    def __init__(self, sample_id: str, reason: str):
+        super().__init__(f"sample {sample_id}: {reason}")
+        self.sample_id = sample_id
+        self.reason = reason
+
+
+class MalformedRecordError(SampleError):
+    """The record's fields are missing or inconsistent (no conversations, `<image>` count mismatch, ...)."""
+
+
+class SampleTooLongError(SampleError):
+    """The sample does not fit `max_length` without cutting an image span (or nothing supervised would remain)."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """Text tokenised without BOS/EOS. `special=False` (user/data text) keeps strings such as `<|boi|>` or
+    `<|im_end|>` plain text; `special=True` is for template scaffolding whose control tokens must be parsed."""
+
+    text: str
+    supervise: bool = False
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Raw token ids (BOS, EOS, a `t2i_prefix_ids` prefix)."""
+
+    ids: tuple[int, ...]
+    supervise: bool = False
+
+    def __init__(self, ids: Sequence[int], supervise: bool = False):
+        object.__setattr__(self, "ids", tuple(int(i) for i in ids))
+        object.__setattr__(self, "supervise", supervise)
+
+
+@dataclass
+class ImageSlot:
+    """One image span. Either discrete `codes` (group -> LongTensor [N, D]) or continuous input: `num_positions`
+    positions later filled from `image_features` (precomputed `features` [N, C], or `pixel_values` [3, H, W]
+    that the training step encodes). `supervise=True` (text-to-image) makes the codes and `<|eoi|>` targets.
+    `include_boi=False` when the previous segment already ends with `<|boi|>` (a `t2i_prefix_ids` prefix)."""
+
+    codes: dict[str, torch.Tensor] | None = None
+    num_positions: int | None = None
+    features: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None
+    supervise: bool = False
+    include_boi: bool = True
+    image_key: str | None = None  # where the image came from (path or cache key), for inspection and errors
+
+    @property
+    def length(self) -> int:
+        if self.codes is not None:
+            return int(next(iter(self.codes.values())).shape[0])
+        if self.features is not None:
+            return int(self.features.shape[0])
+        return int(self.num_positions or 0)
+
+
+Segment = Text | TokenIds | ImageSlot
+
+
+@dataclass
+class Sample:
+    """One built training sample (1-D tensors of length L)."""
+
+    sample_id: str
+    task: str
+    input_ids: torch.Tensor  # [L]
+    labels: torch.Tensor  # [L], IGNORE_INDEX where not supervised
+    visual_codes: dict[str, torch.Tensor] | None  # group -> [L, D], -1 off code positions; None in flat mode
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each slot's positions
+    image_features: list[torch.Tensor] = field(default_factory=list)  # per continuous slot: [N, C]
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # per continuous slot: [3, H, W]
+    image_keys: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def has_images(self) -> bool:
+        return bool(self.image_spans)
+
+
+class SequenceBuilder:
+    """Turns segments into a `Sample` for one tokenizer and vocabulary layout.
+
+    `max_length`: longer samples are cut at the right when the cut falls in text; a cut through an image span
+    (including its `<|boi|>`/`<|eoi|>`) raises `SampleTooLongError` so the sample is dropped and counted.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.max_length = max_length
+        self.group_names = list(layout.codebook_spec)
+        self._special_cache: dict[str, list[int]] = {}
+
+    def encode_text(self, segment: Text) -> list[int]:
+        if not segment.special:
+            return encode_plain_text(self.tokenizer, segment.text)
+        if segment.text not in self._special_cache:  # template scaffolding repeats; cache it
+            ids = self.tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+            self._special_cache[segment.text] = ids
+        return list(self._special_cache[segment.text])
+
+    def _check_codes(self, slot: ImageSlot, sample_id: str) -> int:
+        codes = slot.codes
+        assert codes is not None
+        if list(codes) != self.group_names and sorted(codes) != sorted(self.group_names):
+            raise SampleError(sample_id, f"image codes have groups {sorted(codes)}, the vocabulary layout expects "
+                                         f"{self.group_names}")
+        lengths = set()
+        for name in self.group_names:
+            group = codes[name]
+            spec = self.layout.codebook_spec[name]
+            if group.dim() != 2 or group.shape[1] != spec["depth"]:
+                raise SampleError(sample_id, f"codes[{name!r}] must be [N, {spec['depth']}], got {list(group.shape)}")
+            if group.numel() and (int(group.min()) < 0 or int(group.max()) >= spec["num_codes"]):
+                raise SampleError(sample_id, f"codes[{name!r}] outside [0, {spec['num_codes']})")
+            lengths.add(int(group.shape[0]))
+        if len(lengths) != 1:
+            raise SampleError(sample_id, f"codebook groups have different numbers of positions {sorted(lengths)}")
+        return lengths.pop()
+
+    def build(self, segments: Sequence[Segment], sample_id: str, task: str, require_supervision: bool = True) -> Sample:
+        """`require_supervision=False` for inference prompts; training samples without a target raise."""
+        layout = self.layout
+        ids: list[int] = []
+        labels: list[int] = []
+        code_parts: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self.group_names}
+        spans: list[tuple[int, int]] = []
+        boundaries: list[tuple[int, int]] = []  # image spans including <|boi|> and <|eoi|>
+        continuous: list[tuple[str, torch.Tensor] | None] = []  # per slot: ("features"|"pixels", tensor) or None
+        keys: list[str | None] = []
+        # One batched tokenizer call for all user/data text (per-call overhead dominates for short segments).
+        plain = [s.text for s in segments if isinstance(s, Text) and not s.special]
+        plain_ids = iter(self.tokenizer(plain, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                         if plain else [])
+        for segment in segments:
+            if isinstance(segment, Text):
+                new = list(next(plain_ids)) if not segment.special else self.encode_text(segment)
+                ids.extend(new)
+                labels.extend(new if segment.supervise else [IGNORE_INDEX] * len(new))
+            elif isinstance(segment, TokenIds):
+                ids.extend(segment.ids)
+                labels.extend(segment.ids if segment.supervise else [IGNORE_INDEX] * len(segment.ids))
+            elif isinstance(segment, ImageSlot):
+                span_start = len(ids)
+                if segment.include_boi:
+                    ids.append(layout.boi_token_id)
+                    labels.append(IGNORE_INDEX)
+                elif not ids or ids[-1] != layout.boi_token_id:
+                    raise SampleError(sample_id, "an image slot without its own <|boi|> must follow <|boi|>")
+                start = len(ids)
+                continuous.append(None)
+                if segment.codes is not None:
+                    count = self._check_codes(segment, sample_id)
+                    if layout.flat_codes:
+                        (group,) = self.group_names
+                        visual_ids = (segment.codes[group][:, 0] + int(layout.code_token_offset)).tolist()
+                    else:
+                        visual_ids = [layout.image_token_id] * count
+                        for name in self.group_names:
+                            code_parts[name].append((start, segment.codes[name].long()))
+                else:
+                    if segment.supervise:
+                        raise SampleError(sample_id, "a supervised (text-to-image) image slot needs codes")
+                    count = segment.length
+                    if count <= 0:
+                        raise SampleError(sample_id, "an image slot needs codes, features or num_positions")
+                    if segment.features is not None:
+                        continuous[-1] = ("features", segment.features)
+                    elif segment.pixel_values is not None:
+                        continuous[-1] = ("pixels", segment.pixel_values)
+                    visual_ids = [layout.image_token_id] * count
+                ids.extend(visual_ids)
+                labels.extend(visual_ids if segment.supervise else [IGNORE_INDEX] * count)
+                spans.append((start, start + count))
+                ids.append(layout.eoi_token_id)
+                labels.append(layout.eoi_token_id if segment.supervise else IGNORE_INDEX)
+                boundaries.append((span_start if segment.include_boi else start - 1, len(ids)))
+                keys.append(segment.image_key)
+            else:
+                raise TypeError(f"sample {sample_id}: unknown segment type {type(segment).__name__}")
+
+        if self.max_length is not None and len(ids) > self.max_length:
+            cut = self.max_length
+            inside = [b for b in boundaries if b[0] < cut < b[1]]
+            if inside:
+                raise SampleTooLongError(sample_id, f"{len(ids)} tokens exceed max_length {self.max_length} and the "
+                                                    f"cut at {cut} would split the image span {list(inside[0])}")
+            ids, labels = ids[:cut], labels[:cut]
+            num_kept = sum(1 for b in boundaries if b[1] <= cut)
+            spans, keys, continuous = spans[:num_kept], keys[:num_kept], continuous[:num_kept]
+            for name in self.group_names:
+                code_parts[name] = [(s, c) for s, c in code_parts[name] if s < cut]
+
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        if require_supervision and not bool((label_tensor != IGNORE_INDEX).any()):
+            error = SampleTooLongError if self.max_length is not None and len(ids) == self.max_length else SampleError
+            raise error(sample_id, "no supervised token (nothing to train on)")
+        visual_codes = None
+        if not layout.flat_codes and any(code_parts.values()):
+            visual_codes = {}
+            for name in self.group_names:
+                depth = self.layout.codebook_spec[name]["depth"]
+                full = torch.full((len(ids), depth), -1, dtype=torch.long)  # [L, D]
+                for start, codes in code_parts[name]:
+                    full[start:start + codes.shape[0]] = codes
+                visual_codes[name] = full
+        features = [tensor for kind, tensor in filter(None, continuous) if kind == "features"]
+        pixels = [tensor for kind, tensor in filter(None, continuous) if kind == "pixels"]
+        return Sample(sample_id=sample_id, task=task, input_ids=input_ids, labels=label_tensor,
+                      visual_codes=visual_codes, image_spans=spans, image_features=features, pixel_values=pixels,
+                      image_keys=keys)
+

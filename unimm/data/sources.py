@@ -1,0 +1,148 @@
+"""Readers for conversation and text records (image-text pairs are read by `unimm.data.images.read_image_records`).
+
+LLaVA JSON is read exactly as LLaVA ships it: a JSON list (or jsonl) of `{"id", "image"?, "conversations":
+[{"from": "human"|"gpt", "value": ...}]}` with `<image>` placeholders in the human turns. Records are normalised
+into fixed columns so one odd record cannot break Arrow's schema for the whole file: `id` (str), `images`
+(list of image references, as written in the file), `conversations` (list of `{"from", "value"}` or None) and
+`malformed` (the reason when the record could not be normalised; such records are skipped and counted later,
+when a sample is built, with their id).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from unimm.data.sequence import ImageSlot, MalformedRecordError
+from unimm.data.templates import ChatMessage
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _iter_json_records(path: Path) -> Iterator[Any]:
+    if path.suffix.lower() == ".jsonl":
+        with path.open() as f:
+            for line_number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        yield {"__malformed__": f"{path}:{line_number}: invalid JSON ({err})"}
+        return
+    with path.open() as f:
+        data = json.load(f)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a LLaVA JSON file must hold a list of records, got {type(data).__name__}")
+    yield from data
+
+
+def normalise_llava_record(raw: Any, index: int, stem: str) -> dict:
+    """One raw LLaVA record -> the fixed columns described in the module doc (never raises)."""
+    if not isinstance(raw, dict):
+        return {"id": f"{stem}-{index}", "images": [], "conversations": None,
+                "malformed": f"record is a {type(raw).__name__}, not an object"}
+    sample_id = str(raw["id"]) if raw.get("id") is not None else f"{stem}-{index}"
+    out: dict[str, Any] = {"id": sample_id, "images": [], "conversations": None, "malformed": None}
+    if "__malformed__" in raw:
+        out["malformed"] = raw["__malformed__"]
+        return out
+    image = raw.get("image")
+    if isinstance(image, str):
+        out["images"] = [image]
+    elif isinstance(image, list) and all(isinstance(i, str) for i in image):
+        out["images"] = list(image)
+    elif image is not None:
+        out["malformed"] = f"'image' must be a path or a list of paths, got {type(image).__name__}"
+        return out
+    turns = raw.get("conversations")
+    if turns is None:
+        out["malformed"] = "record has no 'conversations'"
+    elif not isinstance(turns, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in turns
+    ):
+        out["malformed"] = "'conversations' must be a list of {'from': str, 'value': str}"
+    else:
+        out["conversations"] = [{"from": t["from"], "value": t["value"]} for t in turns]
+    return out
+
+
+def read_llava_json(path: str | os.PathLike, streaming: bool = False) -> Any:
+    """Read a LLaVA conversation file (`.json` list or `.jsonl`) into a `datasets.Dataset` (an `IterableDataset`
+    with `streaming=True`) with columns `id`, `images`, `conversations`, `malformed`."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA conversation file not found: {path}")
+    features = datasets.Features({
+        "id": datasets.Value("string"),
+        "images": datasets.List(datasets.Value("string")),
+        "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
+        "malformed": datasets.Value("string"),
+    })
+
+    def generate(file: str) -> Iterator[dict]:
+        for index, raw in enumerate(_iter_json_records(Path(file))):
+            yield normalise_llava_record(raw, index, Path(file).name)
+
+    if streaming:
+        return datasets.IterableDataset.from_generator(generate, features=features, gen_kwargs={"file": str(path)})
+    return datasets.Dataset.from_list(list(generate(str(path))), features=features)
+
+
+def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
+    """Text-only records (`id`, `text`) from a `.txt` file (one sample per non-empty line) or `.jsonl`/`.json`."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text data file not found: {path}")
+    if path.suffix.lower() == ".txt":
+        texts = [line.rstrip("\n") for line in path.open() if line.strip()]
+    else:
+        texts = []
+        for index, raw in enumerate(_iter_json_records(path)):
+            if not isinstance(raw, dict) or not isinstance(raw.get(text_key), str):
+                raise ValueError(f"{path}: record {index} has no string field {text_key!r}")
+            texts.append(raw[text_key])
+    return datasets.Dataset.from_dict({"id": [f"{path.name}-{i}" for i in range(len(texts))], "text": texts})
+
+
+def llava_messages(record: dict, image_slots: list[ImageSlot], system_prompt: str | None = None) -> list[ChatMessage]:
+    """A normalised LLaVA record -> chat messages, with each `<image>` replaced by the next of `image_slots`.
+
+    Raises `MalformedRecordError` (naming the id) for a malformed record, an unknown speaker, `<image>` in an
+    answer, or a placeholder count that differs from the number of images.
+    """
+    sample_id = record["id"]
+    if record.get("malformed"):
+        raise MalformedRecordError(sample_id, record["malformed"])
+    turns = record.get("conversations")
+    if not turns:
+        raise MalformedRecordError(sample_id, "record has no 'conversations'")
+    placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+    if placeholders != len(image_slots):
+        raise MalformedRecordError(sample_id, f"{placeholders} '<image>' placeholder(s) for {len(image_slots)} "
+                                              "image(s)")
+    messages = [ChatMessage("system", [system_prompt])] if system_prompt else []
+    remaining = list(image_slots)
+    for i, turn in enumerate(turns):
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise MalformedRecordError(sample_id, f"turn {i} is from unknown speaker {turn['from']!r}")
+        value = turn["value"]
+        if role != "user" and IMAGE_PLACEHOLDER in value:
+            raise MalformedRecordError(sample_id, f"turn {i} ({turn['from']}) contains '<image>'; images may only "
+                                                  "appear in human turns")
+        parts: list[str | ImageSlot] = []
+        for j, piece in enumerate(value.split(IMAGE_PLACEHOLDER)):
+            if j > 0:
+                parts.append(remaining.pop(0))
+            if piece:
+                parts.append(piece)
+        messages.append(ChatMessage(role, parts))
+    return messages

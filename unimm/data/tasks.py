@@ -1,0 +1,392 @@
+"""Training tasks and their mixture.
+
+- caption (image -> text): `[BOS] <image> caption EOS`, the caption and EOS supervised;
+- t2i (text -> image): `t2i_prefix_ids(prompt) codes <|eoi|>`, exactly the codes and `<|eoi|>` supervised; the
+  prompt is replaced by the unconditional prefix with probability `uncond_prob`, decided by a hash of
+  (seed, epoch, sample id), so the same sample gets the same decision on every worker and every rerun;
+- conversation (LLaVA): chat-formatted turns, assistant answers and their end token supervised;
+- text: `[BOS] text EOS`, all supervised.
+
+Datasets here return `Sample`s; records that cannot be built are skipped (the next record is used) and counted
+by a `BadSampleTracker`, which stops the run once too many were bad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from unimm.data.bad_samples import BadSampleTracker
+from unimm.data.images import ImageLoadError, ImageTransform, load_image
+from unimm.data.sequence import ImageSlot, Sample, SampleError, SequenceBuilder, Text, TokenIds
+from unimm.data.sources import llava_messages
+from unimm.data.templates import ChatMessage, get_chat_format
+from unimm.llm.layout import VocabLayout, t2i_prefix_ids
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("caption", "t2i", "conversation", "text")
+
+
+def _help(text: str, **kwargs: Any) -> dict[str, Any]:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class SampleConfig:
+    """How records become token sequences."""
+
+    max_length: int | None = field(default=2048, **_help(
+        "Maximum tokens per sample: text is cut at the right; a sample whose cut would split an image is dropped."))
+    uncond_prob: float = field(default=0.1, **_help(
+        "Probability that a text-to-image prompt is replaced by the unconditional prefix (classifier-free guidance)."))
+    chat_format: str = field(default="auto", **_help(
+        "Conversation format: auto (the tokenizer's chat template, else llama-2), chat_template, llama-2, plain."))
+    chat_end_token: str | None = field(default=None, **_help(
+        "Token closing an assistant turn in the chat template (supervised); default: detected (<|im_end|> for Qwen)."))
+    system_prompt: str | None = field(default=None, **_help("System message prepended to every conversation."))
+    seed: int = field(default=0, **_help("Seed of per-sample random decisions (prompt dropout)."))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.uncond_prob <= 1.0:
+            raise ValueError(f"uncond_prob must be in [0, 1], got {self.uncond_prob}")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+
+def stable_uniform(seed: int, epoch: int, sample_id: str, purpose: str) -> float:
+    """A uniform number in [0, 1) fixed by its arguments (independent of Python's hash randomisation)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{purpose}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class SampleFactory:
+    """Builds each task's `Sample` for one tokenizer and vocabulary layout."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, config: SampleConfig | None = None):
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.config = config or SampleConfig()
+        self.builder = SequenceBuilder(tokenizer, layout, self.config.max_length)
+        self.chat_format = get_chat_format(tokenizer, self.config.chat_format, self.config.chat_end_token)
+
+    def _bos(self) -> list[TokenIds]:
+        bos = self.tokenizer.bos_token_id
+        return [TokenIds([bos])] if bos is not None else []
+
+    def _eos(self, sample_id: str) -> TokenIds:
+        if self.tokenizer.eos_token_id is None:
+            raise SampleError(sample_id, "the tokenizer has no EOS token to end the sample with")
+        return TokenIds([self.tokenizer.eos_token_id], supervise=True)
+
+    def caption(self, sample_id: str, caption: str, image: ImageSlot) -> Sample:
+        if not caption or not caption.strip():
+            raise SampleError(sample_id, "empty caption")
+        segments = [*self._bos(), image, Text(caption, supervise=True), self._eos(sample_id)]
+        return self.builder.build(segments, sample_id, "caption")
+
+    def prompt_dropped(self, sample_id: str, epoch: int = 0) -> bool:
+        return stable_uniform(self.config.seed, epoch, sample_id, "uncond") < self.config.uncond_prob
+
+    def t2i(self, sample_id: str, prompt: str | None, codes: dict[str, torch.Tensor], epoch: int = 0) -> Sample:
+        """`prompt=None` (or a dropped prompt) gives the unconditional prefix."""
+        if prompt is not None and self.prompt_dropped(sample_id, epoch):
+            prompt = None
+        prefix = t2i_prefix_ids(self.tokenizer, self.layout, prompt)
+        segments = [TokenIds(prefix), ImageSlot(codes=codes, supervise=True, include_boi=False)]
+        return self.builder.build(segments, sample_id, "t2i")
+
+    def conversation(self, record: dict, images: Sequence[ImageSlot]) -> Sample:
+        messages = llava_messages(record, list(images), self.config.system_prompt)
+        segments = self.chat_format.segments(messages, record["id"])
+        return self.builder.build(segments, record["id"], "conversation")
+
+    def generation_prompt(self, messages: Sequence[ChatMessage], sample_id: str = "prompt") -> Sample:
+        """Chat-formatted inference prompt ending where the assistant's answer starts (no targets)."""
+        segments = self.chat_format.segments(messages, sample_id, add_generation_prompt=True)
+        return self.builder.build(segments, sample_id, "chat", require_supervision=False)
+
+    def text(self, sample_id: str, text: str) -> Sample:
+        if not text.strip():
+            raise SampleError(sample_id, "empty text")
+        return self.builder.build([*self._bos(), Text(text, supervise=True), self._eos(sample_id)], sample_id, "text")
+
+
+# ---------------------------------------------------------------------------------------------- image inputs
+
+
+class CodeCacheImages:
+    """Image slots from a code cache: discrete codes (no tokenizer in the training step)."""
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+
+    def __call__(self, key: str, sample_id: str) -> ImageSlot:
+        try:
+            return ImageSlot(codes=self.cache.codes_for(key), image_key=key)
+        except KeyError as err:
+            raise SampleError(sample_id, str(err.args[0])) from err
+
+
+class PixelImages:
+    """Image slots with continuous inputs: the image is loaded and transformed here, and the training step encodes
+    `pixel_values` into `num_positions` features (VQRAE understanding)."""
+
+    def __init__(self, image_folder: str | os.PathLike | None, transform: ImageTransform, num_positions: int):
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.transform = transform
+        self.num_positions = num_positions
+
+    def __call__(self, key: str, sample_id: str) -> ImageSlot:
+        path = Path(key) if self.image_folder is None or os.path.isabs(key) else self.image_folder / key
+        try:
+            image = load_image(str(path), sample_id)
+        except ImageLoadError as err:
+            raise SampleError(sample_id, str(err)) from err
+        return ImageSlot(num_positions=self.num_positions, pixel_values=self.transform(image), image_key=key)
+
+
+ImageProvider = Callable[[str, str], ImageSlot]
+
+
+# ---------------------------------------------------------------------------------------------- task datasets
+
+
+class TaskDataset(torch.utils.data.Dataset):
+    """Map-style dataset: `build(record, epoch)` on `records[i]`. A record that raises `SampleError` is counted
+    by `tracker` and replaced by the next one, so batches stay full and bad records never crash a worker."""
+
+    def __init__(self, records: Any, build: Callable[[dict, int], Sample], task: str,
+                 tracker: BadSampleTracker | None = None):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        self.records = records
+        self.build = build
+        self.task = task
+        self.tracker = tracker or BadSampleTracker(name=f"{task} data")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def get(self, index: int, epoch: int = 0) -> Sample:
+        for attempt in range(len(self)):
+            record = self.records[(index + attempt) % len(self)]
+            try:
+                sample = self.build(record, epoch)
+            except SampleError as err:
+                self.tracker.record_bad(err.sample_id, err.reason)
+                continue
+            self.tracker.record_ok()
+            return sample
+        self.tracker.check(final=True)
+        raise RuntimeError(f"{self.task} data: no record could be built")
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.get(index)
+
+
+class IterableTaskDataset(torch.utils.data.IterableDataset):
+    """Streaming counterpart of `TaskDataset` (records from a streaming reader): yields built samples, skipping and
+    counting bad records. With DataLoader workers each worker reads every `num_workers`-th record."""
+
+    def __init__(self, records: Any, build: Callable[[dict, int], Sample], task: str,
+                 tracker: BadSampleTracker | None = None, epoch: int = 0):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        self.records = records
+        self.build = build
+        self.task = task
+        self.tracker = tracker or BadSampleTracker(name=f"{task} data")
+        self.epoch = epoch
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        for position, record in enumerate(self.records):
+            if worker is not None and position % worker.num_workers != worker.id:
+                continue
+            try:
+                sample = self.build(record, self.epoch)
+            except SampleError as err:
+                self.tracker.record_bad(err.sample_id, err.reason)
+                continue
+            self.tracker.record_ok()
+            yield sample
+        self.tracker.check(final=True)
+
+
+def _task_dataset(records: Any, build: Callable[[dict, int], Sample], task: str,
+                  tracker: BadSampleTracker | None) -> TaskDataset | IterableTaskDataset:
+    """A map-style `TaskDataset`, or an `IterableTaskDataset` for streaming records (no length)."""
+    if isinstance(records, torch.utils.data.IterableDataset) or not hasattr(records, "__len__"):
+        return IterableTaskDataset(records, build, task, tracker)
+    return TaskDataset(records, build, task, tracker)
+
+
+def caption_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | None = None) -> TaskDataset:
+    """Caption samples from a code cache that stores captions (`text`)."""
+    if not cache.has_text:
+        raise ValueError(f"code cache {cache.path} has no captions ('text' column); caption/t2i need them")
+    return TaskDataset(cache, lambda row, epoch: factory.caption(row["id"], row["text"], ImageSlot(
+        codes=row["codes"], image_key=row["id"])), "caption", tracker)
+
+
+def t2i_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | None = None) -> TaskDataset:
+    """Text-to-image samples from a code cache with captions as prompts."""
+    if not cache.has_text:
+        raise ValueError(f"code cache {cache.path} has no captions ('text' column); caption/t2i need them")
+    return TaskDataset(cache, lambda row, epoch: factory.t2i(row["id"], row["text"], row["codes"], epoch), "t2i",
+                       tracker)
+
+
+def conversation_dataset(records: Any, factory: SampleFactory, images: ImageProvider | None,
+                         tracker: BadSampleTracker | None = None) -> TaskDataset | IterableTaskDataset:
+    """LLaVA conversation samples (records from `read_llava_json`, streaming or not); `images` turns an image
+    reference into a slot (`CodeCacheImages` or `PixelImages`); text-only records need none."""
+
+    def build(record: dict, epoch: int) -> Sample:
+        refs = record.get("images") or []
+        if refs and images is None:
+            raise SampleError(record["id"], "record has an image but no image source (code cache or folder) is set")
+        return factory.conversation(record, [images(ref, record["id"]) for ref in refs])
+
+    return _task_dataset(records, build, "conversation", tracker)
+
+
+def text_dataset(records: Any, factory: SampleFactory,
+                 tracker: BadSampleTracker | None = None) -> TaskDataset | IterableTaskDataset:
+    """Text-only samples (records with `id`, `text`; streaming or not)."""
+    return _task_dataset(records, lambda row, epoch: factory.text(row["id"], row["text"]), "text", tracker)
+
+
+# ---------------------------------------------------------------------------------------------------- mixture
+
+
+@dataclass
+class MixtureConfig:
+    """Which tasks are mixed, from which data, with which weights (field names match the training DataArguments)."""
+
+    code_cache: str | None = field(default=None, **_help("Code cache directory (scripts/pretokenize.py)."))
+    conversation_json: str | None = field(default=None, **_help("LLaVA-format conversation JSON/jsonl file."))
+    image_folder: str | None = field(default=None, **_help(
+        "Folder that image paths in conversation_json are relative to (default: the JSON file's folder)."))
+    conversation_code_cache: str | None = field(default=None, **_help(
+        "Code cache of the conversation images (keyed by image path); default: code_cache, or pixels if unset."))
+    text_data: str | None = field(default=None, **_help("Text-only data: .txt (one per line) or jsonl with 'text'."))
+    caption_weight: float = field(default=1.0, **_help("Mixture weight of caption samples."))
+    t2i_weight: float = field(default=1.0, **_help("Mixture weight of text-to-image samples."))
+    conversation_weight: float = field(default=0.0, **_help("Mixture weight of conversation samples."))
+    text_weight: float = field(default=0.0, **_help("Mixture weight of text-only samples."))
+    num_samples: int | None = field(default=None, **_help(
+        "Samples per epoch drawn from the mixture; default: the size of the largest source."))
+    max_bad_fraction: float = field(default=0.01, **_help("Fraction of bad records tolerated before stopping."))
+    seed: int = field(default=0, **_help("Seed of the mixture's source order."))
+
+    @classmethod
+    def from_object(cls, obj: Any, **overrides: Any) -> MixtureConfig:
+        """Take the fields of this config that `obj` (e.g. the training DataArguments) has."""
+        values = {f.name: getattr(obj, f.name) for f in fields(cls) if hasattr(obj, f.name)}
+        values.update(overrides)
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for name in ("caption_weight", "t2i_weight", "conversation_weight", "text_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Draws `num_samples` items from several task datasets with probabilities proportional to their weights.
+
+    The schedule is fixed by `seed`: item i -> (source, position); each source is walked through a seeded
+    permutation, restarting (with a new permutation and epoch) when exhausted.
+    """
+
+    def __init__(self, sources: dict[str, tuple[TaskDataset, float]], num_samples: int | None = None,
+                 seed: int = 0):
+        active = {name: (ds, w) for name, (ds, w) in sources.items() if w > 0}
+        empty = [name for name, (ds, _) in active.items() if len(ds) == 0]
+        if empty:
+            raise ValueError(f"mixture source(s) {empty} have weight > 0 but no records")
+        if not active:
+            raise ValueError("the mixture has no source with a positive weight")
+        self.names = list(active)
+        self.datasets = [active[name][0] for name in self.names]
+        weights = np.array([active[name][1] for name in self.names], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self.num_samples = num_samples or max(len(ds) for ds in self.datasets)
+        rng = np.random.default_rng(seed)
+        self.source_of = rng.choice(len(self.names), size=self.num_samples, p=self.probabilities)
+        self.position = np.zeros(self.num_samples, dtype=np.int64)
+        self.epoch = np.zeros(self.num_samples, dtype=np.int64)
+        counters = np.zeros(len(self.names), dtype=np.int64)
+        perms: dict[tuple[int, int], np.ndarray] = {}
+        for i, source in enumerate(self.source_of):
+            size = len(self.datasets[source])
+            epoch, offset = divmod(int(counters[source]), size)
+            if (source, epoch) not in perms:
+                perms[(source, epoch)] = np.random.default_rng([seed, source, epoch]).permutation(size)
+            self.position[i] = perms[(source, epoch)][offset]
+            self.epoch[i] = epoch
+            counters[source] += 1
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def task_of(self, index: int) -> str:
+        return self.datasets[self.source_of[index]].task
+
+    def __getitem__(self, index: int) -> Sample:
+        source = self.source_of[index]
+        return self.datasets[source].get(int(self.position[index]), int(self.epoch[index]))
+
+
+def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: str | None = None,
+                  pixel_images: PixelImages | None = None) -> MixtureDataset:
+    """The training dataset described by `config`. `tokenizer_hash` (the visual tokenizer's `config_hash()`) is
+    checked against every code cache; `pixel_images` serves conversation images when no code cache covers them."""
+    from unimm.data.code_cache import load_code_cache
+    from unimm.data.sources import read_llava_json, read_text_records
+
+    def tracker(task: str) -> BadSampleTracker:
+        return BadSampleTracker(max_bad_fraction=config.max_bad_fraction, name=f"{task} data")
+
+    sources: dict[str, tuple[TaskDataset, float]] = {}
+    cache = None
+    if config.caption_weight > 0 or config.t2i_weight > 0:
+        if config.code_cache is None:
+            raise ValueError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first)")
+        cache = load_code_cache(config.code_cache, tokenizer_hash)
+        if config.caption_weight > 0:
+            sources["caption"] = (caption_dataset(cache, factory, tracker("caption")), config.caption_weight)
+        if config.t2i_weight > 0:
+            sources["t2i"] = (t2i_dataset(cache, factory, tracker("t2i")), config.t2i_weight)
+    if config.conversation_weight > 0:
+        if config.conversation_json is None:
+            raise ValueError("conversation_weight > 0 needs conversation_json")
+        records = read_llava_json(config.conversation_json)
+        # Explicit conversation cache first, then continuous inputs (VQRAE understanding), then the main cache.
+        images: ImageProvider | None = None
+        if config.conversation_code_cache is not None:
+            images = CodeCacheImages(load_code_cache(config.conversation_code_cache, tokenizer_hash))
+        elif pixel_images is not None:
+            images = pixel_images
+        elif config.code_cache is not None:
+            images = CodeCacheImages(cache if cache is not None else load_code_cache(config.code_cache,
+                                                                                     tokenizer_hash))
+        sources["conversation"] = (conversation_dataset(records, factory, images, tracker("conversation")),
+                                   config.conversation_weight)
+    if config.text_weight > 0:
+        if config.text_data is None:
+            raise ValueError("text_weight > 0 needs text_data")
+        sources["text"] = (text_dataset(read_text_records(config.text_data), factory, tracker("text")),
+                           config.text_weight)
+    return MixtureDataset(sources, config.num_samples, config.seed)

@@ -1,0 +1,223 @@
+"""Chat formatting: conversation turns -> segments with exactly the assistant answers (and their end token)
+supervised.
+
+With a tokenizer that ships a chat template (Qwen ChatML, LLaMA-3 ...) the template itself decides the format:
+each message's content is replaced by a sentinel, the template is rendered once, and the text between sentinels
+becomes unsupervised scaffolding. The real rendering is then checked to equal scaffolding + contents, so a
+template that rewrites content fails loudly with the sample id instead of producing shifted labels. Tokenizers
+without a template use a named format: `llama-2` (`<s>[INST] user [/INST] answer </s>`) or `plain`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from unimm.data.sequence import ImageSlot, MalformedRecordError, Segment, Text, TokenIds
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+_SENTINEL = "@@UNIMM_CONTENT_{}@@"
+IMAGE_PLACEHOLDER = "<image>"  # how an image inside a message is written when the template is rendered as text
+
+
+@dataclass
+class ChatMessage:
+    """One turn. `parts` mixes text and image slots in reading order."""
+
+    role: str
+    parts: list[str | ImageSlot] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(p if isinstance(p, str) else IMAGE_PLACEHOLDER for p in self.parts)
+
+
+def _check_roles(messages: Sequence[ChatMessage], sample_id: str, add_generation_prompt: bool) -> None:
+    turns = [m for m in messages if m.role != "system"]
+    if any(m.role == "system" for m in messages[1:]):
+        raise MalformedRecordError(sample_id, "a system message may only come first")
+    bad = [m.role for m in messages if m.role not in ROLES]
+    if bad:
+        raise MalformedRecordError(sample_id, f"unknown role(s) {bad}; expected {list(ROLES)}")
+    if not turns:
+        raise MalformedRecordError(sample_id, "conversation has no turns")
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise MalformedRecordError(sample_id, f"turn {i} is from {message.role!r}, expected {expected!r} "
+                                                  "(turns must alternate, starting with the user/human)")
+    last = turns[-1].role
+    if add_generation_prompt and last != "user":
+        raise MalformedRecordError(sample_id, "a generation prompt needs the conversation to end with a user turn")
+    if not add_generation_prompt and last != "assistant":
+        raise MalformedRecordError(sample_id, "conversation ends with a user turn: it has no answer to train on")
+
+
+def _content_segments(parts: Sequence[str | ImageSlot], supervise: bool) -> list[Segment]:
+    return [Text(part, supervise=supervise) if isinstance(part, str) else part for part in parts if part != ""]
+
+
+class ChatFormat:
+    """Base class: `segments(messages, sample_id)` for training, `add_generation_prompt=True` for inference."""
+
+    name = "base"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        raise NotImplementedError
+
+
+class HFChatTemplateFormat(ChatFormat):
+    """Formats with the tokenizer's own chat template (see module doc). `end_token` is the token that closes an
+    assistant turn and is supervised with it; by default the first special token the template puts right after
+    the assistant content (`<|im_end|>` for Qwen)."""
+
+    name = "chat_template"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_token: str | None = None):
+        super().__init__(tokenizer)
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{type(tokenizer).__name__} has no chat template; use chat_format='llama-2' or 'plain'")
+        self.end_token = end_token
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool, sample_id: str) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # jinja raise_exception(...) in the template, or a rendering error
+            raise MalformedRecordError(sample_id, f"the chat template refused the conversation: {err}") from err
+
+    def _end_token(self, suffix: str, sample_id: str) -> str:
+        """The end token after an assistant answer, with any spaces the template puts before it (`' </s>'`)."""
+        if self.end_token is not None:
+            candidates = [self.end_token]
+        else:
+            candidates = sorted(set(self.tokenizer.get_added_vocab()) | {self.tokenizer.eos_token or ""},
+                                key=len, reverse=True)
+        stripped = suffix.lstrip(" ")
+        for token in candidates:
+            if token and stripped.startswith(token):
+                return suffix[: len(suffix) - len(stripped)] + token
+        raise MalformedRecordError(sample_id, f"the chat template puts {suffix[:40]!r} after an assistant answer, "
+                                              f"which does not start with an end token {candidates[:5]}; set "
+                                              "chat_end_token")
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        _check_roles(messages, sample_id, add_generation_prompt)
+        sentinels = [_SENTINEL.format(i) for i in range(len(messages))]
+        scaffold = self._render([{"role": m.role, "content": s} for m, s in zip(messages, sentinels)],
+                                add_generation_prompt, sample_id)
+        pieces: list[str] = []
+        rest = scaffold
+        for sentinel in sentinels:
+            before, found, rest = rest.partition(sentinel)
+            if not found:
+                raise MalformedRecordError(sample_id, "the tokenizer's chat template does not render message "
+                                                      "content verbatim; use a named chat_format instead")
+            pieces.append(before)
+        pieces.append(rest)
+        full = self._render([{"role": m.role, "content": m.text} for m in messages], add_generation_prompt,
+                            sample_id)
+        joined = pieces[0] + "".join(m.text + piece for m, piece in zip(messages, pieces[1:]))
+        if joined != full:
+            raise MalformedRecordError(sample_id, "chat template rendering differs from scaffolding + contents "
+                                                  "(the template rewrites message content); refusing to guess labels")
+        out: list[Segment] = []
+        carry = pieces[0]
+        for message, after in zip(messages, pieces[1:]):
+            if carry:
+                out.append(Text(carry, special=True))
+            supervise = message.role == "assistant"
+            out.extend(_content_segments(message.parts, supervise))
+            if supervise:
+                end = self._end_token(after, sample_id)
+                spaces = end[: len(end) - len(end.lstrip(" "))]
+                if spaces:
+                    out.append(Text(spaces, supervise=True))
+                out.append(Text(end[len(spaces):], supervise=True, special=True))
+                after = after[len(end):]
+            carry = after
+        if carry:
+            out.append(Text(carry, special=True))
+        return out
+
+
+class Llama2Format(ChatFormat):
+    """`<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>` per turn pair (LLaMA-2 chat).
+    Meant for sentencepiece tokenizers, which add the word-boundary space in front of every piece."""
+
+    name = "llama-2"
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        _check_roles(messages, sample_id, add_generation_prompt)
+        tok = self.tokenizer
+        if tok.bos_token_id is None or tok.eos_token_id is None:
+            raise ValueError("the llama-2 chat format needs a tokenizer with BOS and EOS tokens")
+        system = messages[0].text if messages and messages[0].role == "system" else None
+        turns = [m for m in messages if m.role != "system"]
+        out: list[Segment] = []
+        for i, message in enumerate(turns):
+            if message.role == "user":
+                out.append(TokenIds([tok.bos_token_id]))
+                head = "[INST] "
+                if system is not None and i == 0:
+                    head += f"<<SYS>>\n{system}\n<</SYS>>\n\n"
+                out.append(Text(head))
+                out.extend(_content_segments(message.parts, supervise=False))
+                out.append(Text(" [/INST]"))
+            else:
+                out.extend(_content_segments(message.parts, supervise=True))
+                out.append(TokenIds([tok.eos_token_id], supervise=True))
+        return out
+
+
+class PlainFormat(ChatFormat):
+    """No roles: user content, a newline, then the answer and EOS (LLaVA's `plain` pretraining format)."""
+
+    name = "plain"
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        _check_roles(messages, sample_id, add_generation_prompt)
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("the plain chat format needs a tokenizer with an EOS token")
+        out: list[Segment] = []
+        if self.tokenizer.bos_token_id is not None:
+            out.append(TokenIds([self.tokenizer.bos_token_id]))
+        for message in messages:
+            if message.role == "assistant":
+                out.extend(_content_segments(message.parts, supervise=True))
+                out.append(TokenIds([eos], supervise=True))
+            else:
+                out.extend(_content_segments(message.parts, supervise=False))
+                out.append(Text("\n"))
+        return out
+
+
+CHAT_FORMATS: dict[str, type[ChatFormat]] = {"chat_template": HFChatTemplateFormat, "llama-2": Llama2Format,
+                                             "plain": PlainFormat}
+
+
+def get_chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto",
+                    end_token: str | None = None) -> ChatFormat:
+    """`auto`: the tokenizer's chat template when it has one, else `llama-2`. Otherwise a name in CHAT_FORMATS."""
+    if name == "auto":
+        name = "chat_template" if getattr(tokenizer, "chat_template", None) else "llama-2"
+        if name == "llama-2":
+            logger.info("tokenizer has no chat template; using the llama-2 chat format")
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat_format {name!r}; choose 'auto' or one of {sorted(CHAT_FORMATS)}")
+    if name == "chat_template":
+        return HFChatTemplateFormat(tokenizer, end_token=end_token)
+    return CHAT_FORMATS[name](tokenizer)

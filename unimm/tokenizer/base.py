@@ -1,0 +1,341 @@
+"""What VQRAE and DualToken share: the wrapped encoder, the frozen teacher, training-stage switches,
+image pre/post-processing with the encoder's image-processor settings, and the training-forward output type."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel
+
+from unimm.tokenizer.configuration import DenoisingConfig, _TokenizerConfigBase
+from unimm.tokenizer.denoising import LatentDenoiser, replace_codes
+from unimm.tokenizer.encoders import EncoderAccess, build_encoder, image_processor_settings, patch_size_of
+from unimm.tokenizer.quantizers import Quantizer, ResidualVQ, UsageWindow
+from unimm.tokenizer.types import CodebookSpec, QuantizerOutput, VisualCodes
+from unimm.tokenizer.vit_decoder import ViTDecoder
+
+
+@dataclass
+class TokenizerOutput:
+    """Training forward of a tokenizer.
+
+    reconstruction: [B, 3, H, W], normalised like the input.
+    codes:          group -> LongTensor [B, N, D].
+    losses:         model-internal losses, already weighted ("quantizer"; "distill" for VQRAE stage 2;
+                    "semantic" for DualToken). Reconstruction/perceptual/GAN losses are the trainer's.
+    stats:          detached scalars for logging, e.g. "semantic/utilisation".
+    features:       continuous encoder features [B, N, C] (what `encode_features` returns).
+    """
+
+    reconstruction: torch.Tensor
+    codes: VisualCodes
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    features: torch.Tensor | None = None
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """Sum of the model-internal losses."""
+        return torch.stack([v.float() for v in self.losses.values()]).sum()
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily put modules in eval mode (e.g. so `encode` never updates EMA codebooks)."""
+    states = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, state in zip(modules, states):
+            m.train(state)
+
+
+class VisualTokenizer(PreTrainedModel):
+    """Base class: subclasses build their quantizers/decoder and implement `encode`, `decode`,
+    `encode_features`, `forward` and `codebook_spec`."""
+
+    config_class = _TokenizerConfigBase
+    base_model_prefix = "tokenizer"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: _TokenizerConfigBase):
+        super().__init__(config)
+        if not config.encoder_config:
+            raise ValueError(
+                f"{type(config).__name__}.encoder_config is empty; build tokenizers with "
+                "unimm.tokenizer.build_tokenizer(...) or load them with load_tokenizer(path)"
+            )
+        settings = image_processor_settings(config.encoder_config, image_size=config.image_size)
+        config.image_size = settings.image_size
+        if config.image_mean is None:
+            config.image_mean = list(settings.image_mean)
+        if config.image_std is None:
+            config.image_std = list(settings.image_std)
+        patch = patch_size_of(config.encoder_config)
+        if config.image_size % patch != 0:
+            raise ValueError(f"image_size={config.image_size} is not a multiple of the encoder patch_size={patch}")
+        self.encoder = build_encoder(config.encoder_config, config.encoder_attn_implementation)
+        self._encoder_access = EncoderAccess(self.encoder)
+        # The teacher (a frozen copy of the initial encoder) is deliberately not a registered submodule:
+        # it must stay out of state_dict/save_pretrained and out of optimizers.
+        self._teacher_holder: list[nn.Module] = []
+        self._decoder_only = False
+
+    # ----------------------------------------------------------------- building blocks for subclasses
+    @property
+    def encoder_hidden_size(self) -> int:
+        return int(self.config.encoder_config["hidden_size"])
+
+    @property
+    def encoder_num_layers(self) -> int:
+        return int(self.config.encoder_config["num_hidden_layers"])
+
+    def _build_decoder_path(self, latent_dim: int) -> None:
+        """latent norm -> l-DeTok denoiser -> ViT decoder, all on `latent_dim`-wide code vectors."""
+        sizes = self.config.decoder_sizes()
+        # Normalise (possibly partial) denoising overrides, e.g. from `from_pretrained(path, denoising={...})`.
+        self.config.denoising = self.config.denoising_config.to_dict()
+        self.latent_norm = (
+            nn.LayerNorm(latent_dim, elementwise_affine=False) if self.config.latent_norm else nn.Identity()
+        )
+        self._check_denoising(self.config.denoising_config)
+        self.denoiser = LatentDenoiser(latent_dim, self.config.denoising_config)
+        self.decoder = ViTDecoder(
+            latent_dim=latent_dim,
+            hidden_size=sizes["hidden_size"],
+            num_layers=sizes["num_layers"],
+            num_heads=sizes["num_heads"],
+            intermediate_size=sizes["intermediate_size"],
+            num_positions=self.num_positions,
+            patch_size=self.patch_size,
+        )
+
+    def _decode_latent(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Decoder input = normalised (de)quantised latent, corrupted by l-DeTok in training only."""
+        return self.decoder(self.denoiser(self.latent_norm(quantized)))
+
+    def _maybe_replace_codes(self, quantizer: Quantizer, out: QuantizerOutput) -> QuantizerOutput:
+        """l-DeTok's discrete analogue: swap a fraction of codes for random ones before decoding. The value
+        becomes the lookup of the corrupted codes; gradients still reach the encoder straight-through. The
+        returned indices stay the clean ones (they are the codes the tokenizer produced)."""
+        prob = self.denoiser.config.code_replace_prob
+        if not (self.training and self.denoiser.active and prob > 0):
+            return out
+        corrupted, _ = replace_codes(out.indices, quantizer.num_codes, prob)
+        delta = (quantizer.lookup(corrupted) - quantizer.lookup(out.indices)).to(out.quantized.dtype)
+        return QuantizerOutput(out.quantized + delta.detach(), out.indices, out.loss, out.stats)
+
+    @staticmethod
+    def _group_stats(group: str, out: QuantizerOutput) -> dict[str, torch.Tensor]:
+        return {f"{group}/{name}": value.detach() for name, value in out.stats.items()}
+
+    def _encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.encoder.parameters())
+
+    def _encoder_context(self) -> contextlib.AbstractContextManager:
+        """No autograd graph through a frozen encoder (saves its activations' memory)."""
+        return contextlib.nullcontext() if self._encoder_trainable() else torch.no_grad()
+
+    # ----------------------------------------------------------------- teacher
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen copy of the initial encoder (stage 2 / trainable encoder), or None."""
+        if not self._teacher_holder:
+            return None
+        teacher = self._teacher_holder[0]
+        reference = next(self.encoder.parameters())
+        first = next(teacher.parameters())
+        if first.device != reference.device or first.dtype != reference.dtype:
+            teacher.to(device=reference.device, dtype=reference.dtype)
+        return teacher
+
+    def init_teacher(self, source: nn.Module | None = None) -> nn.Module:
+        """Freeze a copy of `source` (default: the current encoder) as the distillation teacher. To resume a
+        run, pass the *initial* encoder (e.g. `load_tokenizer(stage1_dir).encoder`), not the trained one."""
+        teacher = copy.deepcopy(source if source is not None else self.encoder)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self._teacher_holder[:] = [teacher]
+        return teacher
+
+    def drop_teacher(self) -> None:
+        self._teacher_holder.clear()
+
+    # ----------------------------------------------------------------- training switches
+    def _set_encoder_requires_grad(self, trainable: bool) -> None:
+        self.encoder.requires_grad_(trainable)
+        # Encoder parameters our losses never reach stay frozen: a trainable parameter without gradients
+        # would trip DDP's unused-parameter check (and waste optimizer state).
+        for param in self._unused_parameters():
+            param.requires_grad_(False)
+
+    def _unused_parameters(self) -> list[nn.Parameter]:
+        """DINOv2's MAE-style mask token is never used; subclasses add e.g. a pooling head they do not use."""
+        mask_token = getattr(getattr(self.encoder, "embeddings", None), "mask_token", None)
+        return [mask_token] if isinstance(mask_token, nn.Parameter) else []
+
+    def _encoder_head_parameters(self) -> list[nn.Parameter]:
+        head = getattr(self.encoder, "head", None) if getattr(self.encoder, "use_head", False) else None
+        return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+    def set_denoising(self, denoising: DenoisingConfig | dict | None) -> None:
+        """Replace the l-DeTok options (stored in the config, so a saved model records them)."""
+        cfg = DenoisingConfig.from_value(denoising)
+        self._check_denoising(cfg)
+        self.config.denoising = cfg.to_dict()
+        self.denoiser.config = cfg
+
+    def _check_denoising(self, denoising: DenoisingConfig) -> None:
+        """Subclasses reject denoising options they cannot honour."""
+
+    def set_decoder_only(self, decoder_only: bool = True) -> None:
+        """Clean decoder-only finetune: everything but the decoder is frozen (and kept in eval mode, so the
+        codebooks do not move) and denoising is off (gamma = 0, m = 0)."""
+        self._decoder_only = decoder_only
+        if decoder_only:
+            self.requires_grad_(False)
+            self.decoder.requires_grad_(True)
+        else:
+            self.requires_grad_(True)
+            self._apply_stage_freezing()
+        self.denoiser.active = not decoder_only
+        self.train(self.training)
+
+    def _apply_stage_freezing(self) -> None:
+        """Subclasses re-apply their encoder freezing after `set_decoder_only(False)`."""
+
+    def _frozen_submodules(self) -> list[nn.Module]:
+        if self._decoder_only:
+            return [m for name, m in self.named_children() if name != "decoder"]
+        return [] if self._encoder_trainable() else [self.encoder]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            for module in self._frozen_submodules():
+                module.eval()
+        return self
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split so the encoder can get its own learning rate: {"encoder", "other"}."""
+        encoder_ids = {id(p) for p in self.encoder.parameters()}
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        other = [p for p in self.parameters() if p.requires_grad and id(p) not in encoder_ids]
+        return {"encoder": encoder, "other": other}
+
+    def decoder_last_layer(self) -> torch.Tensor:
+        """The pixel head weight (for the adaptive GAN weight)."""
+        return self.decoder.last_layer
+
+    # ----------------------------------------------------------------- properties of the contract
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return patch_size_of(self.config.encoder_config)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def image_mean(self) -> tuple[float, ...]:
+        return tuple(self.config.image_mean)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        return tuple(self.config.image_std)
+
+    @property
+    def codebook_spec(self) -> CodebookSpec:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+    def config_hash(self) -> str:
+        """Stable sha256 of the architecture config (tags code caches; ignores training-only options)."""
+        return self.config.config_hash()
+
+    def check_codes(self, codes: VisualCodes, groups: tuple[str, ...]) -> None:
+        spec = self.codebook_spec
+        for group in groups:
+            if group not in codes:
+                raise KeyError(f"codes are missing group {group!r}; got groups {sorted(codes)}")
+            value = codes[group]
+            if value.dim() != 3 or value.shape[1] != self.num_positions or value.shape[2] != spec[group].depth:
+                raise ValueError(
+                    f"codes[{group!r}] must be [B, {self.num_positions}, {spec[group].depth}], got {tuple(value.shape)}"
+                )
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} but this tokenizer takes "
+                f"{self.image_size}x{self.image_size} images (config image_size); use model.preprocess"
+            )
+
+    # ----------------------------------------------------------------- images <-> tensors
+    def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:
+        """PIL images -> normalised pixel_values [B, 3, S, S] (RGB, bicubic resize to image_size, then
+        (x/255 - mean)/std with the encoder's image-processor settings)."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        size = self.image_size
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        arrays = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.BICUBIC)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            arrays.append(((array - mean) / std).transpose(2, 0, 1))
+        return torch.from_numpy(np.stack(arrays)).contiguous()
+
+    def denormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised pixel_values -> [0, 1] floats (clamped)."""
+        mean = torch.tensor(self.image_mean, device=pixel_values.device, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=pixel_values.device, dtype=torch.float32).view(1, 3, 1, 1)
+        return (pixel_values.float() * std + mean).clamp(0, 1)
+
+    def postprocess(self, pixel_values: torch.Tensor) -> list[Image.Image]:
+        """Normalised pixel_values [B, 3, H, W] -> uint8 RGB PIL images."""
+        images = (self.denormalize(pixel_values.detach()) * 255.0).round().to(torch.uint8)
+        return [Image.fromarray(img.permute(1, 2, 0).cpu().numpy()) for img in images]
+
+    # ----------------------------------------------------------------- HF weight init
+    def _init_weights(self, module: nn.Module) -> None:
+        # Our modules are initialised in their constructors; this runs again when `from_pretrained` builds the
+        # model on the meta device, where non-persistent buffers (usage statistics) must be re-created.
+        if isinstance(module, (ViTDecoder, LatentDenoiser)):
+            module.reset_parameters()
+        elif isinstance(module, UsageWindow):
+            module.reset()
+        elif isinstance(module, ResidualVQ):
+            module.restarts_total.zero_()
+
+    @staticmethod
+    def _mse_cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """MSE + (1 - cosine similarity), the DualToken semantic loss."""
+        student, teacher = student.float(), teacher.float()
+        return F.mse_loss(student, teacher) + (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()

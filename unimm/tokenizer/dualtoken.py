@@ -1,0 +1,230 @@
+"""DualToken (DESIGN §2.3): one SigLIP encoder, two residual-VQ vocabularies.
+
+- Pixel branch: hidden state `pixel_layer` (+ `shortcut_weight` x hidden state `shortcut_layer`) -> linear to a
+  low dim -> ResidualVQ -> ViT pixel decoder (its input projection maps back up) -> image.
+- Semantic branch: hidden state `semantic_layer` -> linear to a low dim -> ResidualVQ -> linear back to the
+  encoder width, which *replaces* that hidden state; the encoder's remaining layers, final norm and pooling head
+  (the HF modules themselves, called in order) run on top. A frozen teacher (the initial encoder) supplies the
+  targets of the semantic loss, MSE + (1 - cos), at that layer and on the pooled output.
+
+Hidden-state numbering is `output_hidden_states`': 0 = embeddings, i = output of layer i (1-based), so the
+paper's "layer 26 of 27" is `semantic_layer=26` and exactly one encoder layer runs on the quantised features.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unimm.tokenizer.base import TokenizerOutput, VisualTokenizer, eval_mode
+from unimm.tokenizer.configuration import DenoisingConfig, DualTokenConfig
+from unimm.tokenizer.encoders import EncoderAccess
+from unimm.tokenizer.quantizers import ResidualVQ
+from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, VisualCodes
+from unimm.utils.logging import get_logger, warn_once
+
+logger = get_logger(__name__)
+
+
+class DualToken(VisualTokenizer):
+    config_class = DualTokenConfig
+
+    def __init__(self, config: DualTokenConfig):
+        super().__init__(config)
+        self._validate(config)
+        width = self.encoder_hidden_size
+        rvq_kwargs = dict(
+            decay=config.ema_decay,
+            eps=config.ema_eps,
+            restart_threshold=config.restart_threshold,
+            shared_codebook=config.shared_codebook,
+            beta=config.quantizer_beta,
+        )
+        self.pixel_proj_in = nn.Linear(width, config.pixel_code_dim)
+        self.pixel_quantizer = ResidualVQ(
+            config.pixel_num_codes, config.pixel_code_dim, config.pixel_depth, **rvq_kwargs
+        )
+        self.semantic_proj_in = nn.Linear(width, config.semantic_code_dim)
+        self.semantic_quantizer = ResidualVQ(
+            config.semantic_num_codes, config.semantic_code_dim, config.semantic_depth, **rvq_kwargs
+        )
+        self.semantic_proj_out = nn.Linear(config.semantic_code_dim, width)
+        self._build_decoder_path(config.pixel_code_dim)
+        self.post_init()
+        self._apply_stage_freezing()
+
+    def _validate(self, config: DualTokenConfig) -> None:
+        access = self._encoder_access
+        if access.family != "siglip":
+            raise ValueError(
+                f"DualToken needs a SigLIP/SigLIP2 vision encoder; encoder_config.model_type is {access.model_type!r}"
+            )
+        num_layers = access.num_layers
+        for key, lowest in (("pixel_layer", 1), ("semantic_layer", 1), ("shortcut_layer", 0)):
+            value = getattr(config, key)
+            if value is None and key == "shortcut_layer":
+                continue
+            if not lowest <= value <= num_layers:
+                raise ValueError(
+                    f"{key}={value} but the encoder has {num_layers} layers "
+                    f"(valid hidden-state indices: {lowest}..{num_layers})"
+                )
+        for key in ("pixel_layer", "shortcut_layer"):
+            value = getattr(config, key)
+            if value is not None and value > config.semantic_layer:
+                raise ValueError(f"{key}={value} must not be deeper than semantic_layer={config.semantic_layer}")
+        for key in ("pixel_code_dim", "semantic_code_dim", "pixel_depth", "semantic_depth"):
+            if getattr(config, key) < 1:
+                raise ValueError(f"{key}={getattr(config, key)} must be >= 1")
+        for key in ("pixel_num_codes", "semantic_num_codes"):
+            if getattr(config, key) < 2:
+                raise ValueError(f"{key}={getattr(config, key)} must be >= 2")
+
+    def _check_denoising(self, denoising: DenoisingConfig) -> None:
+        if denoising.encoder_drop_masked:
+            raise ValueError(
+                "denoising.encoder_drop_masked is a VQRAE option; DualToken's semantic branch needs every patch"
+            )
+
+    # ----------------------------------------------------------------- encoder training switch
+    def set_train_encoder(self, train_encoder: bool, teacher_encoder: nn.Module | None = None) -> None:
+        """Train the encoder (keeping a frozen teacher copy of it, taken now unless given) or freeze it."""
+        self.config.train_encoder = train_encoder
+        if train_encoder:
+            self.init_teacher(teacher_encoder)
+        else:
+            self.drop_teacher()
+        if not self._decoder_only:
+            self._apply_stage_freezing()
+        self.train(self.training)
+
+    def _apply_stage_freezing(self) -> None:
+        self._set_encoder_requires_grad(bool(self.config.train_encoder))
+
+    def _unused_parameters(self) -> list[nn.Parameter]:
+        """What no training loss reaches: without the pooled-output loss, the encoder layers above
+        `semantic_layer`, its final norm and head; without any semantic loss, also the projection back."""
+        unused = super()._unused_parameters()
+        if not (self.config.semantic_pooled_loss and self.config.semantic_weight > 0):
+            top = [*self._encoder_access.layers[self.config.semantic_layer :], self.encoder.post_layernorm]
+            unused += [p for module in top for p in module.parameters()] + self._encoder_head_parameters()
+        if self.config.semantic_weight <= 0:
+            unused += list(self.semantic_proj_out.parameters())
+        return unused
+
+    # ----------------------------------------------------------------- encoder passes
+    def _run_to_semantic(self, pixel_values: torch.Tensor, access: EncoderAccess) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel-branch features, hidden state `semantic_layer`), both [B, N, C]."""
+        cfg = self.config
+        hidden = access.embed(pixel_values)
+        taps = {0: hidden}
+        current = 0
+        for index in sorted({cfg.pixel_layer} | ({cfg.shortcut_layer} if cfg.shortcut_layer is not None else set())):
+            hidden = access.run_layers(hidden, current, index)
+            taps[index] = hidden
+            current = index
+        hidden = access.run_layers(hidden, current, cfg.semantic_layer)
+        pixel_features = taps[cfg.pixel_layer]
+        if cfg.shortcut_layer is not None and cfg.shortcut_weight != 0:
+            pixel_features = pixel_features + cfg.shortcut_weight * taps[cfg.shortcut_layer]
+        return pixel_features, hidden
+
+    def _run_top(self, hidden: torch.Tensor, access: EncoderAccess) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Remaining layers + final norm + pooling head on hidden state `semantic_layer`."""
+        hidden = access.run_layers(hidden, self.config.semantic_layer, access.num_layers)
+        return access.finalize(hidden)
+
+    def _dequantize_semantic(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.semantic_proj_out(quantized.to(self.semantic_proj_out.weight.dtype))
+
+    # ----------------------------------------------------------------- contract
+    @property
+    def codebook_spec(self) -> CodebookSpec:
+        cfg = self.config
+        return {
+            "pixel": CodebookGroupSpec(cfg.pixel_num_codes, cfg.pixel_depth, cfg.pixel_code_dim),
+            "semantic": CodebookGroupSpec(cfg.semantic_num_codes, cfg.semantic_depth, cfg.semantic_code_dim),
+        }
+
+    @torch.no_grad()
+    def encode(self, pixel_values: torch.Tensor) -> VisualCodes:
+        self._check_pixels(pixel_values)
+        with eval_mode(self.pixel_quantizer, self.semantic_quantizer):
+            pixel_features, semantic_hidden = self._run_to_semantic(pixel_values, self._encoder_access)
+            pixel = self.pixel_quantizer(self.pixel_proj_in(pixel_features)).indices
+            semantic = self.semantic_quantizer(self.semantic_proj_in(semantic_hidden)).indices
+        return {"pixel": pixel, "semantic": semantic}  # [B, N, Dp], [B, N, Ds]
+
+    def decode(self, codes: VisualCodes) -> torch.Tensor:
+        """Pixel codes {"pixel": [B, N, Dp], ...} -> pixel_values; other groups are ignored."""
+        self.check_codes(codes, ("pixel",))
+        latent = self.pixel_quantizer.lookup(codes["pixel"]).to(self.decoder.head.weight.dtype)
+        with eval_mode(self.denoiser):
+            return self._decode_latent(latent)
+
+    def encode_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Semantic-tower output [B, N, C]: the encoder's final hidden states computed on top of the quantised
+        semantic features (what the codes carry), for understanding."""
+        self._check_pixels(pixel_values)
+        with eval_mode(self.semantic_quantizer):
+            _, semantic_hidden = self._run_to_semantic(pixel_values, self._encoder_access)
+            quantized = self.semantic_quantizer(self.semantic_proj_in(semantic_hidden)).quantized
+        return self._run_top(self._dequantize_semantic(quantized), self._encoder_access)[0]
+
+    def features_from_codes(self, codes: VisualCodes) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Semantic codes [B, N, Ds] -> (encoder output [B, N, C], pooled [B, C] or None)."""
+        self.check_codes(codes, ("semantic",))
+        hidden = self._dequantize_semantic(self.semantic_quantizer.lookup(codes["semantic"]))
+        return self._run_top(hidden, self._encoder_access)
+
+    def forward(self, pixel_values: torch.Tensor) -> TokenizerOutput:
+        self._check_pixels(pixel_values)
+        access = self._encoder_access
+        with self._encoder_context():
+            pixel_features, semantic_hidden = self._run_to_semantic(pixel_values, access)
+        pixel_out = self.pixel_quantizer(self.pixel_proj_in(pixel_features))
+        pixel_out = self._maybe_replace_codes(self.pixel_quantizer, pixel_out)
+        reconstruction = self._decode_latent(pixel_out.quantized)
+
+        semantic_out = self.semantic_quantizer(self.semantic_proj_in(semantic_hidden))
+        replaced = self._dequantize_semantic(semantic_out.quantized)
+        features, pooled = self._run_top(replaced, access)
+
+        losses = {"quantizer": pixel_out.loss + semantic_out.loss}
+        if self.config.semantic_weight > 0 and not self._decoder_only:
+            target_hidden, target_pooled = self._semantic_targets(pixel_values, semantic_hidden)
+            semantic_loss = self._mse_cos(replaced, target_hidden)
+            if self.config.semantic_pooled_loss and pooled is not None and target_pooled is not None:
+                semantic_loss = semantic_loss + self._mse_cos(pooled, target_pooled)
+            losses["semantic"] = self.config.semantic_weight * semantic_loss
+        stats = {**self._group_stats("pixel", pixel_out), **self._group_stats("semantic", semantic_out)}
+        return TokenizerOutput(
+            reconstruction=reconstruction,
+            codes={"pixel": pixel_out.indices, "semantic": semantic_out.indices},
+            losses=losses,
+            stats=stats,
+            features=features,
+        )
+
+    @torch.no_grad()
+    def _semantic_targets(
+        self, pixel_values: torch.Tensor, semantic_hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher hidden state at `semantic_layer` and its pooled output. A frozen encoder is its own teacher."""
+        if self.config.train_encoder:
+            if self.teacher is None:
+                warn_once(
+                    logger,
+                    "DualToken.train_encoder is set but no teacher exists; copying the current "
+                    "encoder as the teacher (call set_train_encoder(True) right after loading the "
+                    "initial weights to make this explicit)",
+                )
+                self.init_teacher()
+            teacher_access = EncoderAccess(self.teacher)
+            _, target_hidden = self._run_to_semantic(pixel_values, teacher_access)
+        else:
+            teacher_access, target_hidden = self._encoder_access, semantic_hidden.detach()
+        target_pooled = None
+        if self.config.semantic_pooled_loss:
+            target_pooled = self._run_top(target_hidden, teacher_access)[1]
+        return target_hidden, target_pooled

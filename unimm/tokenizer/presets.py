@@ -1,0 +1,250 @@
+"""Named tokenizer presets (`build_tokenizer`) and loading saved tokenizers (`load_tokenizer`).
+
+Tiny presets build random tiny encoders of real `transformers` classes from configs (milliseconds on CPU);
+paper presets load the encoder from a local checkpoint given as `encoder_path` (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimm.tokenizer.base import VisualTokenizer
+from unimm.tokenizer.configuration import DenoisingConfig, DualTokenConfig, VQRAEConfig
+from unimm.tokenizer.dualtoken import DualToken
+from unimm.tokenizer.encoders import (
+    clean_encoder_config,
+    encoder_config_to_dict,
+    image_processor_settings,
+    load_encoder,
+)
+from unimm.tokenizer.vqrae import VQRAE
+
+TOKENIZER_CLASSES: dict[str, type[VisualTokenizer]] = {
+    VQRAEConfig.model_type: VQRAE,
+    DualTokenConfig.model_type: DualToken,
+}
+
+
+def tiny_encoder_config(
+    encoder_type: str = "siglip",
+    image_size: int = 32,
+    patch_size: int = 4,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    use_head: bool = False,
+) -> dict[str, Any]:
+    """Config dict of a tiny random vision encoder: 'siglip' (SiglipVisionModel), 'siglip2' (Siglip2VisionModel)
+    or 'dinov2' (Dinov2Model)."""
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
+    common = dict(
+        hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads, patch_size=patch_size
+    )
+    intermediate = intermediate_size or 2 * hidden_size
+    if encoder_type == "siglip":
+        return dict(
+            model_type="siglip_vision_model",
+            image_size=image_size,
+            intermediate_size=intermediate,
+            vision_use_head=use_head,
+            **common,
+        )
+    if encoder_type == "siglip2":
+        grid = image_size // patch_size
+        return dict(
+            model_type="siglip2_vision_model",
+            num_patches=grid * grid,
+            intermediate_size=intermediate,
+            vision_use_head=use_head,
+            **common,
+        )
+    if encoder_type == "dinov2":
+        return dict(model_type="dinov2", image_size=image_size, mlp_ratio=max(1, intermediate // hidden_size), **common)
+    raise ValueError(f"encoder_type must be 'siglip', 'siglip2' or 'dinov2', got {encoder_type!r}")
+
+
+def _split_overrides(config_cls: type, overrides: dict[str, Any], preset: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"preset {preset!r}: unknown override(s) {unknown}; valid: {sorted(known)}")
+    if isinstance(overrides.get("denoising"), DenoisingConfig):
+        overrides["denoising"] = overrides["denoising"].to_dict()
+    return overrides
+
+
+def _tiny(
+    config_cls: type, model_cls: type, preset: str, defaults: dict[str, Any], use_head: bool, num_layers: int
+) -> Callable[..., VisualTokenizer]:
+    def build(
+        encoder_type: str = "siglip",
+        image_size: int = 32,
+        patch_size: int = 4,
+        encoder_hidden_size: int = 64,
+        encoder_num_layers: int = num_layers,
+        encoder_num_heads: int = 4,
+        seed: int | None = 0,
+        encoder_path: str | Path | None = None,
+        encoder_use_head: bool = use_head,
+        **overrides: Any,
+    ) -> VisualTokenizer:
+        if encoder_path is not None:
+            return _from_encoder_path(
+                config_cls, model_cls, preset, encoder_path, {**defaults, **overrides}, image_size=image_size, seed=seed
+            )
+        encoder_config = tiny_encoder_config(
+            encoder_type,
+            image_size,
+            patch_size,
+            encoder_hidden_size,
+            encoder_num_layers,
+            encoder_num_heads,
+            use_head=encoder_use_head,
+        )
+        fields = _split_overrides(config_cls, {**defaults, **overrides}, preset)
+        if seed is not None:
+            torch.manual_seed(seed)
+        return model_cls(config_cls(encoder_config=encoder_config, image_size=image_size, **fields))
+
+    return build
+
+
+def _from_encoder_path(
+    config_cls: type,
+    model_cls: type,
+    preset: str,
+    encoder_path: str | Path | None,
+    fields: dict[str, Any],
+    image_size: int | None = None,
+    seed: int | None = 0,
+) -> VisualTokenizer:
+    if encoder_path is None:
+        raise ValueError(
+            f"preset {preset!r} needs encoder_path=<local Hugging Face checkpoint of the vision "
+            "encoder> (nothing is downloaded); e.g. build_tokenizer("
+            f"{preset!r}, encoder_path='/models/siglip2-so400m-patch16-256')"
+        )
+    encoder = load_encoder(encoder_path, fields.get("encoder_attn_implementation"))
+    encoder_config = encoder_config_to_dict(encoder)
+    settings = image_processor_settings(encoder_config, path=encoder_path, image_size=image_size)
+    fields = _split_overrides(config_cls, fields, preset)
+    fields.setdefault("image_mean", list(settings.image_mean))
+    fields.setdefault("image_std", list(settings.image_std))
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = model_cls(
+        config_cls(encoder_config=clean_encoder_config(encoder_config), image_size=settings.image_size, **fields)
+    )
+    model.encoder.load_state_dict(encoder.state_dict())
+    return model
+
+
+def _paper(
+    config_cls: type,
+    model_cls: type,
+    preset: str,
+    defaults: dict[str, Any],
+    depth_for_size: Callable[[int], dict[str, Any]] | None = None,
+) -> Callable[..., VisualTokenizer]:
+    def build(
+        encoder_path: str | Path | None = None, image_size: int | None = None, seed: int | None = 0, **overrides: Any
+    ) -> VisualTokenizer:
+        fields = dict(defaults)
+        if depth_for_size is not None and image_size is not None:
+            fields.update(depth_for_size(image_size))
+        fields.update(overrides)
+        return _from_encoder_path(config_cls, model_cls, preset, encoder_path, fields, image_size=image_size, seed=seed)
+
+    return build
+
+
+_PAPER_DENOISING = DenoisingConfig.paper().to_dict()
+
+PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
+    # Tiny: SigLIP-shaped random encoder, 32 px / patch 4 -> 8x8 = 64 positions; decoder mirrors the encoder.
+    "vqrae-tiny": _tiny(
+        VQRAEConfig, VQRAE, "vqrae-tiny", dict(code_dim=32, num_codes=512), use_head=False, num_layers=2
+    ),
+    "dualtoken-tiny": _tiny(
+        DualTokenConfig,
+        DualToken,
+        "dualtoken-tiny",
+        dict(
+            pixel_layer=2,
+            shortcut_layer=1,
+            shortcut_weight=0.6,
+            semantic_layer=3,
+            pixel_code_dim=16,
+            semantic_code_dim=16,
+            pixel_num_codes=256,
+            semantic_num_codes=256,
+            pixel_depth=2,
+            semantic_depth=2,
+        ),
+        use_head=True,
+        num_layers=4,
+    ),
+    # VQRAE paper: SigLIP2-so400m patch16 @ 256 px, code dim 1536, 16384 codes, symmetric ViT decoder.
+    "vqrae-siglip2-so400m-256": _paper(
+        VQRAEConfig,
+        VQRAE,
+        "vqrae-siglip2-so400m-256",
+        dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0, denoising=_PAPER_DENOISING),
+    ),
+    # DualToken paper: SigLIP-so400m patch14 @ 384 px (27 layers); pixel codes from layer 6 (+ 0.6 x layer 4),
+    # semantic codes replace layer 26; 32-dim codes, 16384 per codebook, residual depth 8 (4 at 256 px).
+    "dualtoken-siglip-so400m-384": _paper(
+        DualTokenConfig,
+        DualToken,
+        "dualtoken-siglip-so400m-384",
+        dict(
+            pixel_layer=6,
+            shortcut_layer=4,
+            shortcut_weight=0.6,
+            semantic_layer=26,
+            pixel_code_dim=32,
+            semantic_code_dim=32,
+            pixel_num_codes=16384,
+            semantic_num_codes=16384,
+            pixel_depth=8,
+            semantic_depth=8,
+            denoising=_PAPER_DENOISING,
+        ),
+        depth_for_size=lambda size: {"pixel_depth": 8 if size >= 384 else 4, "semantic_depth": 8 if size >= 384 else 4},
+    ),
+}
+
+
+def build_tokenizer(name: str, **overrides: Any) -> VisualTokenizer:
+    """Build a preset tokenizer.
+
+    Tiny presets take `encoder_type` ('siglip', 'siglip2', 'dinov2'), `image_size`, `patch_size`,
+    `encoder_hidden_size`, `encoder_num_layers`, `encoder_num_heads`, `encoder_use_head`, `seed`; paper presets
+    take `encoder_path` (required) and `image_size`. Any other keyword is a config field (e.g. `num_codes`,
+    `denoising`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown tokenizer preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)
+
+
+def load_tokenizer(path: str | Path, **kwargs: Any) -> VisualTokenizer:
+    """Load a tokenizer saved with `save_pretrained`; the class is chosen from config.json's model_type."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no tokenizer checkpoint at {str(path)!r} (config.json missing)")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in TOKENIZER_CLASSES:
+        raise ValueError(
+            f"{config_file}: model_type={model_type!r} is not a UniMM tokenizer; "
+            f"expected one of {sorted(TOKENIZER_CLASSES)}"
+        )
+    return TOKENIZER_CLASSES[model_type].from_pretrained(path, **kwargs)
