@@ -399,3 +399,17 @@ def test_residual_vq_keeps_float32_state_when_cast():
         out = quantizer(z)
     assert out.quantized.dtype == torch.bfloat16
     assert F.mse_loss(out.quantized.float(), z.float()) < z.float().pow(2).mean()
+
+
+def test_simvq_inference_codebook_cache_tracks_weight_updates():
+    torch.manual_seed(0)
+    q = SimVQ(num_codes=32, dim=8)
+    with torch.no_grad():
+        first = q.codebook
+        assert q.codebook is first  # cached while nothing changed
+        q.codebook_proj.weight.add_(0.5)  # in-place update bumps the tensor version
+        updated = q.codebook
+    assert not torch.equal(first, updated)
+    expected = torch.nn.functional.linear(q.frozen_codebook, q.codebook_proj.weight, q.codebook_proj.bias)
+    torch.testing.assert_close(updated, expected.detach())
+    assert q.codebook.requires_grad  # with autograd on, W(C) is recomputed and differentiable

@@ -1,1 +1,35 @@
-"""unimm.llm."""
+"""unimm.llm: a Hugging Face causal LM extended to read and write discrete visual codes (DESIGN §3).
+
+Importing this package has no side effects; DeepSpeed is only imported where ZeRO-3 partitioned parameters are met.
+"""
+
+from unimm.llm.configuration import UniMMConfig
+from unimm.llm.layout import (
+    BOI_TOKEN,
+    EOI_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    SPECIAL_TOKENS,
+    UNCOND_TOKEN,
+    VocabLayout,
+    encode_plain_text,
+    t2i_prefix_ids,
+)
+from unimm.llm.modeling import UniMMCausalLMOutput, UniMMForCausalLM
+from unimm.llm.vocab import extend_tokenizer_and_model
+
+__all__ = [
+    "BOI_TOKEN",
+    "EOI_TOKEN",
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "SPECIAL_TOKENS",
+    "UNCOND_TOKEN",
+    "UniMMCausalLMOutput",
+    "UniMMConfig",
+    "UniMMForCausalLM",
+    "VocabLayout",
+    "encode_plain_text",
+    "extend_tokenizer_and_model",
+    "t2i_prefix_ids",
+]

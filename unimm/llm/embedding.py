@@ -1,0 +1,81 @@
+"""Visual input embeddings: discrete codes -> LLM input vectors, and continuous encoder features -> LLM input
+vectors (the LLaVA `mlp2x_gelu` projector, used for VQRAE understanding)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unimm.tokenizer.types import CodebookSpec
+
+
+class CodeEmbedding(nn.Module):
+    """Embeddings of one codebook group's codes, summed over depth (RQ-VAE style).
+
+    One table shared by all depths (residual quantisers with one codebook), or one table per depth
+    (`per_depth=True`), stored as a single `[D * K, dim]` matrix indexed with `depth * K + code`.
+    """
+
+    def __init__(self, num_codes: int, depth: int, dim: int, per_depth: bool = False):
+        super().__init__()
+        self.num_codes = num_codes
+        self.depth = depth
+        self.per_depth = per_depth
+        self.weight = nn.Parameter(torch.empty((depth if per_depth else 1) * num_codes, dim))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def _flat_index(self, codes: torch.Tensor, first_depth: int = 0) -> torch.Tensor:
+        if not self.per_depth:
+            return codes
+        depths = torch.arange(first_depth, first_depth + codes.shape[-1], device=codes.device)
+        return codes + depths * self.num_codes
+
+    def per_depth_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """`codes [..., d]` (depths 0..d-1) -> `[..., d, dim]`, one embedding per depth (no sum)."""
+        return nn.functional.embedding(self._flat_index(codes), self.weight)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """`codes [..., D]` -> `[..., dim]`: the sum over depth of the code embeddings."""
+        return self.per_depth_embeddings(codes).sum(dim=-2)
+
+
+class VisualCodeEmbedding(nn.Module):
+    """Per group: sum over depth of code embeddings; groups concatenated along the feature dim, then projected
+    to the LLM hidden size (DualToken: pixel and semantic side by side)."""
+
+    def __init__(self, groups: CodebookSpec, embed_dim: int, hidden_size: int, per_depth: bool = False):
+        super().__init__()
+        self.group_names = list(groups)
+        self.tables = nn.ModuleDict(
+            {name: CodeEmbedding(g.num_codes, g.depth, embed_dim, per_depth) for name, g in groups.items()}
+        )
+        self.proj = nn.Linear(embed_dim * len(groups), hidden_size)
+
+    def forward(self, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`codes`: group -> `[M, D_g]` (M visual positions) -> `[M, hidden]`."""
+        missing = [name for name in self.group_names if name not in codes]
+        if missing:
+            raise KeyError(f"visual_codes lacks codebook group(s) {missing}; the model expects {self.group_names}")
+        parts = [self.tables[name](codes[name]) for name in self.group_names]
+        return self.proj(torch.cat(parts, dim=-1))
+
+
+class FeatureProjector(nn.Module):
+    """LLaVA's `mlp2x_gelu`: Linear(feature_dim, hidden) -> GELU -> Linear(hidden, hidden)."""
+
+    def __init__(self, feature_dim: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(feature_dim, hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+def scatter_visual_embeddings(
+    inputs_embeds: torch.Tensor, positions: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """Out-of-place write of `values [M, H]` into `inputs_embeds [B, L, H]` where `positions [B, L]` is True
+    (row-major order). Gradients flow to both the text embeddings and `values`."""
+    return inputs_embeds.masked_scatter(positions.unsqueeze(-1), values.to(inputs_embeds.dtype))

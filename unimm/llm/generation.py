@@ -1,0 +1,226 @@
+"""Generation with a `UniMMForCausalLM`.
+
+Text -> image (`generate_images`): prefixes come from `t2i_prefix_ids` (the same function training uses). With
+guidance, the conditional and unconditional prefixes run as one left-padded batch `[cond; uncond]`, so each
+step costs one LLM forward. At every position and every depth the head logits of both halves are mixed as
+`u + s (c - u)`, the code is sampled once (temperature / top-k / top-p, restricted to valid codes) and fed to
+both halves. After N positions generation stops: `<|eoi|>` is never sampled, it follows the N-th position.
+The LLM keeps a KV cache (`DynamicCache`); `use_cache=False` recomputes the whole prefix every step (the
+reference for the cache test and the benchmark).
+
+Image -> text (`generate_text`): visual inputs are embedded once, then HF `generate` runs on `inputs_embeds`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from unimm.llm.layout import VocabLayout, t2i_prefix_ids
+from unimm.llm.modeling import UniMMForCausalLM
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Mask (to -inf) all but the `top_k` largest logits and outside the smallest set with probability >= `top_p`."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top token is always kept)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`logits [M, K]` -> codes `[M]`. `temperature <= 0` is greedy."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
+    """`[2B, K]` logits of `[cond; uncond]` -> `[B, K]` guided logits `u + s (c - u)`, written as `c + (s-1)(c-u)`
+    so that `s = 1` returns the conditional logits exactly. Without guidance the logits pass through."""
+    if cfg_scale is None:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return cond + (cfg_scale - 1.0) * (cond - uncond)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        input_ids[i, length - len(row):] = torch.tensor(row, device=device)
+        attention_mask[i, length - len(row):] = 1
+    return input_ids, attention_mask
+
+
+class _ImageDecoder:
+    """State of one batch of text-to-image decoding: the LLM inputs so far and (optionally) its KV cache."""
+
+    def __init__(self, model: UniMMForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 use_cache: bool):
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.use_cache = use_cache
+        self.attention_mask = attention_mask
+        self.position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        self.inputs_embeds = model.get_input_embeddings()(input_ids)
+        self.cache = DynamicCache(config=model.config.text_config) if use_cache else None
+        self.hidden = self._run(self.inputs_embeds, self.position_ids)
+
+    def _run(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=self.attention_mask, position_ids=position_ids,
+                           past_key_values=self.cache, use_cache=self.use_cache)
+        return out.last_hidden_state[:, -1]  # [rows, H]
+
+    def append(self, embeds: torch.Tensor) -> None:
+        """Feed one position (`embeds [rows, H]`) and update `self.hidden` to its last hidden state."""
+        rows = embeds.shape[0]
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(rows, 1)], dim=1)
+        next_position = self.position_ids[:, -1:] + 1
+        self.position_ids = torch.cat([self.position_ids, next_position], dim=1)
+        if self.use_cache:
+            self.hidden = self._run(embeds.unsqueeze(1), next_position)
+        else:
+            self.inputs_embeds = torch.cat([self.inputs_embeds, embeds.unsqueeze(1).to(self.inputs_embeds.dtype)], 1)
+            self.hidden = self._run(self.inputs_embeds, self.position_ids)
+
+
+@torch.no_grad()
+def generate_images(
+    model: UniMMForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    num_positions: int | None = None,
+    cfg_scale: float | None = 3.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    use_cache: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Sample the codes of one image per prompt: group -> LongTensor `[len(prompts), N, D]`.
+
+    cfg_scale:    guidance scale s (`None` = no guidance: the unconditional half is not computed).
+    temperature:  0 = greedy. top_k / top_p: filtering applied to the guided logits.
+    seed:         sampling is deterministic for a seed (one `torch.Generator` per call).
+    batch_size:   prompts per batch (default: all at once).
+    """
+    layout = model.config.layout
+    if layout is None:
+        raise ValueError("the model has no vocabulary layout: run extend_tokenizer_and_model first")
+    num_positions = num_positions or model.config.num_image_positions
+    if not num_positions:
+        raise ValueError("num_positions is required (or set UniMMConfig.num_image_positions, the tokenizer's N)")
+    if not prompts:
+        raise ValueError("generate_images needs at least one prompt")
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    batch_size = batch_size or len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [
+            _generate_batch(model, tokenizer, layout, prompts[i : i + batch_size], num_positions, cfg_scale,
+                            dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), use_cache)
+            for i in range(0, len(prompts), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
+
+def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase, layout: VocabLayout,
+                    prompts: list[str], num_positions: int, cfg_scale: float | None, sampling: dict,
+                    use_cache: bool) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    rows = [t2i_prefix_ids(tokenizer, layout, p) for p in prompts]
+    if cfg_scale is not None:
+        rows += [t2i_prefix_ids(tokenizer, layout, None)] * len(prompts)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else layout.eoi_token_id
+    input_ids, attention_mask = _left_pad(rows, pad_id, device)
+    state = _ImageDecoder(model, input_ids, attention_mask, use_cache)
+    halves = 2 if cfg_scale is not None else 1
+    groups = model.config.groups
+    codes: dict[str, list[torch.Tensor]] = {name: [] for name in groups}
+    for position in range(num_positions):
+        if model.config.flat_codes:
+            (name,) = groups
+            start, stop = layout.code_token_offset, layout.code_token_offset + layout.num_flat_codes
+            logits = model.get_output_embeddings()(state.hidden)[:, start:stop]  # valid codes only
+            code = sample_logits(guide(logits.float(), cfg_scale), **sampling)  # [B]
+            codes[name].append(code.unsqueeze(-1))
+            next_embeds = model.get_input_embeddings()((start + code).repeat(halves))
+        else:
+            position_codes = {}
+            for name, head in model.depth_heads.items():
+                prefix = state.hidden.new_zeros((state.hidden.shape[0], 0), dtype=torch.long)
+                for _ in range(head.depth):
+                    logits = head.next_logits(state.hidden, prefix).float()  # [rows, K]
+                    code = sample_logits(guide(logits, cfg_scale), **sampling)  # [B]
+                    prefix = torch.cat([prefix, code.repeat(halves).unsqueeze(-1)], dim=1)
+                position_codes[name] = prefix
+                codes[name].append(prefix[: len(prompts)])
+            next_embeds = model.visual_embedding(position_codes)
+        if position + 1 < num_positions:
+            state.append(next_embeds)
+    return {name: torch.stack(steps, dim=1) for name, steps in codes.items()}  # [B, N, D]
+
+
+def image_sequence(layout: VocabLayout, prefix_ids: list[int], num_positions: int,
+                   flat_codes: torch.Tensor | None = None) -> list[int]:
+    """The full token sequence of a generated image: prefix, N visual positions, forced `<|eoi|>`.
+    In flat mode pass the codes `[N]` to get their code tokens."""
+    if flat_codes is not None:
+        visual = (flat_codes + layout.code_token_offset).tolist()
+    else:
+        visual = [layout.image_token_id] * num_positions
+    return list(prefix_ids) + visual + [layout.eoi_token_id]
+
+
+@torch.no_grad()
+def generate_text(
+    model: UniMMForCausalLM,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    visual_codes: dict[str, torch.Tensor] | None = None,
+    image_features: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """Answer text for (image +) text inputs (left-padded `input_ids [B, L]` with visual positions as in
+    training); greedy unless `do_sample`. Returns the decoded new text of each row."""
+    if do_sample:
+        torch.manual_seed(seed)
+    if model.config.flat_codes and visual_codes:
+        input_ids, _ = model.flatten_visual_inputs(input_ids, None, visual_codes)
+        visual_codes = None
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        inputs_embeds = model.embed_inputs(input_ids, visual_codes, image_features)
+        sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
+        output_ids = model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+        )
+    finally:
+        model.train(was_training)
+    return tokenizer.batch_decode(output_ids, skip_special_tokens=True)

@@ -1,0 +1,301 @@
+"""`UniMMForCausalLM`: a Hugging Face causal LM (wrapped, never copied) plus the visual modules of DESIGN §3 —
+code embeddings, the continuous-feature projector and one depth-transformer head per codebook group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from unimm.llm.configuration import UniMMConfig
+from unimm.llm.depth_head import DepthTransformerHead
+from unimm.llm.embedding import CodeEmbedding, FeatureProjector, VisualCodeEmbedding, scatter_visual_embeddings
+from unimm.llm.layout import VocabLayout
+from unimm.llm.loss import joint_loss
+from unimm.tokenizer.types import CodebookSpec
+from unimm.utils.attention import select_attn_implementation
+
+
+@dataclass
+class UniMMCausalLMOutput(ModelOutput):
+    """`loss` = normalised total; `text_loss` / `visual_losses[group]` / `visual_depth_losses[group] [D]` are
+    detached per-target means for logging. `logits` is None in training (the LM head only runs where supervised)
+    unless `return_logits=True`."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    visual_losses: dict[str, torch.FloatTensor] | None = None
+    visual_depth_losses: dict[str, torch.FloatTensor] | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class UniMMPreTrainedModel(PreTrainedModel):
+    """Activation (gradient) checkpointing: `activation_checkpointing_enable()` from `PreTrainedModel` reaches the
+    wrapped LLM's decoder layers, the only modules that checkpoint (the visual modules are small)."""
+
+    config_class = UniMMConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DepthBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CodeEmbedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, DepthTransformerHead):
+            nn.init.normal_(module.depth_embedding, std=0.02)
+            nn.init.normal_(module.classifier, std=0.02)
+        else:
+            super()._init_weights(module)
+
+
+class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
+    """Wraps `AutoModelForCausalLM` (`self.language_model`) and adds:
+
+    - `visual_embedding`: codes -> input vectors (absent in flat mode, where codes are vocabulary tokens);
+    - `feature_projector`: continuous encoder features -> input vectors (when `config.feature_dim` is set);
+    - `depth_heads[group]`: predict a visual position's codes from the previous hidden state.
+
+    Build from an existing checkpoint with `UniMMForCausalLM.from_llm(path_or_model, codebook_spec)`, then call
+    `unimm.llm.vocab.extend_tokenizer_and_model` (before DeepSpeed wraps the model) to add the special tokens.
+    """
+
+    def __init__(self, config: UniMMConfig, language_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if language_model is None:
+            # an implementation requested through from_pretrained(attn_implementation=...) wins over the config's
+            requested = config.text_config._attn_implementation or config.llm_attn_implementation
+            attn = select_attn_implementation(requested, config.text_config.dtype)
+            language_model = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn)
+        else:
+            # A loaded checkpoint: post_init below must not re-initialise it.
+            for module in language_model.modules():
+                module._is_hf_initialized = True
+        self.language_model = language_model
+        # One config object, so that resizing the vocabulary updates what save_pretrained writes.
+        self.config.text_config = language_model.config
+        hidden = config.hidden_size
+        groups = config.groups
+        self.visual_embedding = None
+        self.depth_heads = None
+        if groups and not config.flat_codes:
+            self.visual_embedding = VisualCodeEmbedding(groups, config.embed_dim, hidden,
+                                                        config.per_depth_code_embeddings)
+            self.depth_heads = nn.ModuleDict({
+                name: DepthTransformerHead(
+                    group, hidden, config.head_hidden_size, config.depth_head_layers, config.head_num_heads,
+                    config.head_intermediate_size, config.depth_head_dropout, config.shared_depth_classifier,
+                    config.per_depth_code_embeddings,
+                )
+                for name, group in groups.items()
+            })
+        self.feature_projector = FeatureProjector(config.feature_dim, hidden) if config.feature_dim else None
+        self.post_init()
+
+    # -- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_llm(
+        cls,
+        llm: str | Path | PreTrainedModel,
+        codebook_spec: CodebookSpec | dict | None = None,
+        flat_codes: bool = False,
+        feature_dim: int | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str = "auto",
+        **config_kwargs,
+    ) -> UniMMForCausalLM:
+        """Wrap a causal LM (a local checkpoint path or a loaded model) and add freshly initialised visual modules
+        for `codebook_spec` (group -> `CodebookGroupSpec`, dict, or `(num_codes, depth[, code_dim])`)."""
+        if isinstance(llm, (str, Path)):
+            if not Path(llm).exists():
+                raise FileNotFoundError(f"LLM checkpoint not found: {llm} (UniMM never downloads weights)")
+            attn = select_attn_implementation(attn_implementation, dtype)
+            llm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=attn)
+        config = UniMMConfig(
+            text_config=llm.config, codebook_spec=UniMMConfig.spec_to_dict(codebook_spec or {}), flat_codes=flat_codes,
+            feature_dim=feature_dim, llm_attn_implementation=attn_implementation,
+            # propagates to text_config; without it the nested config's implementation would be reset to None
+            attn_implementation=llm.config._attn_implementation, **config_kwargs,
+        )
+        model = cls(config, language_model=llm)
+        return model.to(next(llm.parameters()).dtype)
+
+    # -- HF plumbing, delegated to the wrapped LLM ----------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        embeddings = self.language_model.resize_token_embeddings(*args, **kwargs)
+        self.config.text_config = self.language_model.config
+        return embeddings
+
+    @property
+    def layout(self) -> VocabLayout | None:
+        return self.config.layout
+
+    @property
+    def group_names(self) -> list[str]:
+        return list(self.config.codebook_spec)
+
+    def visual_module_names(self) -> list[str]:
+        """Names of the visual modules, in the form peft's `modules_to_save` accepts (LoRA finetuning keeps them
+        fully trainable): `visual_embedding`, `feature_projector`, `depth_heads.<group>`."""
+        names = [n for n in ("visual_embedding", "feature_projector") if getattr(self, n) is not None]
+        if self.depth_heads is not None:
+            names += [f"depth_heads.{group}" for group in self.depth_heads]
+        return names
+
+    def _require_layout(self) -> VocabLayout:
+        layout = self.config.layout
+        if layout is None:
+            raise ValueError("this UniMM model has no vocabulary layout yet: call "
+                             "unimm.llm.vocab.extend_tokenizer_and_model(tokenizer, model, codebook_spec) first")
+        return layout
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def flatten_visual_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                              visual_codes: dict[str, torch.Tensor] | None):
+        """Flat mode: positions holding `image_token_id` with codes become code tokens `offset + code` in both
+        `input_ids` and `labels`, so batches built for the depth-head layout also train a flat model."""
+        layout = self._require_layout()
+        (name,) = self.group_names
+        codes = visual_codes[name][..., 0].to(input_ids.device)
+        has_code = (codes >= 0) & (input_ids == layout.image_token_id)
+        input_ids = torch.where(has_code, layout.code_token_offset + codes, input_ids)
+        if labels is not None:
+            labels = torch.where(has_code & (labels == layout.image_token_id), layout.code_token_offset + codes, labels)
+        return input_ids, labels
+
+    def embed_inputs(self, input_ids: torch.Tensor, visual_codes: dict[str, torch.Tensor] | None = None,
+                     image_features: torch.Tensor | None = None, sample_ids: list[str] | None = None) -> torch.Tensor:
+        """Token embeddings with visual positions replaced: positions with codes are embedded from their codes;
+        remaining `image_token_id` positions take `image_features` rows in order (CONTRACTS.md)."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        layout = self.config.layout
+        if layout is None:
+            if visual_codes or image_features is not None:
+                self._require_layout()
+            return inputs_embeds
+        where = f" (samples {sample_ids})" if sample_ids else ""
+        has_code = torch.zeros_like(input_ids, dtype=torch.bool)
+        if visual_codes and self.visual_embedding is not None:
+            first = visual_codes[self.group_names[0]].to(input_ids.device)
+            has_code = first[..., 0] >= 0  # [B, L]
+            for name in self.group_names[1:]:
+                if not torch.equal(visual_codes[name][..., 0].to(input_ids.device) >= 0, has_code):
+                    raise ValueError(f"visual_codes groups disagree on which positions hold codes{where}")
+            if not bool((input_ids[has_code] == layout.image_token_id).all()):
+                raise ValueError(f"visual_codes are set at positions whose input_ids are not image_token_id{where}")
+            codes = {}
+            for name, group in self.config.groups.items():
+                selected = visual_codes[name].to(input_ids.device)[has_code]  # [M, D]
+                if selected.shape[-1] != group.depth or (selected >= group.num_codes).any() or (selected < 0).any():
+                    raise ValueError(f"visual_codes[{name!r}] must have depth {group.depth} and codes in "
+                                     f"[0, {group.num_codes}) at image positions{where}")
+                codes[name] = selected
+            if has_code.any():
+                inputs_embeds = scatter_visual_embeddings(inputs_embeds, has_code, self.visual_embedding(codes))
+        if self.training and self.visual_embedding is not None and not has_code.any():
+            # keep every rank's backward over the same parameters (DDP) when a batch holds no codes
+            empty = {name: input_ids.new_zeros((0, g.depth)) for name, g in self.config.groups.items()}
+            inputs_embeds = inputs_embeds + self.visual_embedding(empty).sum() * 0.0
+        needs_features = (input_ids == layout.image_token_id) & ~has_code
+        num_feature_positions = int(needs_features.sum())
+        num_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if num_feature_positions != num_features:
+            raise ValueError(f"{num_feature_positions} image positions have no codes but image_features provide "
+                             f"{num_features} vectors{where}")
+        if num_features:
+            if self.feature_projector is None:
+                raise ValueError("image_features were given but the model has no feature projector "
+                                 "(set UniMMConfig.feature_dim / from_llm(feature_dim=...))")
+            features = image_features.to(inputs_embeds.device).flatten(0, 1)
+            inputs_embeds = scatter_visual_embeddings(
+                inputs_embeds, needs_features, self.feature_projector(features.to(inputs_embeds.dtype)))
+        return inputs_embeds
+
+    def compute_logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """Full LM-head logits (eval / generation), like the HF model (`logits_to_keep=0` keeps all positions)."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return self.get_output_embeddings()(hidden_states[:, keep, :])
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        visual_codes: dict[str, torch.Tensor] | None = None,
+        image_features: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        sample_ids: list[str] | None = None,
+        **kwargs,
+    ) -> UniMMCausalLMOutput:
+        """The batch of CONTRACTS.md. `return_logits` defaults to `labels is None`: in training the LM head runs
+        only on supervised text positions. `num_items_in_batch` (from HF Trainer) replaces the per-batch
+        normaliser so gradient accumulation is exact."""
+        layout = self.config.layout
+        packed = position_ids is not None and attention_mask is None
+        if use_cache is None and past_key_values is None and (labels is not None or packed):
+            # transformers derives the block-diagonal mask of packed rows from position_ids only when it builds no
+            # KV cache; with a cache, packed samples would silently attend to each other. Training needs no cache.
+            use_cache = False
+        if self.config.flat_codes and visual_codes and input_ids is not None:
+            input_ids, labels = self.flatten_visual_inputs(input_ids, labels, visual_codes)
+            visual_codes = None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, visual_codes, image_features, sample_ids)
+        outputs = self.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        result = UniMMCausalLMOutput(
+            past_key_values=outputs.past_key_values, hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None), last_hidden_state=hidden_states,
+        )
+        if labels is not None:
+            flat = self.config.flat_codes and layout is not None
+            parts = joint_loss(
+                hidden_states, labels, self.get_output_embeddings(), self.depth_heads, visual_codes,
+                image_token_id=layout.image_token_id if layout is not None else None,
+                code_token_range=(layout.code_token_offset, layout.code_token_offset + layout.num_flat_codes)
+                if flat else None,
+                flat_group=self.group_names[0] if flat else None,
+                visual_loss_weight=self.config.visual_loss_weight, num_items_in_batch=num_items_in_batch,
+            )
+            result.loss, result.text_loss = parts.loss, parts.text_loss
+            result.visual_losses, result.visual_depth_losses = parts.visual_losses, parts.visual_depth_losses
+        if return_logits if return_logits is not None else labels is None:
+            result.logits = self.compute_logits(hidden_states, logits_to_keep)
+        return result

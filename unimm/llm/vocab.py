@@ -1,0 +1,128 @@
+"""Vocabulary extension: add UniMM's special tokens (and, in flat mode, one token per visual code) to a tokenizer
+and resize the model's embedding / LM head to match.
+
+ZeRO-3: call `extend_tokenizer_and_model` on the full (unpartitioned) model, before `deepspeed.initialize` or
+the HF `Trainer` wraps it, so the resize and the mean initialisation see whole matrices. If the parameters are
+already partitioned (the model was built under `deepspeed.zero.Init`), the rows are written inside
+`deepspeed.zero.GatheredParameters`, which gathers them and re-partitions rank 0's values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from unimm.llm.layout import SPECIAL_TOKENS, VocabLayout
+from unimm.tokenizer.types import CodebookSpec
+
+logger = logging.getLogger(__name__)
+
+PAD_VOCAB_MULTIPLE = 128
+
+
+def code_token(code: int) -> str:
+    """The vocabulary string of visual code `code` in flat mode."""
+    return f"<|code_{code}|>"
+
+
+def _gathered(params: list[nn.Parameter]):
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+def _add_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+    """Add `tokens` as special tokens (so `split_special_tokens` text can never produce them) and return their ids;
+    tokens already in the vocabulary keep their ids, so extending a saved, extended tokenizer is a no-op."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in tokens if t not in vocab]
+    if new:
+        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+@torch.no_grad()
+def _mean_init_rows(matrix: torch.Tensor, rows: torch.Tensor, num_reference_rows: int) -> None:
+    """Set `matrix[rows]` to the mean of the first `num_reference_rows` rows (the trained text vocabulary)."""
+    mean = matrix[:num_reference_rows].float().mean(dim=0)
+    matrix[rows] = mean.to(matrix.dtype)
+
+
+def extend_tokenizer_and_model(
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    codebook_spec: CodebookSpec | dict,
+    flat_codes: bool = False,
+    pad_to_multiple_of: int = PAD_VOCAB_MULTIPLE,
+) -> VocabLayout:
+    """Add `<|boi|>`, `<|eoi|>`, `<|image|>`, `<|uncond|>` (and in flat mode the code tokens `<|code_k|>`, one
+    contiguous block: code k -> `code_token_offset + k`) to `tokenizer`; resize `model`'s input embedding and LM
+    head to `len(tokenizer)` rounded up to `pad_to_multiple_of`; initialise every new row (added tokens and
+    padding) to the mean of the existing text rows. Existing token ids and rows are unchanged.
+
+    `model` is a `UniMMForCausalLM` (its config then records the layout) or any HF causal LM. Call it before
+    DeepSpeed wraps the model. Returns the layout.
+    """
+    from unimm.llm.configuration import UniMMConfig
+
+    spec = UniMMConfig.spec_to_dict(codebook_spec)
+    if flat_codes and (len(spec) != 1 or next(iter(spec.values()))["depth"] != 1):
+        raise ValueError(f"flat_codes needs a single codebook group of depth 1, got codebook_spec={spec}")
+    unimm_config = getattr(model, "config", None)
+    if isinstance(unimm_config, UniMMConfig):
+        if unimm_config.codebook_spec != spec or unimm_config.flat_codes != flat_codes:
+            raise ValueError(f"the model was built for codebook_spec={unimm_config.codebook_spec}, "
+                             f"flat_codes={unimm_config.flat_codes}; got codebook_spec={spec}, flat_codes={flat_codes}")
+        if unimm_config.layout is not None and unimm_config.layout.boi_token_id in tokenizer.get_vocab().values():
+            previous = unimm_config.layout
+            original_vocab_size = previous.original_vocab_size
+        else:
+            previous, original_vocab_size = None, len(tokenizer)
+    else:
+        previous, original_vocab_size = None, len(tokenizer)
+    if previous is None and any(t in tokenizer.get_vocab() for t in SPECIAL_TOKENS):
+        raise ValueError("the tokenizer already holds UniMM special tokens but the model has no layout; "
+                         "load the model and tokenizer that were saved together")
+
+    boi, eoi, image, uncond = _add_tokens(tokenizer, list(SPECIAL_TOKENS))
+    code_offset = None
+    if flat_codes:
+        num_codes = next(iter(spec.values()))["num_codes"]
+        code_ids = _add_tokens(tokenizer, [code_token(k) for k in range(num_codes)])
+        code_offset = code_ids[0]
+        if code_ids != list(range(code_offset, code_offset + num_codes)):
+            raise RuntimeError("the tokenizer did not assign contiguous ids to the code tokens")
+
+    embeddings = model.get_input_embeddings()
+    with _gathered([embeddings.weight]):
+        old_rows = embeddings.weight.shape[0]
+    new_size = max(-(-len(tokenizer) // pad_to_multiple_of) * pad_to_multiple_of, old_rows)
+    if new_size != old_rows:
+        model.resize_token_embeddings(new_size, mean_resizing=False)
+    # rows to initialise: the added tokens (which may land on unused rows a checkpoint already had) + padding
+    fresh = sorted(set(range(original_vocab_size, len(tokenizer))) | set(range(old_rows, new_size)))
+    if previous is None and fresh:
+        rows = torch.tensor(fresh, dtype=torch.long)
+        matrices = [model.get_input_embeddings().weight]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not matrices[0]:
+            matrices.append(output.weight)
+        with _gathered(matrices):
+            for matrix in matrices:
+                _mean_init_rows(matrix, rows.to(matrix.device), original_vocab_size)
+    layout = VocabLayout(
+        boi_token_id=boi, eoi_token_id=eoi, image_token_id=image, uncond_token_id=uncond,
+        original_vocab_size=original_vocab_size, padded_vocab_size=new_size, codebook_spec=spec,
+        flat_codes=flat_codes, code_token_offset=code_offset,
+    )
+    if isinstance(unimm_config, UniMMConfig):
+        unimm_config.vocab_layout = layout.to_dict()
+    logger.info("vocabulary extended: %d -> %d tokens (embedding rows %d -> %d)", original_vocab_size,
+                len(tokenizer), old_rows, new_size)
+    return layout
