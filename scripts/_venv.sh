@@ -16,7 +16,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   python -m pip install --quiet -e ".[dev]"
   touch "$STAMP"
 fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1

@@ -63,3 +63,15 @@ def test_attention_backend_falls_back_to_sdpa_on_cpu():
     assert select_attn_implementation("eager") == "eager"
     with pytest.raises(ValueError):
         select_attn_implementation("bogus")
+
+
+def test_resolved_config_writes_training_arguments(tmp_path):
+    import yaml
+    from transformers import TrainingArguments
+
+    from unimm.utils.config import save_resolved_config
+
+    args = TrainingArguments(output_dir=str(tmp_path), lr_scheduler_type="cosine", report_to=[])
+    path = save_resolved_config(tmp_path, args)
+    data = yaml.safe_load(path.read_text())
+    assert data["lr_scheduler_type"] == "cosine" and data["output_dir"] == str(tmp_path)

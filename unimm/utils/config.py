@@ -8,6 +8,7 @@ remaining `--key value` flags override them. Unknown YAML keys fail loudly, nami
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import sys
 from collections.abc import Sequence
@@ -74,16 +75,28 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     return tuple(outputs)
 
 
+def _plain(value: Any) -> Any:
+    """A YAML-safe copy of `value`: enums become their values, unknown objects their string form."""
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    try:
+        json.dumps(value)
+    except TypeError:
+        return str(value)
+    return value
+
+
 def config_to_dict(*configs: Any) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for cfg in configs:
         for f in dataclasses.fields(cfg):
-            value = getattr(cfg, f.name)
-            try:
-                json.dumps(value)
-            except TypeError:
-                value = str(value)
-            merged[f.name] = value
+            merged[f.name] = _plain(getattr(cfg, f.name))
     return merged
 
 

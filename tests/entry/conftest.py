@@ -1,0 +1,107 @@
+"""Fixtures of the entry-point tests: a learnable toy built offline in a few seconds.
+
+- a tiny DualToken tokenizer (random SigLIP-shaped encoder, 16 px, 4x4 = 16 positions, 2 groups of depth 2);
+- solid-colour images with captions ("a red image" ...), pretokenized into a code cache: each colour maps to
+  one fixed code pattern, so caption and text-to-image losses fall quickly;
+- a tiny random Qwen2 (+ Qwen-style BPE tokenizer) from the root conftest;
+- a LLaVA JSON of questions about the same images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory, tiny_qwen2_path) -> dict[str, Path]:
+    from PIL import Image
+
+    from unimm.data.code_cache import finalize_code_cache, llava_image_records, pretokenize
+    from unimm.data.images import read_image_records
+    from unimm.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("entry_toy")
+    images = root / "images"
+    images.mkdir()
+    conversations = []
+    for name, rgb in COLOURS.items():
+        for copy in range(2):
+            stem = f"{name}_{copy}"
+            Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), rgb).save(images / f"{stem}.png")
+            (images / f"{stem}.txt").write_text(f"a {name} image")
+            conversations.append({"id": stem, "image": f"{stem}.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour is it?"}, {"from": "gpt", "value": name}]})
+    (images / "conversations.json").write_text(json.dumps(conversations))
+    tokenizer = build_tokenizer("dualtoken-tiny", image_size=IMAGE_SIZE, patch_size=4, encoder_hidden_size=32,
+                                pixel_num_codes=64, semantic_num_codes=64)
+    tokenizer_path = root / "visual_tokenizer"
+    tokenizer.save_pretrained(tokenizer_path)
+    cache = root / "code_cache"
+    pretokenize(read_image_records(images), tokenizer, cache, batch_size=8, show_progress=False)
+    finalize_code_cache(cache, tokenizer)
+    conversation_cache = root / "conversation_cache"  # keyed by the image paths written in the LLaVA file
+    pretokenize(llava_image_records(images / "conversations.json"), tokenizer, conversation_cache, batch_size=8,
+                show_progress=False)
+    finalize_code_cache(conversation_cache, tokenizer)
+    return {"root": root, "llm": Path(tiny_qwen2_path), "tokenizer": tokenizer_path, "cache": cache,
+            "conversations": images / "conversations.json", "conversation_cache": conversation_cache,
+            "images": images}
+
+
+def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run an entry point as users do (a fresh interpreter, or under the `deepspeed` launcher); raise with its
+    output on failure."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    command = (launcher or [sys.executable]) + args
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def deepspeed_launcher(num_procs: int = 2, master_port: int = 29611) -> list[str]:
+    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port",
+            str(master_port)]
+
+
+def log_history(output_dir: Path) -> list[dict]:
+    """Per-step training logs of a finished run (trainer_state.json in output_dir)."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "loss" in entry]
+
+
+def load_script(name: str):
+    """Import `scripts/<name>.py` as a module (its `main(argv)` is what the command line runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"unimm_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the script look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_unimm(toy, tmp_path_factory) -> Path:
+    """An untrained UniMM model (tiny Qwen2 + the toy tokenizer's codebooks, one depth-head layer) saved to disk."""
+    from unimm.train.arguments import ModelArguments
+    from unimm.train.build import build_model
+
+    path = tmp_path_factory.mktemp("tiny_unimm")
+    built = build_model(ModelArguments(llm_path=str(toy["llm"]), tokenizer_path=str(toy["tokenizer"]),
+                                       model_config_overrides='{"depth_head_layers": 1}'))
+    built.model.save_pretrained(path)
+    built.tokenizer.save_pretrained(path)
+    return path

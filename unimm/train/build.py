@@ -1,0 +1,247 @@
+"""Build what the LLM entry points train: the UniMM model, its text tokenizer and vocabulary layout, the visual
+tokenizer, the training dataset and the collator, from the typed configs of `unimm.train.arguments`.
+
+A model is built either from a plain causal LM plus a visual tokenizer (`llm_path` + `tokenizer_path`: visual
+modules are added and the vocabulary is extended here, before the Trainer/DeepSpeed wraps the model, which
+ZeRO-3 requires) or loaded from an existing UniMM model (`model_path`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from unimm.llm import UniMMForCausalLM, VocabLayout, extend_tokenizer_and_model
+from unimm.train.arguments import DataArguments, ModelArguments
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BuiltModel:
+    """The model to train and what travels with it."""
+
+    model: UniMMForCausalLM
+    tokenizer: PreTrainedTokenizerBase
+    layout: VocabLayout
+    visual_tokenizer: Any | None = None
+    # Parameters whose gradient is masked to the new token rows; they must not get weight decay either.
+    row_masked_params: set[str] = field(default_factory=set)
+
+
+def resolve_dtype(name: str, bf16: bool = False, fp16: bool = False) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"torch_dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def load_visual_tokenizer(path: str | Path) -> Any:
+    """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points)."""
+    from unimm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    tokenizer.eval()
+    tokenizer.requires_grad_(False)
+    return tokenizer
+
+
+def _feature_dim(visual_tokenizer: Any) -> int:
+    """Width of `encode_features` (the projector input), measured on one blank image."""
+    size = visual_tokenizer.image_size
+    with torch.no_grad():
+        features = visual_tokenizer.encode_features(torch.zeros(1, 3, size, size))
+    return int(features.shape[-1])
+
+
+def build_model(model_args: ModelArguments, dtype: torch.dtype = torch.float32, use_image_features: bool = False,
+                load_visual: bool = True, seed: int = 0) -> BuiltModel:
+    """The UniMM model, text tokenizer and layout described by `model_args`, with the freeze switches applied.
+
+    use_image_features: give a new model a feature projector (continuous understanding inputs, VQRAE style).
+    load_visual:        also load the visual tokenizer from `tokenizer_path` (needed to encode pixels on the fly
+                        or to check a code cache's hash).
+    seed:               seeds the initialisation of new visual modules; the RNG is reset after the LLM is loaded
+                        because loading under ZeRO-3 (`zero.Init`) consumes random numbers and plain loading does
+                        not, and ZeRO-2 and ZeRO-3 runs must start from the same weights.
+    """
+    visual_tokenizer = load_visual_tokenizer(model_args.tokenizer_path) if (
+        model_args.tokenizer_path and load_visual) else None
+    if model_args.model_path is not None:
+        path = Path(model_args.model_path).resolve()  # absolute, so LoRA adapter configs name their base robustly
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
+        model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        layout = model.config.layout
+        if layout is None:
+            raise ValueError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
+        if visual_tokenizer is not None:
+            _check_spec(model.config.codebook_spec, visual_tokenizer, model_args.tokenizer_path)
+    else:
+        if visual_tokenizer is None:
+            visual_tokenizer = load_visual_tokenizer(model_args.tokenizer_path)
+        llm_path = Path(model_args.llm_path)
+        if not (llm_path / "config.json").is_file():
+            raise FileNotFoundError(f"llm_path={llm_path}: no Hugging Face model there (config.json missing)")
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        overrides = model_args.config_overrides()
+        overrides.setdefault("num_image_positions", visual_tokenizer.num_positions)
+        from transformers import AutoModelForCausalLM, set_seed
+
+        from unimm.utils.attention import select_attn_implementation
+
+        llm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype, attn_implementation=select_attn_implementation(model_args.attn_implementation, dtype))
+        set_seed(seed)
+        model = UniMMForCausalLM.from_llm(
+            llm, visual_tokenizer.codebook_spec, flat_codes=model_args.flat_codes,
+            feature_dim=_feature_dim(visual_tokenizer) if use_image_features else None, dtype=dtype,
+            attn_implementation=model_args.attn_implementation, **overrides,
+        )
+        layout = extend_tokenizer_and_model(tokenizer, model, visual_tokenizer.codebook_spec,
+                                            flat_codes=model_args.flat_codes)
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the text tokenizer has no pad token; set one in its tokenizer_config.json")
+    row_masked = apply_trainable_parts(model, model_args, layout)
+    return BuiltModel(model, tokenizer, layout, visual_tokenizer, row_masked)
+
+
+def _check_spec(model_spec: dict, visual_tokenizer: Any, tokenizer_path: str | None) -> None:
+    from unimm.tokenizer.types import codebook_spec_to_dict
+
+    spec = codebook_spec_to_dict(visual_tokenizer.codebook_spec)
+    if spec != model_spec:
+        raise ValueError(f"tokenizer_path={tokenizer_path} has codebook_spec {spec}, but the model was built for "
+                         f"{model_spec}")
+
+
+def apply_trainable_parts(model: UniMMForCausalLM, model_args: ModelArguments, layout: VocabLayout) -> set[str]:
+    """Set `requires_grad` from the freeze switches. Returns the names of embedding parameters that train only
+    their new rows (a gradient mask zeroes the original rows; with Adam and no weight decay they stay fixed)."""
+    model.requires_grad_(False)
+    llm = model.language_model
+    if model_args.train_llm:
+        llm.requires_grad_(True)
+    if model_args.train_visual_heads:
+        for module in (model.visual_embedding, model.depth_heads):
+            if module is not None:
+                module.requires_grad_(True)
+    if model_args.train_projector and model.feature_projector is not None:
+        model.feature_projector.requires_grad_(True)
+    row_masked: set[str] = set()
+    if model_args.train_new_embeddings and not model_args.train_llm:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            # ZeRO-3 hands gradients of partitioned parameters around in flat shards, so rows cannot be masked.
+            raise ValueError("train_llm=false with train_new_embeddings=true (train only the new token rows) is not "
+                             "supported under ZeRO-3; use configs/deepspeed/zero2.json, or train_llm=true")
+        first_new_row = layout.original_vocab_size
+        names = {id(p): n for n, p in model.named_parameters()}
+        seen: set[int] = set()
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            weight = module.weight
+            if id(weight) in seen:  # tied embeddings
+                continue
+            seen.add(id(weight))
+            weight.requires_grad_(True)
+            weight.register_hook(_RowMask(first_new_row))
+            row_masked.add(names[id(weight)])
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("every part is frozen: enable at least one of train_llm, train_new_embeddings, "
+                         "train_visual_heads, train_projector (or use_lora)")
+    total = sum(_numel(p) for p in model.parameters())
+    logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / total)
+    return row_masked
+
+
+class _RowMask:
+    """Gradient hook keeping only rows >= `first_row` (the tokens added to the vocabulary)."""
+
+    def __init__(self, first_row: int):
+        self.first_row = first_row
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[: self.first_row] = 0
+        return grad
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) -> torch.utils.data.Dataset:
+    """The task mixture described by `data_args` (code cache / LLaVA JSON / text), checked against the visual
+    tokenizer's config hash when one is loaded."""
+    from unimm.data.images import ImageTransform
+    from unimm.data.tasks import MixtureConfig, PixelImages, SampleConfig, SampleFactory, build_mixture
+
+    sample_config = SampleConfig(**{f.name: getattr(data_args, f.name) for f in fields(SampleConfig)
+                                    if hasattr(data_args, f.name) and f.name != "seed"}, seed=seed)
+    factory = SampleFactory(built.tokenizer, built.layout, sample_config)
+    mixture = MixtureConfig.from_object(data_args, seed=seed + data_args.data_seed_offset)
+    visual = built.visual_tokenizer
+    pixel_images = None
+    if visual is not None and built.model.feature_projector is not None:
+        transform = ImageTransform(image_size=visual.image_size, mean=visual.image_mean, std=visual.image_std)
+        pixel_images = PixelImages(data_args.image_folder or _default_image_folder(data_args), transform,
+                                   visual.num_positions)
+    tokenizer_hash = visual.config_hash() if visual is not None else None
+    return build_mixture(mixture, factory, tokenizer_hash=tokenizer_hash, pixel_images=pixel_images)
+
+
+def _default_image_folder(data_args: DataArguments) -> str | None:
+    if data_args.conversation_json is None:
+        return None
+    return str(Path(data_args.conversation_json).parent)
+
+
+def build_collator(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase):
+    from unimm.data.collator import UniMMCollator
+
+    return UniMMCollator(pad_token_id=tokenizer.pad_token_id, packing=data_args.packing,
+                         max_length=data_args.max_length)
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Full size of a parameter, also when ZeRO-3 has partitioned it (then `numel()` is 0)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+# ------------------------------------------------------------------------------------------------ inference
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_for_inference(model_path: str | Path, device: torch.device, dtype_name: str = "auto"):
+    """(model in eval mode on `device`, text tokenizer) from a UniMM model directory or a LoRA checkpoint (whose
+    adapter is merged in memory)."""
+    from unimm.train.lora import is_lora_checkpoint, load_lora_model
+
+    dtype = resolve_dtype(dtype_name, bf16=device.type == "cuda") if dtype_name == "auto" else resolve_dtype(
+        dtype_name)
+    path = Path(model_path)
+    if is_lora_checkpoint(path):
+        model = load_lora_model(path).merge_and_unload()
+    else:
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
+        model = UniMMForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if model.config.layout is None:
+        raise ValueError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
+    return model.to(device=device, dtype=dtype).eval(), tokenizer

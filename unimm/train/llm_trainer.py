@@ -1,0 +1,255 @@
+"""`UniMMTrainer`: the Hugging Face `Trainer` for UniMM models, adding what the generic one does not log.
+
+At every logging step it reports, averaged over the steps since the last log and over all ranks:
+`text_loss` and `visual_loss/<group>` (the parts of the UniMM loss), `tokens_per_second` (non-padding
+tokens processed by all ranks, wall clock) and `mfu` (model FLOPs utilisation of the LLM, see
+`unimm.train.mfu`). Everything else (DeepSpeed, checkpoints, resume, gradient accumulation) is the stock
+`Trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from unimm.train.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
+from unimm.utils.distributed import all_reduce_sum, get_world_size
+
+logger = logging.getLogger(__name__)
+
+
+class UniMMTrainer(Trainer):
+    """`Trainer` that logs the loss parts, tokens/s and MFU.
+
+    `no_decay_param_names`: parameters excluded from weight decay in addition to the stock exclusions (the
+    embedding tables whose original rows are frozen by a gradient mask must not decay either).
+    `llm_shape`: the LLM's shape for the FLOPs estimate; read from `model.config` when omitted.
+    `visual_tokenizer`: frozen tokenizer that turns batch `pixel_values` (images read on the fly) into
+    `image_features` for the model's feature projector; batches from a code cache never need it.
+    """
+
+    def __init__(self, *args: Any, no_decay_param_names: set[str] | None = None, llm_shape: LLMShape | None = None,
+                 visual_tokenizer: nn.Module | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.visual_tokenizer = visual_tokenizer
+        self.no_decay_param_names = set(no_decay_param_names or ())
+        self.llm_shape = llm_shape
+        self._peak_flops: float | None = None
+        self._reset_window()
+
+    # ------------------------------------------------------------------ loss
+    def _reset_window(self) -> None:
+        self._part_sums: dict[str, float] = {}
+        self._part_counts: dict[str, int] = {}
+        self._window_tokens = 0
+        self._window_rows = 0
+        self._window_start: float | None = None
+
+    def _record_parts(self, outputs: Any) -> None:
+        parts: dict[str, torch.Tensor | None] = {"text_loss": getattr(outputs, "text_loss", None)}
+        for group, value in (getattr(outputs, "visual_losses", None) or {}).items():
+            parts[f"visual_loss/{group}"] = value
+        for name, value in parts.items():
+            if value is None:
+                continue
+            value = float(value.detach().float())
+            if value != value:  # NaN marks "no targets of this kind in the batch"
+                continue
+            self._part_sums[name] = self._part_sums.get(name, 0.0) + value
+            self._part_counts[name] = self._part_counts.get(name, 0) + 1
+
+    def _record_tokens(self, inputs: dict[str, Any]) -> None:
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        self._window_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
+        self._window_rows += input_ids.shape[0] if mask is not None else _count_packed_samples(inputs)
+        if self._window_start is None:
+            self._window_start = time.perf_counter()
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        if model.training:
+            self._record_tokens(inputs)
+        if "pixel_values" in inputs:
+            inputs = self._encode_pixels(inputs)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            self._record_parts(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _encode_pixels(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        inputs = dict(inputs)
+        pixel_values = inputs.pop("pixel_values")
+        if self.visual_tokenizer is None:
+            raise ValueError(f"the batch has pixel_values (images read on the fly) but the trainer has no visual "
+                             f"tokenizer to encode them; sample ids: {inputs.get('sample_ids')}")
+        tokenizer = self.visual_tokenizer
+        param = next(tokenizer.parameters())
+        if param.device != pixel_values.device:
+            tokenizer.to(pixel_values.device)
+        with torch.no_grad():
+            features = tokenizer.encode_features(pixel_values.to(param.dtype))  # [num_images, N, C]
+        if inputs.get("image_features") is not None:
+            raise ValueError("a batch cannot hold both pixel_values and image_features")
+        inputs["image_features"] = features
+        return inputs
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The Trainer calls `log` on every rank at the same step, so the all-reduces below are matched.
+        if "loss" in logs and "eval_loss" not in logs:
+            logs.update(self._window_metrics())
+        super().log(logs, start_time)
+
+    def _window_metrics(self) -> dict[str, float]:
+        names = sorted(self._part_sums)
+        device = self.args.device
+        # Ranks may have seen different parts (a batch without images), so reduce a fixed, agreed key set.
+        all_names = _gather_names(names, device)
+        sums = torch.tensor([self._part_sums.get(n, 0.0) for n in all_names] + [0.0], dtype=torch.float64,
+                            device=device)
+        counts = torch.tensor([self._part_counts.get(n, 0) for n in all_names] + [0], dtype=torch.float64,
+                              device=device)
+        sums[-1] = self._window_tokens
+        counts[-1] = self._window_rows
+        all_reduce_sum(sums)
+        all_reduce_sum(counts)
+        metrics: dict[str, float] = {}
+        for i, name in enumerate(all_names):
+            if counts[i] > 0:
+                metrics[name] = float(sums[i] / counts[i])
+        tokens, rows = float(sums[-1]), float(counts[-1])
+        if self._window_start is not None and tokens > 0:
+            elapsed = max(time.perf_counter() - self._window_start, 1e-9)
+            tokens_per_second = tokens / elapsed
+            metrics["tokens_per_second"] = tokens_per_second
+            shape = self._get_llm_shape()
+            if shape is not None:
+                fpt = flops_per_token(shape, seq_len=max(int(tokens / max(rows, 1.0)), 1))
+                metrics["mfu"] = mfu(tokens_per_second, fpt, self._get_peak_flops() * get_world_size())
+        self._reset_window()
+        return metrics
+
+    def _get_llm_shape(self) -> LLMShape | None:
+        if self.llm_shape is None:
+            try:
+                self.llm_shape = LLMShape.from_config(self.accelerator.unwrap_model(self.model).config)
+            except AttributeError:
+                logger.warning("cannot read the LLM shape from the model config; MFU is not logged")
+                return None
+        return self.llm_shape
+
+    def _get_peak_flops(self) -> float:
+        if self._peak_flops is None:
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+            self._peak_flops = resolve_peak_flops(self.args.peak_tflops if hasattr(self.args, "peak_tflops")
+                                                  else None, self.args.device, dtype)
+        return self._peak_flops
+
+    # ------------------------------------------------------------------ optimizer
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        if not self.no_decay_param_names:
+            return names
+        return [n for n in names if not any(n == skip or n.endswith("." + skip) for skip in self.no_decay_param_names)]
+
+
+def _count_packed_samples(inputs: dict[str, Any]) -> int:
+    """Samples in a packed batch: each starts where position_ids restart at 0."""
+    position_ids = inputs.get("position_ids")
+    if position_ids is None:
+        return inputs["input_ids"].shape[0]
+    return int((position_ids == 0).sum())
+
+
+def _gather_names(names: list[str], device: torch.device) -> list[str]:
+    """The union of loss-part names over ranks, in a deterministic order."""
+    import torch.distributed as dist
+
+    if get_world_size() == 1:
+        return names
+    gathered: list[list[str] | None] = [None] * get_world_size()
+    dist.all_gather_object(gathered, names)
+    return sorted({n for part in gathered for n in (part or [])})
+
+
+# ---------------------------------------------------------------------------------------------- program body
+
+
+def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMTrainer:
+    """What `scripts/pretrain.py` and `scripts/finetune.py` run: build model + data, train (resuming from the
+    given or latest checkpoint), save the final model (HF format; ZeRO-3 weights gathered; a LoRA run saves its
+    adapter, merge it with scripts/merge_lora.py)."""
+    from pathlib import Path
+
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from unimm.train.build import build_collator, build_model, build_train_dataset, resolve_dtype
+    from unimm.utils.distributed import barrier, is_main_process
+
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    if is_main_process():
+        _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args)
+    dtype = resolve_dtype(model_args.torch_dtype, training_args.bf16, training_args.fp16)
+    conversation_from_pixels = data_args.conversation_weight > 0 and not (
+        data_args.conversation_code_cache or data_args.code_cache)
+    built = build_model(model_args, dtype=dtype, use_image_features=conversation_from_pixels,
+                        seed=training_args.seed)
+    model = built.model
+    use_lora = lora_args is not None and lora_args.use_lora
+    if use_lora:
+        from unimm.train.lora import wrap_lora
+
+        if model_args.model_path is None:
+            # Adapter checkpoints must name a base model on disk: write the freshly extended one once.
+            base_dir = output_dir / "base_model"
+            if is_main_process() and not (base_dir / "config.json").is_file():
+                model.save_pretrained(base_dir)
+                built.tokenizer.save_pretrained(base_dir)
+            barrier()
+            model.name_or_path = str(base_dir.resolve())
+        model = wrap_lora(model, lora_args, model_args)
+    # Non-reentrant checkpointing works with frozen embeddings and LoRA (no inputs that require grad needed).
+    # Newer transformers name the option activation_checkpointing (gradient_checkpointing is its alias).
+    name = "activation_checkpointing" if hasattr(training_args, "activation_checkpointing") else "gradient_checkpointing"
+    if getattr(training_args, name) and getattr(training_args, f"{name}_kwargs") is None:
+        setattr(training_args, f"{name}_kwargs", {"use_reentrant": False})
+    train_dataset = build_train_dataset(data_args, built, seed=training_args.seed)
+    logger.info("training on %d samples per epoch", len(train_dataset))
+    trainer = UniMMTrainer(
+        model=model, args=training_args, train_dataset=train_dataset,
+        data_collator=build_collator(data_args, built.tokenizer), processing_class=built.tokenizer,
+        no_decay_param_names=built.row_masked_params, visual_tokenizer=built.visual_tokenizer,
+        llm_shape=LLMShape.from_config(built.model.config),
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume is None and getattr(training_args, "auto_resume", False) and output_dir.is_dir():
+        resume = get_last_checkpoint(str(output_dir))
+        if resume is not None:
+            logger.info("resuming from the latest checkpoint %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if getattr(training_args, "save_final_model", True):
+        trainer.save_model(str(output_dir))
+        trainer.save_state()
+    return trainer
+
+
+def _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args) -> None:
+    """`resolved_config.yaml` in output_dir: every field of every config (TrainingArguments via its `to_dict`,
+    which turns enums into plain values)."""
+    import yaml
+
+    from unimm.utils.config import config_to_dict
+
+    resolved = config_to_dict(*[c for c in (model_args, data_args, lora_args) if c is not None])
+    resolved.update(training_args.to_dict())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / "resolved_config.yaml").open("w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)

@@ -1,0 +1,100 @@
+"""LoRA for UniMM models (peft).
+
+Adapters go on the wrapped LLM's linear layers only; the parts a finetune must learn in full — the embedding
+and LM-head tables (they hold the rows of the added visual/special tokens), the visual code embeddings, the
+depth heads and the feature projector — are peft `modules_to_save`, so every checkpoint (`adapter_model.safetensors`
++ `adapter_config.json`) holds everything that changed and reloads on top of its base UniMM model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from unimm.llm import UniMMForCausalLM
+from unimm.train.arguments import LoraArguments, ModelArguments
+from unimm.utils.imports import is_peft_available, require
+
+logger = logging.getLogger(__name__)
+
+
+def modules_to_save(model: UniMMForCausalLM, model_args: ModelArguments) -> list[str]:
+    """Names (peft suffix matches) of the modules trained in full next to the adapters."""
+    names: list[str] = []
+    if model_args.train_new_embeddings:
+        names.append("embed_tokens")
+        if not model.config.tie_word_embeddings:
+            names.append("lm_head")
+    if model_args.train_visual_heads:
+        if model.visual_embedding is not None:
+            names.append("visual_embedding")
+        if model.depth_heads is not None:
+            # One entry per head: a ModuleDict is indexed, never called, so it cannot be wrapped itself.
+            names.extend(f"depth_heads.{group}" for group in model.depth_heads)
+    if model_args.train_projector and model.feature_projector is not None:
+        names.append("feature_projector")
+    return names
+
+
+def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: ModelArguments):
+    """Return a `peft.PeftModel` with LoRA on the LLM's `lora_target_modules` and the visual parts trainable."""
+    require(is_peft_available(), "peft", "dev")
+    from peft import LoraConfig, get_peft_model
+
+    targets = "|".join(re.escape(name) for name in lora_args.target_modules())
+    # Only the LLM's own linear layers (the depth heads may use the same projection names).
+    target_regex = rf"language_model\..*\.({targets})"
+    config = LoraConfig(
+        r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+        target_modules=target_regex, modules_to_save=modules_to_save(model, model_args), bias="none",
+    )
+    if model_args.train_llm:
+        logger.warning("use_lora trains adapters instead of the full LLM; train_llm is ignored")
+    peft_model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    logger.info("LoRA: trainable parameters %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / total)
+    return peft_model
+
+
+def is_lora_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def base_model_path(adapter_dir: str | Path) -> Path:
+    """The base UniMM model an adapter checkpoint was trained on (recorded in adapter_config.json)."""
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a LoRA checkpoint (adapter_config.json missing)")
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{config_file}: base_model_name_or_path={base!r} is not a local UniMM model; "
+                                "pass the base model path explicitly")
+    return Path(base)
+
+
+def load_lora_model(adapter_dir: str | Path, base_path: str | Path | None = None, is_trainable: bool = False):
+    """Base UniMM model + the adapter (and modules_to_save) of `adapter_dir` -> `peft.PeftModel`."""
+    require(is_peft_available(), "peft", "dev")
+    from peft import PeftModel
+
+    base = UniMMForCausalLM.from_pretrained(base_path or base_model_path(adapter_dir))
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
+
+
+def merge_lora(adapter_dir: str | Path, output_dir: str | Path, base_path: str | Path | None = None) -> Path:
+    """Fold the adapter of `adapter_dir` into its base model and write a plain UniMM model (+ text tokenizer) to
+    `output_dir`, loadable with `UniMMForCausalLM.from_pretrained`."""
+    base_path = Path(base_path) if base_path is not None else base_model_path(adapter_dir)
+    merged = load_lora_model(adapter_dir, base_path).merge_and_unload()
+    output_dir = Path(output_dir)
+    merged.save_pretrained(output_dir)
+    # The finetune saves the (possibly extended) text tokenizer next to each checkpoint; fall back to the base's.
+    tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_path
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(output_dir)
+    logger.info("merged %s into %s -> %s", adapter_dir, base_path, output_dir)
+    return output_dir
