@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
@@ -334,8 +333,3 @@ class VisualTokenizer(PreTrainedModel):
         elif isinstance(module, ResidualVQ):
             module.restarts_total.zero_()
 
-    @staticmethod
-    def _mse_cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """MSE + (1 - cosine similarity), the DualToken semantic loss."""
-        student, teacher = student.float(), teacher.float()
-        return F.mse_loss(student, teacher) + (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()

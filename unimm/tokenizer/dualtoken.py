@@ -19,6 +19,7 @@ from torch import nn
 from unimm.tokenizer.base import TokenizerOutput, VisualTokenizer, eval_mode
 from unimm.tokenizer.configuration import DenoisingConfig, DualTokenConfig
 from unimm.tokenizer.encoders import EncoderAccess
+from unimm.tokenizer.losses import semantic_loss
 from unimm.tokenizer.quantizers import ResidualVQ
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, VisualCodes
 from unimm.utils.logging import get_logger, warn_once
@@ -193,10 +194,10 @@ class DualToken(VisualTokenizer):
         losses = {"quantizer": pixel_out.loss + semantic_out.loss}
         if self.config.semantic_weight > 0 and not self._decoder_only:
             target_hidden, target_pooled = self._semantic_targets(pixel_values, semantic_hidden)
-            semantic_loss = self._mse_cos(replaced, target_hidden)
+            semantic = semantic_loss(replaced, target_hidden)
             if self.config.semantic_pooled_loss and pooled is not None and target_pooled is not None:
-                semantic_loss = semantic_loss + self._mse_cos(pooled, target_pooled)
-            losses["semantic"] = self.config.semantic_weight * semantic_loss
+                semantic = semantic + semantic_loss(pooled, target_pooled)
+            losses["semantic"] = self.config.semantic_weight * semantic
         stats = {**self._group_stats("pixel", pixel_out), **self._group_stats("semantic", semantic_out)}
         return TokenizerOutput(
             reconstruction=reconstruction,

@@ -10,12 +10,12 @@ frozen copy E0 of the encoder taken when stage 2 starts. Understanding uses the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from unimm.tokenizer.base import TokenizerOutput, VisualTokenizer, eval_mode
 from unimm.tokenizer.configuration import DenoisingConfig, VQRAEConfig
 from unimm.tokenizer.encoders import EncoderAccess
+from unimm.tokenizer.losses import self_distillation_loss
 from unimm.tokenizer.quantizers import SimVQ
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, VisualCodes
 
@@ -145,7 +145,7 @@ class VQRAE(VisualTokenizer):
                     teacher_features = teacher.patch_features(pixel_values)
                 else:
                     teacher_features = self._visible_patch_features(teacher, pixel_values, keep)
-            losses["distill"] = self.config.distill_weight * F.mse_loss(features.float(), teacher_features.float())
+            losses["distill"] = self.config.distill_weight * self_distillation_loss(features, teacher_features)
         return TokenizerOutput(
             reconstruction=reconstruction,
             codes={"semantic": indices.unsqueeze(-1)},
