@@ -58,12 +58,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from unimm.data.tasks import SampleConfig, SampleFactory
     from unimm.llm.generation import generate_text
-    from unimm.train.build import load_for_inference, load_visual_tokenizer, resolve_device
+    from unimm.train.build import load_inference_stack
 
     pairs = chat_args.pairs()
-    device = resolve_device(infer_args.device)
-    model, tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)
-    visual = load_visual_tokenizer(infer_args.tokenizer_path).to(device)
+    model, tokenizer, visual, device = load_inference_stack(infer_args)
     factory = SampleFactory(tokenizer, model.config.layout, SampleConfig(
         max_length=None, chat_format=chat_args.chat_format, chat_end_token=chat_args.chat_end_token,
         system_prompt=chat_args.system_prompt))

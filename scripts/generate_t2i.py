@@ -42,12 +42,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from tqdm.auto import tqdm
 
     from unimm.llm.generation import generate_images
-    from unimm.train.build import load_for_inference, load_visual_tokenizer, resolve_device
+    from unimm.train.build import load_inference_stack
 
     prompts = gen_args.all_prompts()
-    device = resolve_device(infer_args.device)
-    model, tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)
-    visual = load_visual_tokenizer(infer_args.tokenizer_path).to(device)
+    model, tokenizer, visual, device = load_inference_stack(infer_args)
     out_dir = Path(gen_args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []

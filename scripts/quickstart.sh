@@ -11,6 +11,7 @@
 #   bash scripts/quickstart.sh                 # full run (targets: both accuracies >= 0.8, <= 15 min on 2 cores)
 #   bash scripts/quickstart.sh --fast          # a few steps of everything (CI); accuracies are not meaningful
 #   bash scripts/quickstart.sh --tokenizer vqrae --out runs/qs_vqrae
+#   bash scripts/quickstart.sh --held_out 8    # 8 captions never trained on, prompted first and scored apart
 # Environment: QUICKSTART_OUT (run directory), QUICKSTART_FAST=1 (same as --fast), QUICKSTART_MASTER_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 OUT="${QUICKSTART_OUT:-runs/quickstart}"
 FAST="${QUICKSTART_FAST:-0}"
 TOKENIZER=dualtoken
+HELD_OUT=0
 PORT="${QUICKSTART_MASTER_PORT:-29650}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,6 +28,8 @@ while [ $# -gt 0 ]; do
     --tokenizer=*) TOKENIZER="${1#*=}" ;;
     --out) OUT="$2"; shift ;;
     --out=*) OUT="${1#*=}" ;;
+    --held_out) HELD_OUT="$2"; shift ;;
+    --held_out=*) HELD_OUT="${1#*=}" ;;
     -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -61,7 +65,7 @@ mkdir -p "$OUT"
 
 stage "1/7 shapes data and a tiny Qwen2 -> $OUT/data, $OUT/llm"
 python scripts/quickstart_eval.py prepare --out "$OUT" --train_samples "$TRAIN_SAMPLES" \
-  --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS"
+  --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS" --held_out_prompts "$HELD_OUT"
 
 stage "2/7 visual tokenizer ($TOKENIZER) -> $OUT/tokenizer"
 OMP_NUM_THREADS="$CORES" python scripts/train_tokenizer.py "configs/quickstart/tokenizer_${TOKENIZER}.yaml" \
@@ -89,8 +93,8 @@ deepspeed --num_gpus 2 --master_port "$((PORT + 1))" scripts/finetune.py --deeps
 
 stage "6/7 generation and question answering with $OUT/finetune"
 OMP_NUM_THREADS="$CORES" python scripts/generate_t2i.py --model_path "$OUT/finetune" --tokenizer_path "$TOK" \
-  --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale 3.0 --temperature 0.5 \
-  --top_k 8 --batch_size 36 --seed 0
+  --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale 0 --temperature 0 \
+  --batch_size 36 --seed 0
 OMP_NUM_THREADS="$CORES" python scripts/chat.py "$OUT/data/test/qa.yaml" --model_path "$OUT/finetune" \
   --tokenizer_path "$TOK" --max_new_tokens 8 --output_json "$OUT/answers.json" > "$OUT/answers.txt"
 

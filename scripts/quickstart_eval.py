@@ -32,10 +32,13 @@ TEST_SEED = 1000  # held-out images use seeds far from the training seed
 
 
 def _data_config(args: argparse.Namespace) -> ShapesConfig:
-    # Larger shapes and a narrower background range than the library defaults: at 32 px a 4x4-patch tokenizer
-    # trained for a few minutes keeps big shapes' outlines, and background tints cost codebook capacity.
+    # Larger shapes, one background grey, no position jitter and little colour jitter, unlike the library
+    # defaults: at 32 px a 4x4-patch tokenizer trained for a few minutes keeps big shapes' outlines, and every
+    # background tint, sub-patch offset or colour shade multiplies the codes the tiny LLM must learn to place (its
+    # frozen random encoder also makes codes depend on the patch position). Measured: the mean entropy of a
+    # position's first pixel code among images of one caption falls from 0.89 to 0.08 nats.
     return ShapesConfig(image_size=args.image_size, size_range=(args.size_min, args.size_max),
-                        position_jitter=args.position_jitter, colour_jitter=8,
+                        position_jitter=args.position_jitter, colour_jitter=args.colour_jitter,
                         background_range=(args.background_min, args.background_max))
 
 
@@ -156,11 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--seed", type=int, default=0, help="Seed of the training data (held-out data derive from it).")
     common.add_argument("--image_size", type=int, default=32, help="Side of the shapes images.")
     common.add_argument("--test_samples", type=int, default=72, help="Held-out images (QA asks 3 questions each).")
-    common.add_argument("--size_min", type=float, default=0.38, help="Smallest shape extent (fraction of the side).")
+    common.add_argument("--size_min", type=float, default=0.42, help="Smallest shape extent (fraction of the side).")
     common.add_argument("--size_max", type=float, default=0.44, help="Largest shape extent (fraction of the side).")
-    common.add_argument("--position_jitter", type=float, default=0.02, help="Shape centre jitter (fraction).")
-    common.add_argument("--background_min", type=int, default=232, help="Lowest background channel value.")
-    common.add_argument("--background_max", type=int, default=248, help="Highest background channel value.")
+    common.add_argument("--position_jitter", type=float, default=0.0, help="Shape centre jitter (fraction).")
+    common.add_argument("--colour_jitter", type=int, default=4, help="Max per-channel jitter of the shape colour.")
+    common.add_argument("--background_min", type=int, default=240, help="Lowest background channel value.")
+    common.add_argument("--background_max", type=int, default=240, help="Highest background channel value.")
 
     p = sub.add_parser("prepare", parents=[common], help=prepare.__doc__)
     p.add_argument("--train_samples", type=int, default=2048, help="Training images.")

@@ -76,6 +76,11 @@ def deepspeed_launcher(num_procs: int = 2, master_port: int = 29611) -> list[str
             str(master_port)]
 
 
+def torchrun_launcher(num_procs: int = 2, master_port: int = 29631) -> list[str]:
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(num_procs), "--master_port",
+            str(master_port)]
+
+
 def log_history(output_dir: Path) -> list[dict]:
     """Per-step training logs of a finished run (trainer_state.json in output_dir)."""
     state = json.loads((output_dir / "trainer_state.json").read_text())

@@ -1,4 +1,5 @@
-"""`deepspeed --num_gpus 2 scripts/pretrain.py` on CPU (two gloo ranks) with ZeRO-2 and ZeRO-3.
+"""`deepspeed --num_gpus 2 scripts/pretrain.py` on CPU (two gloo ranks) with ZeRO-2 and ZeRO-3, and the same
+program under `torchrun --nproc_per_node 2` (plain DDP).
 
 One uninterrupted ZeRO-2 run (checkpoints at steps 2 and 4) is the reference: its losses fall; a run started from
 its step-2 checkpoint (as after a crash) logs the same losses for steps 3-4; a ZeRO-3 run logs the same losses
@@ -12,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from tests.entry.conftest import deepspeed_launcher, log_history, run_script
+from tests.entry.conftest import deepspeed_launcher, log_history, run_script, torchrun_launcher
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +83,16 @@ def test_zero3_matches_zero2_and_final_model_loads(zero2_run, toy, tmp_path):
     for name, param in model3.named_parameters():
         assert param.shape == params2[name].shape, name
         torch.testing.assert_close(param, params2[name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_torchrun_ddp_is_one_job_matching_deepspeed(zero2_run, toy, tmp_path):
+    """Without --deepspeed, `torchrun` ranks must train one model together (DDP), not one model each: the logged
+    losses (means over both ranks' batches) equal the ZeRO-2 run's, which sees the same batches."""
+    out = tmp_path / "ddp"
+    args = pretrain_args(toy, out, "zero2")
+    del args[1:3]  # no --deepspeed
+    run_script(args, launcher=torchrun_launcher(master_port=29624))
+    reference, ddp = losses(zero2_run), losses(out)
+    assert sorted(ddp) == sorted(reference)
+    for step in reference:
+        assert ddp[step] == pytest.approx(reference[step], rel=2e-3)

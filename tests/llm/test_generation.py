@@ -102,3 +102,62 @@ def test_image_sequence_forces_eoi(tiny_qwen2_path):
     seq = image_sequence(layout, prefix, 3, flat_codes=torch.tensor([0, 5, 63]))
     assert seq[-1] == layout.eoi_token_id and seq[:len(prefix)] == prefix
     assert seq[len(prefix):-1] == [layout.code_token_offset + c for c in (0, 5, 63)]
+
+
+def test_image_position_index_restarts_at_every_image_run():
+    is_image = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    from unimm.llm.embedding import image_position_index
+
+    assert image_position_index(is_image).tolist() == [[0, 0, 1, 2, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("spec, flat", [(DUAL_SPEC, False), (VQRAE_SPEC, True)], ids=["dual", "flat"])
+def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qwen2_path, tmp_path, spec, flat):
+    """Greedy codes from generate_images must be the argmax of the teacher-forced forward over those same codes:
+    the position embedding is added identically on both paths (and survives save/load)."""
+    model, tokenizer, layout = make_unimm(tiny_qwen2_path, spec, flat_codes=flat, num_image_positions=5,
+                                          image_position_embedding=True)
+    with torch.no_grad():  # a clearly non-zero embedding, so a path that forgot it would disagree
+        model.image_position_embedding.weight.normal_(std=1.0)
+    model.save_pretrained(tmp_path / "m")
+    from unimm.llm import UniMMForCausalLM
+
+    loaded = UniMMForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(loaded.image_position_embedding.weight, model.image_position_embedding.weight)
+    codes = generate_images(loaded, tokenizer, PROMPTS[:2], cfg_scale=None, temperature=0.0)
+    assert all(codes[n].shape[1] == 5 for n in spec)
+    batch = image_batch(tokenizer, layout, spec, PROMPTS[:2], 5)
+    for name in spec:
+        image = batch["input_ids"] == layout.image_token_id
+        batch["visual_codes"][name][image] = codes[name].reshape(-1, codes[name].shape[-1])
+    with torch.no_grad():
+        out = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     visual_codes=batch["visual_codes"], return_logits=True)
+    for row in range(2):
+        first = int((batch["input_ids"][row] == layout.image_token_id).nonzero()[0])
+        hidden = out.last_hidden_state[row, first - 1: first + 4]  # the states that predict positions 0..4
+        for name, (num_codes, depth) in spec.items():
+            target = codes[name][row]  # [5, D]
+            if flat:
+                start = layout.code_token_offset
+                predicted = out.logits[row, first - 1: first + 4, start: start + num_codes].argmax(-1)
+                assert torch.equal(predicted, target[:, 0])
+                continue
+            head = loaded.depth_heads[name]
+            for d in range(depth):
+                predicted = head.next_logits(hidden, target[:, :d]).argmax(-1)
+                assert torch.equal(predicted, target[:, d]), (name, d)
+    # the embedding does reach the LLM: without it, the image positions' states change (the text prefix's do not)
+    loaded.image_position_embedding.weight.data.zero_()
+    with torch.no_grad():
+        plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       visual_codes=batch["visual_codes"], return_logits=True).last_hidden_state
+    image = batch["input_ids"] == layout.image_token_id
+    prefix = image.cumsum(-1) == 0
+    assert torch.allclose(plain[prefix], out.last_hidden_state[prefix], atol=1e-5)
+    assert not torch.allclose(plain[image], out.last_hidden_state[image], atol=1e-3)
+
+
+def test_image_position_embedding_needs_num_image_positions(tiny_qwen2_path):
+    with pytest.raises(ValueError, match="num_image_positions"):
+        make_unimm(tiny_qwen2_path, VQRAE_SPEC, image_position_embedding=True)

@@ -161,9 +161,8 @@ ImageProvider = Callable[[str, str], ImageSlot]
 # ---------------------------------------------------------------------------------------------- task datasets
 
 
-class TaskDataset(torch.utils.data.Dataset):
-    """Map-style dataset: `build(record, epoch)` on `records[i]`. A record that raises `SampleError` is counted
-    by `tracker` and replaced by the next one, so batches stay full and bad records never crash a worker."""
+class _TaskRecords:
+    """What both task datasets share: the records, the sample builder and the bad-record accounting."""
 
     def __init__(self, records: Any, build: Callable[[dict, int], Sample], task: str,
                  tracker: BadSampleTracker | None = None):
@@ -174,19 +173,29 @@ class TaskDataset(torch.utils.data.Dataset):
         self.task = task
         self.tracker = tracker or BadSampleTracker(name=f"{task} data")
 
+    def _try_build(self, record: dict, epoch: int) -> Sample | None:
+        """The built sample, or None (counted by the tracker) when the record raises `SampleError`."""
+        try:
+            sample = self.build(record, epoch)
+        except SampleError as err:
+            self.tracker.record_bad(err.sample_id, err.reason)
+            return None
+        self.tracker.record_ok()
+        return sample
+
+
+class TaskDataset(_TaskRecords, torch.utils.data.Dataset):
+    """Map-style dataset: `build(record, epoch)` on `records[i]`. A record that raises `SampleError` is counted
+    by `tracker` and replaced by the next one, so batches stay full and bad records never crash a worker."""
+
     def __len__(self) -> int:
         return len(self.records)
 
     def get(self, index: int, epoch: int = 0) -> Sample:
         for attempt in range(len(self)):
-            record = self.records[(index + attempt) % len(self)]
-            try:
-                sample = self.build(record, epoch)
-            except SampleError as err:
-                self.tracker.record_bad(err.sample_id, err.reason)
-                continue
-            self.tracker.record_ok()
-            return sample
+            sample = self._try_build(self.records[(index + attempt) % len(self)], epoch)
+            if sample is not None:
+                return sample
         self.tracker.check(final=True)
         raise RuntimeError(f"{self.task} data: no record could be built")
 
@@ -194,18 +203,13 @@ class TaskDataset(torch.utils.data.Dataset):
         return self.get(index)
 
 
-class IterableTaskDataset(torch.utils.data.IterableDataset):
+class IterableTaskDataset(_TaskRecords, torch.utils.data.IterableDataset):
     """Streaming counterpart of `TaskDataset` (records from a streaming reader): yields built samples, skipping and
     counting bad records. With DataLoader workers each worker reads every `num_workers`-th record."""
 
     def __init__(self, records: Any, build: Callable[[dict, int], Sample], task: str,
                  tracker: BadSampleTracker | None = None, epoch: int = 0):
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-        self.records = records
-        self.build = build
-        self.task = task
-        self.tracker = tracker or BadSampleTracker(name=f"{task} data")
+        super().__init__(records, build, task, tracker)
         self.epoch = epoch
 
     def __iter__(self):
@@ -213,13 +217,9 @@ class IterableTaskDataset(torch.utils.data.IterableDataset):
         for position, record in enumerate(self.records):
             if worker is not None and position % worker.num_workers != worker.id:
                 continue
-            try:
-                sample = self.build(record, self.epoch)
-            except SampleError as err:
-                self.tracker.record_bad(err.sample_id, err.reason)
-                continue
-            self.tracker.record_ok()
-            yield sample
+            sample = self._try_build(record, self.epoch)
+            if sample is not None:
+                yield sample
         self.tracker.check(final=True)
 
 

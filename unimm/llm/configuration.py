@@ -31,6 +31,10 @@ class UniMMConfig(PretrainedConfig):
     visual_loss_weight:          weight of each visual position's loss relative to a text token's.
     num_image_positions:         N, visual positions per image (the tokenizer's `num_positions`); the default
                                  length of generated images.
+    image_position_embedding:    add a learned embedding of the position inside the image (0..N-1, raster order)
+                                 to every visual input (codes, features or flat code tokens). The LLM then knows
+                                 where in the image it is without counting from `<|boi|>` through RoPE, which
+                                 small models learn slowly. Needs `num_image_positions`.
     llm_attn_implementation:     "auto" (see `unimm.utils.attention.select_attn_implementation`), "sdpa",
                                  "eager" or "flash_attention_2".
     """
@@ -54,6 +58,7 @@ class UniMMConfig(PretrainedConfig):
     shared_depth_classifier: bool = False
     visual_loss_weight: float = 1.0
     num_image_positions: int | None = None
+    image_position_embedding: bool = False
     llm_attn_implementation: str = "auto"
     tie_word_embeddings: bool = False
 
@@ -75,6 +80,8 @@ class UniMMConfig(PretrainedConfig):
         if self.flat_codes and (len(self.codebook_spec) != 1 or next(iter(self.codebook_spec.values()))["depth"] != 1):
             raise ValueError("UniMMConfig.flat_codes needs exactly one codebook group of depth 1, "
                              f"got codebook_spec={self.codebook_spec}")
+        if self.image_position_embedding and not self.num_image_positions:
+            raise ValueError("UniMMConfig.image_position_embedding needs num_image_positions (the tokenizer's N)")
         if self.depth_head_layers < 1:
             raise ValueError(f"UniMMConfig.depth_head_layers must be >= 1, got {self.depth_head_layers}")
         # Text-level attributes that generation utilities and Trainer read from the top-level config.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from unimm.tokenizer.types import CodebookSpec
 
@@ -71,6 +72,15 @@ class FeatureProjector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(features)))
+
+
+def image_position_index(is_image: torch.Tensor) -> torch.Tensor:
+    """`is_image [B, L]` (bool) -> the index of each position inside its contiguous run of image positions
+    (0, 1, ..., N-1 per image; packed rows hold several runs), 0 at other positions."""
+    index = torch.arange(is_image.shape[-1], device=is_image.device).expand_as(is_image)
+    previous = F.pad(is_image[..., :-1], (1, 0), value=False)
+    run_start = torch.where(is_image & ~previous, index, 0).cummax(dim=-1).values
+    return torch.where(is_image, index - run_start, 0)
 
 
 def scatter_visual_embeddings(

@@ -162,6 +162,7 @@ def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase,
             code = sample_logits(guide(logits.float(), cfg_scale), **sampling)  # [B]
             codes[name].append(code.unsqueeze(-1))
             next_embeds = model.get_input_embeddings()((start + code).repeat(halves))
+            next_embeds = model.add_image_position(next_embeds, position)
         else:
             position_codes = {}
             for name, head in model.depth_heads.items():
@@ -172,7 +173,7 @@ def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase,
                     prefix = torch.cat([prefix, code.repeat(halves).unsqueeze(-1)], dim=1)
                 position_codes[name] = prefix
                 codes[name].append(prefix[: len(prompts)])
-            next_embeds = model.visual_embedding(position_codes)
+            next_embeds = model.add_image_position(model.visual_embedding(position_codes), position)
         if position + 1 < num_positions:
             state.append(next_embeds)
     return {name: torch.stack(steps, dim=1) for name, steps in codes.items()}  # [B, N, D]

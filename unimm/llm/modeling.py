@@ -13,7 +13,13 @@ from transformers.utils import ModelOutput
 
 from unimm.llm.configuration import UniMMConfig
 from unimm.llm.depth_head import DepthTransformerHead
-from unimm.llm.embedding import CodeEmbedding, FeatureProjector, VisualCodeEmbedding, scatter_visual_embeddings
+from unimm.llm.embedding import (
+    CodeEmbedding,
+    FeatureProjector,
+    VisualCodeEmbedding,
+    image_position_index,
+    scatter_visual_embeddings,
+)
 from unimm.llm.layout import VocabLayout
 from unimm.llm.loss import joint_loss
 from unimm.tokenizer.types import CodebookSpec
@@ -52,7 +58,7 @@ class UniMMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, CodeEmbedding):
+        if isinstance(module, CodeEmbedding) or module is getattr(self, "image_position_embedding", None):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, DepthTransformerHead):
             nn.init.normal_(module.depth_embedding, std=0.02)
@@ -66,7 +72,8 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
 
     - `visual_embedding`: codes -> input vectors (absent in flat mode, where codes are vocabulary tokens);
     - `feature_projector`: continuous encoder features -> input vectors (when `config.feature_dim` is set);
-    - `depth_heads[group]`: predict a visual position's codes from the previous hidden state.
+    - `depth_heads[group]`: predict a visual position's codes from the previous hidden state;
+    - `image_position_embedding` (optional, `config.image_position_embedding`): position inside the image.
 
     Build from an existing checkpoint with `UniMMForCausalLM.from_llm(path_or_model, codebook_spec)`, then call
     `unimm.llm.vocab.extend_tokenizer_and_model` (before DeepSpeed wraps the model) to add the special tokens.
@@ -102,6 +109,8 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
                 for name, group in groups.items()
             })
         self.feature_projector = FeatureProjector(config.feature_dim, hidden) if config.feature_dim else None
+        self.image_position_embedding = (nn.Embedding(config.num_image_positions, hidden)
+                                         if config.image_position_embedding else None)
         self.post_init()
 
     # -- construction -----------------------------------------------------------------------------------------
@@ -163,8 +172,9 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
 
     def visual_module_names(self) -> list[str]:
         """Names of the visual modules, in the form peft's `modules_to_save` accepts (LoRA finetuning keeps them
-        fully trainable): `visual_embedding`, `feature_projector`, `depth_heads.<group>`."""
-        names = [n for n in ("visual_embedding", "feature_projector") if getattr(self, n) is not None]
+        fully trainable): `visual_embedding`, `feature_projector`, `image_position_embedding`, `depth_heads.<group>`."""
+        names = [n for n in ("visual_embedding", "feature_projector", "image_position_embedding")
+                 if getattr(self, n) is not None]
         if self.depth_heads is not None:
             names += [f"depth_heads.{group}" for group in self.depth_heads]
         return names
@@ -236,7 +246,25 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             features = image_features.to(inputs_embeds.device).flatten(0, 1)
             inputs_embeds = scatter_visual_embeddings(
                 inputs_embeds, needs_features, self.feature_projector(features.to(inputs_embeds.dtype)))
+        if self.image_position_embedding is not None:
+            is_image = input_ids == layout.image_token_id
+            if self.config.flat_codes:
+                start = layout.code_token_offset
+                is_image |= (input_ids >= start) & (input_ids < start + layout.num_flat_codes)
+            index = image_position_index(is_image)
+            if index.numel() and int(index.max()) >= self.image_position_embedding.num_embeddings:
+                raise ValueError(f"an image holds more than num_image_positions="
+                                 f"{self.image_position_embedding.num_embeddings} positions{where}")
+            positions = self.image_position_embedding(index) * is_image.unsqueeze(-1).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds + positions.to(inputs_embeds.dtype)
         return inputs_embeds
+
+    def add_image_position(self, embeds: torch.Tensor, position: int) -> torch.Tensor:
+        """Generation: `embeds [rows, H]`, the inputs of image position `position`, plus that position's
+        embedding (unchanged when the model has no `image_position_embedding`)."""
+        if self.image_position_embedding is None:
+            return embeds
+        return embeds + self.image_position_embedding.weight[position].to(embeds.dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
         """Full LM-head logits (eval / generation), like the HF model (`logits_to_keep=0` keeps all positions)."""

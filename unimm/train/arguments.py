@@ -147,8 +147,8 @@ class UniMMTrainingArguments(TrainingArguments):
         "Write the final model (HF format, ZeRO-3 weights gathered) to output_dir after training."))
 
     def __post_init__(self) -> None:
-        if self.deepspeed and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            _configure_cpu_deepspeed_state()
+        if not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            _configure_cpu_distributed_state(deepspeed=bool(self.deepspeed))
             config = self.accelerator_config
             if config is None:
                 self.accelerator_config = {"use_configured_state": True}
@@ -157,24 +157,27 @@ class UniMMTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
-def _configure_cpu_deepspeed_state() -> None:
-    """Let the Trainer run DeepSpeed on CPU-only machines (gloo ranks), e.g. tests and the quickstart.
+def _configure_cpu_distributed_state(deepspeed: bool) -> None:
+    """Let the Trainer run several gloo ranks on a CPU-only machine (`deepspeed --num_gpus N` or `torchrun`), e.g.
+    tests and the quickstart.
 
-    `accelerate` picks no process-group backend for DeepSpeed when CUDA is absent and then treats the run as a
-    single process, so the DeepSpeed batch-size check fails. We configure its shared state ourselves, with gloo
-    and DeepSpeed's communication layer, and the Trainer reuses it (`use_configured_state`).
+    Without CUDA, `accelerate` picks no process-group backend for a launcher-started run and treats every rank as
+    a single process: DeepSpeed's batch-size check fails, and under torchrun each rank would silently train its own
+    model. We configure its shared state ourselves with gloo (and DeepSpeed's communication layer when DeepSpeed
+    is used); the Trainer reuses it (`use_configured_state`) and wraps the model in DDP or DeepSpeed.
     """
     from accelerate import PartialState
 
     if PartialState._shared_state:  # already configured in this process
         return
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
         PartialState(backend="gloo")
     finally:
         if previous is None:
-            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         else:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
 

@@ -132,7 +132,7 @@ def apply_trainable_parts(model: UniMMForCausalLM, model_args: ModelArguments, l
     if model_args.train_llm:
         llm.requires_grad_(True)
     if model_args.train_visual_heads:
-        for module in (model.visual_embedding, model.depth_heads):
+        for module in (model.visual_embedding, model.depth_heads, model.image_position_embedding):
             if module is not None:
                 module.requires_grad_(True)
     if model_args.train_projector and model.feature_projector is not None:
@@ -245,3 +245,12 @@ def load_for_inference(model_path: str | Path, device: torch.device, dtype_name:
     if model.config.layout is None:
         raise ValueError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def load_inference_stack(infer_args: Any):
+    """What `scripts/generate_t2i.py` and `scripts/chat.py` start from, given their `InferenceArguments`:
+    (model, text tokenizer, visual tokenizer, device), everything in eval mode on the chosen device."""
+    device = resolve_device(infer_args.device)
+    model, tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)
+    visual = load_visual_tokenizer(infer_args.tokenizer_path).to(device)
+    return model, tokenizer, visual, device

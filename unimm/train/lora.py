@@ -32,6 +32,8 @@ def modules_to_save(model: UniMMForCausalLM, model_args: ModelArguments) -> list
     if model_args.train_visual_heads:
         if model.visual_embedding is not None:
             names.append("visual_embedding")
+        if model.image_position_embedding is not None:
+            names.append("image_position_embedding")
         if model.depth_heads is not None:
             # One entry per head: a ModuleDict is indexed, never called, so it cannot be wrapped itself.
             names.extend(f"depth_heads.{group}" for group in model.depth_heads)
