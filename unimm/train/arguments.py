@@ -174,7 +174,8 @@ def _configure_cpu_distributed_state(deepspeed: bool) -> None:
     if deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     try:
-        PartialState(backend="gloo")
+        # cpu=True is what makes accelerate treat plain (non-DeepSpeed) gloo ranks as one MULTI_CPU job
+        PartialState(backend="gloo", cpu=not deepspeed)
     finally:
         if previous is None:
             os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
