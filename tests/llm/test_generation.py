@@ -161,3 +161,7 @@ def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qw
 def test_image_position_embedding_needs_num_image_positions(tiny_qwen2_path):
     with pytest.raises(ValueError, match="num_image_positions"):
         make_unimm(tiny_qwen2_path, VQRAE_SPEC, image_position_embedding=True)
+    model, tokenizer, _ = make_unimm(tiny_qwen2_path, VQRAE_SPEC, num_image_positions=4,
+                                     image_position_embedding=True)
+    with pytest.raises(ValueError, match="num_positions=5 exceeds"):
+        generate_images(model, tokenizer, PROMPTS, num_positions=5)

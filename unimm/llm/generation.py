@@ -125,6 +125,10 @@ def generate_images(
         raise ValueError("num_positions is required (or set UniMMConfig.num_image_positions, the tokenizer's N)")
     if not prompts:
         raise ValueError("generate_images needs at least one prompt")
+    position_table = model.image_position_embedding
+    if position_table is not None and num_positions > position_table.num_embeddings:
+        raise ValueError(f"num_positions={num_positions} exceeds the model's image position embedding "
+                         f"(num_image_positions={position_table.num_embeddings})")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     batch_size = batch_size or len(prompts)
