@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from tests.llm.conftest import DUAL_SPEC, VQRAE_SPEC, image_batch, make_unimm
+from unimm.llm import UniMMForCausalLM
+from unimm.llm.embedding import image_position_index
 from unimm.llm.generation import filter_logits, generate_images, generate_text, guide, image_sequence
 from unimm.llm.layout import t2i_prefix_ids
 
@@ -106,8 +108,6 @@ def test_image_sequence_forces_eoi(tiny_qwen2_path):
 
 def test_image_position_index_restarts_at_every_image_run():
     is_image = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 0], [1, 1, 0, 0, 0, 0, 1, 1]], dtype=torch.bool)
-    from unimm.llm.embedding import image_position_index
-
     assert image_position_index(is_image).tolist() == [[0, 0, 1, 2, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 1]]
 
 
@@ -120,8 +120,6 @@ def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qw
     with torch.no_grad():  # a clearly non-zero embedding, so a path that forgot it would disagree
         model.image_position_embedding.weight.normal_(std=1.0)
     model.save_pretrained(tmp_path / "m")
-    from unimm.llm import UniMMForCausalLM
-
     loaded = UniMMForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert torch.equal(loaded.image_position_embedding.weight, model.image_position_embedding.weight)
     codes = generate_images(loaded, tokenizer, PROMPTS[:2], cfg_scale=None, temperature=0.0)
