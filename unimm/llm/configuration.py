@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 from unimm.llm.layout import VocabLayout
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, codebook_spec_from_dict, codebook_spec_to_dict
+from unimm.utils.hf_compat import SubConfigSpec
 
 
 @strict

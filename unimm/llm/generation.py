@@ -18,6 +18,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from unimm.llm.layout import VocabLayout, t2i_prefix_ids
 from unimm.llm.modeling import UniMMForCausalLM
+from unimm.utils import hf_compat
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -80,7 +81,7 @@ class _ImageDecoder:
 
     def _run(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         out = self.decoder(inputs_embeds=inputs_embeds, attention_mask=self.attention_mask, position_ids=position_ids,
-                           past_key_values=self.cache, use_cache=self.use_cache)
+                           use_cache=self.use_cache, **hf_compat.cache_kwargs(self.cache))
         return out.last_hidden_state[:, -1]  # [rows, H]
 
     def append(self, embeds: torch.Tensor) -> None:

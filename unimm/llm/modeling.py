@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.utils import ModelOutput
 
 from unimm.llm.configuration import UniMMConfig
 from unimm.llm.depth_head import DepthTransformerHead
@@ -23,24 +22,28 @@ from unimm.llm.embedding import (
 from unimm.llm.layout import VocabLayout
 from unimm.llm.loss import joint_loss
 from unimm.tokenizer.types import CodebookSpec
+from unimm.utils import hf_compat
 from unimm.utils.attention import select_attn_implementation
 
 
 @dataclass
-class UniMMCausalLMOutput(ModelOutput):
+class UniMMCausalLMOutput(hf_compat.CausalLMOutputWithCache):
     """`loss` = normalised total; `text_loss` / `visual_losses[group]` / `visual_depth_losses[group] [D]` are
     detached per-target means for logging. `logits` is None in training (the LM head only runs where supervised)
-    unless `return_logits=True`."""
+    unless `return_logits=True`.
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
+    The fields `loss`, `logits`, the KV cache, `hidden_states` and `attentions` are those of transformers'
+    `CausalLMOutputWithPast`, so HF generation finds the cache under the name the installed release uses
+    (`cache` from 5.24, `past_key_values` before); `kv_cache` reads it under either."""
+
     text_loss: torch.FloatTensor | None = None
     visual_losses: dict[str, torch.FloatTensor] | None = None
     visual_depth_losses: dict[str, torch.FloatTensor] | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     last_hidden_state: torch.FloatTensor | None = None
+
+    @property
+    def kv_cache(self):
+        return hf_compat.output_cache(self)
 
 
 class UniMMPreTrainedModel(PreTrainedModel):
@@ -83,13 +86,12 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         if language_model is None:
             # an implementation requested through from_pretrained(attn_implementation=...) wins over the config's
-            requested = config.text_config._attn_implementation or config.llm_attn_implementation
+            requested = hf_compat.attn_implementation_of(config.text_config) or config.llm_attn_implementation
             attn = select_attn_implementation(requested, config.text_config.dtype)
             language_model = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn)
         else:
             # A loaded checkpoint: post_init below must not re-initialise it.
-            for module in language_model.modules():
-                module._is_hf_initialized = True
+            hf_compat.mark_weights_initialized(language_model)
         self.language_model = language_model
         # One config object, so that resizing the vocabulary updates what save_pretrained writes.
         self.config.text_config = language_model.config
@@ -136,7 +138,7 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             text_config=llm.config, codebook_spec=UniMMConfig.spec_to_dict(codebook_spec or {}), flat_codes=flat_codes,
             feature_dim=feature_dim, llm_attn_implementation=attn_implementation,
             # propagates to text_config; without it the nested config's implementation would be reset to None
-            attn_implementation=llm.config._attn_implementation, **config_kwargs,
+            attn_implementation=hf_compat.attn_implementation_of(llm.config), **config_kwargs,
         )
         model = cls(config, language_model=llm)
         return model.to(next(llm.parameters()).dtype)
@@ -277,7 +279,6 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         visual_codes: dict[str, torch.Tensor] | None = None,
@@ -291,10 +292,12 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
     ) -> UniMMCausalLMOutput:
         """The batch of CONTRACTS.md. `return_logits` defaults to `labels is None`: in training the LM head runs
         only on supervised text positions. `num_items_in_batch` (from HF Trainer) replaces the per-batch
-        normaliser so gradient accumulation is exact."""
+        normaliser so gradient accumulation is exact. The KV cache is taken as `cache=` or `past_key_values=`
+        (the two names transformers has used), and returned as the output's `kv_cache`."""
+        cache = hf_compat.pop_cache(kwargs)
         layout = self.config.layout
         packed = position_ids is not None and attention_mask is None
-        if use_cache is None and past_key_values is None and (labels is not None or packed):
+        if use_cache is None and cache is None and (labels is not None or packed):
             # transformers derives the block-diagonal mask of packed rows from position_ids only when it builds no
             # KV cache; with a cache, packed samples would silently attend to each other. Training needs no cache.
             use_cache = False
@@ -305,11 +308,11 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             inputs_embeds = self.embed_inputs(input_ids, visual_codes, image_features, sample_ids)
         outputs = self.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, **kwargs,
+            use_cache=use_cache, **hf_compat.cache_kwargs(cache), **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         result = UniMMCausalLMOutput(
-            past_key_values=outputs.past_key_values, hidden_states=getattr(outputs, "hidden_states", None),
+            **hf_compat.cache_kwargs(hf_compat.output_cache(outputs)), hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None), last_hidden_state=hidden_states,
         )
         if labels is not None:

@@ -168,8 +168,7 @@ def _configure_cpu_distributed_state(deepspeed: bool) -> None:
     """
     from accelerate import PartialState
 
-    if PartialState._shared_state:  # already configured in this process
-        return
+    # PartialState is a borg: once configured in this process, constructing it again is a no-op.
     previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     if deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"

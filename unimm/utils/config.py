@@ -65,11 +65,14 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
         if unknown:
             raise ValueError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
         defaults.update(data)
+    # HfArgumentParser makes a field without a default a required flag, which a YAML value could not satisfy:
+    # every config field has a default, and required values are checked in the dataclass's __post_init__.
+    required = [f"{t.__name__}.{f.name}" for t in dataclass_types for f in dataclasses.fields(t)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise TypeError(f"config fields without a default cannot be set from YAML: {required}; give them a default "
+                        "and check them in __post_init__")
     parser = HfArgumentParser(list(dataclass_types))
-    # HfArgumentParser marks fields without defaults as required; a YAML value satisfies them.
-    for action in parser._actions:
-        if action.dest in defaults:
-            action.required = False
     parser.set_defaults(**defaults)
     outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
     return tuple(outputs)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Refresh requirements/lock.txt to today's newest releases, after proving they pass the suite:
+#   1. `UNIMM_DEPS=latest bash scripts/test.sh` installs the newest releases into .venv-latest and runs the tests;
+#   2. only if that passes, the whole installed closure of .venv-latest is frozen into requirements/lock.txt.
+# Extra arguments go to pytest. Review `git diff requirements/lock.txt`, then commit the lock with the run's tally.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export UNIMM_DEPS=latest
+VENV_DIR="${UNIMM_VENV:-.venv-latest}"
+bash scripts/test.sh "$@"
+LOCK=requirements/lock.txt
+{
+  echo "# The exact versions the UniMM test suite passed with: a pip constraints file covering the whole installed"
+  echo "# closure of unimm[dev]. scripts/test.sh and scripts/quickstart.sh install from it by default."
+  echo "# Written by scripts/refresh_lock.sh after a passing UNIMM_DEPS=latest run on $(date -u +%Y-%m-%d)"
+  echo "# ($("$VENV_DIR/bin/python" -c 'import platform; print(platform.python_implementation(), platform.python_version(), platform.machine())'))."
+  # local version labels (torch's +cpu) name a build, not a release: the pin must also match the CUDA build
+  "$VENV_DIR/bin/python" -m pip freeze --exclude-editable | grep -vE '^(#|-e )' | sed -E 's/\+[A-Za-z0-9.]+$//' \
+    | LC_ALL=C sort -f
+} > "$LOCK.tmp"
+mv "$LOCK.tmp" "$LOCK"
+echo "wrote $LOCK ($(grep -cvE '^#' "$LOCK") pins)"

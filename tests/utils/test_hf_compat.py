@@ -1,0 +1,161 @@
+"""Each entry of the upstream seam (`unimm/utils/hf_compat.py`) checked against the installed releases.
+
+When an upstream release changes one of these internals, the test fails with the dependency and its version in the
+message, long before a training step would die on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
+
+from unimm.utils import hf_compat
+
+
+def _installed(package: str) -> str:
+    return f"{package} {importlib.metadata.version(package)}"
+
+
+def _tiny_qwen2_config(**kwargs) -> Qwen2Config:
+    return Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kwargs)
+
+
+def test_cache_name_is_the_one_model_forwards_and_outputs_use():
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+    name = hf_compat.CACHE_NAME
+    where = f"{_installed('transformers')} (hf_compat.CACHE_NAME={name!r})"
+    assert name in inspect.signature(Qwen2Model.forward).parameters, f"{where}: Qwen2Model.forward takes no {name}"
+    for cls in (BaseModelOutputWithPast, CausalLMOutputWithPast):
+        assert name in {f.name for f in dataclasses.fields(cls)}, f"{where}: {cls.__name__} has no field {name}"
+
+
+def test_pop_cache_takes_either_name_once():
+    cache = object()
+    for name in ("cache", "past_key_values"):
+        kwargs = {name: cache, "other": 1}
+        assert hf_compat.pop_cache(kwargs) is cache and kwargs == {"other": 1}
+    assert hf_compat.pop_cache({"cache": None, "past_key_values": None}) is None
+    with pytest.raises(ValueError, match="not both"):
+        hf_compat.pop_cache({"cache": cache, "past_key_values": object()})
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_unimm_forward_continues_from_its_returned_cache_under_either_keyword(keyword):
+    """A prefix forward returns the cache as `kv_cache`; feeding it back (under either keyword) and the next token
+    gives the logits of the full forward. This is the path HF generation takes, on the installed release."""
+    from unimm.llm import UniMMForCausalLM
+
+    torch.manual_seed(0)
+    model = UniMMForCausalLM.from_llm(Qwen2ForCausalLM(_tiny_qwen2_config()), {"pixel": (16, 2)}).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        prefix = model(input_ids=ids[:, :-1], use_cache=True)
+        assert prefix.kv_cache is not None, f"{_installed('transformers')}: no KV cache in the output"
+        assert prefix[hf_compat.CACHE_NAME] is prefix.kv_cache  # where HF generation reads it
+        step = model(input_ids=ids[:, -1:], use_cache=True, **{keyword: prefix.kv_cache})
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_hf_generate_runs_on_a_unimm_model():
+    """`GenerationMixin.generate` passes the cache to UniMM's forward and reads it back from UniMM's output."""
+    from unimm.llm import UniMMForCausalLM
+
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(_tiny_qwen2_config()).eval()
+    model = UniMMForCausalLM.from_llm(llm, {"pixel": (16, 2)}).eval()
+    ids = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        ours = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+        theirs = llm.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs), _installed("transformers")
+
+
+def test_sub_config_spec_is_what_transformers_composite_configs_use():
+    from transformers import LlavaConfig
+
+    specs = LlavaConfig.sub_configs_defaults
+    assert all(isinstance(spec, hf_compat.SubConfigSpec) for spec in specs.values()), _installed("transformers")
+    from unimm.llm import UniMMConfig
+
+    assert UniMMConfig().text_config.model_type == "qwen2", _installed("transformers")
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attn_implementation_of_a_loaded_model(tmp_path, implementation):
+    Qwen2ForCausalLM(_tiny_qwen2_config()).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation)
+    assert hf_compat.attn_implementation_of(model.config) == implementation, _installed("transformers")
+
+
+def test_marked_weights_survive_post_init_and_unmarked_ones_do_not():
+    """The control half (unmarked weights are re-initialised) proves the check can fail: if upstream stops
+    honouring the flag, the marked half fails; if it stops initialising at all, the control half does."""
+
+    def loaded_model() -> Qwen2ForCausalLM:
+        model = Qwen2ForCausalLM(_tiny_qwen2_config())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(0.5)  # stands for loaded checkpoint values, which no initialiser produces
+        for obj in list(model.modules()) + list(model.parameters()) + list(model.buffers()):
+            if hasattr(obj, "_is_hf_initialized"):
+                del obj._is_hf_initialized
+        return model
+
+    control = loaded_model()
+    control.init_weights()
+    assert not all(bool((p == 0.5).all()) for p in control.parameters()), (
+        f"{_installed('transformers')}: init_weights() no longer initialises unflagged weights")
+    marked = loaded_model()
+    hf_compat.mark_weights_initialized(marked)
+    marked.init_weights()
+    changed = [n for n, p in marked.named_parameters() if not bool((p == 0.5).all())]
+    assert not changed, f"{_installed('transformers')}: post_init re-initialised flagged weights {changed[:3]}"
+
+
+def test_from_llm_keeps_the_loaded_weights():
+    from unimm.llm import UniMMForCausalLM
+
+    llm = Qwen2ForCausalLM(_tiny_qwen2_config())
+    before = {n: p.detach().clone() for n, p in llm.named_parameters()}
+    model = UniMMForCausalLM.from_llm(llm, {"pixel": (16, 2)})
+    after = dict(model.language_model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before), _installed("transformers")
+
+
+def test_accelerate_partial_state_is_configured_once_per_process():
+    """`_configure_cpu_distributed_state` relies on `PartialState(...)` being a no-op once configured."""
+    code = (
+        "from accelerate import PartialState\n"
+        "first = PartialState(cpu=True)\n"
+        "again = PartialState(backend='gloo', cpu=False)\n"
+        "assert again.distributed_type == first.distributed_type and again.device == first.device\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, f"{_installed('accelerate')}: {result.stderr[-2000:]}"
+
+
+def test_parse_config_refuses_fields_without_default():
+    from unimm.utils.config import parse_config
+
+    @dataclasses.dataclass
+    class Args:
+        path: str
+
+    with pytest.raises(TypeError, match="Args.path"):
+        parse_config((Args,), [])
+
+
+def test_upstream_error_names_package_and_version():
+    error = hf_compat.upstream_error("transformers", "something moved")
+    assert _installed("transformers") in str(error) and "requirements/lock.txt" in str(error)

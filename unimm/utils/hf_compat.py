@@ -1,0 +1,119 @@
+"""The one seam between UniMM and the internals of its upstream libraries (transformers, accelerate, deepspeed, peft).
+
+Everything here is something upstream does not offer as public API, or has renamed between the releases UniMM
+supports. Each entry names the versions that need it, and `tests/utils/test_hf_compat.py` checks every entry
+against the installed release: when upstream changes one, that test fails naming the dependency and its version,
+instead of a `TypeError` deep inside a training step. Code elsewhere in `unimm/` imports these names and never
+reaches into an upstream private attribute itself.
+
+Supported: transformers 5.23 (`past_key_values`) and 5.24+ (`cache`); the exact tested set is `requirements/lock.txt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+__all__ = [
+    "CACHE_NAME",
+    "CausalLMOutputWithCache",
+    "SubConfigSpec",
+    "attn_implementation_of",
+    "cache_kwargs",
+    "mark_weights_initialized",
+    "output_cache",
+    "pop_cache",
+    "upstream_error",
+]
+
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def upstream_error(package: str, what: str) -> RuntimeError:
+    """The error raised when an installed dependency no longer matches what this module expects."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"
+    return RuntimeError(f"{package} {version}: {what}. UniMM was tested with the versions in requirements/lock.txt; "
+                        f"install them (`bash scripts/test.sh` does by default) or update unimm/utils/hf_compat.py.")
+
+
+# -- KV cache name -----------------------------------------------------------------------------------------------
+# transformers <= 5.23 calls the KV cache `past_key_values` in model forwards and model outputs; 5.24 renamed both
+# to `cache` (the old keyword is deprecated, to be removed in 5.40). UniMM accepts either keyword and passes the
+# cache to the wrapped model under the installed release's name.
+def _installed_cache_name() -> str:
+    fields = {f.name for f in dataclasses.fields(BaseModelOutputWithPast)}
+    for name in _CACHE_NAMES:
+        if name in fields:
+            return name
+    raise upstream_error("transformers", f"BaseModelOutputWithPast has neither of the KV-cache fields {_CACHE_NAMES} "
+                                         f"(fields: {sorted(fields)})")
+
+
+CACHE_NAME: str = _installed_cache_name()
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove the KV cache from a forward's `kwargs`, whichever name the caller used (`cache` or
+    `past_key_values`), and return it (None when absent)."""
+    given = {name: kwargs.pop(name) for name in _CACHE_NAMES if name in kwargs}
+    present = {name: value for name, value in given.items() if value is not None}
+    if len(present) > 1:
+        raise ValueError("pass the KV cache once, as `cache` or as `past_key_values`, not both")
+    return next(iter(present.values()), None)
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """`{name: cache}` under the name the installed transformers' model forwards take."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(outputs: Any) -> Any:
+    """The KV cache carried by a transformers model output (None when it has none)."""
+    return getattr(outputs, CACHE_NAME, None)
+
+
+# The public causal-LM output class, whose KV-cache field carries the installed release's name: UniMM's output
+# subclasses it, so HF generation finds the cache where it looks (`outputs["cache"]` in 5.24,
+# `outputs.past_key_values` in 5.23).
+CausalLMOutputWithCache = CausalLMOutputWithPast
+
+
+# -- composite configs -----------------------------------------------------------------------------------------
+# transformers 5.x declares nested configs with `sub_configs_defaults = {name: SubConfigSpec(...)}`; the class lives
+# in `transformers.configuration_utils` and is not exported at the top level (checked 5.23, 5.24).
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError as error:  # pragma: no cover - exercised only by a breaking upstream release
+    raise upstream_error("transformers", "transformers.configuration_utils.SubConfigSpec is gone") from error
+
+
+# -- attention implementation ----------------------------------------------------------------------------------
+# A loaded model's attention implementation is only exposed as the private `config._attn_implementation`
+# (transformers 4.36 through 5.24).
+def attn_implementation_of(config: transformers.PretrainedConfig) -> str | None:
+    if not hasattr(config, "_attn_implementation"):
+        raise upstream_error("transformers", f"{type(config).__name__} has no `_attn_implementation`")
+    return config._attn_implementation
+
+
+# -- weight initialisation -------------------------------------------------------------------------------------
+# `PreTrainedModel.post_init()` initialises every module not flagged `_is_hf_initialized` (transformers 4.46 through
+# 5.24: `_initialize_weights` skips flagged modules). A wrapper that adopts an already loaded model must flag it,
+# or its own `post_init()` would re-initialise the loaded weights. There is no public switch for this.
+def mark_weights_initialized(module: nn.Module) -> None:
+    """Protect every weight of `module` (a loaded checkpoint) from the enclosing model's `post_init()`."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if isinstance(tensor, torch.Tensor):
+            tensor._is_hf_initialized = True
