@@ -15,8 +15,9 @@ LOCK=requirements/lock.txt
   echo "# Written by scripts/refresh_lock.sh after a passing UNIMM_DEPS=latest run on $(date -u +%Y-%m-%d)"
   echo "# ($("$VENV_DIR/bin/python" -c 'import platform; print(platform.python_implementation(), platform.python_version(), platform.machine())'))."
   # local version labels (torch's +cpu) name a build, not a release: the pin must also match the CUDA build
-  "$VENV_DIR/bin/python" -m pip freeze --exclude-editable | grep -vE '^(#|-e )' | sed -E 's/\+[A-Za-z0-9.]+$//' \
-    | LC_ALL=C sort -f
+  # --all: setuptools is a runtime requirement too; pip itself is not part of the closure
+  "$VENV_DIR/bin/python" -m pip freeze --all --exclude-editable | grep -vE '^(#|-e |pip==)' \
+    | sed -E 's/\+[A-Za-z0-9.]+$//' | LC_ALL=C sort -f
 } > "$LOCK.tmp"
 mv "$LOCK.tmp" "$LOCK"
 echo "wrote $LOCK ($(grep -cvE '^#' "$LOCK") pins)"

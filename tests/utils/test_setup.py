@@ -1,4 +1,5 @@
-"""The set-up contract: CI runs exactly the README's test command, which installs into .venv by itself."""
+"""The set-up contract: CI runs exactly the README's test command, which installs into .venv by itself (the
+install modes and the lock are tested in test_lock.py)."""
 
 from pathlib import Path
 
@@ -17,13 +18,6 @@ def test_ci_runs_the_readme_test_command():
     assert "bash scripts/test.sh" in commands
     # nothing else runs that a user is not told to run
     assert all(c.startswith(("set ", "cd ")) or c == "bash scripts/test.sh" for c in commands), commands
-
-
-def test_test_script_installs_cpu_torch_first_into_venv():
-    script = (ROOT / "scripts" / "_venv.sh").read_text()
-    assert ".venv" in script
-    torch_line = script.index("torch==")
-    assert torch_line < script.index('-e ".[dev]"'), "torch must be pinned and installed before the package"
 
 
 def test_parse_config_yaml_and_overrides(tmp_path):
