@@ -4,11 +4,19 @@ program under `torchrun --nproc_per_node 2` (plain DDP).
 One uninterrupted ZeRO-2 run (checkpoints at steps 2 and 4) is the reference: its losses fall; a run started from
 its step-2 checkpoint (as after a crash) logs the same losses for steps 3-4; a ZeRO-3 run logs the same losses
 and saves the same gathered final weights, which `UniMMForCausalLM.from_pretrained` loads in one process.
+
+Crash-safe resume: a run killed -9 while the Trainer writes `checkpoint-4` leaves that folder in one of the states
+of the stock save order (folder created; model written; model + DeepSpeed optimizer shards written, the last one
+torn; everything but the trainer state). Each state is rebuilt from the reference run's files; relaunching the
+same command must skip it with a warning naming it, resume from the complete `checkpoint-2`, log exactly the
+reference losses, and end with every step logged once and `checkpoint-4` complete.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +104,59 @@ def test_torchrun_ddp_is_one_job_matching_deepspeed(zero2_run, toy, tmp_path):
     assert sorted(ddp) == sorted(reference)
     for step in reference:
         assert ddp[step] == pytest.approx(reference[step], rel=2e-3)
+
+
+def _interrupted_checkpoint(reference: Path, target: Path, state: str) -> None:
+    """`target` as a kill -9 during the reference run's save of `checkpoint-4` would leave it in `state`."""
+    source = reference / "checkpoint-4"
+    target.mkdir()
+    if state == "folder":
+        return
+    model_files = [f for f in source.iterdir() if f.is_file() and f.suffix in (".safetensors", ".json", ".jinja")
+                   and f.name != "trainer_state.json"]
+    for file in model_files:
+        shutil.copy2(file, target / file.name)
+    if state == "model":
+        return
+    shutil.copytree(source / "global_step4", target / "global_step4")
+    if state == "optimizer_torn":
+        # The kill landed while DeepSpeed wrote rank 1's optimizer shard: half of it is on disk.
+        shard = sorted((target / "global_step4").glob("*optim_states.pt"))[-1]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        return
+    for file in source.iterdir():  # everything the stock save writes except its last file, the trainer state
+        if file.is_file() and file.name not in ("trainer_state.json", "COMPLETE") and not (target / file.name).exists():
+            shutil.copy2(file, target / file.name)
+    assert state == "before_trainer_state", state
+
+
+@pytest.mark.parametrize("state, port", [("folder", 29625), ("model", 29626), ("optimizer_torn", 29627),
+                                         ("before_trainer_state", 29628)])
+def test_kill_during_checkpoint_save_resumes_from_last_complete(zero2_run, toy, tmp_path, state, port):
+    assert (zero2_run / "checkpoint-2" / "COMPLETE").is_file() and (zero2_run / "checkpoint-4" / "COMPLETE").is_file()
+    run = tmp_path / "killed"
+    run.mkdir()
+    shutil.copytree(zero2_run / "checkpoint-2", run / "checkpoint-2")
+    shutil.copy2(zero2_run / "resolved_config.yaml", run / "resolved_config.yaml")
+    _interrupted_checkpoint(zero2_run, run / "checkpoint-4", state)
+
+    proc = run_script(pretrain_args(toy, run, "zero2"), launcher=deepspeed_launcher(master_port=port))
+    output = proc.stdout + proc.stderr
+    assert f"ignoring incomplete checkpoint {run / 'checkpoint-4'}" in output
+    assert f"resuming from the latest complete checkpoint {run / 'checkpoint-2'}" in output
+    reference, after = losses(zero2_run), losses(run)
+    assert [entry["step"] for entry in log_history(run)] == list(range(1, STEPS + 1))  # no step twice
+    for step in (3, 4):
+        assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6)
+    assert (run / "checkpoint-4" / "COMPLETE").is_file()
+    assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == STEPS
+
+
+def test_explicit_resume_from_incomplete_checkpoint_is_refused(zero2_run, toy, tmp_path):
+    run = tmp_path / "killed"
+    run.mkdir()
+    _interrupted_checkpoint(zero2_run, run / "checkpoint-4", "model")
+    args = pretrain_args(toy, run, "zero2") + ["--resume_from_checkpoint", str(run / "checkpoint-4")]
+    del args[1:3]  # refused before DeepSpeed would start: one plain process is enough
+    with pytest.raises(AssertionError, match=r"checkpoint-4 is not a complete checkpoint"):
+        run_script(args)

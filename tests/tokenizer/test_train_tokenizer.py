@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -148,6 +149,62 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(train_script, tmp
         torch.testing.assert_close(disc_a[key], disc_b[key], rtol=1e-5, atol=1e-6)
     log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
     assert {"gan_g", "gan_d", "lpips", "loss/distill"} <= set(log[-1])
+
+
+KILL_FLAGS = dict(max_steps=4, save_steps=2, save_total_limit=3, batch_size=4, logging_steps=1, eval_steps=2,
+                  eval_max_images=4, sample_steps=0, image_size=16, model_overrides={"image_size": 16})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(train_script, tmp_path_factory):
+    run = tmp_path_factory.mktemp("tokenizer_uninterrupted")
+    train_script.main(_argv("vqrae-tiny", output_dir=run, **KILL_FLAGS))
+    return run
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state", ["folder", "model", "optimizer_torn"])
+def test_kill_during_checkpoint_save_resumes_from_last_complete(train_script, uninterrupted_run, tmp_path, caplog,
+                                                                state):
+    """kill -9 while `checkpoint-4` is written (after its folder appears / after the model / half-way through the
+    optimizer), rebuilt from the finished run's files: `--resume auto` skips it by name, resumes from
+    `checkpoint-2`, reproduces the uninterrupted run, and its logs hold every step once."""
+    import logging
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    shutil.copytree(uninterrupted_run / "checkpoint-2", run / "checkpoint-2")
+    partial = run / "checkpoint-4"
+    partial.mkdir()
+    if state != "folder":
+        shutil.copy2(uninterrupted_run / "checkpoint-4" / "model.pt", partial / "model.pt")
+    if state == "optimizer_torn":
+        optimizer = (uninterrupted_run / "checkpoint-4" / "optimizer.pt").read_bytes()
+        (partial / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
+    # What the killed run had logged: train steps 1-4 (the last line torn by the kill) and the step-0/2 evals.
+    train_lines = (uninterrupted_run / "train_log.jsonl").read_text().splitlines()
+    (run / "train_log.jsonl").write_text("\n".join(train_lines) + "\n" + train_lines[-1][:15])
+    evals = [r for r in _jsonl(uninterrupted_run / "metrics.jsonl") if r["step"] < 4]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+
+    with caplog.at_level(logging.WARNING, logger="unimm.train.checkpoint"):
+        summary = train_script.main(_argv("vqrae-tiny", output_dir=run, resume="auto", **KILL_FLAGS))
+    assert f"ignoring incomplete checkpoint {partial}" in caplog.text
+    assert summary["status"] == "finished" and "initial_eval" not in summary
+    assert (partial / "COMPLETE").is_file()
+    straight_log, resumed_log = _jsonl(uninterrupted_run / "train_log.jsonl"), _jsonl(run / "train_log.jsonl")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
+    for a, b in zip(straight_log, resumed_log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+    assert [r["step"] for r in _jsonl(run / "metrics.jsonl")] == [r["step"] for r in
+                                                                   _jsonl(uninterrupted_run / "metrics.jsonl")]
+    a, b = load_file(uninterrupted_run / "model/model.safetensors"), load_file(run / "model/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def _write_jsonl_dataset(folder: Path, num_good: int) -> Path:

@@ -6,12 +6,19 @@ Layout of one checkpoint (`<output_dir>/checkpoint-<step>/`):
   `trainer_state.json` step, data position and any extra JSON-serialisable values
   `COMPLETE`           written last; checkpoints without it (an interrupted save) are ignored
 Everything is read with `torch.load(weights_only=True)`.
+
+The completeness rule is shared with the LLM side (`unimm.train.llm_trainer`, whose checkpoints the Hugging Face
+`Trainer` writes): a `checkpoint-<step>` folder counts only once `COMPLETE` exists in it (`mark_complete`, after
+every rank finished writing), auto-resume takes the newest complete one and warns about newer incomplete ones
+(`latest_checkpoint`), and pruning keeps the newest complete checkpoints (`prune_checkpoints`), so a process
+killed at any point of a save leaves the previous checkpoint usable.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -26,6 +33,7 @@ from unimm.utils.distributed import barrier, get_rank, is_main_process
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "COMPLETE"
 
 
 class Stateful(Protocol):
@@ -60,22 +68,55 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-{step}"
 
 
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under `output_dir`, oldest first."""
+def is_complete(path: str | Path) -> bool:
+    """Whether the checkpoint folder `path` was fully written (its `COMPLETE` marker exists)."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def mark_complete(path: str | Path, step: int) -> None:
+    """Write the `COMPLETE` marker of `path` (atomically: a marker is either absent or whole). Call it on one
+    process, after every rank has finished writing its part of the checkpoint."""
+    path = Path(path)
+    tmp = path / f".{COMPLETE_MARKER}.tmp"
+    tmp.write_text(str(step))
+    os.replace(tmp, path / COMPLETE_MARKER)
+
+
+def _checkpoint_folders(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-<step>` folder under `output_dir`, complete or not, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = _CHECKPOINT_RE.match(path.name)
-        if match and (path / "COMPLETE").is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    return sorted(found)
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = list_checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints under `output_dir`, oldest first."""
+    return [path for _, path in _checkpoint_folders(output_dir) if is_complete(path)]
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders without a `COMPLETE` marker (a save that was interrupted, or is under way), oldest first."""
+    return [path for _, path in _checkpoint_folders(output_dir) if not is_complete(path)]
+
+
+def latest_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint under `output_dir` (None if there is none). With `warn`, logs a warning
+    naming every newer checkpoint folder that is incomplete, so a skipped interrupted save is visible."""
+    complete = list_checkpoints(output_dir)
+    latest = complete[-1] if complete else None
+    if warn:
+        latest_step = int(_CHECKPOINT_RE.match(latest.name).group(1)) if latest is not None else -1
+        for step, path in _checkpoint_folders(output_dir):
+            if step > latest_step and not is_complete(path):
+                logger.warning("ignoring incomplete checkpoint %s (no %s marker: its save was interrupted); "
+                               "resuming from %s", path, COMPLETE_MARKER, latest or "the start")
+    return latest
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
@@ -86,9 +127,56 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if resume == "auto":
         return latest_checkpoint(output_dir)
     path = Path(resume)
-    if not (path / "COMPLETE").is_file():
-        raise FileNotFoundError(f"resume: {path} is not a complete checkpoint directory (no COMPLETE marker)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume: checkpoint directory {path} does not exist")
+    if not is_complete(path):
+        raise FileNotFoundError(f"resume: {path} is not a complete checkpoint directory (no {COMPLETE_MARKER} "
+                                f"marker: its save was interrupted); pass an older checkpoint or 'auto'")
     return path
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int | None, protect: tuple[str | Path, ...] = ()) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (None/0: keep all), and every incomplete
+    checkpoint older than the newest complete one (the leftovers of interrupted saves). Folders in `protect`
+    (e.g. the best checkpoint) are kept. Call on one process."""
+    complete = list_checkpoints(output_dir)
+    if not complete:
+        return
+    keep = {Path(p).resolve() for p in protect}
+    newest_step = int(_CHECKPOINT_RE.match(complete[-1].name).group(1))
+    doomed = complete[:-keep_last] if keep_last else []
+    doomed += [path for step, path in _checkpoint_folders(output_dir)
+               if step < newest_step and not is_complete(path)]
+    for path in doomed:
+        if path.resolve() not in keep:
+            logger.info("deleting checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def trim_jsonl_log(path: str | Path, last_step: int) -> int:
+    """Drop the records of the JSON-lines log `path` whose `step` is after `last_step` (the step a run resumes
+    from), so the replayed steps are not logged twice. A torn last line (a kill mid-write) is dropped too.
+    Returns the number of lines removed; a missing file is left alone."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            removed += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > last_step:
+            removed += 1
+            continue
+        kept.append(line)
+    if removed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        logger.info("%s: removed %d record(s) after step %d (resumed run)", path, removed, last_step)
+    return removed
 
 
 def save_checkpoint(
@@ -112,10 +200,8 @@ def save_checkpoint(
     torch.save(rng_state(), path / f"rng_state_{get_rank()}.pt")
     barrier()
     if is_main_process():
-        (path / "COMPLETE").write_text(str(step))
-        if keep_last:
-            for old in list_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        mark_complete(path, step)
+        prune_checkpoints(output_dir, keep_last)
     barrier()
     logger.info("saved checkpoint %s", path)
     return path

@@ -3,20 +3,25 @@
 At every logging step it reports, averaged over the steps since the last log and over all ranks:
 `text_loss` and `visual_loss/<group>` (the parts of the UniMM loss), `tokens_per_second` (non-padding
 tokens processed by all ranks, wall clock) and `mfu` (model FLOPs utilisation of the LLM, see
-`unimm.train.mfu`). Everything else (DeepSpeed, checkpoints, resume, gradient accumulation) is the stock
-`Trainer`.
+`unimm.train.mfu`). Checkpoints follow the project's completeness rule (`unimm.train.checkpoint`): the stock
+`Trainer` writes `checkpoint-<step>`, then, once every rank has finished, the main process adds its `COMPLETE`
+marker and only then prunes old checkpoints; auto-resume takes the newest complete one. Everything else
+(DeepSpeed, resume itself, gradient accumulation) is the stock `Trainer`.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
+from unimm.train.checkpoint import latest_checkpoint, mark_complete, prune_checkpoints, resolve_resume
 from unimm.train.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
 from unimm.utils.distributed import all_reduce_sum, get_world_size
 
@@ -151,6 +156,30 @@ class UniMMTrainer(Trainer):
                                                   else None, self.args.device, dtype)
         return self._peak_flops
 
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """The stock save, made crash-safe: a leftover folder of the same step (an interrupted save before a
+        resume) is removed first, the `COMPLETE` marker is written after every rank is done, and old checkpoints
+        are pruned only after that, so a kill at any point leaves the previous complete checkpoint in place."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        path = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and path.exists():
+            logger.warning("removing %s left by an interrupted save before writing it again", path)
+            shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
+        keep_last = self.args.save_total_limit
+        self.args.save_total_limit = None  # the stock rotation would run before the marker exists
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = keep_last
+        self.accelerator.wait_for_everyone()  # every rank's optimizer shards and RNG state are on disk
+        if self.args.should_save:
+            mark_complete(path, self.state.global_step)
+            best = self.state.best_model_checkpoint
+            prune_checkpoints(run_dir, keep_last, protect=(best,) if best else ())
+        self.accelerator.wait_for_everyone()
+
     # ------------------------------------------------------------------ optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)
@@ -185,16 +214,17 @@ def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMT
     """What `scripts/pretrain.py` and `scripts/finetune.py` run: build model + data, train (resuming from the
     given or latest checkpoint), save the final model (HF format; ZeRO-3 weights gathered; a LoRA run saves its
     adapter, merge it with scripts/merge_lora.py)."""
-    from pathlib import Path
 
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from unimm.train.build import build_collator, build_model, build_train_dataset, resolve_dtype
     from unimm.utils.distributed import barrier, is_main_process
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    # Decided first, so a bad resume_from_checkpoint fails before any model or data work.
+    resume = find_resume_checkpoint(training_args.resume_from_checkpoint, output_dir,
+                                    getattr(training_args, "auto_resume", False))
     if is_main_process():
         _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args)
     dtype = resolve_dtype(model_args.torch_dtype, training_args.bf16, training_args.fp16)
@@ -229,16 +259,26 @@ def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMT
         no_decay_param_names=built.row_masked_params, visual_tokenizer=built.visual_tokenizer,
         llm_shape=LLMShape.from_config(built.model.config),
     )
-    resume = training_args.resume_from_checkpoint
-    if resume is None and getattr(training_args, "auto_resume", False) and output_dir.is_dir():
-        resume = get_last_checkpoint(str(output_dir))
-        if resume is not None:
-            logger.info("resuming from the latest checkpoint %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     if getattr(training_args, "save_final_model", True):
         trainer.save_model(str(output_dir))
         trainer.save_state()
     return trainer
+
+
+def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path,
+                           auto_resume: bool) -> str | None:
+    """The checkpoint a run starts from: the given one (which must be complete), else with `auto_resume` the
+    newest complete `checkpoint-*` in `output_dir` (warning about newer incomplete ones), else None."""
+    if resume_from_checkpoint:
+        path = resolve_resume(resume_from_checkpoint, output_dir)
+        return str(path) if path is not None else None
+    if not auto_resume:
+        return None
+    latest = latest_checkpoint(output_dir)
+    if latest is not None:
+        logger.info("resuming from the latest complete checkpoint %s", latest)
+    return str(latest) if latest is not None else None
 
 
 def _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args) -> None:

@@ -7,7 +7,8 @@ and the PatchGAN discriminator have their own AdamW optimisers and warm-up + cos
 
 Exact resume: checkpoints hold every state dict, each rank's RNG state and the data position (batches
 consumed); batches come from a per-epoch permutation seeded by `(seed, epoch)`, so a resumed run sees the
-same batches in the same order as an uninterrupted one.
+same batches in the same order as an uninterrupted one. Only complete checkpoints count (`unimm.train.checkpoint`),
+and `train_log.jsonl` / `metrics.jsonl` are cut back to the resumed step, so no step is logged twice.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images, read_image_records
 from unimm.tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig, check_lpips_weights
 from unimm.tokenizer.metrics import denormalize, evaluate_tokenizer, psnr
-from unimm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from unimm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, trim_jsonl_log
 from unimm.train.ema import EMA
 from unimm.train.schedule import warmup_cosine_schedule
 from unimm.utils.config import save_resolved_config
@@ -402,6 +403,11 @@ def train_tokenizer(
     unwrapped = accelerator.unwrap_model(model)
     metrics_log = output_dir / "metrics.jsonl"
     train_log = output_dir / "train_log.jsonl"
+    if accelerator.is_main_process:
+        # A resumed run replays the steps after its checkpoint: drop what the killed run logged for them (a fresh
+        # run in a reused output_dir starts its logs over), so every step appears once.
+        for log_file in (train_log, metrics_log):
+            trim_jsonl_log(log_file, step if resume_path is not None else -1)
 
     def run_eval(at_step: int) -> dict[str, Any]:
         loader = eval_batches(eval_set, train_args.eval_batch_size, data_args.eval_max_images, data_args.num_workers)
