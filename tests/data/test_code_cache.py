@@ -203,3 +203,103 @@ def test_build_mixture_from_code_cache_llava_and_text(tokenizer, image_folder, t
     assert [again[i].sample_id for i in range(40)] == [s.sample_id for s in samples]
     with pytest.raises(CodeCacheMismatchError):
         build_mixture(config, factory, tokenizer_hash="other")
+
+
+def _other_weights(tokenizer):
+    """The same config with other weights, as after a few more training steps."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    with torch.no_grad():
+        next(p for p in other.parameters() if p.requires_grad).add_(1e-3)
+    return other
+
+
+def test_cache_from_tokenizer_with_other_weights_is_refused(tokenizer, image_folder, tmp_path, one_thread, caplog):
+    from unimm.data.code_cache import TokenizerIdentity, tokenizer_weights_hash
+    from unimm.tokenizer import load_tokenizer
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert tokenizer_weights_hash(load_tokenizer(tmp_path / "tok")) == tokenizer_weights_hash(tokenizer)
+    other = _other_weights(tokenizer)
+    assert other.config_hash() == tokenizer.config_hash()
+    assert tokenizer_weights_hash(other) != tokenizer_weights_hash(tokenizer)
+
+    out = tmp_path / "cache"
+    pretokenize(read_image_records(image_folder).select(range(4)), tokenizer, out, batch_size=4, shard_size=4,
+                show_progress=False)
+    info = finalize_code_cache(out, tokenizer)
+    assert info["tokenizer_weights_hash"] == tokenizer_weights_hash(tokenizer)
+    assert len(load_code_cache(out, tokenizer)) == 4
+    with pytest.raises(CodeCacheMismatchError) as err:
+        load_code_cache(out, TokenizerIdentity.of(other))
+    message = str(err.value)
+    assert tokenizer_weights_hash(tokenizer) in message and tokenizer_weights_hash(other) in message
+    assert str(out) in message and "allow_tokenizer_weights_mismatch" in message
+    with caplog.at_level("WARNING", logger="unimm.data.code_cache"):
+        assert len(load_code_cache(out, other, allow_weights_mismatch=True)) == 4
+    assert tokenizer_weights_hash(other) in caplog.text
+    # A pretokenize resumed with other weights into the same directory is refused too.
+    with pytest.raises(CodeCacheMismatchError, match="pretokenize run started with"):
+        pretokenize(read_image_records(image_folder).select(range(4)), other, out, batch_size=4, shard_size=4,
+                    show_progress=False)
+
+
+def test_damaged_shards_are_named_and_only_they_are_re_encoded(tokenizer, image_folder, tmp_path, one_thread):
+    from unimm.data.code_cache import CodeCacheCorruptError, rebuild_command
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    out = tmp_path / "cache"
+    config = PretokenizeConfig(data=str(image_folder), tokenizer_path=str(tokenizer_dir), output_dir=str(out),
+                               batch_size=4, shard_size=4, num_workers=0)
+    info = run_pretokenize(config, show_progress=False)
+    assert info["rebuild_command"] == rebuild_command(config) and "scripts/pretokenize.py" in info["rebuild_command"]
+    assert set(info["shard_checksums"]) == {"shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"}
+    original = _shard_bytes(out)
+
+    flipped = out / "shard-00001.arrow"
+    data = bytearray(flipped.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):  # same size: only the checksum can tell
+        data[i] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CodeCacheCorruptError) as err:
+        load_code_cache(out, tokenizer)
+    assert str(flipped) in str(err.value) and "checksum" in str(err.value)
+    assert info["rebuild_command"] in str(err.value)
+
+    truncated = out / "shard-00000.arrow"
+    truncated.write_bytes(original["shard-00000.arrow"][: len(original["shard-00000.arrow"]) // 2])
+    with pytest.raises(CodeCacheCorruptError, match=r"shard-00000\.arrow is unusable: it is \d+ bytes"):
+        load_code_cache(out, tokenizer)
+    (out / "shard-00002.arrow").unlink()
+    with pytest.raises(CodeCacheCorruptError, match=r"shard-00000\.arrow"):
+        load_code_cache(out, tokenizer, verify=False)  # unchecked, opening the torn file still fails by name
+
+    # The same pretokenize run on the same directory re-encodes exactly the damaged shards.
+    result = pretokenize(read_image_records(image_folder), tokenizer, out, batch_size=4, shard_size=4,
+                         source=str(image_folder), show_progress=False)
+    assert result.written_shards == [0, 1, 2] and result.skipped_shards == []
+    (out / "shard-00002.arrow").write_bytes(original["shard-00002.arrow"])
+    flipped.write_bytes(bytes(data))
+    result = pretokenize(read_image_records(image_folder), tokenizer, out, batch_size=4, shard_size=4,
+                         source=str(image_folder), show_progress=False)
+    assert result.written_shards == [1] and result.skipped_shards == [0, 2]
+    finalize_code_cache(out, tokenizer, rebuild_command=info["rebuild_command"])
+    assert _shard_bytes(out) == original
+    assert len(load_code_cache(out, tokenizer)) == 10
+
+
+def test_cache_of_an_older_format_is_refused_by_name(tokenizer, image_folder, tmp_path, one_thread):
+    out = tmp_path / "cache"
+    pretokenize(read_image_records(image_folder).select(range(2)), tokenizer, out, batch_size=2, shard_size=4,
+                show_progress=False)
+    info = finalize_code_cache(out, tokenizer)
+    (out / "cache_info.json").write_text(json.dumps({**info, "format_version": 1}))
+    with pytest.raises(CodeCacheMismatchError, match=r"format version 1.*rebuild it"):
+        load_code_cache(out, tokenizer)
+    (out / "cache_info.json").write_text('{"format_version": 2,')
+    from unimm.data.code_cache import CodeCacheCorruptError
+
+    with pytest.raises(CodeCacheCorruptError, match=r"cache_info\.json: not valid JSON \(line 1, column"):
+        load_code_cache(out, tokenizer)

@@ -3,12 +3,16 @@
 from unimm.data.bad_samples import BadSampleTracker, TooManyBadSamplesError
 from unimm.data.code_cache import (
     CodeCache,
+    CodeCacheCorruptError,
     CodeCacheMismatchError,
     PretokenizeConfig,
+    TokenizerIdentity,
     finalize_code_cache,
     load_code_cache,
     pretokenize,
     run_pretokenize,
+    tokenizer_weights_hash,
+    verify_code_cache,
 )
 from unimm.data.collator import GroupedBatchSampler, UniMMCollator
 from unimm.data.images import (
@@ -52,6 +56,7 @@ __all__ = [
     "ChatMessage",
     "CodeCache",
     "CodeCacheImages",
+    "CodeCacheCorruptError",
     "CodeCacheMismatchError",
     "GroupedBatchSampler",
     "ImageDataset",
@@ -79,7 +84,10 @@ __all__ = [
     "caption_dataset",
     "collate_images",
     "conversation_dataset",
+    "TokenizerIdentity",
     "finalize_code_cache",
+    "tokenizer_weights_hash",
+    "verify_code_cache",
     "get_chat_format",
     "llava_messages",
     "load_code_cache",

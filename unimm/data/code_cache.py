@@ -4,19 +4,27 @@ shards, so LLM training reads code inputs and targets from disk instead of runni
 Layout of a cache directory:
 - `shard-00000.arrow` ... : Arrow IPC streams with columns `id` (the record id, or the image path as written in
   a LLaVA file), `text` (caption, when the source has one) and `codes_<group>` (int32, N*D codes flattened);
-- `shard-00000.json` ... : per-shard counts and skipped ids, written after the Arrow file, so its presence
-  marks the shard finished (an interrupted shard is redone from its start on resume);
-- `pretokenize_state.json`: what the run was started with (tokenizer hash, number of records, shard size), so a
-  resume with different inputs is refused;
-- `cache_info.json`: written at the end; `tokenizer_config_hash`, codebook spec, per-group shapes, counts and
-  skipped ids. `load_code_cache` refuses a cache whose hash differs from the training tokenizer's.
+- `shard-00000.json` ... : per-shard counts, skipped ids and the Arrow file's size and blake2b checksum, written
+  after the Arrow file, so its presence marks the shard finished (an interrupted shard is redone from its start
+  on resume, and a finished shard whose file no longer matches its checksum is re-encoded);
+- `pretokenize_state.json`: what the run was started with (tokenizer config and weights hashes, number of records,
+  shard size), so a resume with different inputs is refused;
+- `cache_info.json`: written at the end; the tokenizer's config hash (`tokenizer_config_hash`: architecture) and
+  weights hash (`tokenizer_weights_hash`: a blake2b of its state dict), codebook spec, per-group shapes, counts,
+  skipped ids, every shard's checksum and the command that rebuilds the cache.
+
+`load_code_cache` refuses a cache made by another tokenizer (config or weights, naming both hashes; an explicit
+`allow_weights_mismatch` lets a user who knows the codebooks agree go on) and verifies every shard's size and
+checksum before use, so a truncated or corrupted shard is one error naming the file and the rebuild command.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +40,50 @@ logger = logging.getLogger(__name__)
 
 CACHE_INFO = "cache_info.json"
 STATE_FILE = "pretokenize_state.json"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: tokenizer weights hash and per-shard checksums
+_CHECKSUM_CHUNK = 8 << 20
 
 
 class CodeCacheMismatchError(ValueError):
     """The cache was written by a different tokenizer (or a different pretokenize run)."""
+
+
+class CodeCacheCorruptError(ValueError):
+    """A cache shard is missing, truncated or does not match its recorded checksum."""
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """blake2b (32-byte digest) of a file's bytes, read in chunks. blake2b rather than sha256: it hashes ~4x
+    faster on CPUs without SHA instructions, and verifying shards at every start must stay cheap."""
+    digest = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHECKSUM_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tokenizer_weights_hash(tokenizer: Any) -> str:
+    """blake2b of the tokenizer's state dict (names, dtypes, shapes and raw bytes, in name order): two tokenizers
+    with the same config but other weights (e.g. a few more training steps) get different hashes. Computed from
+    the weights as loaded, so hash before casting the tokenizer to another dtype."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """What a code cache is checked against: the tokenizer's config hash and weights hash."""
+
+    config_hash: str
+    weights_hash: str
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> TokenizerIdentity:
+        return cls(str(tokenizer.config_hash()), tokenizer_weights_hash(tokenizer))
 
 
 def shard_name(index: int) -> str:
@@ -58,11 +105,29 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_arrow_atomic(path: Path, table: pa.Table) -> None:
+def _write_arrow_atomic(path: Path, table: pa.Table) -> dict[str, Any]:
+    """Write `table` to `path` (via a temporary file) and return its size and checksum."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
+    checksum = {"blake2b": file_checksum(tmp), "num_bytes": tmp.stat().st_size}
     os.replace(tmp, path)
+    return checksum
+
+
+def _shard_problem(path: Path, checksum: dict[str, Any] | None) -> str | None:
+    """Why the shard file `path` does not match its recorded `checksum` (None when it does)."""
+    if checksum is None:
+        return "no checksum was recorded for it"
+    if not path.is_file():
+        return "the file is missing"
+    size = path.stat().st_size
+    if size != checksum["num_bytes"]:
+        return f"it is {size} bytes, {checksum['num_bytes']} were written (truncated or overwritten)"
+    actual = file_checksum(path)
+    if actual != checksum["blake2b"]:
+        return f"its blake2b checksum is {actual}, {checksum['blake2b']} was recorded (corrupted)"
+    return None
 
 
 @dataclass
@@ -119,13 +184,17 @@ def _encode_shard(records: Any, tokenizer: Any, transform: ImageTransform, batch
 def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_size: int = 32,
                 shard_size: int = 1024, num_workers: int = 0, device: torch.device | str = "cpu",
                 process_index: int = 0, num_processes: int = 1, max_bad_fraction: float = 0.01,
-                source: str | None = None, show_progress: bool = True) -> PretokenizeResult:
+                source: str | None = None, show_progress: bool = True,
+                weights_hash: str | None = None) -> PretokenizeResult:
     """Encode the images of `records` (a map-style `datasets.Dataset` with `id`, `image`, optional `text`, as from
     `read_image_records`) with `tokenizer` and write this process's shards of the cache in `out_dir`.
 
     Shard `s` holds records `[s * shard_size, (s + 1) * shard_size)` and belongs to process `s % num_processes`.
-    Finished shards (their `.json` exists) are skipped, so rerunning after an interruption resumes. Call
-    `finalize_code_cache` once every process is done (the script does it on the main process after a barrier).
+    Finished shards (their `.json` exists and the Arrow file matches the checksum in it) are skipped, so rerunning
+    after an interruption resumes, and rerunning on a finished cache re-encodes only the shards that are damaged.
+    Call `finalize_code_cache` once every process is done (the script does it on the main process after a
+    barrier). `weights_hash` is `tokenizer_weights_hash(tokenizer)` when the caller already has it (or took it
+    before casting the tokenizer to a lower precision).
     """
     from tqdm.auto import tqdm
 
@@ -135,6 +204,7 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
         raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
     num_records = len(records)
     state = {"format_version": CACHE_FORMAT_VERSION, "tokenizer_config_hash": _tokenizer_hash(tokenizer),
+             "tokenizer_weights_hash": weights_hash or tokenizer_weights_hash(tokenizer),
              "num_records": num_records, "shard_size": shard_size, "source": source}
     state_path = out / STATE_FILE
     if state_path.exists():
@@ -146,7 +216,7 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
         _write_json_atomic(state_path, state)
     num_shards = max(1, -(-num_records // shard_size))
     mine = [s for s in range(num_shards) if s % num_processes == process_index]
-    done = [s for s in mine if (out / f"{shard_name(s)}.json").exists()]
+    done = [s for s in mine if _shard_finished(out, s)]
     todo = [s for s in mine if s not in done]
     transform = _image_transform(tokenizer)
     tracker = BadSampleTracker(max_bad_fraction=max_bad_fraction, name=f"pretokenize[{process_index}]")
@@ -159,17 +229,36 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
         start, stop = shard * shard_size, min(num_records, (shard + 1) * shard_size)
         table, meta = _encode_shard(records.select(range(start, stop)), tokenizer, transform, batch_size,
                                     num_workers, device, tracker, progress)
-        _write_arrow_atomic(out / f"{shard_name(shard)}.arrow", table)
-        _write_json_atomic(out / f"{shard_name(shard)}.json", {"shard": shard, "start": start, "stop": stop, **meta})
+        checksum = _write_arrow_atomic(out / f"{shard_name(shard)}.arrow", table)
+        _write_json_atomic(out / f"{shard_name(shard)}.json",
+                           {"shard": shard, "start": start, "stop": stop, **meta, "checksum": checksum})
     progress.close()
     tracker.check(final=True)
     return PretokenizeResult(written_shards=todo, skipped_shards=done, num_shards=num_shards)
 
 
-def finalize_code_cache(out_dir: str | os.PathLike, tokenizer: Any, max_bad_fraction: float = 1.0) -> dict:
-    """Check every shard is finished, merge their counts and write `cache_info.json`. Returns the info."""
+def _shard_finished(out: Path, shard: int) -> bool:
+    """Whether `shard` was finished and its Arrow file is still what was written (else it must be re-encoded)."""
+    meta_path = out / f"{shard_name(shard)}.json"
+    if not meta_path.exists():
+        return False
+    problem = _shard_problem(out / f"{shard_name(shard)}.arrow", json.loads(meta_path.read_text()).get("checksum"))
+    if problem is not None:
+        logger.warning("%s: %s; re-encoding it", out / f"{shard_name(shard)}.arrow", problem)
+        return False
+    return True
+
+
+def finalize_code_cache(out_dir: str | os.PathLike, tokenizer: Any, max_bad_fraction: float = 1.0,
+                        rebuild_command: str | None = None) -> dict:
+    """Check every shard is finished, merge their counts and checksums and write `cache_info.json` (with
+    `rebuild_command`, the pretokenize command line that rebuilds this cache, quoted in shard errors). Returns
+    the info."""
     out = Path(out_dir)
     state = json.loads((out / STATE_FILE).read_text())
+    if state.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CodeCacheMismatchError(f"{out}: pretokenize state has format version {state.get('format_version')}, "
+                                     f"expected {CACHE_FORMAT_VERSION}; pretokenize into a new output_dir")
     num_shards = max(1, -(-state["num_records"] // state["shard_size"]))
     missing = [s for s in range(num_shards) if not (out / f"{shard_name(s)}.json").exists()]
     if missing:
@@ -194,7 +283,10 @@ def finalize_code_cache(out_dir: str | os.PathLike, tokenizer: Any, max_bad_frac
         "num_skipped": len(skipped),
         "skipped": skipped,
         "shards": [f"{shard_name(s)}.arrow" for s in range(num_shards)],
+        "shard_checksums": {f"{shard_name(s)}.arrow": metas[s]["checksum"] for s in range(num_shards)},
+        "tokenizer_weights_hash": state["tokenizer_weights_hash"],
         "source": state.get("source"),
+        "rebuild_command": rebuild_command,
     }
     if info["tokenizer_config_hash"] != state["tokenizer_config_hash"]:
         raise CodeCacheMismatchError(f"{out}: shards were written with tokenizer hash {state['tokenizer_config_hash']}"
@@ -249,10 +341,61 @@ class CodeCache:
         return self[index]["codes"]
 
 
-def load_code_cache(path: str | os.PathLike, expected_hash: Any | None) -> CodeCache:
-    """Open the cache at `path`. `expected_hash` is the training tokenizer's `config_hash()` (or the tokenizer);
-    a cache written by a different tokenizer is refused with both hashes and the path. `None` skips the check
-    (inspection only)."""
+def _rebuild_hint(path: Path, info: dict) -> str:
+    command = info.get("rebuild_command")
+    if command:
+        return f"rebuild it with: {command} (only damaged shards are re-encoded)"
+    return (f"rebuild it by rerunning scripts/pretokenize.py with --output_dir {shlex.quote(str(path))} and the "
+            f"--data / --tokenizer_path it was made with (only damaged shards are re-encoded)")
+
+
+def _check_identity(path: Path, info: dict, expected: Any, allow_weights_mismatch: bool) -> None:
+    if isinstance(expected, str):  # a bare config hash: architecture only
+        expected_config, expected_weights = expected, None
+    else:
+        identity = expected if isinstance(expected, TokenizerIdentity) else TokenizerIdentity.of(expected)
+        expected_config, expected_weights = identity.config_hash, identity.weights_hash
+    if info.get("tokenizer_config_hash") != expected_config:
+        raise CodeCacheMismatchError(
+            f"code cache {path} was written by a tokenizer with config hash {info.get('tokenizer_config_hash')}, "
+            f"but the training tokenizer's hash is {expected_config}; re-run scripts/pretokenize.py with this "
+            f"tokenizer")
+    cached_weights = info.get("tokenizer_weights_hash")
+    if expected_weights is None or cached_weights == expected_weights:
+        return
+    message = (f"code cache {path} was written by a tokenizer with weights hash {cached_weights}, but the training "
+               f"tokenizer's weights hash is {expected_weights} (same config, other weights: its codes come from "
+               f"another codebook)")
+    if allow_weights_mismatch:
+        logger.warning("%s; using it anyway (allow_tokenizer_weights_mismatch)", message)
+        return
+    raise CodeCacheMismatchError(f"{message}; re-run scripts/pretokenize.py with this tokenizer, or, if the "
+                                 f"codebooks are known to agree, set allow_tokenizer_weights_mismatch (training "
+                                 f"programs: UNIMM_ALLOW_TOKENIZER_WEIGHTS_MISMATCH=1)")
+
+
+def verify_code_cache(path: str | os.PathLike, info: dict | None = None) -> None:
+    """Check every shard of the finished cache at `path` against its recorded size and checksum; raise
+    `CodeCacheCorruptError` naming the first bad shard file and the command that rebuilds it."""
+    path = Path(path)
+    info = info if info is not None else json.loads((path / CACHE_INFO).read_text())
+    checksums = info.get("shard_checksums") or {}
+    for name in info["shards"]:
+        problem = _shard_problem(path / name, checksums.get(name))
+        if problem is not None:
+            raise CodeCacheCorruptError(f"code cache shard {path / name} is unusable: {problem}; "
+                                        f"{_rebuild_hint(path, info)}")
+
+
+def load_code_cache(path: str | os.PathLike, expected_hash: Any | None, allow_weights_mismatch: bool = False,
+                    verify: bool = True) -> CodeCache:
+    """Open the cache at `path`, refusing one made by another tokenizer and checking every shard's checksum.
+
+    `expected_hash` is the training tokenizer (or its `TokenizerIdentity`): both its config hash and its weights
+    hash must match what the cache recorded, each refusal naming both hashes and the path. A bare config-hash
+    string checks the architecture only; `None` skips the check (inspection only). `allow_weights_mismatch`
+    turns a weights-hash mismatch into a warning. `verify=False` skips the shard checksums (sizes are still
+    checked when the shards are opened)."""
     import datasets
 
     path = Path(path)
@@ -260,17 +403,29 @@ def load_code_cache(path: str | os.PathLike, expected_hash: Any | None) -> CodeC
     if not info_path.is_file():
         partial = " (pretokenize did not finish: rerun it to resume)" if (path / STATE_FILE).exists() else ""
         raise FileNotFoundError(f"no {CACHE_INFO} in {path}; not a finished code cache{partial}")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CodeCacheCorruptError(f"{info_path}: not valid JSON (line {err.lineno}, column {err.colno}: "
+                                    f"{err.msg}); {_rebuild_hint(path, {})}") from None
+    if info.get("format_version") != CACHE_FORMAT_VERSION:
+        raise CodeCacheMismatchError(
+            f"code cache {path} has format version {info.get('format_version')}, this UniMM reads version "
+            f"{CACHE_FORMAT_VERSION} (which records tokenizer weights and shard checksums); rebuild it into a new "
+            f"--output_dir with scripts/pretokenize.py")
     if expected_hash is not None:
-        expected = _tokenizer_hash(expected_hash)
-        if info.get("tokenizer_config_hash") != expected:
-            raise CodeCacheMismatchError(
-                f"code cache {path} was written by a tokenizer with config hash {info.get('tokenizer_config_hash')}, "
-                f"but the training tokenizer's hash is {expected}; re-run scripts/pretokenize.py with this tokenizer")
-    shards = [datasets.Dataset.from_file(str(path / name)) for name in info["shards"]]
+        _check_identity(path, info, expected_hash, allow_weights_mismatch)
+    if verify:
+        verify_code_cache(path, info)
+    shards = []
+    for name in info["shards"]:
+        try:
+            shards.append(datasets.Dataset.from_file(str(path / name)))
+        except (OSError, pa.ArrowException) as err:
+            raise CodeCacheCorruptError(f"code cache shard {path / name} cannot be read ({err}); "
+                                        f"{_rebuild_hint(path, info)}") from None
     dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     return CodeCache(path, info, dataset)
-
 
 
 # ------------------------------------------------------------------------------------------------ program glue
@@ -320,6 +475,20 @@ def llava_image_records(path: str | os.PathLike, image_folder: str | os.PathLike
                                                              for ref in refs]})
 
 
+def rebuild_command(config: PretokenizeConfig) -> str:
+    """The `scripts/pretokenize.py` command line that (re)builds the cache `config` describes."""
+    args = ["python", "scripts/pretokenize.py", "--data", config.data, "--tokenizer_path", config.tokenizer_path,
+            "--output_dir", config.output_dir, "--shard_size", str(config.shard_size)]
+    if config.data_format != "pairs":
+        args += ["--data_format", config.data_format]
+    for name in ("image_folder", "text_key"):
+        if getattr(config, name) is not None:
+            args += [f"--{name}", getattr(config, name)]
+    if config.image_key != "image":
+        args += ["--image_key", config.image_key]
+    return shlex.join(str(a) for a in args)
+
+
 def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> dict | None:
     """Pretokenize with every process of the current `accelerate` launch; the main process writes
     `cache_info.json` once all shards are done and returns it (other processes return None)."""
@@ -331,7 +500,9 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     # cpu=True on CPU-only machines so a multi-process launch (torchrun, accelerate launch) uses gloo ranks.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-    tokenizer = load_tokenizer(config.tokenizer_path).to(accelerator.device).eval()
+    tokenizer = load_tokenizer(config.tokenizer_path).eval()
+    weights_hash = tokenizer_weights_hash(tokenizer)  # of the weights as saved, before any cast
+    tokenizer = tokenizer.to(accelerator.device)
     if dtype != torch.float32 and accelerator.device.type != "cpu":
         tokenizer = tokenizer.to(dtype)
     if config.data_format == "llava":
@@ -341,11 +512,13 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     pretokenize(records, tokenizer, config.output_dir, batch_size=config.batch_size, shard_size=config.shard_size,
                 num_workers=config.num_workers, device=accelerator.device, process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes, max_bad_fraction=config.max_bad_fraction,
-                source=str(config.data), show_progress=show_progress and accelerator.is_local_main_process)
+                source=str(config.data), show_progress=show_progress and accelerator.is_local_main_process,
+                weights_hash=weights_hash)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    info = finalize_code_cache(config.output_dir, tokenizer, max_bad_fraction=config.max_bad_fraction)
+    info = finalize_code_cache(config.output_dir, tokenizer, max_bad_fraction=config.max_bad_fraction,
+                               rebuild_command=rebuild_command(config))
     logger.info("code cache %s: %d codes written, %d skipped", config.output_dir, info["num_codes_written"],
                 info["num_skipped"])
     return info

@@ -289,6 +289,8 @@ class MixtureConfig:
         "Samples per epoch drawn from the mixture; default: the size of the largest source."))
     max_bad_fraction: float = field(default=0.01, **_help("Fraction of bad records tolerated before stopping."))
     seed: int = field(default=0, **_help("Seed of the mixture's source order."))
+    allow_tokenizer_weights_mismatch: bool = field(default=False, **_help(
+        "Use code caches whose tokenizer has the same config but other weights (a warning instead of an error)."))
 
     @classmethod
     def from_object(cls, obj: Any, **overrides: Any) -> MixtureConfig:
@@ -349,12 +351,17 @@ class MixtureDataset(torch.utils.data.Dataset):
         return self.datasets[source].get(int(self.position[index]), int(self.epoch[index]))
 
 
-def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: str | None = None,
+def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: Any | None = None,
                   pixel_images: PixelImages | None = None) -> MixtureDataset:
-    """The training dataset described by `config`. `tokenizer_hash` (the visual tokenizer's `config_hash()`) is
-    checked against every code cache; `pixel_images` serves conversation images when no code cache covers them."""
-    from unimm.data.code_cache import load_code_cache
+    """The training dataset described by `config`. `tokenizer_hash` (the visual tokenizer's `TokenizerIdentity`:
+    config and weights hashes; a bare `config_hash()` string checks the architecture only) is checked against
+    every code cache; `pixel_images` serves conversation images when no code cache covers them."""
+    from functools import partial
+
+    from unimm.data.code_cache import load_code_cache as _load_code_cache
     from unimm.data.sources import read_llava_json, read_text_records
+
+    load_code_cache = partial(_load_code_cache, allow_weights_mismatch=config.allow_tokenizer_weights_mismatch)
 
     def tracker(task: str) -> BadSampleTracker:
         return BadSampleTracker(max_bad_fraction=config.max_bad_fraction, name=f"{task} data")

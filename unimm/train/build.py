@@ -9,6 +9,7 @@ ZeRO-3 requires) or loaded from an existing UniMM model (`model_path`).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from unimm.train.arguments import DataArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
 
+# `UNIMM_ALLOW_TOKENIZER_WEIGHTS_MISMATCH=1`: train on code caches made by a tokenizer with other weights.
+ALLOW_WEIGHTS_MISMATCH_ENV = "UNIMM_ALLOW_TOKENIZER_WEIGHTS_MISMATCH"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -183,6 +186,7 @@ class _RowMask:
 def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) -> torch.utils.data.Dataset:
     """The task mixture described by `data_args` (code cache / LLaVA JSON / text), checked against the visual
     tokenizer's config hash when one is loaded."""
+    from unimm.data.code_cache import TokenizerIdentity
     from unimm.data.images import ImageTransform
     from unimm.data.tasks import MixtureConfig, PixelImages, SampleConfig, SampleFactory, build_mixture
 
@@ -190,14 +194,18 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
                                     if hasattr(data_args, f.name) and f.name != "seed"}, seed=seed)
     factory = SampleFactory(built.tokenizer, built.layout, sample_config)
     mixture = MixtureConfig.from_object(data_args, seed=seed + data_args.data_seed_offset)
+    if os.environ.get(ALLOW_WEIGHTS_MISMATCH_ENV) == "1":
+        # Until DataArguments carries allow_tokenizer_weights_mismatch, the programs take the override from here.
+        mixture.allow_tokenizer_weights_mismatch = True
     visual = built.visual_tokenizer
     pixel_images = None
     if visual is not None and built.model.feature_projector is not None:
         transform = ImageTransform(image_size=visual.image_size, mean=visual.image_mean, std=visual.image_std)
         pixel_images = PixelImages(data_args.image_folder or _default_image_folder(data_args), transform,
                                    visual.num_positions)
-    tokenizer_hash = visual.config_hash() if visual is not None else None
-    return build_mixture(mixture, factory, tokenizer_hash=tokenizer_hash, pixel_images=pixel_images)
+    # Config and weights hashes, taken once: a cache made by a tokenizer with other weights is refused.
+    identity = TokenizerIdentity.of(visual) if visual is not None else None
+    return build_mixture(mixture, factory, tokenizer_hash=identity, pixel_images=pixel_images)
 
 
 def _default_image_folder(data_args: DataArguments) -> str | None:
