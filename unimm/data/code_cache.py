@@ -35,6 +35,7 @@ import torch
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
+from unimm.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,11 @@ CACHE_FORMAT_VERSION = 2  # 2: tokenizer weights hash and per-shard checksums
 _CHECKSUM_CHUNK = 8 << 20
 
 
-class CodeCacheMismatchError(ValueError):
+class CodeCacheMismatchError(UserError, ValueError):
     """The cache was written by a different tokenizer (or a different pretokenize run)."""
 
 
-class CodeCacheCorruptError(ValueError):
+class CodeCacheCorruptError(UserError, ValueError):
     """A cache shard is missing, truncated or does not match its recorded checksum."""
 
 
@@ -448,6 +449,8 @@ class PretokenizeConfig:
     image_folder: str | None = _field(None, "LLaVA only: folder the image paths are relative to (default: the "
                                             "JSON file's folder).")
     image_key: str = _field("image", "Column / field holding the image (pairs).")
+    allow_outside_image_folder: bool = _field(False, "Let record image paths leave their folder (absolute paths, "
+                                                     "`..`, symlinks); off: such records are skipped and counted.")
     text_key: str | None = _field(None, "Column holding the caption (pairs); default: text, caption or txt.")
     batch_size: int = _field(32, "Images per tokenizer forward pass.")
     shard_size: int = _field(1024, "Records per Arrow shard (the unit of resumption and of multi-GPU sharding).")
@@ -463,16 +466,34 @@ class PretokenizeConfig:
             raise ValueError(f"data_format must be 'pairs' or 'llava', got {self.data_format!r}")
 
 
-def llava_image_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None) -> Any:
-    """The distinct images of a LLaVA file as records `id` (path as written, the cache key) and `image` (resolved)."""
+def llava_image_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
+                        allow_outside_folder: bool = False) -> Any:
+    """The distinct images of a LLaVA file as records `id` (path as written, the cache key) and `image` (resolved).
+    An image path that leaves the folder (`..`, a symlink, an absolute path elsewhere) gets no image, so it is
+    skipped and counted like a missing one, with a warning naming the records that use it, unless
+    `allow_outside_folder`."""
     import datasets
 
+    from unimm.data.images import ImageOutsideFolderError, resolve_image_path
     from unimm.data.sources import read_llava_json
 
     folder = Path(image_folder) if image_folder is not None else Path(path).resolve().parent
-    refs = sorted({ref for refs in read_llava_json(path)["images"] for ref in refs})
-    return datasets.Dataset.from_dict({"id": refs, "image": [ref if os.path.isabs(ref) else str(folder / ref)
-                                                             for ref in refs]})
+    users: dict[str, list[str]] = {}
+    records = read_llava_json(path)
+    for sample_id, refs in zip(records["id"], records["images"]):
+        for ref in refs:
+            users.setdefault(ref, []).append(sample_id)
+    refs = sorted(users)
+    images: list[str | None] = []
+    for ref in refs:
+        try:
+            images.append(resolve_image_path(ref, folder, allow_outside_folder))
+        except ImageOutsideFolderError as err:
+            logger.warning("%s: skipping the image of record(s) %s: %s", path, ", ".join(users[ref][:5]), err)
+            images.append(None)
+    return datasets.Dataset.from_dict({"id": refs, "image": images},
+                                      features=datasets.Features({"id": datasets.Value("string"),
+                                                                  "image": datasets.Value("string")}))
 
 
 def rebuild_command(config: PretokenizeConfig) -> str:
@@ -486,6 +507,8 @@ def rebuild_command(config: PretokenizeConfig) -> str:
             args += [f"--{name}", getattr(config, name)]
     if config.image_key != "image":
         args += ["--image_key", config.image_key]
+    if config.allow_outside_image_folder:
+        args += ["--allow_outside_image_folder", "true"]
     return shlex.join(str(a) for a in args)
 
 
@@ -506,9 +529,10 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     if dtype != torch.float32 and accelerator.device.type != "cpu":
         tokenizer = tokenizer.to(dtype)
     if config.data_format == "llava":
-        records = llava_image_records(config.data, config.image_folder)
+        records = llava_image_records(config.data, config.image_folder, config.allow_outside_image_folder)
     else:
-        records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key)
+        records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key,
+                                     allow_outside_folder=config.allow_outside_image_folder)
     pretokenize(records, tokenizer, config.output_dir, batch_size=config.batch_size, shard_size=config.shard_size,
                 num_workers=config.num_workers, device=accelerator.device, process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes, max_bad_fraction=config.max_bad_fraction,

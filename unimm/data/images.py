@@ -31,11 +31,13 @@ __all__ = [
     "BadSampleTracker",
     "ImageDataset",
     "ImageLoadError",
+    "ImageOutsideFolderError",
     "ImageTransform",
     "TooManyBadSamplesError",
     "collate_images",
     "load_image",
     "read_image_records",
+    "resolve_image_path",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -112,14 +114,36 @@ def _pick_text_key(columns: Sequence[str], text_key: str | None, source: str) ->
     return next((key for key in TEXT_KEYS if key in columns), None)
 
 
-def _resolve_path(value: Any, base_dir: Path) -> Any:
-    if isinstance(value, str) and value and not os.path.isabs(value) and "://" not in value:
-        return str(base_dir / value)
-    return value
+class ImageOutsideFolderError(ImageLoadError):
+    """A record's image path resolves (through `..` or a symlink, or being absolute) outside its image folder."""
+
+
+def resolve_image_path(value: str, folder: str | os.PathLike, allow_outside: bool = False) -> str:
+    """`value` (a path as written in a record: relative to `folder`, or absolute) as a path to open. Unless
+    `allow_outside`, a path whose real location (`..` and symlinks resolved) is not inside `folder` raises
+    `ImageOutsideFolderError`, so a record cannot make a training job read files elsewhere on the machine."""
+    folder = Path(folder)
+    path = Path(value) if os.path.isabs(value) else folder / value
+    if not allow_outside and not path.resolve().is_relative_to(folder.resolve()):
+        raise ImageOutsideFolderError(f"image path {value!r} resolves to {path.resolve()}, outside the image folder "
+                                      f"{folder} (allow_outside_image_folder permits such paths)")
+    return str(path)
+
+
+def _resolve_path(value: Any, base_dir: Path, sample_id: str, allow_outside: bool) -> Any:
+    """A local path of a record resolved against `base_dir`; None (skipped and counted as a record without an
+    image when loaded) if it leaves `base_dir`. URLs and non-path values pass through."""
+    if not isinstance(value, str) or not value or "://" in value:
+        return value
+    try:
+        return resolve_image_path(value, base_dir, allow_outside)
+    except ImageOutsideFolderError as err:
+        logger.warning("sample %s: skipping its image: %s", sample_id, err)
+        return None
 
 
 def _normalise_columns(dataset: Any, image_key: str, text_key: str | None, id_key: str, source: str,
-                       base_dir: Path | None) -> Any:
+                       base_dir: Path | None, allow_outside: bool = False) -> Any:
     """Rename to `id`/`image`/`text`, keep image values undecoded, make ids strings (or `<stem>-<row>`)."""
     import datasets
 
@@ -140,12 +164,12 @@ def _normalise_columns(dataset: Any, image_key: str, text_key: str | None, id_ke
 
     def convert(example: dict, index: int) -> dict:
         image = example[image_key]
+        sample_id = str(example[id_key]) if has_id and example[id_key] is not None else f"{stem}-{index}"
         if base_dir is not None:
-            image = _resolve_path(image, base_dir)
+            image = _resolve_path(image, base_dir, sample_id, allow_outside)
             if isinstance(image, dict) and image.get("bytes") is None and image.get("path"):
-                image = {"bytes": None, "path": _resolve_path(image["path"], base_dir)}
-        out = {"id": str(example[id_key]) if has_id and example[id_key] is not None else f"{stem}-{index}",
-               "image": image}
+                image = {"bytes": None, "path": _resolve_path(image["path"], base_dir, sample_id, allow_outside)}
+        out = {"id": sample_id, "image": image}
         if text_col is not None:
             out["text"] = example[text_col]
         return out
@@ -177,7 +201,7 @@ def _expand(source: str) -> list[str]:
 
 def read_image_records(source: str | os.PathLike, image_key: str = "image", text_key: str | None = None,
                        split: str = "train", streaming: bool = False, id_key: str = "id",
-                       cache_dir: str | None = None) -> Any:
+                       cache_dir: str | None = None, allow_outside_folder: bool = False) -> Any:
     """Read image(-text) records from `source` into a `datasets.Dataset` (`IterableDataset` if `streaming`)
     with columns `id`, `image` and, when captions are present, `text`.
 
@@ -192,6 +216,9 @@ def read_image_records(source: str | os.PathLike, image_key: str = "image", text
 
     `text_key=None` uses the first of `text`, `caption`, `txt` that exists; rows without an `id_key` column
     get `<file stem>-<row>` ids. `cache_dir` is passed to `datasets.load_dataset` (its Arrow cache).
+    Image paths in jsonl/json/parquet/save_to_disk records must stay inside the records' folder (after `..` and
+    symlinks); a record whose path leaves it keeps no image (skipped and counted when loaded, with a warning
+    naming it) unless `allow_outside_folder`.
     """
     import datasets
 
@@ -206,7 +233,8 @@ def read_image_records(source: str | os.PathLike, image_key: str = "image", text
                 loaded = loaded[split]
             if streaming:
                 loaded = loaded.to_iterable_dataset()
-            return _normalise_columns(loaded, image_key, text_key, id_key, source, base_dir=path)
+            return _normalise_columns(loaded, image_key, text_key, id_key, source, base_dir=path,
+                                      allow_outside=allow_outside_folder)
         tars = sorted(str(p) for p in path.glob("*.tar"))
         if tars:
             return _read_webdataset(tars, source, split, streaming, text_key, cache_dir)
@@ -229,7 +257,8 @@ def read_image_records(source: str | os.PathLike, image_key: str = "image", text
     if len(base_dirs) > 1:
         raise ValueError(f"{source}: files span several folders {sorted(map(str, base_dirs))}; relative image "
                          "paths would be ambiguous. Read each folder separately and concatenate.")
-    return _normalise_columns(dataset, image_key, text_key, id_key, source, base_dir=base_dirs.pop())
+    return _normalise_columns(dataset, image_key, text_key, id_key, source, base_dir=base_dirs.pop(),
+                              allow_outside=allow_outside_folder)
 
 
 def _read_webdataset(files: list[str], source: str, split: str, streaming: bool, text_key: str | None,

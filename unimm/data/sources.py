@@ -18,6 +18,7 @@ from typing import Any
 
 from unimm.data.sequence import ImageSlot, MalformedRecordError
 from unimm.data.templates import ChatMessage
+from unimm.utils.errors import invalid_json
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
@@ -34,7 +35,10 @@ def _iter_json_records(path: Path) -> Iterator[Any]:
                         yield {"__malformed__": f"{path}:{line_number}: invalid JSON ({err})"}
         return
     with path.open() as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise invalid_json(path, err) from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: a LLaVA JSON file must hold a list of records, got {type(data).__name__}")
     yield from data

@@ -26,7 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from unimm.data.bad_samples import BadSampleTracker
-from unimm.data.images import ImageLoadError, ImageTransform, load_image
+from unimm.data.images import ImageLoadError, ImageTransform, load_image, resolve_image_path
 from unimm.data.sequence import ImageSlot, Sample, SampleError, SequenceBuilder, Text, TokenIds
 from unimm.data.sources import llava_messages
 from unimm.data.templates import ChatMessage, get_chat_format
@@ -141,15 +141,19 @@ class PixelImages:
     """Image slots with continuous inputs: the image is loaded and transformed here, and the training step encodes
     `pixel_values` into `num_positions` features (VQRAE understanding)."""
 
-    def __init__(self, image_folder: str | os.PathLike | None, transform: ImageTransform, num_positions: int):
+    def __init__(self, image_folder: str | os.PathLike | None, transform: ImageTransform, num_positions: int,
+                 allow_outside_folder: bool = False):
         self.image_folder = Path(image_folder) if image_folder is not None else None
         self.transform = transform
         self.num_positions = num_positions
+        self.allow_outside_folder = allow_outside_folder
 
     def __call__(self, key: str, sample_id: str) -> ImageSlot:
-        path = Path(key) if self.image_folder is None or os.path.isabs(key) else self.image_folder / key
         try:
-            image = load_image(str(path), sample_id)
+            # A path leaving image_folder (`..`, a symlink, an absolute path) is a bad record, skipped and counted.
+            path = key if self.image_folder is None else resolve_image_path(key, self.image_folder,
+                                                                            self.allow_outside_folder)
+            image = load_image(path, sample_id)
         except ImageLoadError as err:
             raise SampleError(sample_id, str(err)) from err
         return ImageSlot(num_positions=self.num_positions, pixel_values=self.transform(image), image_key=key)
@@ -289,6 +293,9 @@ class MixtureConfig:
         "Samples per epoch drawn from the mixture; default: the size of the largest source."))
     max_bad_fraction: float = field(default=0.01, **_help("Fraction of bad records tolerated before stopping."))
     seed: int = field(default=0, **_help("Seed of the mixture's source order."))
+    allow_outside_image_folder: bool = field(default=False, **_help(
+        "Let conversation image paths leave image_folder (absolute paths, `..`, symlinks); off: such records are "
+        "skipped and counted."))
     allow_tokenizer_weights_mismatch: bool = field(default=False, **_help(
         "Use code caches whose tokenizer has the same config but other weights (a warning instead of an error)."))
 

@@ -79,6 +79,10 @@ class TokenizerDataArguments:
         default=None, metadata={"help": "Size of the shortcut datasets' images before the model's transform."}
     )
     num_samples: int = field(default=256, metadata={"help": "Number of images of the `shapes` shortcut."})
+    allow_outside_image_folder: bool = field(
+        default=False,
+        metadata={"help": "Let record image paths leave their folder (absolute, `..`, symlinks); off: skipped."},
+    )
     max_bad_fraction: float = field(
         default=0.01, metadata={"help": "Stop with an error once more than this fraction of images is unreadable."}
     )
@@ -188,7 +192,8 @@ def load_records(source: str, data_args: TokenizerDataArguments, seed: int) -> A
         config = ShapesConfig(image_size=data_args.image_size) if data_args.image_size else None
         shapes = ShapesDataset(data_args.num_samples, seed=seed, config=config)
         return [{"id": sample.id, "image": sample.image} for sample in shapes]
-    return read_image_records(source, image_key=data_args.image_key, split=data_args.split)
+    return read_image_records(source, image_key=data_args.image_key, split=data_args.split,
+                              allow_outside_folder=data_args.allow_outside_image_folder)
 
 
 class EpochBatches:
