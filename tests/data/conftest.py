@@ -49,3 +49,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Session-scoped: loading and extending a 151k vocabulary takes seconds; tests must not change these tokenizers.
+@pytest.fixture(scope="session")
+def real_qwen(real_qwen_tokenizer_path):
+    tokenizer = AutoTokenizer.from_pretrained(real_qwen_tokenizer_path)
+    return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
+
+
+@pytest.fixture(scope="session")
+def real_llama(real_llama_tokenizer_path):
+    tokenizer = AutoTokenizer.from_pretrained(real_llama_tokenizer_path)
+    return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)

@@ -297,8 +297,13 @@ def test_batched_text_encoding_equals_encode_plain_text(style, request):
 
     tokenizer, layout = request.getfixturevalue(style)
     texts = ["hello world", " a <|boi|> b <|im_end|>", "x\ny", "</s> [INST]"]
-    sample = SequenceBuilder(tokenizer, layout).build([Text(t, supervise=True) for t in texts], "b", "text")
-    assert sample.input_ids.tolist() == [i for t in texts for i in encode_plain_text(tokenizer, t)]
+    builder = SequenceBuilder(tokenizer, layout)
+    sample = builder.build([Text(t, supervise=True) for t in texts], "b", "text")
+    # the first text starts the string; the others continue it (no SentencePiece word-boundary mark of their own)
+    expected = encode_plain_text(tokenizer, texts[0]) + [i for t in texts[1:] for i in builder.encode_text(
+        Text(t), continues=True)]
+    assert sample.input_ids.tolist() == expected
+    assert tokenizer.decode(expected) == "".join(texts)
 
 
 def test_hf_llama2_style_template_with_space_before_eos_and_refusals(llama):

@@ -110,6 +110,26 @@ class Sample:
         return bool(self.image_spans)
 
 
+# Probes for continuation tokenisation: a newline is a byte piece in LLaMA/Mistral vocabularies and never merges
+# with the text after it there; the others serve vocabularies with multi-newline pieces.
+_PROBES = ("\n", "\u2603", "\u0001")
+
+
+def attach_boundary_spaces(segments: Sequence[Segment]) -> list[Segment]:
+    """Moves one space that ends a text segment onto the user/data text segment after it (which then starts with it),
+    so the word-boundary space is tokenised with the word it precedes, as in one-string tokenisation: SentencePiece
+    `▁Give`, byte-level BPE `ĠGive`. Left where it was, it would become a lone space token followed by the word split
+    as a mid-word continuation (`▁`, `G`, `ive`). The moved space takes the following segment's `supervise` flag."""
+    out: list[Segment] = list(segments)
+    for i in range(len(out) - 1):
+        here, after = out[i], out[i + 1]
+        if (isinstance(here, Text) and isinstance(after, Text) and not after.special and here.text.endswith(" ")
+                and after.text and not after.text[0].isspace()):
+            out[i] = Text(here.text[:-1], supervise=here.supervise, special=here.special)
+            out[i + 1] = Text(" " + after.text, supervise=after.supervise, special=after.special)
+    return [s for s in out if not (isinstance(s, Text) and s.text == "")]
+
+
 class SequenceBuilder:
     """Turns segments into a `Sample` for one tokenizer and vocabulary layout.
 
@@ -122,15 +142,83 @@ class SequenceBuilder:
         self.layout = layout
         self.max_length = max_length
         self.group_names = list(layout.codebook_spec)
-        self._special_cache: dict[str, list[int]] = {}
+        self._special_cache: dict[tuple[str, bool], list[int]] = {}
+        self.marks_text_start = self._detect_text_start_mark()
 
-    def encode_text(self, segment: Text) -> list[int]:
+    def _detect_text_start_mark(self) -> bool:
+        """Whether the tokenizer marks the start of every call's text (SentencePiece's word-boundary `▁`, as in
+        LLaMA and Mistral): then a segment that continues a sequence must not be tokenised on its own, or each
+        segment gains a space the format never had (`[INST]  Give`)."""
+        return self._encode_continuing(["a"], special=False)[0] != encode_plain_text(self.tokenizer, "a")
+
+    def _encode_continuing(self, texts: list[str], special: bool) -> list[list[int]]:
+        """Ids of `texts` as they tokenise in the middle of a sequence: each is tokenised after a probe that takes
+        the tokenizer's start-of-text mark, and the probe's ids are dropped. A probe whose ids change with the text
+        after it (it merged) is not used for that text; the next one is."""
+        kwargs = {"add_special_tokens": False, "split_special_tokens": not special}
+        out: list[list[int] | None] = [None] * len(texts)
+        for probe in _PROBES:
+            todo = [i for i, ids in enumerate(out) if ids is None]
+            if not todo:
+                break
+            probe_ids = list(self.tokenizer(probe, **kwargs)["input_ids"])
+            encoded = self.tokenizer([probe + texts[i] for i in todo], **kwargs)["input_ids"]
+            for i, ids in zip(todo, encoded):
+                if list(ids[: len(probe_ids)]) == probe_ids:
+                    out[i] = list(ids[len(probe_ids):])
+        failed = [texts[i][:40] for i, ids in enumerate(out) if ids is None]
+        if failed:
+            raise ValueError(f"cannot tokenise {failed[0]!r} as a continuation with {type(self.tokenizer).__name__}: "
+                             f"every probe {list(_PROBES)} merges with it")
+        return [ids for ids in out if ids is not None]
+
+    def encode_text(self, segment: Text, continues: bool = False) -> list[int]:
+        """Ids of one text segment; `continues=True` when text or an image precedes it in the same sequence."""
+        continues = continues and self.marks_text_start
         if not segment.special:
+            if continues:
+                return self._encode_continuing([segment.text], special=False)[0]
             return encode_plain_text(self.tokenizer, segment.text)
-        if segment.text not in self._special_cache:  # template scaffolding repeats; cache it
-            ids = self.tokenizer(segment.text, add_special_tokens=False)["input_ids"]
-            self._special_cache[segment.text] = ids
-        return list(self._special_cache[segment.text])
+        key = (segment.text, continues)
+        if key not in self._special_cache:  # template scaffolding repeats; cache it
+            if continues:
+                ids = self._encode_continuing([segment.text], special=True)[0]
+            else:
+                ids = self.tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+            self._special_cache[key] = ids
+        return list(self._special_cache[key])
+
+    def _continues(self, segments: Sequence[Segment]) -> list[bool]:
+        """Per segment: whether text or an image precedes it in the same document, so its text continues a string
+        rather than starting one. A BOS starts a new document (LLaMA-2 encodes each turn pair in its own call)."""
+        flags, started = [], False
+        bos = self.tokenizer.bos_token_id
+        for segment in segments:
+            flags.append(started)
+            if isinstance(segment, TokenIds):
+                started = started and not (bos is not None and segment.ids and segment.ids[-1] == bos)
+            else:
+                started = True
+        return flags
+
+    def _encode_plain_segments(self, segments: Sequence[Segment], continues: Sequence[bool]) -> list[list[int]]:
+        """One batched tokenizer call for all user/data text of a sample (per-call overhead dominates for short
+        segments); continuing segments go through the probe (see `encode_text`)."""
+        fresh: list[tuple[int, str]] = []
+        continuing: list[tuple[int, str]] = []
+        plain = [(s, c) for s, c in zip(segments, continues) if isinstance(s, Text) and not s.special]
+        for index, (segment, after_text) in enumerate(plain):
+            (continuing if after_text and self.marks_text_start else fresh).append((index, segment.text))
+        out: list[list[int]] = [[] for _ in plain]
+        if fresh:
+            encoded = self.tokenizer([t for _, t in fresh], add_special_tokens=False, split_special_tokens=True)
+            for (index, _), ids in zip(fresh, encoded["input_ids"]):
+                out[index] = list(ids)
+        if continuing:
+            encoded = self._encode_continuing([t for _, t in continuing], special=False)
+            for (index, _), ids in zip(continuing, encoded):
+                out[index] = ids
+        return out
 
     def _check_codes(self, slot: ImageSlot, sample_id: str) -> int:
         codes = slot.codes
@@ -161,13 +249,12 @@ class SequenceBuilder:
         boundaries: list[tuple[int, int]] = []  # image spans including <|boi|> and <|eoi|>
         continuous: list[tuple[str, torch.Tensor] | None] = []  # per slot: ("features"|"pixels", tensor) or None
         keys: list[str | None] = []
-        # One batched tokenizer call for all user/data text (per-call overhead dominates for short segments).
-        plain = [s.text for s in segments if isinstance(s, Text) and not s.special]
-        plain_ids = iter(self.tokenizer(plain, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                         if plain else [])
-        for segment in segments:
+        segments = attach_boundary_spaces(segments)
+        continues = self._continues(segments)
+        plain_ids = iter(self._encode_plain_segments(segments, continues))
+        for segment, after_text in zip(segments, continues):
             if isinstance(segment, Text):
-                new = list(next(plain_ids)) if not segment.special else self.encode_text(segment)
+                new = next(plain_ids) if not segment.special else self.encode_text(segment, continues=after_text)
                 ids.extend(new)
                 labels.extend(new if segment.supervise else [IGNORE_INDEX] * len(new))
             elif isinstance(segment, TokenIds):

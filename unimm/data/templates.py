@@ -152,8 +152,9 @@ class HFChatTemplateFormat(ChatFormat):
 
 
 class Llama2Format(ChatFormat):
-    """`<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>` per turn pair (LLaMA-2 chat).
-    Meant for sentencepiece tokenizers, which add the word-boundary space in front of every piece."""
+    """`<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer}</s>` per turn pair (LLaMA-2 chat), the
+    text Meta's reference tokenises in one call per pair. The space after `[/INST]` joins the answer's first word
+    (`▁answer`, see `attach_boundary_spaces`), so it is supervised with it; a generation prompt ends at `[/INST]`."""
 
     name = "llama-2"
 
@@ -176,6 +177,7 @@ class Llama2Format(ChatFormat):
                 out.extend(_content_segments(message.parts, supervise=False))
                 out.append(Text(" [/INST]"))
             else:
+                out.append(Text(" "))
                 out.extend(_content_segments(message.parts, supervise=True))
                 out.append(TokenIds([tok.eos_token_id], supervise=True))
         return out
