@@ -77,7 +77,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         image_size=args.image_size,
         num_samples=args.num_samples,
     )
-    transform = ImageTransform(model.image_size, model.image_mean, model.image_std)
+    transform = ImageTransform.for_tokenizer(model)
     dataset = ImageDataset(load_records(args.dataset, data_args, seed=0), transform)
     tracker = BadSampleTracker(args.max_bad_fraction, min_seen=0, name="eval images")
 

@@ -12,7 +12,9 @@
 #   bash scripts/quickstart.sh --fast          # a few steps of everything (CI); accuracies are not meaningful
 #   bash scripts/quickstart.sh --tokenizer vqrae --out runs/qs_vqrae
 #   bash scripts/quickstart.sh --held_out 8    # 8 captions never trained on, prompted first and scored apart
-# Environment: QUICKSTART_OUT (run directory), QUICKSTART_FAST=1 (same as --fast), QUICKSTART_MASTER_PORT.
+#   UNIMM_DEPS=latest bash scripts/quickstart.sh   # on the newest releases (.venv-latest) instead of the lock
+# Environment: QUICKSTART_OUT (run directory), QUICKSTART_FAST=1 (same as --fast), QUICKSTART_MASTER_PORT,
+# UNIMM_DEPS (locked | latest: see scripts/_venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +32,7 @@ while [ $# -gt 0 ]; do
     --out=*) OUT="${1#*=}" ;;
     --held_out) HELD_OUT="$2"; shift ;;
     --held_out=*) HELD_OUT="${1#*=}" ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

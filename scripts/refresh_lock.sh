@@ -3,12 +3,14 @@
 #   1. `UNIMM_DEPS=latest bash scripts/test.sh` installs the newest releases into .venv-latest and runs the tests;
 #   2. only if that passes, the whole installed closure of .venv-latest is frozen into requirements/lock.txt.
 # Extra arguments go to pytest. Review `git diff requirements/lock.txt`, then commit the lock with the run's tally.
+# UNIMM_LOCK_OUT=FILE writes elsewhere (tests use it with UNIMM_DRY_RUN=1, which skips the install and the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export UNIMM_DEPS=latest
 VENV_DIR="${UNIMM_VENV:-.venv-latest}"
 bash scripts/test.sh "$@"
-LOCK=requirements/lock.txt
+LOCK="${UNIMM_LOCK_OUT:-requirements/lock.txt}"
+mkdir -p "$(dirname "$LOCK")"
 {
   echo "# The exact versions the UniMM test suite passed with: a pip constraints file covering the whole installed"
   echo "# closure of unimm[dev]. scripts/test.sh and scripts/quickstart.sh install from it by default."

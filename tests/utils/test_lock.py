@@ -117,3 +117,21 @@ def test_locked_environment_is_exactly_the_lock(lock_file):
         if installed != _pins().get(name):
             wrong[name] = (installed, _pins().get(name))
     assert not wrong, f"installed != locked (installed, locked): {wrong}"
+
+
+def test_refresh_lock_freezes_the_environment_it_tested(tmp_path):
+    """The freeze half of scripts/refresh_lock.sh, run on this environment (UNIMM_DRY_RUN skips the test run)."""
+    import sys
+
+    out = tmp_path / "lock.txt"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("UNIMM_")}
+    env = {**clean, "UNIMM_DRY_RUN": "1", "UNIMM_VENV": sys.prefix, "UNIMM_LOCK_OUT": str(out)}
+    result = subprocess.run(["bash", "scripts/refresh_lock.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in out.read_text().splitlines() if not line.startswith("#")]
+    pins = dict(line.split("==", 1) for line in lines)
+    assert pins["transformers"] == importlib.metadata.version("transformers")
+    assert pins["torch"] == importlib.metadata.version("torch").split("+", 1)[0]  # no local build label
+    assert "pip" not in pins and "unimm" not in pins and not any(" @ " in line for line in lines)
+    assert set(map(canonicalize_name, pins)) >= _closure("unimm", ("dev",))

@@ -200,7 +200,7 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
     visual = built.visual_tokenizer
     pixel_images = None
     if visual is not None and built.model.feature_projector is not None:
-        transform = ImageTransform(image_size=visual.image_size, mean=visual.image_mean, std=visual.image_std)
+        transform = ImageTransform.for_tokenizer(visual)
         pixel_images = PixelImages(data_args.image_folder or _default_image_folder(data_args), transform,
                                    visual.num_positions, mixture.allow_outside_image_folder)
     # Config and weights hashes, taken once: a cache made by a tokenizer with other weights is refused.
