@@ -13,8 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from unimm.cli import parse_config, run_main
 from unimm.train.arguments import ChatArguments, InferenceArguments
-from unimm.utils.config import parse_config
 from unimm.utils.logging import setup_logging
 
 
@@ -85,4 +85,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,7 +10,6 @@ input | reconstruction pairs.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from unimm.cli import parse_config, run_main
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
 from unimm.tokenizer.metrics import compute_rfid, denormalize, evaluate_tokenizer
@@ -29,7 +29,7 @@ from unimm.train.tokenizer_trainer import (
     image_from_tensor,
     load_records,
 )
-from unimm.utils.config import parse_config
+from unimm.utils.errors import model_folder
 from unimm.utils.logging import setup_logging
 
 
@@ -69,7 +69,9 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
-    model = load_tokenizer(args.model_path).to(device).eval()
+    with model_folder("model_path", args.model_path, "a UniMM visual tokenizer"):
+        model = load_tokenizer(args.model_path)
+    model = model.to(device).eval()
     data_args = TokenizerDataArguments(
         dataset=args.dataset,
         image_key=args.image_key,
@@ -135,4 +137,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

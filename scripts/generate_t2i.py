@@ -14,8 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from unimm.cli import parse_config, run_main
 from unimm.train.arguments import GenerateArguments, InferenceArguments
-from unimm.utils.config import parse_config
 from unimm.utils.logging import setup_logging
 
 
@@ -74,4 +74,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

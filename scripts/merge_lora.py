@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from unimm.utils.config import parse_config
+from unimm.cli import parse_config, run_main
 from unimm.utils.logging import setup_logging
 
 
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import sys
 
+from unimm.cli import parse_config, run_main
 from unimm.train.arguments import DataArguments, ModelArguments, UniMMTrainingArguments
-from unimm.utils.config import parse_config
 from unimm.utils.logging import setup_logging
 
 CONFIG_TYPES = (ModelArguments, DataArguments, UniMMTrainingArguments)
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from unimm.cli import run_main
 from unimm.data.shapes import (
     DESCRIBE_QUESTION,
     QUESTIONS,
@@ -195,4 +195,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

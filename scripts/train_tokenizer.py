@@ -13,13 +13,13 @@ latest checkpoint in the output directory. The resolved config is written to the
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from accelerate import PartialState
 
+from unimm.cli import parse_config, run_main
 from unimm.tokenizer.losses import ReconstructionLossConfig
 from unimm.train.tokenizer_trainer import (
     TokenizerDataArguments,
@@ -27,7 +27,6 @@ from unimm.train.tokenizer_trainer import (
     TokenizerTrainingArguments,
     train_tokenizer,
 )
-from unimm.utils.config import parse_config
 from unimm.utils.logging import setup_logging
 
 CONFIG_TYPES = (TokenizerModelArguments, TokenizerDataArguments, ReconstructionLossConfig, TokenizerTrainingArguments)
@@ -45,4 +44,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

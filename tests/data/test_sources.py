@@ -40,7 +40,7 @@ def test_read_llava_json_normalises_records(tmp_path):
     jsonl.write_text("\n".join(json.dumps(r) for r in LLAVA[:3]) + "\n{broken json\n")
     streamed = list(read_llava_json(jsonl, streaming=True))
     assert [r["id"] for r in streamed] == ["000000033471", "42", "multi", "llava.jsonl-3"]
-    assert "llava.jsonl:4: invalid JSON" in streamed[3]["malformed"]
+    assert "llava.jsonl:4:2: invalid JSON" in streamed[3]["malformed"]  # file:line:column
     with pytest.raises(FileNotFoundError, match="LLaVA conversation file not found"):
         read_llava_json(tmp_path / "missing.json")
 

@@ -35,7 +35,7 @@ import torch
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
-from unimm.utils.errors import UserError
+from unimm.utils.errors import UserError, json_source_errors, model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -523,7 +523,8 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     # cpu=True on CPU-only machines so a multi-process launch (torchrun, accelerate launch) uses gloo ranks.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-    tokenizer = load_tokenizer(config.tokenizer_path).eval()
+    with model_folder("tokenizer_path", config.tokenizer_path, "a UniMM visual tokenizer"):
+        tokenizer = load_tokenizer(config.tokenizer_path).eval()
     weights_hash = tokenizer_weights_hash(tokenizer)  # of the weights as saved, before any cast
     tokenizer = tokenizer.to(accelerator.device)
     if dtype != torch.float32 and accelerator.device.type != "cpu":
@@ -531,8 +532,9 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     if config.data_format == "llava":
         records = llava_image_records(config.data, config.image_folder, config.allow_outside_image_folder)
     else:
-        records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key,
-                                     allow_outside_folder=config.allow_outside_image_folder)
+        with json_source_errors(config.data):
+            records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key,
+                                         allow_outside_folder=config.allow_outside_image_folder)
     pretokenize(records, tokenizer, config.output_dir, batch_size=config.batch_size, shard_size=config.shard_size,
                 num_workers=config.num_workers, device=accelerator.device, process_index=accelerator.process_index,
                 num_processes=accelerator.num_processes, max_bad_fraction=config.max_bad_fraction,

@@ -143,7 +143,7 @@ def inspect_samples(config: InspectConfig) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from unimm.utils.config import parse_config
+    from unimm.cli import parse_config
 
     (config,) = parse_config((InspectConfig,), argv)
     print("\n\n".join(inspect_samples(config)))

@@ -18,7 +18,7 @@ from typing import Any
 
 from unimm.data.sequence import ImageSlot, MalformedRecordError
 from unimm.data.templates import ChatMessage
-from unimm.utils.errors import invalid_json
+from unimm.utils.errors import InputFileError, invalid_json
 
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
@@ -32,7 +32,7 @@ def _iter_json_records(path: Path) -> Iterator[Any]:
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError as err:
-                        yield {"__malformed__": f"{path}:{line_number}: invalid JSON ({err})"}
+                        yield {"__malformed__": f"{path}:{line_number}:{err.colno}: invalid JSON ({err.msg})"}
         return
     with path.open() as f:
         try:
@@ -110,6 +110,8 @@ def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
     else:
         texts = []
         for index, raw in enumerate(_iter_json_records(path)):
+            if isinstance(raw, dict) and "__malformed__" in raw:
+                raise InputFileError(raw["__malformed__"])
             if not isinstance(raw, dict) or not isinstance(raw.get(text_key), str):
                 raise ValueError(f"{path}: record {index} has no string field {text_key!r}")
             texts.append(raw[text_key])

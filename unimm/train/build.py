@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from unimm.llm import UniMMForCausalLM, VocabLayout, extend_tokenizer_and_model
 from unimm.train.arguments import DataArguments, ModelArguments
+from unimm.utils.errors import ModelFolderError, model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def load_visual_tokenizer(path: str | Path) -> Any:
     """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points)."""
     from unimm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(path)
+    with model_folder("tokenizer_path", path, "a UniMM visual tokenizer"):
+        tokenizer = load_tokenizer(path)
     tokenizer.eval()
     tokenizer.requires_grad_(False)
     return tokenizer
@@ -82,11 +84,12 @@ def build_model(model_args: ModelArguments, dtype: torch.dtype = torch.float32, 
         path = Path(model_args.model_path).resolve()  # absolute, so LoRA adapter configs name their base robustly
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
-        model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with model_folder("model_path", path, "a UniMM model and its text tokenizer"):
+            model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         layout = model.config.layout
         if layout is None:
-            raise ValueError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
+            raise ModelFolderError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
         if visual_tokenizer is not None:
             _check_spec(model.config.codebook_spec, visual_tokenizer, model_args.tokenizer_path)
     else:
@@ -95,15 +98,17 @@ def build_model(model_args: ModelArguments, dtype: torch.dtype = torch.float32, 
         llm_path = Path(model_args.llm_path)
         if not (llm_path / "config.json").is_file():
             raise FileNotFoundError(f"llm_path={llm_path}: no Hugging Face model there (config.json missing)")
-        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+        with model_folder("llm_path", llm_path, "a causal language model's text tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(llm_path)
         overrides = model_args.config_overrides()
         overrides.setdefault("num_image_positions", visual_tokenizer.num_positions)
         from transformers import AutoModelForCausalLM, set_seed
 
         from unimm.utils.attention import select_attn_implementation
 
-        llm = AutoModelForCausalLM.from_pretrained(
-            llm_path, dtype=dtype, attn_implementation=select_attn_implementation(model_args.attn_implementation, dtype))
+        with model_folder("llm_path", llm_path, "a Hugging Face causal language model"):
+            llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=(
+                select_attn_implementation(model_args.attn_implementation, dtype)))
         set_seed(seed)
         model = UniMMForCausalLM.from_llm(
             llm, visual_tokenizer.codebook_spec, flat_codes=model_args.flat_codes,
@@ -248,10 +253,12 @@ def load_for_inference(model_path: str | Path, device: torch.device, dtype_name:
     else:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
-        model = UniMMForCausalLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        with model_folder("model_path", path, "a UniMM model"):
+            model = UniMMForCausalLM.from_pretrained(path)
+    with model_folder("model_path", path, "the model's text tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if model.config.layout is None:
-        raise ValueError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
+        raise ModelFolderError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
     return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 

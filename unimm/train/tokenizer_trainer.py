@@ -38,6 +38,7 @@ from unimm.train.ema import EMA
 from unimm.train.schedule import warmup_cosine_schedule
 from unimm.utils.config import save_resolved_config
 from unimm.utils.distributed import get_rank, get_world_size
+from unimm.utils.errors import json_source_errors, model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,8 @@ def build_model(args: TokenizerModelArguments) -> nn.Module:
 
     overrides = _parse_overrides(args.model_overrides)
     if args.model_path:
-        model = load_tokenizer(args.model_path, **overrides)
+        with model_folder("model_path", args.model_path, "a UniMM visual tokenizer"):
+            model = load_tokenizer(args.model_path, **overrides)
     elif args.preset:
         if args.encoder_path:
             overrides["encoder_path"] = args.encoder_path
@@ -192,8 +194,9 @@ def load_records(source: str, data_args: TokenizerDataArguments, seed: int) -> A
         config = ShapesConfig(image_size=data_args.image_size) if data_args.image_size else None
         shapes = ShapesDataset(data_args.num_samples, seed=seed, config=config)
         return [{"id": sample.id, "image": sample.image} for sample in shapes]
-    return read_image_records(source, image_key=data_args.image_key, split=data_args.split,
-                              allow_outside_folder=data_args.allow_outside_image_folder)
+    with json_source_errors(source):
+        return read_image_records(source, image_key=data_args.image_key, split=data_args.split,
+                                  allow_outside_folder=data_args.allow_outside_image_folder)
 
 
 class EpochBatches:

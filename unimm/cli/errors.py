@@ -1,0 +1,115 @@
+"""Clean errors at the program boundary.
+
+Every program ends in `run_main(main)`. A known user error (a missing or unreadable file, a file that does not
+parse, an output directory that cannot be written, a bad config key or value, a folder that holds no model, a
+code cache that does not match or is damaged, too many bad samples) is printed as one line,
+`<program>: error: <message>`, on stderr, and the program exits with status 2 and no traceback. Anything else is
+a bug and keeps its traceback. `--debug` on the command line, or `UNIMM_DEBUG=1` in the environment, re-raises
+user errors too, with their full traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from unimm.utils.errors import UserError
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "UNIMM_DEBUG"
+EXIT_USER_ERROR = 2
+
+# OSErrors that describe the user's files or machine, not a bug: reported in one line.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.ENOENT, errno.ENAMETOOLONG}
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value that a program's dataclasses (or their validation) reject."""
+
+
+def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """`unimm.utils.config.parse_config`, with every rejection raised as `ConfigError`, so programs report it
+    as a user error: unknown YAML keys, values a config's `__post_init__` refuses, and argparse's own errors
+    (`argument --max_steps: invalid int value: 'abc'`, unknown flags), whose usage text is dropped. YAML syntax
+    errors keep their type (reported with file, line and column). `--help` behaves as usual."""
+    from unimm.utils.config import parse_config as _parse_config
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return _parse_config(dataclass_types, argv)
+    except SystemExit as exit_:
+        if exit_.code in (0, None):
+            raise
+        lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
+        message = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
+        captured = io.StringIO()  # already summarised
+        raise ConfigError(f"invalid command line: {message}") from None
+    except (UserError, OSError):
+        raise
+    except (ValueError, TypeError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise ConfigError(f"invalid configuration: {message}") from err
+    finally:
+        sys.stderr.write(captured.getvalue())  # warnings printed while parsing still reach the user
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is one of the known user errors that programs report in one line."""
+    import yaml
+
+    if isinstance(err, (UserError, json.JSONDecodeError, yaml.YAMLError)):
+        return True
+    if isinstance(err, _USER_OS_ERRORS):
+        return True
+    if isinstance(err, OSError) and err.errno in _USER_ERRNOS:
+        return True
+    from unimm.data.bad_samples import TooManyBadSamplesError
+
+    return isinstance(err, TooManyBadSamplesError)
+
+
+def describe_user_error(err: BaseException) -> str:
+    """One line for a user error: what and where (file, line, column when the error knows them)."""
+    import yaml
+
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        problem = " ".join(part for part in (err.context, err.problem) if part)
+        message = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+    elif isinstance(err, json.JSONDecodeError):
+        message = f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
+        target = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+        message = f"{err.strerror}: {target}"
+        if isinstance(err, PermissionError):
+            message += " (check that this user may write/read there, or choose another directory)"
+    else:
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(message.split()) or type(err).__name__
+
+
+def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, prog: str | None = None) -> Any:
+    """Run a program's `main(argv)`, reporting known user errors as one line on stderr with exit status 2.
+
+    `--debug` is removed from `argv` before `main` sees it; with it (or `UNIMM_DEBUG=1`) user errors are raised
+    with their traceback like any other exception."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [arg for arg in args if arg != DEBUG_FLAG]
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        return main(args)
+    except Exception as err:  # noqa: BLE001 - classified right below; everything else re-raises unchanged
+        if debug or not is_user_error(err):
+            raise
+        print(f"{prog}: error: {describe_user_error(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
