@@ -27,6 +27,7 @@ from unimm.data.bad_samples import BadSampleTracker, TooManyBadSamplesError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "IMAGE_ASPECTS",
     "IMAGE_EXTENSIONS",
     "BadSampleTracker",
     "ImageDataset",
@@ -281,21 +282,39 @@ def _read_webdataset(files: list[str], source: str, split: str, streaming: bool,
 # ----------------------------------------------------------------------------------------------- transforms
 
 
+IMAGE_ASPECTS = ("crop", "pad")
+
+
 class ImageTransform:
-    """PIL image -> normalised FloatTensor [3, H, W]: resize the short side to `image_size` (bicubic), centre
-    crop to a square, scale to [0, 1], subtract `mean` and divide by `std` (per channel)."""
+    """PIL image -> normalised FloatTensor [3, H, W]; the one transform of every path that turns images into
+    tokenizer input (training, code caches, chat, evaluation, `VisualTokenizer.preprocess`), so a photo is encoded
+    the same everywhere. Build it from a tokenizer with `ImageTransform.for_tokenizer`.
+
+    `aspect="crop"`: resize the short side to `image_size` (bicubic) and centre-crop a square.
+    `aspect="pad"`: pad the long side to a square filled with `mean` (LLaVA's `image_aspect_ratio: pad`, which fills
+    with the image processor's mean, so the padding normalises to 0), then resize to `image_size` (bicubic); the
+    whole image is kept. Then scale to [0, 1], subtract `mean` and divide by `std` (per channel)."""
 
     def __init__(self, image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5)):
+                 std: Sequence[float] = (0.5, 0.5, 0.5), aspect: str = "crop"):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got mean={list(mean)}, std={list(std)}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std values must be positive, got {list(std)}")
+        if aspect not in IMAGE_ASPECTS:
+            raise ValueError(f"aspect must be one of {IMAGE_ASPECTS}, got {aspect!r}")
         self.image_size = int(image_size)
+        self.aspect = aspect
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Any) -> ImageTransform:
+        """The transform of a visual tokenizer: its input size, its encoder's normalisation and its `image_aspect`."""
+        return cls(int(tokenizer.image_size), tuple(tokenizer.image_mean), tuple(tokenizer.image_std),
+                   aspect=getattr(tokenizer, "image_aspect", "crop"))
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
         size = self.image_size
@@ -307,11 +326,28 @@ class ImageTransform:
         left, top = (new_w - size) // 2, (new_h - size) // 2
         return image.crop((left, top, left + size, top + size))
 
+    def pad_and_resize(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        side = max(width, height)
+        if width != height:
+            fill = tuple(int(round(float(m) * 255)) for m in self.mean.flatten())
+            square = Image.new("RGB", (side, side), fill)
+            square.paste(image, ((side - width) // 2, (side - height) // 2))
+            image = square
+        if side != self.image_size:
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        return image
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = self.resize_and_crop(image.convert("RGB"))
+        image = image.convert("RGB")
+        image = self.resize_and_crop(image) if self.aspect == "crop" else self.pad_and_resize(image)
         array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
         tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, H, W]
         return (tensor - self.mean) / self.std
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Several images -> [B, 3, H, W]."""
+        return torch.stack([self(image) for image in images])
 
     def denormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Invert the normalisation ([..., 3, H, W] -> values in [0, 1], clamped)."""

@@ -8,12 +8,12 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel
 
+from unimm.data.images import ImageTransform
 from unimm.tokenizer.configuration import DenoisingConfig, _TokenizerConfigBase
 from unimm.tokenizer.denoising import LatentDenoiser, replace_codes
 from unimm.tokenizer.encoders import EncoderAccess, build_encoder, image_processor_settings, patch_size_of
@@ -294,22 +294,22 @@ class VisualTokenizer(PreTrainedModel):
             )
 
     # ----------------------------------------------------------------- images <-> tensors
+    @property
+    def image_aspect(self) -> str:
+        return str(getattr(self.config, "image_aspect", "crop"))
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """The one image transform (unimm.data.images) that every path feeding this tokenizer uses."""
+        return ImageTransform.for_tokenizer(self)
+
     def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:
-        """PIL images -> normalised pixel_values [B, 3, S, S] (RGB, bicubic resize to image_size, then
-        (x/255 - mean)/std with the encoder's image-processor settings)."""
+        """PIL images -> normalised pixel_values [B, 3, S, S] through `image_transform`: the short side resized to
+        image_size and centre-cropped (or padded to a square, `image_aspect="pad"`), then (x/255 - mean)/std with
+        the encoder's image-processor settings. Training and code caches see exactly these pixels."""
         if isinstance(images, Image.Image):
             images = [images]
-        size = self.image_size
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
-        arrays = []
-        for image in images:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BICUBIC)
-            array = np.asarray(image, dtype=np.float32) / 255.0
-            arrays.append(((array - mean) / std).transpose(2, 0, 1))
-        return torch.from_numpy(np.stack(arrays)).contiguous()
+        return self.image_transform.batch(images)
 
     def denormalize(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised pixel_values -> [0, 1] floats (clamped)."""

@@ -107,6 +107,9 @@ _HF_VOLATILE_KEYS = (
 )
 
 
+_LATER_FIELD_DEFAULTS = {"image_aspect": "crop"}
+
+
 class _TokenizerConfigBase(PretrainedConfig):
     """Fields shared by both tokenizers."""
 
@@ -119,6 +122,11 @@ class _TokenizerConfigBase(PretrainedConfig):
         default=None, metadata={"help": "Per-channel mean of the encoder's image processor."}
     )
     image_std: list | None = field(default=None, metadata={"help": "Per-channel std of the encoder's image processor."})
+    image_aspect: str = field(
+        default="crop",
+        metadata={"help": "Non-square images: 'crop' (short side to image_size, centre crop) or 'pad' (to a square "
+                          "filled with image_mean, LLaVA's image_aspect_ratio pad)."},
+    )
     decoder_hidden_size: int | None = field(default=None, metadata={"help": "ViT decoder width; None = encoder width."})
     decoder_num_layers: int | None = field(default=None, metadata={"help": "ViT decoder depth; None = encoder depth."})
     decoder_num_heads: int | None = field(default=None, metadata={"help": "ViT decoder heads; None = encoder heads."})
@@ -138,6 +146,8 @@ class _TokenizerConfigBase(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         self.denoising = DenoisingConfig.from_value(self.denoising).to_dict()
+        if self.image_aspect not in ("crop", "pad"):
+            raise ValueError(f"image_aspect must be 'crop' or 'pad', got {self.image_aspect!r}")
         super().__post_init__(**kwargs)
 
     @property
@@ -159,6 +169,10 @@ class _TokenizerConfigBase(PretrainedConfig):
 
     def hash_dict(self) -> dict[str, Any]:
         data = self.to_dict()
+        # Fields added later are left out at their default, so existing code caches keep their hash.
+        for key, default in _LATER_FIELD_DEFAULTS.items():
+            if data.get(key) == default:
+                data.pop(key, None)
         return {
             k: v
             for k, v in data.items()
