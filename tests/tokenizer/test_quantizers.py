@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from unimm.tokenizer.quantizers import ResidualVQ, SimVQ, UsageWindow, nearest_code, perplexity, plan_search
+from unimm.tokenizer.quantizers.residual_vq import draw_distinct
 from unimm.tokenizer.types import QuantizerOutput
 
 # ---------------------------------------------------------------------------------------------------- search
@@ -389,6 +390,31 @@ def test_dead_codes_are_restarted_to_full_utilisation():
         out = without_restart(torch.randn(256, 8, generator=gen))
     assert out.stats["restarts_total"].item() == 0
     assert out.stats["utilisation"].item() < 0.2
+
+
+@pytest.mark.parametrize("shared_codebook", [True, False])
+def test_restarts_draw_distinct_vectors(shared_codebook):
+    # 58 dead codes per codebook restarted from 256 candidates: draws with replacement would collide
+    # (birthday bound: P(no repeat) ~ 0.2%); without replacement every restarted code is a different vector.
+    torch.manual_seed(0)
+    quantizer = ResidualVQ(num_codes=64, dim=8, depth=2, restart_threshold=1.0, shared_codebook=shared_codebook)
+    with torch.no_grad():
+        quantizer.codebooks[:, 6:] += 100.0
+        quantizer.ema_sum.copy_(quantizer.codebooks * quantizer.ema_count.unsqueeze(-1))
+    out = quantizer(torch.randn(128, 8, generator=torch.Generator().manual_seed(1)))
+    assert out.stats["restarts"].item() >= 58 * quantizer.num_codebooks
+    for group in range(quantizer.num_codebooks):
+        restarted = quantizer.codebooks[group, 6:]
+        assert torch.unique(restarted, dim=0).shape[0] == restarted.shape[0]
+
+
+def test_draw_distinct_spreads_draws_when_candidates_are_few():
+    torch.manual_seed(0)
+    picks = draw_distinct(10, 16)
+    assert picks.unique().numel() == 10 and picks.min() >= 0 and picks.max() < 16
+    counts = torch.bincount(draw_distinct(58, 8), minlength=8)
+    assert counts.sum() == 58 and counts.max() - counts.min() <= 1
+    assert draw_distinct(0, 8).numel() == 0
 
 
 def test_residual_vq_keeps_float32_state_when_cast():

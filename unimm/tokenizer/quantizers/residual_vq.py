@@ -3,8 +3,9 @@
 Depth i quantizes the residual left by depths < i, so a position is coded by `depth` indices whose codes sum
 to its approximation. Codebooks receive no gradient: they track an exponential moving average of the vectors
 assigned to them (Laplace-smoothed counts), and a code whose EMA count falls below `restart_threshold` is moved
-onto a random residual of the current batch. Under `torch.distributed` the per-step counts and sums are
-all-reduced and the restart vectors come from rank 0, so every rank holds the same codebooks.
+onto a random residual of the current batch (distinct residuals for distinct codes). Under `torch.distributed` the
+per-step counts and sums are all-reduced and the restart vectors come from rank 0, so every rank holds the same
+codebooks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from unimm.tokenizer.quantizers.search import DEFAULT_MEMORY_BUDGET_BYTES, neare
 from unimm.tokenizer.quantizers.usage import UsageWindow, perplexity
 from unimm.tokenizer.types import QuantizerOutput
 from unimm.utils import distributed
+
+
+def draw_distinct(count: int, population: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """`count` random indices in [0, population), LongTensor [count]: without replacement when
+    count <= population; otherwise whole permutations back to back, so each index is drawn
+    floor(count / population) or ceil(count / population) times."""
+    if population < 1:
+        raise ValueError(f"draw_distinct needs population >= 1, got {population}")
+    rounds = -(-count // population)
+    draws = [torch.randperm(population, device=device) for _ in range(rounds)]
+    return torch.cat(draws)[:count] if draws else torch.empty(0, dtype=torch.long, device=device)
 
 
 class ResidualVQ(Quantizer):
@@ -157,7 +169,8 @@ class ResidualVQ(Quantizer):
 
     def _restart_dead_codes(self, candidates: torch.Tensor) -> torch.Tensor:
         """Move codes whose EMA count is below the threshold onto random candidate vectors ([G, M, d]) of this
-        batch. Rank 0 decides and draws; the other ranks receive its choice."""
+        batch, distinct ones within a codebook (two dead codes restarted onto one vector would split its
+        assignments and die again). Rank 0 decides and draws; the other ranks receive its choice."""
         dead = self.ema_count < self.restart_threshold  # [G, K]
         dead = distributed.broadcast(dead.to(torch.uint8), src=0).bool()
         num_dead = int(dead.sum())
@@ -166,7 +179,10 @@ class ResidualVQ(Quantizer):
         replacements = torch.empty(num_dead, self.dim, device=self.codebooks.device)
         if distributed.get_rank() == 0:
             group_of_dead = dead.nonzero()[:, 0]  # [num_dead], codebook group of each dead code
-            picks = torch.randint(candidates.shape[1], (num_dead,), device=candidates.device)
+            picks = torch.empty_like(group_of_dead)
+            for group in group_of_dead.unique().tolist():
+                slots = (group_of_dead == group).nonzero()[:, 0]
+                picks[slots] = draw_distinct(slots.numel(), candidates.shape[1], candidates.device)
             replacements.copy_(candidates[group_of_dead, picks])
         distributed.broadcast(replacements, src=0)
         self.codebooks[dead] = replacements
