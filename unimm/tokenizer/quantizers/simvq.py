@@ -17,6 +17,7 @@ from unimm.tokenizer.quantizers.base import Quantizer
 from unimm.tokenizer.quantizers.search import DEFAULT_MEMORY_BUDGET_BYTES, nearest_code
 from unimm.tokenizer.quantizers.usage import UsageWindow, code_counts, perplexity
 from unimm.tokenizer.types import QuantizerOutput
+from unimm.utils import distributed
 
 BetaOn = Literal["commitment", "codebook"]
 
@@ -102,6 +103,10 @@ class SimVQ(Quantizer):
     @torch.no_grad()
     def _stats(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
         counts = code_counts(indices, self.num_codes)
+        if self.training:
+            # Summed over ranks, as ResidualVQ's counts are: utilisation is that of the global batch. Eval may run
+            # on one rank only, so no collective there.
+            counts = distributed.all_reduce_sum(counts)
         batch_utilisation = (counts > 0).float().mean()
         if self.training:
             self.usage.update(counts)
