@@ -303,3 +303,21 @@ def test_cache_of_an_older_format_is_refused_by_name(tokenizer, image_folder, tm
 
     with pytest.raises(CodeCacheCorruptError, match=r"cache_info\.json: not valid JSON \(line 1, column"):
         load_code_cache(out, tokenizer)
+
+
+def test_pretokenize_killed_twice_finishes_with_identical_shards(tokenizer, image_folder, tmp_path, one_thread):
+    records = read_image_records(image_folder)
+    straight = tmp_path / "straight"
+    pretokenize(records, tokenizer, straight, batch_size=2, shard_size=4, show_progress=False)
+    finalize_code_cache(straight, tokenizer)
+    killed = tmp_path / "killed"
+    for calls in (1, 4):  # dies inside shard 0, then (resumed) inside shard 2
+        with pytest.raises(_Interrupted):
+            pretokenize(records, _FailingTokenizer(tokenizer, calls=calls), killed, batch_size=2, shard_size=4,
+                        show_progress=False)
+    assert sorted(p.name for p in killed.glob("shard-*.json")) == ["shard-00000.json", "shard-00001.json"]
+    result = pretokenize(records, tokenizer, killed, batch_size=2, shard_size=4, show_progress=False)
+    assert result.skipped_shards == [0, 1] and result.written_shards == [2]
+    finalize_code_cache(killed, tokenizer)
+    assert _shard_bytes(killed) == _shard_bytes(straight)
+    assert (killed / "cache_info.json").read_bytes() == (straight / "cache_info.json").read_bytes()

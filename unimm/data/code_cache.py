@@ -378,11 +378,17 @@ def _check_identity(path: Path, info: dict, expected: Any, allow_weights_mismatc
 def verify_code_cache(path: str | os.PathLike, info: dict | None = None) -> None:
     """Check every shard of the finished cache at `path` against its recorded size and checksum; raise
     `CodeCacheCorruptError` naming the first bad shard file and the command that rebuilds it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     path = Path(path)
     info = info if info is not None else json.loads((path / CACHE_INFO).read_text())
     checksums = info.get("shard_checksums") or {}
-    for name in info["shards"]:
-        problem = _shard_problem(path / name, checksums.get(name))
+    names = list(info["shards"])
+    # hashlib releases the GIL on large buffers: shards hash in parallel, so a big cache costs ~1/threads.
+    threads = max(1, min(8, len(names), os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads) as pool:
+        problems = list(pool.map(lambda name: _shard_problem(path / name, checksums.get(name)), names))
+    for name, problem in zip(names, problems):
         if problem is not None:
             raise CodeCacheCorruptError(f"code cache shard {path / name} is unusable: {problem}; "
                                         f"{_rebuild_hint(path, info)}")
