@@ -33,6 +33,7 @@ from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images, read_image_records
 from unimm.tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig, check_lpips_weights
 from unimm.tokenizer.metrics import denormalize, evaluate_tokenizer, psnr
+from unimm.tokenizer.param_groups import split_weight_decay
 from unimm.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, trim_jsonl_log
 from unimm.train.ema import EMA
 from unimm.train.schedule import warmup_cosine_schedule
@@ -283,8 +284,7 @@ def _trainable_groups(model: nn.Module, args: TokenizerTrainingArguments) -> lis
     groups = []
     for name, lr in (("encoder", args.encoder_learning_rate), ("other", args.learning_rate)):
         params = [p for p in named[name] if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decay, no_decay = split_weight_decay(model, params)
         if decay:
             groups.append({"params": decay, "lr": lr, "weight_decay": args.weight_decay, "name": f"{name}/decay"})
         if no_decay:
