@@ -145,6 +145,27 @@ def test_code_replacement_alone_swaps_decoded_vectors():
     torch.testing.assert_close(model(x).reconstruction, clean_reconstruction)
 
 
+def test_code_replacement_looks_up_the_codebook_that_produced_the_codes():
+    model = build_tokenizer("dualtoken-tiny", denoising={"code_replace_prob": 1.0}).train()
+    quantizer = model.pixel_quantizer
+    z = torch.randn(2, 64, quantizer.dim, generator=_gen(10), requires_grad=True)
+    searched = quantizer.codebooks.clone()
+    out = quantizer(z)
+    assert not torch.allclose(quantizer.codebooks, searched)  # the EMA update / restarts moved the codebook
+    assert torch.equal(out.codebook, searched)
+    assert torch.equal(quantizer.lookup(out.indices, codebook=out.codebook), out.quantized.detach())
+
+    torch.manual_seed(11)
+    replaced = model._maybe_replace_codes(quantizer, out)
+    torch.manual_seed(11)
+    corrupted, _ = replace_codes(out.indices, quantizer.num_codes, 1.0)
+    expected = searched[0][corrupted].sum(dim=-2)  # shared codebook: the sum over depths of the searched codes
+    torch.testing.assert_close(replaced.quantized, expected)
+    assert torch.equal(replaced.indices, out.indices)
+    replaced.quantized.sum().backward()  # still straight-through to the encoder side
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+
+
 @pytest.mark.parametrize("encoder_type", ["siglip", "dinov2"])
 def test_vqrae_mae_style_masking_drops_patches_from_a_trainable_encoder(encoder_type):
     options = {"mask_ratio_max": 0.5, "mask_ratio_min": 0.5, "encoder_drop_masked": True}  # m = 0.5 every step

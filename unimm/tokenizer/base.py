@@ -130,13 +130,18 @@ class VisualTokenizer(PreTrainedModel):
     def _maybe_replace_codes(self, quantizer: Quantizer, out: QuantizerOutput) -> QuantizerOutput:
         """l-DeTok's discrete analogue: swap a fraction of codes for random ones before decoding. The value
         becomes the lookup of the corrupted codes; gradients still reach the encoder straight-through. The
-        returned indices stay the clean ones (they are the codes the tokenizer produced)."""
+        returned indices stay the clean ones (they are the codes the tokenizer produced).
+
+        Both lookups use `out.codebook`, the codebook the search ran on: the same training forward has since moved
+        the live one (EMA update, restarts), whose vectors the clean codes never stood for."""
         prob = self.denoiser.config.code_replace_prob
         if not (self.training and self.denoiser.active and prob > 0):
             return out
         corrupted, _ = replace_codes(out.indices, quantizer.num_codes, prob)
-        delta = (quantizer.lookup(corrupted) - quantizer.lookup(out.indices)).to(out.quantized.dtype)
-        return QuantizerOutput(out.quantized + delta.detach(), out.indices, out.loss, out.stats)
+        searched = out.codebook
+        delta = quantizer.lookup(corrupted, codebook=searched) - quantizer.lookup(out.indices, codebook=searched)
+        return QuantizerOutput(out.quantized + delta.to(out.quantized.dtype).detach(), out.indices, out.loss,
+                               out.stats, searched)
 
     @staticmethod
     def _group_stats(group: str, out: QuantizerOutput) -> dict[str, torch.Tensor]:

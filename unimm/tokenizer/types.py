@@ -19,12 +19,16 @@ class QuantizerOutput:
                `z.shape[:-1] + (depth,)` for residual quantizers.
     loss:      scalar commitment/codebook loss (already weighted by beta).
     stats:     detached scalars for logging, e.g. "utilisation", "perplexity".
+    codebook:  detached codebook state the search used (`quantizer.lookup(indices, codebook=...)` reads it). A
+               training forward may move the codebook after the search (EMA update, restarts); this is the one
+               that produced `indices`.
     """
 
     quantized: torch.Tensor
     indices: torch.Tensor
     loss: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    codebook: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

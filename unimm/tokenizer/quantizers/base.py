@@ -26,7 +26,8 @@ class Quantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    def lookup(self, indices: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        """Code vectors of `indices`, from the current codebook or from `codebook` (a `QuantizerOutput.codebook`)."""
         raise NotImplementedError
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True):

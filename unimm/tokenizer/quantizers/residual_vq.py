@@ -122,13 +122,19 @@ class ResidualVQ(Quantizer):
             quantized = approximation + (z_flat - z_flat.detach())
             counts = self._depth_counts(indices)  # [D, K], local to this rank
             restarts = torch.zeros((), dtype=torch.long, device=z.device)
+            searched = self.codebooks.detach()
             if self.training:
+                searched = searched.clone()  # the EMA update and restarts below change the buffer in place
                 counts = distributed.all_reduce_sum(counts)
                 restarts = self._ema_update(indices, torch.stack(residuals), counts)
         stats = self._stats(counts, restarts)
         quantized = quantized.to(z.dtype).reshape(z.shape)
         return QuantizerOutput(
-            quantized=quantized, indices=indices.reshape(*z.shape[:-1], self.depth), loss=loss, stats=stats
+            quantized=quantized,
+            indices=indices.reshape(*z.shape[:-1], self.depth),
+            loss=loss,
+            stats=stats,
+            codebook=searched,  # [G, K, d]
         )
 
     def _depth_counts(self, indices: torch.Tensor) -> torch.Tensor:
@@ -212,26 +218,30 @@ class ResidualVQ(Quantizer):
             stats[f"perplexity/depth{d}"] = depth_perplexity[d]
         return stats
 
-    def embed_codes(self, indices: torch.Tensor) -> torch.Tensor:
-        """Per-depth code vectors: indices [..., k] (k <= depth, the first k depths) -> float32 [..., k, d]."""
+    def embed_codes(self, indices: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-depth code vectors: indices [..., k] (k <= depth, the first k depths) -> float32 [..., k, d], from
+        the current codebooks or from `codebook` [G, K, d] (a `QuantizerOutput.codebook`)."""
         self._check_indices(indices)
+        codebooks = self.codebooks if codebook is None else codebook
+        if codebooks.shape != self.codebooks.shape:
+            raise ValueError(f"codebook must be {tuple(self.codebooks.shape)}, got {tuple(codebooks.shape)}")
         if indices.dim() < 1 or not 1 <= indices.shape[-1] <= self.depth:
             raise ValueError(
                 f"ResidualVQ indices must be [..., k] with 1 <= k <= depth={self.depth}, got shape {tuple(indices.shape)}"
             )
         indices = indices.long()
         if self.shared_codebook:
-            return F.embedding(indices, self.codebooks[0])
+            return F.embedding(indices, codebooks[0])
         k = indices.shape[-1]
         offsets = torch.arange(k, device=indices.device) * self.num_codes
-        return F.embedding(indices + offsets, self.codebooks[:k].reshape(-1, self.dim))
+        return F.embedding(indices + offsets, codebooks[:k].reshape(-1, self.dim))
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+    def lookup(self, indices: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of the codes of the first k depths: indices [..., k] (k <= depth) -> float32 [..., d].
 
-        With k = depth this reproduces `forward(z).quantized` in eval mode; with k < depth it gives the
-        partial reconstruction after k residual steps."""
-        per_depth = self.embed_codes(indices)  # [..., k, d]
+        With k = depth this reproduces `forward(z).quantized` in eval mode (and in training mode with
+        `codebook=out.codebook`); with k < depth it gives the partial reconstruction after k residual steps."""
+        per_depth = self.embed_codes(indices, codebook)  # [..., k, d]
         total = per_depth[..., 0, :]
         for d in range(1, per_depth.shape[-2]):  # same summation order as forward, so the values match exactly
             total = total + per_depth[..., d, :]

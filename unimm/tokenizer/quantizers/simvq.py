@@ -98,7 +98,9 @@ class SimVQ(Quantizer):
             quantized = codes.detach() + (z_flat - z_flat.detach())
         quantized = quantized.to(z.dtype).reshape(z.shape)
         indices = indices.reshape(z.shape[:-1])
-        return QuantizerOutput(quantized=quantized, indices=indices, loss=loss, stats=self._stats(indices))
+        return QuantizerOutput(
+            quantized=quantized, indices=indices, loss=loss, stats=self._stats(indices), codebook=codebook.detach()
+        )
 
     @torch.no_grad()
     def _stats(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -119,7 +121,10 @@ class SimVQ(Quantizer):
             "perplexity": perplexity(counts),
         }
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes `W(C)[indices]`: indices [...] -> float32 vectors [..., d]."""
+    def lookup(self, indices: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes `W(C)[indices]`: indices [...] -> float32 vectors [..., d], from the current `W(C)` or from
+        `codebook` [K, d] (a `QuantizerOutput.codebook`)."""
         self._check_indices(indices)
-        return F.embedding(indices.long(), self.codebook)
+        if codebook is not None and codebook.shape != (self.num_codes, self.dim):
+            raise ValueError(f"codebook must be ({self.num_codes}, {self.dim}), got {tuple(codebook.shape)}")
+        return F.embedding(indices.long(), self.codebook if codebook is None else codebook)
