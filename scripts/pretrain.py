@@ -6,7 +6,9 @@ from a code cache, on the Hugging Face Trainer with DeepSpeed.
 
 Configs: YAML files (positional) + `--key value` overrides of `unimm.train.arguments.ModelArguments`,
 `DataArguments` and `UniMMTrainingArguments`; the resolved config is written to output_dir. A run restarted with
-the same output_dir resumes from its latest checkpoint (`--auto_resume false` to start over).
+the same output_dir resumes from its newest complete checkpoint, skipping one whose save was interrupted
+(`--auto_resume false` to start over). User errors are one line on stderr with exit status 2 (`--debug`
+for the traceback).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@
         --dataset /data/imagenet/train --output_dir runs/stage1
 
 Any YAML key can be overridden on the command line (`--max_steps 100`); `--resume auto` continues from the
-latest checkpoint in the output directory. The resolved config is written to the run directory.
+newest complete checkpoint in the output directory (its logs are cut back to that step). The resolved config
+is written to the run directory.
 """
 
 from __future__ import annotations
