@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -95,3 +96,61 @@ def test_num_items_in_batch_makes_gradient_accumulation_exact(tiny_qwen2_path):
                           for k, v in batch.items()}, num_items_in_batch=torch.tensor(total_items)).loss
                  for i in range(2)]
     torch.testing.assert_close(sum(micro), full)
+
+
+def _head(shared: bool, depth: int = 3, num_codes: int = 50, seed: int = 0):
+    from unimm.llm.depth_head import DepthTransformerHead
+    from unimm.tokenizer.types import CodebookGroupSpec
+
+    torch.manual_seed(seed)
+    return DepthTransformerHead(CodebookGroupSpec(num_codes=num_codes, depth=depth, code_dim=4), llm_hidden_size=12,
+                                hidden_size=16, num_layers=2, num_heads=2, shared_classifier=shared).double()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
+def test_chunked_depth_loss_equals_unchunked_with_exact_gradients(shared, chunk_size):
+    """The fused, chunked cross-entropy gives the loss, per-depth losses and every gradient of logits +
+    F.cross_entropy (float64, so the comparison is tight)."""
+    head = _head(shared)
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 12, dtype=torch.float64, generator=gen, requires_grad=True)
+    codes = torch.randint(0, head.num_codes, (10, head.depth), generator=gen)
+    weight = 0.7
+
+    logits = head(hidden, codes)  # [M, D, K], the unchunked form
+    ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
+    reference = weight * ce.mean(dim=1).sum()
+    reference.backward()
+    expected = {"hidden": hidden.grad.clone(), **{n: p.grad.clone() for n, p in head.named_parameters()}}
+    head.zero_grad()
+    hidden.grad = None
+
+    loss, depth_sums = head(hidden, codes, loss_scale=weight, chunk_size=chunk_size)
+    assert not depth_sums.requires_grad
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(depth_sums.double(), ce.sum(dim=0).detach(), rtol=1e-6, atol=1e-6)
+    (loss * 2.5).backward()  # the incoming gradient scales every gradient
+    got = {"hidden": hidden.grad, **{n: p.grad for n, p in head.named_parameters()}}
+    assert set(got) == set(expected)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, 2.5 * expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_chunked_depth_loss_without_grad_computes_no_gradient_buffers():
+    head = _head(False)
+    hidden, codes = torch.randn(5, 12, dtype=torch.float64), torch.randint(0, 50, (5, 3))
+    with torch.no_grad():
+        loss, depth_sums = head(hidden, codes, loss_scale=1.0, chunk_size=2)
+    logits = head(hidden, codes).detach()
+    ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
+    torch.testing.assert_close(loss, ce.mean(dim=1).sum())
+    assert not loss.requires_grad
+
+
+def test_default_chunk_bounds_logits_memory():
+    from unimm.llm.depth_head import LOSS_CHUNK_BYTES
+
+    head = _head(False, depth=8, num_codes=16384)
+    chunk = max(1, LOSS_CHUNK_BYTES // (4 * head.depth * head.num_codes))
+    assert chunk == 128 and chunk * head.depth * head.num_codes * 4 <= LOSS_CHUNK_BYTES

@@ -21,6 +21,81 @@ from torch.nn import functional as F
 from unimm.llm.embedding import CodeEmbedding
 from unimm.tokenizer.types import CodebookGroupSpec
 
+# Logits held at once by the depth-head loss: chunks of visual targets are sized to this many bytes of fp32 logits
+# (at 8 depths x 16384 codes: 128 positions, against 729 x 8 x 16384 x 4 B = 382 MB per image unchunked).
+LOSS_CHUNK_BYTES = 64 * 2**20
+
+
+class ClassifierCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of the per-depth classifiers, fused with their gradient and computed in chunks of positions, so
+    the `[M, D, K]` logits are never all held (forward or backward): each chunk's logits give its loss and, when a
+    gradient is needed, `softmax - onehot` at once, which is folded into the gradients of the states and of the
+    classifier and dropped. Backward only scales those by the incoming gradient: the same arithmetic as logits +
+    `F.cross_entropy`, no recomputation.
+
+    states [M, D, h], weight [D or 1, K, h] (1: shared by all depths), targets [M, D], depth_scale [D]. The
+    gradients live on `ctx` from forward to backward, so a graph through it can be backpropagated once only.
+    Returns the scalar `sum_{m,d} depth_scale[d] * CE[m, d]` and, not differentiable, the per-depth CE sums [D].
+    """
+
+    @staticmethod
+    def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, depth_scale: torch.Tensor,
+                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        num, depth, _ = states.shape
+        shared = weight.shape[0] == 1 and depth > 1
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        exact = torch.promote_types(states.dtype, torch.float32)  # CE in fp32 (fp64 stays fp64)
+        grad_states = torch.empty_like(states) if needs_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if needs_grad else None
+        ce_sums = torch.zeros(depth, dtype=exact, device=states.device)
+        scale = depth_scale.to(exact).view(1, depth, 1)
+        for start in range(0, num, chunk_size):
+            chunk = states[start:start + chunk_size]  # [c, D, h]
+            target = targets[start:start + chunk_size].unsqueeze(-1)  # [c, D, 1]
+            if shared:
+                logits = (chunk @ weight[0].t()).to(exact)  # [c, D, K]
+            else:
+                logits = torch.einsum("cdh,dkh->cdk", chunk, weight).to(exact)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, D, 1]
+            ce_sums += (lse - logits.gather(-1, target)).squeeze(-1).sum(dim=0)
+            if not needs_grad:
+                continue
+            grad_logits = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+            grad_logits.scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=grad_logits.dtype))
+            grad_logits.mul_(scale)
+            grad_logits = grad_logits.to(weight.dtype)
+            if shared:
+                grad_states[start:start + chunk_size] = grad_logits @ weight[0]
+            else:
+                grad_states[start:start + chunk_size] = torch.einsum("cdk,dkh->cdh", grad_logits, weight)
+            # Accumulate the classifier gradient in place: a [D, K, h] temporary per chunk would be as large as the
+            # classifier (470 MB at 8 x 16384 x 896 in fp32). Low-precision weights accumulate in `exact` instead.
+            # One GEMM per depth with beta = 1 (`addmm_`) writes straight into the accumulator.
+            pairs = [(0, grad_logits.flatten(0, 1), chunk.flatten(0, 1))] if shared else [
+                (d, grad_logits[:, d], chunk[:, d]) for d in range(depth)]  # grad [c(D), K], states [c(D), h]
+            for index, grad_d, states_d in pairs:
+                if weight.dtype == exact:
+                    grad_weight[index].addmm_(grad_d.t(), states_d)
+                else:
+                    grad_weight[index] += (grad_d.t() @ states_d).to(exact)
+        ctx.mark_non_differentiable(ce_sums)
+        # Kept on ctx, not saved tensors, so backward can scale them in place and hand the classifier gradient to
+        # autograd without a copy (it becomes `classifier.grad` when that is empty).
+        ctx.grads = (grad_states, grad_weight) if needs_grad else None
+        ctx.weight_dtype = weight.dtype
+        loss = (ce_sums * depth_scale.to(exact)).sum()
+        return loss, ce_sums
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_ce_sums: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("ClassifierCrossEntropy: backward through a forward run without gradients, or twice")
+        grad_states, grad_weight = ctx.grads
+        ctx.grads = None
+        grad_states.mul_(grad_loss.to(grad_states.dtype))
+        grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype)).to(ctx.weight_dtype)
+        return grad_states, grad_weight, None, None, None
+
 
 class DepthBlock(nn.Module):
     """Pre-norm causal self-attention + GELU MLP."""
@@ -93,11 +168,23 @@ class DepthTransformerHead(nn.Module):
         weight = self.classifier[first_depth : first_depth + length]  # [T, K, hidden]
         return torch.einsum("mth,tkh->mtk", states, weight)
 
-    def forward(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits for every depth: `hidden [M, H_llm]`, `codes [M, D]` -> `[M, D, K]`."""
+    def forward(self, hidden: torch.Tensor, codes: torch.Tensor, loss_scale: float | None = None,
+                chunk_size: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits for every depth: `hidden [M, H_llm]`, `codes [M, D]` -> `[M, D, K]`.
+
+        With `loss_scale`, the loss instead (training goes through here so ZeRO-3 gathers the classifier): returns
+        `loss_scale * sum over targets of the mean CE over depths` and the per-depth CE sums `[D]` (detached), with
+        the logits computed `chunk_size` positions at a time (default: `LOSS_CHUNK_BYTES` of fp32 logits)."""
         if codes.shape[-1] != self.depth:
             raise ValueError(f"depth head expects codes of depth {self.depth}, got shape {tuple(codes.shape)}")
-        return self._classify(self._encode(self._inputs(hidden, codes[:, :-1])))
+        states = self._encode(self._inputs(hidden, codes[:, :-1]))  # [M, D, hidden]
+        if loss_scale is None:
+            return self._classify(states)
+        if chunk_size is None:
+            chunk_size = max(1, LOSS_CHUNK_BYTES // (4 * self.depth * self.num_codes))
+        depth_scale = torch.full((self.depth,), loss_scale / self.depth,
+                                 dtype=torch.promote_types(states.dtype, torch.float32), device=states.device)
+        return ClassifierCrossEntropy.apply(states, self.classifier, codes, depth_scale, int(chunk_size))
 
     def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """Logits `[M, K]` of the code at depth `prefix_codes.shape[1] + 1`, given the codes sampled so far.

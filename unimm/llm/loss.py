@@ -9,7 +9,8 @@ Normalisation (so that gradient accumulation with HF Trainer's `num_items_in_bat
 supervised label counts as one item, text or visual, exactly as `Trainer` counts `labels[..., 1:] != -100`.
 A visual item's loss is `visual_loss_weight * sum over groups of (mean over depth of the code CE)`.
     total = (sum text CE + sum visual item losses) / (num_items_in_batch or number of supervised labels)
-All cross-entropies are computed in fp32. The LM head only runs on hidden states of text targets.
+All cross-entropies are computed in fp32. The LM head only runs on hidden states of text targets; the depth heads'
+logits are computed a chunk of targets at a time, fused with their gradient.
 """
 
 from __future__ import annotations
@@ -108,11 +109,11 @@ def joint_loss(
                 raise ValueError(f"visual_codes[{name!r}] at visual targets must be in [0, {head.num_codes}); got "
                                  f"min {int(codes.min())}, max {int(codes.max())} (labels mark a position as "
                                  "image_token_id where no codes were given?)")
-            logits = head(visual_hidden, codes).float()  # [M, D, K]
-            ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
-            total = total + visual_loss_weight * ce.mean(dim=1).sum()
-            parts.visual_losses[name] = ce.mean().detach()
-            parts.visual_depth_losses[name] = ce.mean(dim=0).detach()
+            # Chunked and fused with its gradient: the [M, D, K] logits are never all held (see depth_head.py).
+            weighted, depth_sums = head(visual_hidden, codes, loss_scale=visual_loss_weight)
+            total = total + weighted
+            parts.visual_losses[name] = depth_sums.mean() / num_visual
+            parts.visual_depth_losses[name] = depth_sums / num_visual
 
     num_items = parts.num_text_targets + (parts.num_visual_targets if visual_mask is not None else 0)
     denominator = num_items_in_batch if num_items_in_batch is not None else max(num_items, 1)
