@@ -84,6 +84,7 @@ TRAINING_ONLY_KEYS = (
     "distill_weight",
     "semantic_weight",
     "semantic_pooled_loss",
+    "semantic_pooled_weight",
     "encoder_attn_implementation",
     "quantizer_beta",
     "quantizer_beta_on",
@@ -107,7 +108,18 @@ _HF_VOLATILE_KEYS = (
 )
 
 
-_LATER_FIELD_DEFAULTS = {"image_aspect": "crop"}
+_LATER_FIELD_DEFAULTS = {
+    "image_aspect": "crop",
+    "projection_block": "linear",
+    "per_tap_projection": False,
+    "decoder_type": "vit",
+    "cnn_decoder_input_width": None,
+    "cnn_decoder_in_channels": 1024,
+    "cnn_decoder_channels": 128,
+    "cnn_decoder_channel_mult": None,
+    "cnn_decoder_num_res_blocks": 2,
+    "cnn_decoder_attn_resolutions": None,
+}
 
 
 class _TokenizerConfigBase(PretrainedConfig):
@@ -227,8 +239,46 @@ class DualTokenConfig(_TokenizerConfigBase):
     ema_decay: float = field(default=0.99, metadata={"help": "EMA decay of the codebooks."})
     ema_eps: float = field(default=1e-5, metadata={"help": "Laplace smoothing of the EMA counts."})
     restart_threshold: float = field(default=1.0, metadata={"help": "Restart codes whose EMA count falls below this."})
-    semantic_weight: float = field(default=1.0, metadata={"help": "Weight of the semantic loss (MSE + 1 - cos)."})
+    semantic_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the semantic loss (MSE + 1 - cos) at semantic_layer (paper 5)."}
+    )
     semantic_pooled_loss: bool = field(default=True, metadata={"help": "Also match the teacher's pooled output."})
+    semantic_pooled_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the pooled-output term; None = semantic_weight (paper 1)."}
+    )
     train_encoder: bool = field(
         default=False, metadata={"help": "Train the SigLIP encoder (a frozen teacher is kept)."}
     )
+    projection_block: str = field(
+        default="linear",
+        metadata={"help": "Projections to and from the codes: 'linear' or 'attention' (LayerNorm + attention + "
+                          "GeGLU MLP, the reference's; also the CNN decoder's input block)."},
+    )
+    per_tap_projection: bool = field(
+        default=False,
+        metadata={"help": "Project pixel_layer and shortcut_layer each on its own, then sum the codes-dim outputs "
+                          "(reference); False: sum the encoder-width states, then project once."},
+    )
+    decoder_type: str = field(default="vit", metadata={"help": "Pixel decoder: 'vit' or 'cnn' (VQGAN-style, paper)."})
+    cnn_decoder_input_width: int | None = field(
+        default=None, metadata={"help": "CNN decoder: width the codes are projected to; None = encoder width."}
+    )
+    cnn_decoder_in_channels: int = field(
+        default=1024, metadata={"help": "CNN decoder: channels after the post-quantisation ResNet block (paper 1024)."}
+    )
+    cnn_decoder_channels: int = field(default=128, metadata={"help": "CNN decoder: base channel count (paper 128)."})
+    cnn_decoder_channel_mult: list | None = field(
+        default=None,
+        metadata={"help": "CNN decoder: per-level channel multipliers, finest first; None = [1, 1, 4, 4, 8] (paper)."},
+    )
+    cnn_decoder_num_res_blocks: int = field(default=2, metadata={"help": "CNN decoder: ResNet blocks per level."})
+    cnn_decoder_attn_resolutions: list | None = field(
+        default=None, metadata={"help": "CNN decoder: grid sizes with self-attention; None = the base grid only."}
+    )
+
+    def __post_init__(self, **kwargs):
+        if self.projection_block not in ("linear", "attention"):
+            raise ValueError(f"projection_block must be 'linear' or 'attention', got {self.projection_block!r}")
+        if self.decoder_type not in ("vit", "cnn"):
+            raise ValueError(f"decoder_type must be 'vit' or 'cnn', got {self.decoder_type!r}")
+        super().__post_init__(**kwargs)

@@ -1,11 +1,16 @@
 """DualToken (DESIGN §2.3): one SigLIP encoder, two residual-VQ vocabularies.
 
-- Pixel branch: hidden state `pixel_layer` (+ `shortcut_weight` x hidden state `shortcut_layer`) -> linear to a
-  low dim -> ResidualVQ -> ViT pixel decoder (its input projection maps back up) -> image.
-- Semantic branch: hidden state `semantic_layer` -> linear to a low dim -> ResidualVQ -> linear back to the
-  encoder width, which *replaces* that hidden state; the encoder's remaining layers, final norm and pooling head
-  (the HF modules themselves, called in order) run on top. A frozen teacher (the initial encoder) supplies the
-  targets of the semantic loss, MSE + (1 - cos), at that layer and on the pooled output.
+- Pixel branch: hidden state `pixel_layer` (+ `shortcut_weight` x hidden state `shortcut_layer`) -> projection to a
+  low dim -> ResidualVQ -> pixel decoder (ViT, or the reference's VQGAN-style CNN with `decoder_type="cnn"`) -> image.
+  `per_tap_projection` projects each tapped layer on its own and sums the low-dim outputs, as the reference does.
+- Semantic branch: hidden state `semantic_layer` -> projection to a low dim -> ResidualVQ -> projection back to
+  the encoder width, which *replaces* that hidden state; the encoder's remaining layers, final norm and pooling
+  head (the HF modules themselves, called in order) run on top. A frozen teacher (the initial encoder) supplies
+  the targets of the semantic loss, MSE + (1 - cos), at that layer (`semantic_weight`) and on the pooled output
+  (`semantic_pooled_weight`).
+
+Projections are `nn.Linear` (`projection_block="linear"`, cheap, for tiny runs) or the reference's LayerNorm-first
+attention blocks (`"attention"`, unimm.tokenizer.projections).
 
 Hidden-state numbering is `output_hidden_states`': 0 = embeddings, i = output of layer i (1-based), so the
 paper's "layer 26 of 27" is `semantic_layer=26` and exactly one encoder layer runs on the quantised features.
@@ -17,14 +22,20 @@ import torch
 from torch import nn
 
 from unimm.tokenizer.base import TokenizerOutput, VisualTokenizer, eval_mode
+from unimm.tokenizer.cnn_decoder import CNNDecoder
 from unimm.tokenizer.configuration import DenoisingConfig, DualTokenConfig
+from unimm.tokenizer.denoising import LatentDenoiser
 from unimm.tokenizer.encoders import EncoderAccess
 from unimm.tokenizer.losses import semantic_loss
+from unimm.tokenizer.projections import build_projection
 from unimm.tokenizer.quantizers import ResidualVQ
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, VisualCodes
 from unimm.utils.logging import get_logger, warn_once
 
 logger = get_logger(__name__)
+
+# The reference decoder's levels (finest first): 128 x [1, 1, 4, 4, 8] channels, 16x upsampling.
+REFERENCE_CNN_CHANNEL_MULT = (1, 1, 4, 4, 8)
 
 
 class DualToken(VisualTokenizer):
@@ -41,15 +52,22 @@ class DualToken(VisualTokenizer):
             shared_codebook=config.shared_codebook,
             beta=config.quantizer_beta,
         )
-        self.pixel_proj_in = nn.Linear(width, config.pixel_code_dim)
+        block = config.projection_block
+        self.pixel_proj_in = build_projection(block, width, config.pixel_code_dim)
+        # Per-tap form: the shortcut layer gets its own projection (only when it contributes, so no parameter
+        # goes without gradient).
+        self.shortcut_proj_in = (
+            build_projection(block, width, config.pixel_code_dim) if self._projects_shortcut_apart else None
+        )
         self.pixel_quantizer = ResidualVQ(
             config.pixel_num_codes, config.pixel_code_dim, config.pixel_depth, **rvq_kwargs
         )
-        self.semantic_proj_in = nn.Linear(width, config.semantic_code_dim)
+        self.semantic_proj_in = build_projection(block, width, config.semantic_code_dim)
         self.semantic_quantizer = ResidualVQ(
             config.semantic_num_codes, config.semantic_code_dim, config.semantic_depth, **rvq_kwargs
         )
-        self.semantic_proj_out = nn.Linear(config.semantic_code_dim, width)
+        # The reference's post-quantisation blocks attend causally (raster order).
+        self.semantic_proj_out = build_projection(block, config.semantic_code_dim, width, is_causal=True)
         self._build_decoder_path(config.pixel_code_dim)
         self.post_init()
         self._apply_stage_freezing()
@@ -80,6 +98,36 @@ class DualToken(VisualTokenizer):
         for key in ("pixel_num_codes", "semantic_num_codes"):
             if getattr(config, key) < 2:
                 raise ValueError(f"{key}={getattr(config, key)} must be >= 2")
+
+    @property
+    def _projects_shortcut_apart(self) -> bool:
+        cfg = self.config
+        return bool(cfg.per_tap_projection) and cfg.shortcut_layer is not None and cfg.shortcut_weight != 0
+
+    def _build_decoder_path(self, latent_dim: int) -> None:
+        """The ViT path of VisualTokenizer, or the same latent norm and l-DeTok denoiser in front of a CNN decoder."""
+        cfg = self.config
+        if cfg.decoder_type == "vit":
+            super()._build_decoder_path(latent_dim)
+            return
+        cfg.denoising = cfg.denoising_config.to_dict()
+        self.latent_norm = nn.LayerNorm(latent_dim, elementwise_affine=False) if cfg.latent_norm else nn.Identity()
+        self._check_denoising(cfg.denoising_config)
+        self.denoiser = LatentDenoiser(latent_dim, cfg.denoising_config)
+        channel_mult = list(cfg.cnn_decoder_channel_mult or REFERENCE_CNN_CHANNEL_MULT)
+        base_grid = self.image_size // 2 ** (len(channel_mult) - 1)
+        attn_resolutions = cfg.cnn_decoder_attn_resolutions
+        self.decoder = CNNDecoder(
+            latent_dim=latent_dim,
+            image_size=self.image_size,
+            input_width=cfg.cnn_decoder_input_width or self.encoder_hidden_size,
+            in_channels=cfg.cnn_decoder_in_channels,
+            channels=cfg.cnn_decoder_channels,
+            channel_mult=channel_mult,
+            num_res_blocks=cfg.cnn_decoder_num_res_blocks,
+            attn_resolutions=[base_grid] if attn_resolutions is None else list(attn_resolutions),
+            input_block=cfg.projection_block,
+        )
 
     def _check_denoising(self, denoising: DenoisingConfig) -> None:
         if denoising.encoder_drop_masked:
@@ -114,8 +162,10 @@ class DualToken(VisualTokenizer):
         return unused
 
     # ----------------------------------------------------------------- encoder passes
-    def _run_to_semantic(self, pixel_values: torch.Tensor, access: EncoderAccess) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixel-branch features, hidden state `semantic_layer`), both [B, N, C]."""
+    def _run_to_semantic(
+        self, pixel_values: torch.Tensor, access: EncoderAccess
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """(hidden states of the pixel taps by layer, hidden state `semantic_layer`), all [B, N, C]."""
         cfg = self.config
         hidden = access.embed(pixel_values)
         taps = {0: hidden}
@@ -125,10 +175,19 @@ class DualToken(VisualTokenizer):
             taps[index] = hidden
             current = index
         hidden = access.run_layers(hidden, current, cfg.semantic_layer)
-        pixel_features = taps[cfg.pixel_layer]
+        return taps, hidden
+
+    def _pixel_latent(self, taps: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Pixel-branch quantizer input [B, N, pixel_code_dim] from the tapped hidden states."""
+        cfg = self.config
+        if self.shortcut_proj_in is not None:  # per tap: project each layer, then sum
+            return self.pixel_proj_in(taps[cfg.pixel_layer]) + cfg.shortcut_weight * self.shortcut_proj_in(
+                taps[cfg.shortcut_layer]
+            )
+        features = taps[cfg.pixel_layer]
         if cfg.shortcut_layer is not None and cfg.shortcut_weight != 0:
-            pixel_features = pixel_features + cfg.shortcut_weight * taps[cfg.shortcut_layer]
-        return pixel_features, hidden
+            features = features + cfg.shortcut_weight * taps[cfg.shortcut_layer]
+        return self.pixel_proj_in(features)
 
     def _run_top(self, hidden: torch.Tensor, access: EncoderAccess) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Remaining layers + final norm + pooling head on hidden state `semantic_layer`."""
@@ -136,7 +195,7 @@ class DualToken(VisualTokenizer):
         return access.finalize(hidden)
 
     def _dequantize_semantic(self, quantized: torch.Tensor) -> torch.Tensor:
-        return self.semantic_proj_out(quantized.to(self.semantic_proj_out.weight.dtype))
+        return self.semantic_proj_out(quantized.to(next(self.semantic_proj_out.parameters()).dtype))
 
     # ----------------------------------------------------------------- contract
     @property
@@ -151,15 +210,15 @@ class DualToken(VisualTokenizer):
     def encode(self, pixel_values: torch.Tensor) -> VisualCodes:
         self._check_pixels(pixel_values)
         with eval_mode(self.pixel_quantizer, self.semantic_quantizer):
-            pixel_features, semantic_hidden = self._run_to_semantic(pixel_values, self._encoder_access)
-            pixel = self.pixel_quantizer(self.pixel_proj_in(pixel_features)).indices
+            taps, semantic_hidden = self._run_to_semantic(pixel_values, self._encoder_access)
+            pixel = self.pixel_quantizer(self._pixel_latent(taps)).indices
             semantic = self.semantic_quantizer(self.semantic_proj_in(semantic_hidden)).indices
         return {"pixel": pixel, "semantic": semantic}  # [B, N, Dp], [B, N, Ds]
 
     def decode(self, codes: VisualCodes) -> torch.Tensor:
         """Pixel codes {"pixel": [B, N, Dp], ...} -> pixel_values; other groups are ignored."""
         self.check_codes(codes, ("pixel",))
-        latent = self.pixel_quantizer.lookup(codes["pixel"]).to(self.decoder.head.weight.dtype)
+        latent = self.pixel_quantizer.lookup(codes["pixel"]).to(self.decoder.last_layer.dtype)
         with eval_mode(self.denoiser):
             return self._decode_latent(latent)
 
@@ -182,8 +241,8 @@ class DualToken(VisualTokenizer):
         self._check_pixels(pixel_values)
         access = self._encoder_access
         with self._encoder_context():
-            pixel_features, semantic_hidden = self._run_to_semantic(pixel_values, access)
-        pixel_out = self.pixel_quantizer(self.pixel_proj_in(pixel_features))
+            taps, semantic_hidden = self._run_to_semantic(pixel_values, access)
+        pixel_out = self.pixel_quantizer(self._pixel_latent(taps))
         pixel_out = self._maybe_replace_codes(self.pixel_quantizer, pixel_out)
         reconstruction = self._decode_latent(pixel_out.quantized)
 
@@ -193,11 +252,13 @@ class DualToken(VisualTokenizer):
 
         losses = {"quantizer": pixel_out.loss + semantic_out.loss}
         if self.config.semantic_weight > 0 and not self._decoder_only:
+            cfg = self.config
             target_hidden, target_pooled = self._semantic_targets(pixel_values, semantic_hidden)
-            semantic = semantic_loss(replaced, target_hidden)
-            if self.config.semantic_pooled_loss and pooled is not None and target_pooled is not None:
-                semantic = semantic + semantic_loss(pooled, target_pooled)
-            losses["semantic"] = self.config.semantic_weight * semantic
+            semantic = cfg.semantic_weight * semantic_loss(replaced, target_hidden)
+            if cfg.semantic_pooled_loss and pooled is not None and target_pooled is not None:
+                pooled_weight = cfg.semantic_weight if cfg.semantic_pooled_weight is None else cfg.semantic_pooled_weight
+                semantic = semantic + pooled_weight * semantic_loss(pooled, target_pooled)
+            losses["semantic"] = semantic
         stats = {**self._group_stats("pixel", pixel_out), **self._group_stats("semantic", semantic_out)}
         return TokenizerOutput(
             reconstruction=reconstruction,
