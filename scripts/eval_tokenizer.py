@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Evaluate a trained visual tokenizer: PSNR, SSIM, codebook utilisation and perplexity (and rFID when
 torch-fidelity and local Inception weights are available) over a dataset, written as JSON, plus a PNG grid of
-input | reconstruction pairs.
+input | reconstruction pairs. "semantic" holds the semantic preservation against the initial encoder
+(unimm.tokenizer.semantic_eval): known for a DualToken whose encoder was never trained, otherwise given by
+--reference_encoder (the pretrained encoder the tokenizer started from); without one it says why it was skipped.
 
     python scripts/eval_tokenizer.py --model_path runs/vqrae-tiny/model --dataset sample_photos --image_size 32 \
         --output_json runs/vqrae-tiny/eval.json
@@ -14,7 +16,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,6 +33,9 @@ from unimm.train.tokenizer_trainer import (
 )
 from unimm.utils.errors import model_folder
 from unimm.utils.logging import setup_logging
+
+if TYPE_CHECKING:
+    from unimm.tokenizer.base import VisualTokenizer
 
 
 @dataclass
@@ -53,6 +58,10 @@ class EvalArguments:
         default=None, metadata={"help": "PNG grid of input|reconstruction (default: next to the JSON)."}
     )
     num_grid_images: int = field(default=16, metadata={"help": "Images in the comparison grid."})
+    reference_encoder: str | None = field(
+        default=None,
+        metadata={"help": "Local HF checkpoint of the initial (pretrained) encoder, for the semantic metrics."},
+    )
     inception_weights: str | None = field(
         default=None, metadata={"help": "torch-fidelity Inception weights file; enables rFID ([eval] extra)."}
     )
@@ -108,6 +117,7 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
     tracker.check(final=True)
     if rfid_dirs is not None:
         results["rfid"] = compute_rfid(rfid_dirs / "real", rfid_dirs / "fake", args.inception_weights)
+    results["semantic"] = _semantic_metrics(model, dataset, args, device)
     results["model_path"] = args.model_path
     results["dataset"] = args.dataset
     results["config_hash"] = model.config_hash()
@@ -128,6 +138,21 @@ def evaluate(args: EvalArguments) -> dict[str, Any]:
         results["grid_path"] = str(grid_path)
         output.write_text(json.dumps(results, indent=2))
     return results
+
+
+def _semantic_metrics(model: VisualTokenizer, dataset: ImageDataset, args: EvalArguments, device: torch.device) -> dict[str, Any]:
+    from unimm.tokenizer.encoders import load_encoder
+    from unimm.tokenizer.semantic_eval import evaluate_semantic_preservation, resolve_reference_encoder
+
+    given = None
+    if args.reference_encoder:
+        with model_folder("reference_encoder", args.reference_encoder, "a Hugging Face vision encoder"):
+            given = load_encoder(args.reference_encoder)
+    try:
+        reference = resolve_reference_encoder(model, given)
+    except ValueError as error:
+        return {"skipped": str(error)}
+    return evaluate_semantic_preservation(model, eval_batches(dataset, args.batch_size, args.max_images), reference, device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -231,6 +231,22 @@ class DualToken(VisualTokenizer):
             quantized = self.semantic_quantizer(self.semantic_proj_in(semantic_hidden)).quantized
         return self._run_top(self._dequantize_semantic(quantized), self._encoder_access)[0]
 
+    def semantic_features(
+        self, pixel_values: torch.Tensor, encoder: nn.Module | None = None, quantize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(hidden state `semantic_layer` [B, N, C], encoder output [B, N, C], pooled [B, C] or None) computed by
+        `encoder` (default: this tokenizer's). `quantize=True` sends the hidden state through the semantic codes
+        (projection, ResidualVQ in eval mode, projection back) before the remaining layers, as `encode_features`
+        does; `quantize=False` gives the encoder's own features (with a frozen initial encoder: the targets)."""
+        self._check_pixels(pixel_values)
+        access = self._encoder_access if encoder is None else EncoderAccess(encoder)
+        _, hidden = self._run_to_semantic(pixel_values, access)
+        if quantize:
+            with eval_mode(self.semantic_quantizer):
+                hidden = self._dequantize_semantic(self.semantic_quantizer(self.semantic_proj_in(hidden)).quantized)
+        output, pooled = self._run_top(hidden, access)
+        return hidden, output, pooled
+
     def features_from_codes(self, codes: VisualCodes) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Semantic codes [B, N, Ds] -> (encoder output [B, N, C], pooled [B, C] or None)."""
         self.check_codes(codes, ("semantic",))

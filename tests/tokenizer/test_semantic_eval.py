@@ -1,0 +1,135 @@
+"""Semantic preservation metrics (unimm.tokenizer.semantic_eval) on tiny random towers."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from unimm.tokenizer import build_tokenizer
+from unimm.tokenizer.quantizers import Quantizer
+from unimm.tokenizer.semantic_eval import FeatureAgreement, evaluate_semantic_preservation
+from unimm.tokenizer.types import QuantizerOutput
+
+
+class IdentityQuantizer(Quantizer):
+    """Passes its input through unchanged (a lossless stand-in for the semantic ResidualVQ)."""
+
+    def __init__(self, dim: int, depth: int):
+        super().__init__()
+        self.dim, self.depth, self.num_codes = dim, depth, 2
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        indices = torch.zeros(*z.shape[:-1], self.depth, dtype=torch.long, device=z.device)
+        return QuantizerOutput(quantized=z, indices=indices, loss=z.new_zeros(()))
+
+
+def _batches(count: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(count)]
+
+
+def _identity_semantic_path(**overrides) -> nn.Module:
+    """Fresh tiny DualToken whose semantic path (projection, quantizer, projection back) is the identity."""
+    model = build_tokenizer("dualtoken-tiny", semantic_code_dim=64, **overrides)  # code dim = encoder width
+    with torch.no_grad():
+        for projection in (model.semantic_proj_in, model.semantic_proj_out):
+            projection.weight.copy_(torch.eye(64))
+            projection.bias.zero_()
+    model.semantic_quantizer = IdentityQuantizer(64, model.config.semantic_depth)
+    return model.eval()
+
+
+def test_feature_agreement_formulas():
+    agreement = FeatureAgreement()
+    reference = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    agreement.update(torch.tensor([[[2.0, 0.0], [0.0, -2.0]]]), reference)
+    result = agreement.compute()
+    assert result["cosine"] == pytest.approx(0.0)  # (+1 + -1) / 2
+    assert result["relative_mse"] == pytest.approx((1.0 + 16.0) / 5.0)
+    with pytest.raises(ValueError, match="no features"):
+        FeatureAgreement().compute()
+
+
+def test_identity_semantic_path_scores_cosine_one():
+    model = _identity_semantic_path()
+    results = evaluate_semantic_preservation(model, _batches())
+    assert set(results) == {"layer", "output", "pooled", "semantic_layer", "num_images"}
+    assert results["semantic_layer"] == model.config.semantic_layer and results["num_images"] == 4
+    for place in ("layer", "output", "pooled"):
+        assert results[place]["cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert results[place]["relative_mse"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_fresh_quantised_semantic_path_loses_semantics():
+    model = build_tokenizer("dualtoken-tiny").eval()
+    results = evaluate_semantic_preservation(model, [{"pixel_values": x} for x in _batches()])
+    for place in ("layer", "output", "pooled"):
+        assert results[place]["cosine"] < 0.99 and results[place]["relative_mse"] > 1e-3
+
+
+def test_reference_is_the_initial_encoder_not_the_trained_one():
+    model = _identity_semantic_path(train_encoder=True)
+    model.set_train_encoder(True)  # the teacher is a frozen copy of the encoder as it is now
+    with torch.no_grad():  # "training" moves the encoder away from its initial weights
+        for param in model.encoder.encoder.layers[0].parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    moved = evaluate_semantic_preservation(model, _batches())
+    assert moved["layer"]["cosine"] < 0.999 and moved["layer"]["relative_mse"] > 1e-4
+    # Against the moved encoder itself (explicit reference), the identity path agrees exactly again.
+    same = evaluate_semantic_preservation(model, _batches(), reference_encoder=copy.deepcopy(model.encoder))
+    assert same["layer"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+    model.drop_teacher()  # a trained encoder without its teacher: the initial encoder is unknown
+    with pytest.raises(ValueError, match="reference_encoder"):
+        evaluate_semantic_preservation(model, _batches())
+
+
+@pytest.mark.parametrize("encoder_type", ["siglip", "dinov2"])
+def test_vqrae_compares_encoder_outputs(encoder_type):
+    model = build_tokenizer("vqrae-tiny", encoder_type=encoder_type, encoder_use_head=True)
+    with pytest.raises(ValueError, match="reference_encoder"):
+        evaluate_semantic_preservation(model, _batches())
+    model.set_stage(2)  # teacher = the stage-1 encoder
+    results = evaluate_semantic_preservation(model, _batches(1))
+    assert {"output", "pooled"} <= set(results) and "layer" not in results
+    assert results["output"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        for param in model.encoder.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    assert evaluate_semantic_preservation(model, _batches(1))["output"]["cosine"] < 0.999
+
+
+def _eval_script():
+    path = Path(__file__).resolve().parents[2] / "scripts" / "eval_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("unimm_script_eval_tokenizer_semantic", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_tokenizer_json_reports_semantic_preservation(tmp_path):
+    script = _eval_script()
+    argv = ["--dataset", "sample_photos", "--image_size", "32", "--max_images", "4", "--num_grid_images", "0"]
+    dual = build_tokenizer("dualtoken-tiny")  # encoder never trained: it is its own reference
+    dual.save_pretrained(tmp_path / "dual")
+    results = script.main([*argv, "--model_path", str(tmp_path / "dual"), "--output_json", str(tmp_path / "d.json")])
+    written = json.loads((tmp_path / "d.json").read_text())["semantic"]
+    assert written == results["semantic"] and written["num_images"] == 4
+    assert 0 < written["layer"]["cosine"] < 1 and written["pooled"]["relative_mse"] > 0
+
+    vqrae = build_tokenizer("vqrae-tiny")  # its encoder may have been trained: needs the initial encoder
+    vqrae.save_pretrained(tmp_path / "vqrae")
+    argv += ["--model_path", str(tmp_path / "vqrae"), "--output_json", str(tmp_path / "v.json")]
+    assert "reference_encoder" in script.main(argv)["semantic"]["skipped"]
+    vqrae.encoder.save_pretrained(tmp_path / "encoder")  # unchanged since initialisation: agreement is exact
+    semantic = script.main([*argv, "--reference_encoder", str(tmp_path / "encoder")])["semantic"]
+    assert semantic["output"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert semantic["output"]["relative_mse"] == pytest.approx(0.0, abs=1e-10)
