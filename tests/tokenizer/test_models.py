@@ -239,7 +239,7 @@ def test_paper_presets_from_local_encoder_checkpoint(tmp_path):
         assert model.image_mean == (0.4, 0.4, 0.4) and model.image_std == (0.2, 0.2, 0.2)
         assert model.image_size == 32
         assert model.config.denoising["noise_gamma"] == 3.0 and model.config.denoising["mask_ratio_max"] == 0.7
-    assert dual.config.pixel_depth == 8 and vqrae.config.code_dim == 16
+    assert dual.config.pixel_depth == 4 and vqrae.config.code_dim == 16  # depth follows positions: 64 < 729
 
     # The saved tokenizer carries its encoder: it loads after the encoder checkpoint is gone.
     x = _pixels()

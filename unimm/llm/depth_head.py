@@ -145,8 +145,9 @@ class DepthTransformerHead(nn.Module):
         nn.init.normal_(self.classifier, std=0.02)
 
     def _inputs(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
-        """`hidden [M, H_llm]`, `prefix_codes [M, d]` -> head inputs `[M, d + 1, hidden]`."""
-        first = self.input_proj(hidden).unsqueeze(1)
+        """`hidden [M, H_llm]`, `prefix_codes [M, d]` -> head inputs `[M, d + 1, hidden]`. The head runs in its own
+        dtype (float32 next to a bf16 LLM after `from_llm`)."""
+        first = self.input_proj(hidden.to(self.input_proj.weight.dtype)).unsqueeze(1)
         if prefix_codes.shape[1] == 0:
             x = first
         else:

@@ -71,7 +71,7 @@ class FeatureProjector(nn.Module):
         self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features)))
+        return self.linear_2(self.act(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
 def image_position_index(is_image: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,18 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         **config_kwargs,
     ) -> UniMMForCausalLM:
         """Wrap a causal LM (a local checkpoint path or a loaded model) and add freshly initialised visual modules
-        for `codebook_spec` (group -> `CodebookGroupSpec`, dict, or `(num_codes, depth[, code_dim])`)."""
+        for `codebook_spec` (group -> `CodebookGroupSpec`, dict, or `(num_codes, depth[, code_dim])`), or for a
+        visual tokenizer passed in its place: its `codebook_spec`, and its `num_positions` as `num_image_positions`
+        (so `generate_images` knows the image length) unless given.
+
+        The LLM keeps the dtype it is loaded in (`dtype`, else the checkpoint's); the new visual modules are float32
+        unless `dtype` is given, so a bf16 checkpoint does not silently give bf16 master weights to modules trained
+        from scratch."""
+        if hasattr(codebook_spec, "codebook_spec"):  # a visual tokenizer (VQRAE, DualToken)
+            tokenizer = codebook_spec
+            codebook_spec = tokenizer.codebook_spec
+            if getattr(tokenizer, "num_positions", None) is not None:
+                config_kwargs.setdefault("num_image_positions", int(tokenizer.num_positions))
         if isinstance(llm, (str, Path)):
             if not Path(llm).exists():
                 raise FileNotFoundError(f"LLM checkpoint not found: {llm} (UniMM never downloads weights)")
@@ -141,7 +152,7 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             attn_implementation=hf_compat.attn_implementation_of(llm.config), **config_kwargs,
         )
         model = cls(config, language_model=llm)
-        return model.to(next(llm.parameters()).dtype)
+        return model.to(dtype) if dtype is not None else model
 
     # -- HF plumbing, delegated to the wrapped LLM ----------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

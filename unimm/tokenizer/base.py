@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 from transformers import PreTrainedModel
 
 from unimm.data.images import ImageTransform
@@ -85,8 +86,12 @@ class VisualTokenizer(PreTrainedModel):
         if config.image_std is None:
             config.image_std = list(settings.image_std)
         patch = patch_size_of(config.encoder_config)
-        if config.image_size % patch != 0:
-            raise ValueError(f"image_size={config.image_size} is not a multiple of the encoder patch_size={patch}")
+        if config.image_size < patch:
+            raise ValueError(f"image_size={config.image_size} is smaller than the encoder patch_size={patch}")
+        # A size that is not a multiple of the patch (SigLIP so400m: 384 px, patch 14) is handled as the encoder's
+        # patch convolution does: floor(384 / 14) = 27 x 27 patches, the last 6 pixel rows/columns unseen. The
+        # decoder emits that 378 px grid and `_decode_latent` resizes it to image_size, so images round-trip at
+        # the input size and the reconstruction losses compare like with like.
         self.encoder = build_encoder(config.encoder_config, config.encoder_attn_implementation)
         self._encoder_access = EncoderAccess(self.encoder)
         # The teacher (a frozen copy of the initial encoder) is deliberately not a registered submodule:
@@ -124,8 +129,13 @@ class VisualTokenizer(PreTrainedModel):
         )
 
     def _decode_latent(self, quantized: torch.Tensor) -> torch.Tensor:
-        """Decoder input = normalised (de)quantised latent, corrupted by l-DeTok in training only."""
-        return self.decoder(self.denoiser(self.latent_norm(quantized)))
+        """Decoder input = normalised (de)quantised latent, corrupted by l-DeTok in training only. The decoder's
+        grid (grid_size * patch_size pixels) is resized to image_size when the two differ (bicubic)."""
+        pixels = self.decoder(self.denoiser(self.latent_norm(quantized)))
+        if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bicubic",
+                                   align_corners=False)
+        return pixels
 
     def _maybe_replace_codes(self, quantizer: Quantizer, out: QuantizerOutput) -> QuantizerOutput:
         """l-DeTok's discrete analogue: swap a fraction of codes for random ones before decoding. The value

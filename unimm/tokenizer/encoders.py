@@ -150,6 +150,15 @@ def image_processor_settings(
     )
 
 
+def has_image_size(encoder_config: dict[str, Any], path: str | Path | None = None) -> bool:
+    """Whether the checkpoint fixes an input size (in its image processor or config); NaFlex SigLIP2 does not."""
+    try:
+        image_processor_settings(encoder_config, path=path)
+    except ValueError:
+        return False
+    return True
+
+
 def patch_size_of(encoder_config: dict[str, Any]) -> int:
     patch = encoder_config.get("patch_size")
     if isinstance(patch, (list, tuple)):
@@ -192,7 +201,8 @@ class EncoderAccess:
         b, _, h, w = pixel_values.shape
         p = self.patch_size
         gh, gw = h // p, w // p
-        patches = patchify(pixel_values, p)
+        # Like a stride-p patch convolution, a size that is not a multiple of p drops the last h % p rows/columns.
+        patches = patchify(pixel_values[..., : gh * p, : gw * p], p)
         spatial_shapes = torch.tensor([[gh, gw]] * b, dtype=torch.long, device=pixel_values.device)
         mask = torch.ones(b, gh * gw, dtype=torch.long, device=pixel_values.device)
         return patches, spatial_shapes, mask

@@ -20,8 +20,10 @@ from unimm.tokenizer.dualtoken import DualToken
 from unimm.tokenizer.encoders import (
     clean_encoder_config,
     encoder_config_to_dict,
+    has_image_size,
     image_processor_settings,
     load_encoder,
+    patch_size_of,
 )
 from unimm.tokenizer.vqrae import VQRAE
 
@@ -125,7 +127,13 @@ def _from_encoder_path(
     fields: dict[str, Any],
     image_size: int | None = None,
     seed: int | None = 0,
+    fields_for_positions: Callable[[int], dict[str, Any]] | None = None,
+    overrides: dict[str, Any] | None = None,
+    fallback_image_size: int | None = None,
 ) -> VisualTokenizer:
+    """`fields_for_positions(num_positions)` sets fields that follow the encoder's number of positions at the chosen
+    size (between the preset's `fields` and the caller's `overrides`, which win). The size is `image_size`, else
+    the checkpoint's (image processor, then config), else `fallback_image_size` (NaFlex encoders have none)."""
     if encoder_path is None:
         raise ValueError(
             f"preset {preset!r} needs encoder_path=<local Hugging Face checkpoint of the vision "
@@ -134,8 +142,13 @@ def _from_encoder_path(
         )
     encoder = load_encoder(encoder_path, fields.get("encoder_attn_implementation"))
     encoder_config = encoder_config_to_dict(encoder)
+    if image_size is None and fallback_image_size is not None and not has_image_size(encoder_config, encoder_path):
+        image_size = fallback_image_size
     settings = image_processor_settings(encoder_config, path=encoder_path, image_size=image_size)
-    fields = _split_overrides(config_cls, fields, preset)
+    if fields_for_positions is not None:
+        grid = settings.image_size // patch_size_of(encoder_config)
+        fields = {**fields, **fields_for_positions(grid * grid)}
+    fields = _split_overrides(config_cls, {**fields, **(overrides or {})}, preset)
     fields.setdefault("image_mean", list(settings.image_mean))
     fields.setdefault("image_std", list(settings.image_std))
     if seed is not None:
@@ -152,18 +165,29 @@ def _paper(
     model_cls: type,
     preset: str,
     defaults: dict[str, Any],
-    depth_for_size: Callable[[int], dict[str, Any]] | None = None,
+    image_size: int,
+    fields_for_positions: Callable[[int], dict[str, Any]] | None = None,
 ) -> Callable[..., VisualTokenizer]:
+    """A paper preset. Its input size is `image_size` if given, else the checkpoint's, else the size in the preset's
+    name (a NaFlex SigLIP2 has no size of its own); `fields_for_positions` is applied to the number of encoder
+    positions at that size."""
+    preset_size = image_size
+
     def build(
         encoder_path: str | Path | None = None, image_size: int | None = None, seed: int | None = 0, **overrides: Any
     ) -> VisualTokenizer:
-        fields = dict(defaults)
-        if depth_for_size is not None and image_size is not None:
-            fields.update(depth_for_size(image_size))
-        fields.update(overrides)
-        return _from_encoder_path(config_cls, model_cls, preset, encoder_path, fields, image_size=image_size, seed=seed)
+        return _from_encoder_path(config_cls, model_cls, preset, encoder_path, dict(defaults), image_size=image_size,
+                                  seed=seed, fields_for_positions=fields_for_positions, overrides=overrides,
+                                  fallback_image_size=preset_size)
 
     return build
+
+
+def dualtoken_depths(num_positions: int) -> dict[str, int]:
+    """DualToken's residual depth follows the number of positions: 8 at 729 (SigLIP so400m, 384 px, patch 14),
+    4 at fewer (256 px: 18 x 18 = 324 at patch 14, 16 x 16 at patch 16)."""
+    depth = 8 if num_positions >= 729 else 4
+    return {"pixel_depth": depth, "semantic_depth": depth}
 
 
 _PAPER_DENOISING = DenoisingConfig.paper().to_dict()
@@ -198,9 +222,11 @@ PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
         VQRAE,
         "vqrae-siglip2-so400m-256",
         dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0, denoising=_PAPER_DENOISING),
+        image_size=256,
     ),
     # DualToken paper: SigLIP-so400m patch14 @ 384 px (27 layers); pixel codes from layer 6 (+ 0.6 x layer 4),
-    # semantic codes replace layer 26; 32-dim codes, 16384 per codebook, residual depth 8 (4 at 256 px).
+    # semantic codes replace layer 26; 32-dim codes, 16384 per codebook, residual depth 8 at 729 positions (4 below).
+    # 384 is not a multiple of 14: the encoder sees 27 x 27 patches and decodes are resized from 378 to 384 px.
     "dualtoken-siglip-so400m-384": _paper(
         DualTokenConfig,
         DualToken,
@@ -214,11 +240,10 @@ PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
             semantic_code_dim=32,
             pixel_num_codes=16384,
             semantic_num_codes=16384,
-            pixel_depth=8,
-            semantic_depth=8,
             denoising=_PAPER_DENOISING,
         ),
-        depth_for_size=lambda size: {"pixel_depth": 8 if size >= 384 else 4, "semantic_depth": 8 if size >= 384 else 4},
+        image_size=384,
+        fields_for_positions=dualtoken_depths,
     ),
 }
 
