@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from unimm.cli import parse_config, run_main
+from unimm.cli import ConfigError, parse_config, run_main
 from unimm.train.arguments import ChatArguments, InferenceArguments
 from unimm.utils.logging import setup_logging
 
@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from unimm.llm.generation import generate_text
     from unimm.train.build import load_inference_stack
 
-    pairs = chat_args.pairs()
+    try:
+        pairs = chat_args.pairs()
+    except ValueError as err:  # mismatched --images / --questions: a command-line mistake
+        raise ConfigError(str(err)) from err
     model, tokenizer, visual, device = load_inference_stack(infer_args)
     factory = SampleFactory(tokenizer, model.config.layout, SampleConfig(
         max_length=None, chat_format=chat_args.chat_format, chat_end_token=chat_args.chat_end_token,

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-from unimm.cli import parse_config, run_main
+from unimm.cli import ConfigError, parse_config, run_main
 from unimm.train.arguments import GenerateArguments, InferenceArguments
 from unimm.utils.logging import setup_logging
 
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     from unimm.llm.generation import generate_images
     from unimm.train.build import load_inference_stack
 
-    prompts = gen_args.all_prompts()
+    try:
+        prompts = gen_args.all_prompts()
+    except ValueError as err:  # no prompts given: a command-line mistake
+        raise ConfigError(str(err)) from err
     model, tokenizer, visual, device = load_inference_stack(infer_args)
     out_dir = Path(gen_args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

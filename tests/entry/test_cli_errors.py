@@ -105,6 +105,21 @@ def test_wrong_model_folder(toy, tmp_path):
     assert_user_error(proc, str(tmp_path / "empty"), "config.json missing")
 
 
+def test_inference_programs_name_missing_inputs(tiny_unimm, toy, tmp_path):
+    common = ["--model_path", str(tiny_unimm), "--tokenizer_path", str(toy["tokenizer"])]
+    missing = tmp_path / "missing.png"
+    proc = run_program(["scripts/chat.py", *common, "--images", str(missing), "--questions", "what?"])
+    assert_user_error(proc, "chat.py: error:", str(missing))
+    proc = run_program(["scripts/chat.py", *common, "--images", str(missing), str(missing), "--questions", "a", "b",
+                        "c"])
+    assert_user_error(proc, "2 images for 3 questions")
+    proc = run_program(["scripts/generate_t2i.py", *common, "--output_dir", str(tmp_path / "out")])
+    assert_user_error(proc, "generate_t2i.py: error:", "no prompts")
+    proc = run_program(["scripts/generate_t2i.py", "--model_path", str(toy["tokenizer"]), "--tokenizer_path",
+                        str(toy["tokenizer"]), "--prompts", "x", "--output_dir", str(tmp_path / "out")])
+    assert_user_error(proc, f"model_path={toy['tokenizer']}")
+
+
 def test_cache_from_tokenizer_with_other_weights_is_refused_naming_both_hashes(toy, tmp_path):
     from unimm.data.code_cache import tokenizer_weights_hash
     from unimm.tokenizer import load_tokenizer
@@ -156,6 +171,11 @@ def test_unwritable_output_directory_as_a_non_root_user(toy):
         out = locked / "cache"
         proc = run_program(pretokenize_args(root / "images", root / "tokenizer", out), env=env, user=nobody)
         assert_user_error(proc, "Permission denied", str(out))
+        secret = root / "secret.yaml"
+        secret.write_text("preset: vqrae-tiny\n")
+        secret.chmod(0o600)  # root's: unreadable for the unprivileged user
+        proc = run_program(["scripts/train_tokenizer.py", str(secret)], env=env, user=nobody)
+        assert_user_error(proc, "Permission denied", str(secret))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

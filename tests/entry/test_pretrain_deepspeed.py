@@ -140,7 +140,9 @@ def test_kill_during_checkpoint_save_resumes_from_last_complete(zero2_run, toy, 
     shutil.copy2(zero2_run / "resolved_config.yaml", run / "resolved_config.yaml")
     _interrupted_checkpoint(zero2_run, run / "checkpoint-4", state)
 
-    proc = run_script(pretrain_args(toy, run, "zero2"), launcher=deepspeed_launcher(master_port=port))
+    # One case also keeps a single checkpoint: the old one may go only once the new one is complete.
+    limit = ["--save_total_limit", "1"] if state == "before_trainer_state" else []
+    proc = run_script(pretrain_args(toy, run, "zero2") + limit, launcher=deepspeed_launcher(master_port=port))
     output = proc.stdout + proc.stderr
     assert f"ignoring incomplete checkpoint {run / 'checkpoint-4'}" in output
     assert f"resuming from the latest complete checkpoint {run / 'checkpoint-2'}" in output
@@ -149,6 +151,7 @@ def test_kill_during_checkpoint_save_resumes_from_last_complete(zero2_run, toy, 
     for step in (3, 4):
         assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6)
     assert (run / "checkpoint-4" / "COMPLETE").is_file()
+    assert (run / "checkpoint-2").is_dir() == (not limit)
     assert json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == STEPS
 
 

@@ -2,9 +2,9 @@
 
 Every program ends in `run_main(main)`. A known user error (a missing or unreadable file, a file that does not
 parse, an output directory that cannot be written, a bad config key or value, a folder that holds no model, a
-code cache that does not match or is damaged, too many bad samples) is printed as one line,
-`<program>: error: <message>`, on stderr, and the program exits with status 2 and no traceback. Anything else is
-a bug and keeps its traceback. `--debug` on the command line, or `UNIMM_DEBUG=1` in the environment, re-raises
+code cache that does not match or is damaged, an image that cannot be read, too many bad samples) is printed as
+one line, `<program>: error: <message>`, on stderr, and the program exits with status 2 and no traceback.
+Anything else is a bug and keeps its traceback. `--debug` on the command line, or `UNIMM_DEBUG=1` in the environment, re-raises
 user errors too, with their full traceback.
 """
 
@@ -73,8 +73,10 @@ def is_user_error(err: BaseException) -> bool:
     if isinstance(err, OSError) and err.errno in _USER_ERRNOS:
         return True
     from unimm.data.bad_samples import TooManyBadSamplesError
+    from unimm.data.images import ImageLoadError
 
-    return isinstance(err, TooManyBadSamplesError)
+    # An image a program was pointed at that cannot be read (training skips and counts bad images instead).
+    return isinstance(err, (TooManyBadSamplesError, ImageLoadError))
 
 
 def describe_user_error(err: BaseException) -> str:

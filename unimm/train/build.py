@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from unimm.llm import UniMMForCausalLM, VocabLayout, extend_tokenizer_and_model
+from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, extend_tokenizer_and_model
 from unimm.train.arguments import DataArguments, ModelArguments
-from unimm.utils.errors import ModelFolderError, model_folder
+from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def build_model(model_args: ModelArguments, dtype: torch.dtype = torch.float32, 
         model_args.tokenizer_path and load_visual) else None
     if model_args.model_path is not None:
         path = Path(model_args.model_path).resolve()  # absolute, so LoRA adapter configs name their base robustly
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
+        _check_unimm_folder(path)
         with model_folder("model_path", path, "a UniMM model and its text tokenizer"):
             model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -121,6 +120,24 @@ def build_model(model_args: ModelArguments, dtype: torch.dtype = torch.float32, 
         raise ValueError("the text tokenizer has no pad token; set one in its tokenizer_config.json")
     row_masked = apply_trainable_parts(model, model_args, layout)
     return BuiltModel(model, tokenizer, layout, visual_tokenizer, row_masked)
+
+
+def _check_unimm_folder(path: Path) -> None:
+    """Refuse a `model_path` that holds no UniMM model before building one from its config (a visual tokenizer's
+    or a plain LLM's config would otherwise instantiate a UniMM model with meaningless sizes)."""
+    import json
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise invalid_json(config_file, err) from None
+    if model_type != UniMMConfig.model_type:
+        raise ModelFolderError(f"model_path={path}: holds a {model_type!r} model, not a UniMM model "
+                               f"({UniMMConfig.model_type!r}; the output of scripts/pretrain.py, finetune.py or "
+                               f"merge_lora.py)")
 
 
 def _check_spec(model_spec: dict, visual_tokenizer: Any, tokenizer_path: str | None) -> None:
@@ -251,8 +268,7 @@ def load_for_inference(model_path: str | Path, device: torch.device, dtype_name:
     if is_lora_checkpoint(path):
         model = load_lora_model(path).merge_and_unload()
     else:
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model_path={path}: no UniMM model there (config.json missing)")
+        _check_unimm_folder(path)
         with model_folder("model_path", path, "a UniMM model"):
             model = UniMMForCausalLM.from_pretrained(path)
     with model_folder("model_path", path, "the model's text tokenizer"):
