@@ -76,3 +76,25 @@ def test_plain_hf_model_can_be_extended(tiny_qwen2_path):
     layout = extend_tokenizer_and_model(tokenizer, model, {"semantic": (100, 1)}, flat_codes=True)
     assert model.get_input_embeddings().weight.shape[0] == layout.padded_vocab_size == 512
     assert layout.code_token_offset + 100 <= 512
+
+
+def test_new_rows_sample_the_text_rows_distribution_like_mean_resizing(tiny_qwen2_path):
+    """As transformers' `mean_resizing`: N(mean, 1e-9 x covariance) of the text rows; rows are distinct (flat-mode
+    code rows tied to the LM head would otherwise give every code the same logit)."""
+    from unimm.llm.vocab import NEW_ROW_COVARIANCE_SCALE
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen2_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
+    text_rows = model.get_input_embeddings().weight[: len(tokenizer)].detach().clone().double()
+    torch.manual_seed(0)
+    layout = extend_tokenizer_and_model(tokenizer, model, {"semantic": (4096, 1)}, flat_codes=True)
+    new = model.get_input_embeddings().weight[layout.original_vocab_size:].detach().double()
+    assert torch.unique(new, dim=0).shape[0] == new.shape[0]  # all distinct
+    mean = text_rows.mean(dim=0)
+    torch.testing.assert_close(new.mean(dim=0), mean, rtol=0, atol=1e-6)
+    # the spread follows the text rows' covariance, scaled by 1e-9
+    reference = torch.cov(text_rows.T) * NEW_ROW_COVARIANCE_SCALE
+    sampled = torch.cov(new.T)
+    correlation = torch.corrcoef(torch.stack([reference.flatten(), sampled.flatten()]))[0, 1]
+    assert correlation > 0.9
+    assert 0.8 < float(sampled.diagonal().sum() / reference.diagonal().sum()) < 1.25

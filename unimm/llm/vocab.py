@@ -47,11 +47,28 @@ def _add_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[i
     return tokenizer.convert_tokens_to_ids(tokens)
 
 
+# Scale of the sampled noise relative to the text rows' covariance, as transformers' `mean_resizing` uses.
+NEW_ROW_COVARIANCE_SCALE = 1e-9
+
+
 @torch.no_grad()
 def _mean_init_rows(matrix: torch.Tensor, rows: torch.Tensor, num_reference_rows: int) -> None:
-    """Set `matrix[rows]` to the mean of the first `num_reference_rows` rows (the trained text vocabulary)."""
-    mean = matrix[:num_reference_rows].float().mean(dim=0)
-    matrix[rows] = mean.to(matrix.dtype)
+    """Initialise `matrix[rows]` as transformers' `resize_token_embeddings(mean_resizing=True)` does: samples of
+    N(mean, 1e-9 * covariance) of the first `num_reference_rows` rows (the trained text vocabulary), so new rows sit
+    at the text rows' mean yet are distinct (identical rows of a tied LM head would tie their logits). The rows to
+    set need not be the last ones: added tokens may land on unused rows a checkpoint already had. When the
+    covariance is not positive definite (fewer rows than dimensions), its diagonal is used."""
+    reference = matrix[:num_reference_rows].float()
+    mean = reference.mean(dim=0)
+    centered = reference - mean
+    covariance = centered.T @ centered / num_reference_rows * NEW_ROW_COVARIANCE_SCALE
+    try:
+        noise = torch.distributions.MultivariateNormal(torch.zeros_like(mean), covariance_matrix=covariance)
+        sample = noise.sample((len(rows),))
+    except (ValueError, RuntimeError):  # not positive definite
+        std = covariance.diagonal().clamp_min(torch.finfo(torch.float32).tiny).sqrt()
+        sample = torch.randn(len(rows), mean.numel(), device=mean.device) * std
+    matrix[rows] = (mean + sample).to(matrix.dtype)
 
 
 def extend_tokenizer_and_model(
@@ -64,7 +81,8 @@ def extend_tokenizer_and_model(
     """Add `<|boi|>`, `<|eoi|>`, `<|image|>`, `<|uncond|>` (and in flat mode the code tokens `<|code_k|>`, one
     contiguous block: code k -> `code_token_offset + k`) to `tokenizer`; resize `model`'s input embedding and LM
     head to `len(tokenizer)` rounded up to `pad_to_multiple_of`; initialise every new row (added tokens and
-    padding) to the mean of the existing text rows. Existing token ids and rows are unchanged.
+    padding) like transformers' `mean_resizing`: the mean of the existing text rows plus noise shaped by their
+    covariance (see `_mean_init_rows`). Existing token ids and rows are unchanged.
 
     `model` is a `UniMMForCausalLM` (its config then records the layout) or any HF causal LM. Call it before
     DeepSpeed wraps the model. Returns the layout.
