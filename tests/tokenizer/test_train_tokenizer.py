@@ -207,6 +207,43 @@ def test_kill_during_checkpoint_save_resumes_from_last_complete(train_script, un
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
+def test_real_kill_during_checkpoint_save_then_resume(uninterrupted_run, tmp_path):
+    """kill -9 of `scripts/train_tokenizer.py` the moment `checkpoint-4` appears (most likely mid-save), then
+    `--resume auto`: the logs and final weights equal the uninterrupted run's, every step logged once."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    run = tmp_path / "killed"
+    argv = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), *_argv("vqrae-tiny", output_dir=run,
+                                                                               **KILL_FLAGS)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not (run / "checkpoint-4").exists():
+            assert proc.poll() is None, "the run ended before writing checkpoint-4"
+            assert time.monotonic() < deadline, "no checkpoint-4 within 5 minutes"
+            time.sleep(0.001)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    print(f"checkpoint-4 when killed: {sorted(p.name for p in (run / 'checkpoint-4').iterdir())}", file=sys.stderr)
+    resumed = subprocess.run(argv + ["--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight_log, resumed_log = _jsonl(uninterrupted_run / "train_log.jsonl"), _jsonl(run / "train_log.jsonl")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
+    for a, b in zip(straight_log, resumed_log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+    a, b = load_file(uninterrupted_run / "model/model.safetensors"), load_file(run / "model/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def _write_jsonl_dataset(folder: Path, num_good: int) -> Path:
     from unimm.data.sample_photos import load_sample_photos
 
