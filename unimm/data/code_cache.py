@@ -402,8 +402,8 @@ def load_code_cache(path: str | os.PathLike, expected_hash: Any | None, allow_we
     `expected_hash` is the training tokenizer (or its `TokenizerIdentity`): both its config hash and its weights
     hash must match what the cache recorded, each refusal naming both hashes and the path. A bare config-hash
     string checks the architecture only; `None` skips the check (inspection only). `allow_weights_mismatch`
-    turns a weights-hash mismatch into a warning. `verify=False` skips the shard checksums (sizes are still
-    checked when the shards are opened)."""
+    turns a weights-hash mismatch into a warning. `verify=False` skips the shard sizes and checksums (a shard
+    that cannot be opened is still named, with the rebuild command)."""
     import datasets
 
     path = Path(path)
