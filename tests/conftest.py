@@ -99,3 +99,11 @@ def real_qwen_tokenizer_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("real_qwen_tok")
     build_qwen2_tokenizer(wheel_asset(*QWEN_AGENT_WHEEL), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_lpips_heads_path():
+    """LPIPS v0.1's linear heads on VGG16 (`lpips/weights/v0.1/vgg.pth`), from the lpips wheel (not installed)."""
+    from unimm.testing import LPIPS_WHEEL
+
+    return wheel_asset(*LPIPS_WHEEL)

@@ -213,3 +213,29 @@ def test_required_pretrained_lpips_refuses_to_start_without_weights(lpips_files)
         (0.5,) * 3,
     )
     assert ok.lpips is not None and ok.lpips.is_pretrained
+
+
+def test_lpips_loads_the_real_v01_heads_through_the_users_path_option(real_lpips_heads_path, lpips_files):
+    """The lpips wheel's own vgg.pth loads through `--lpips_lin_path`, the option the recipes document."""
+    from transformers import HfArgumentParser
+
+    from unimm.tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig, check_lpips_weights
+
+    vgg_path, _ = lpips_files  # the VGG16 trunk stays a local torchvision-format file (none ships in a wheel)
+    (config,) = HfArgumentParser(ReconstructionLossConfig).parse_args_into_dataclasses(
+        ["--lpips_vgg_path", str(vgg_path), "--lpips_lin_path", str(real_lpips_heads_path),
+         "--require_pretrained_lpips", "true"])
+    loss = ReconstructionLoss(config, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    assert loss.lpips is not None and loss.lpips.is_pretrained
+    heads = torch.load(real_lpips_heads_path, map_location="cpu", weights_only=True)
+    assert sorted(heads) == [f"lin{i}.model.1.weight" for i in range(5)]
+    for i, (lin, channels) in enumerate(zip(loss.lpips.lins, LPIPS_CHANNELS)):
+        torch.testing.assert_close(lin.weight, heads[f"lin{i}.model.1.weight"], rtol=0, atol=0)
+        assert lin.weight.shape == (1, channels, 1, 1) and bool((lin.weight >= 0).all())
+        assert not torch.allclose(lin.weight, torch.full_like(lin.weight, 1.0 / channels))  # not the fallback
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert float(loss.lpips(x, x)) == 0.0 and float(loss.lpips(x, x.flip(-1))) > 0.0
+    # a real recipe still refuses to start without the VGG16 trunk
+    trunkless = ReconstructionLossConfig(lpips_lin_path=str(real_lpips_heads_path), require_pretrained_lpips=True)
+    with pytest.raises(ValueError, match="lpips_vgg_path"):
+        check_lpips_weights(trunkless)
