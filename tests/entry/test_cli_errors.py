@@ -64,6 +64,15 @@ def test_missing_config_file_and_debug_traceback(tmp_path):
         assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
 
 
+def test_missing_data_is_named(toy, tmp_path):
+    missing = tmp_path / "no_such_folder"
+    assert_user_error(run_program(pretokenize_args(missing, toy["tokenizer"], tmp_path / "cache")),
+                      f"data={missing}: no such file or folder")
+    assert_user_error(run_program(["scripts/train_tokenizer.py", "--preset", "vqrae-tiny", "--dataset", str(missing),
+                                   "--output_dir", str(tmp_path / "run")]),
+                      f"dataset={missing}: no such file or folder")
+
+
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("preset: vqrae-tiny\nmax_steps: [1, 2\nbatch_size: 4\n")

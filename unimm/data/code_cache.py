@@ -35,7 +35,7 @@ import xxhash
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
-from unimm.utils.errors import UserError, json_source_errors, model_folder
+from unimm.utils.errors import UserError, json_source_errors, model_folder, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -536,6 +536,7 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     tokenizer = tokenizer.to(accelerator.device)
     if dtype != torch.float32 and accelerator.device.type != "cpu":
         tokenizer = tokenizer.to(dtype)
+    require_path("data", config.data)
     if config.data_format == "llava":
         records = llava_image_records(config.data, config.image_folder, config.allow_outside_image_folder)
     else:

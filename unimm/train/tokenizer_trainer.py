@@ -39,7 +39,7 @@ from unimm.train.ema import EMA
 from unimm.train.schedule import warmup_cosine_schedule
 from unimm.utils.config import save_resolved_config
 from unimm.utils.distributed import get_rank, get_world_size
-from unimm.utils.errors import json_source_errors, model_folder
+from unimm.utils.errors import json_source_errors, model_folder, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def load_records(source: str, data_args: TokenizerDataArguments, seed: int) -> A
         config = ShapesConfig(image_size=data_args.image_size) if data_args.image_size else None
         shapes = ShapesDataset(data_args.num_samples, seed=seed, config=config)
         return [{"id": sample.id, "image": sample.image} for sample in shapes]
+    require_path("dataset", source)
     with json_source_errors(source):
         return read_image_records(source, image_key=data_args.image_key, split=data_args.split,
                                   allow_outside_folder=data_args.allow_outside_image_folder)

@@ -81,3 +81,11 @@ def json_source_errors(source: str | os.PathLike) -> Iterator[None]:
                 if located is not None:
                     raise located from err
         raise
+
+
+def require_path(option: str, value: str | os.PathLike) -> None:
+    """A `FileNotFoundError` naming `option` when `value` (no glob pattern) does not exist, before a reader
+    guesses a format from the missing path's name."""
+    text = os.fspath(value)
+    if not any(ch in text for ch in "*?[") and not os.path.exists(text):
+        raise FileNotFoundError(f"{option}={text}: no such file or folder")
