@@ -1,5 +1,8 @@
 """Visual-loss benchmark: one depth head's loss, forward + backward, unchunked logits + `F.cross_entropy` ("before")
 against the chunked cross-entropy fused with its gradient (`DepthTransformerHead(..., loss_scale=...)`, "after").
+`--scope loss` (default) times the classifier + cross-entropy from the depth transformer's output states, the part
+the chunking changes; `--scope head` the whole head, whose transformer activations (1.5 GB at batch 2 on a 3-layer,
+896-wide head) are the same in both variants.
 
     python benchmarks/visual_loss.py                        # paper shape: 729 positions x 8 depths x 16384 codes, batch 8
     python benchmarks/visual_loss.py --batch 2 --repeats 2  # what 2 CPU cores shared with other jobs allow
@@ -22,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch.nn import functional as F
 
-from unimm.llm.depth_head import DepthTransformerHead
+from unimm.llm.depth_head import LOSS_CHUNK_BYTES, ClassifierCrossEntropy, DepthTransformerHead
 from unimm.tokenizer.types import CodebookGroupSpec
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -37,6 +40,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-codes", type=int, default=16384, help="Codes K.")
     parser.add_argument("--llm-hidden", type=int, default=896, help="LLM (and head) width.")
     parser.add_argument("--head-layers", type=int, default=3, help="Depth-head layers.")
+    parser.add_argument("--scope", choices=("loss", "head"), default="loss", help=(
+        "loss: classifier + cross-entropy from the depth transformer's states [M, D, h] (what chunking changes); "
+        "head: the whole depth head, whose transformer activations are the same in both variants."))
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant (best is reported).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,21 +88,40 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     head = DepthTransformerHead(group, args.llm_hidden, args.llm_hidden, num_layers=args.head_layers,
                                 num_heads=max(1, args.llm_hidden // 64)).to(device)
     num = args.batch * args.positions
-    hidden = torch.randn(num, args.llm_hidden, device=device, requires_grad=True)
     codes = torch.randint(0, args.num_codes, (num, args.depth), device=device)
+    if args.scope == "head":
+        inputs = torch.randn(num, args.llm_hidden, device=device, requires_grad=True)  # LLM hidden states [M, H]
+        params = list(head.parameters())
+
+        def logits_of() -> torch.Tensor:
+            return head(inputs, codes)  # [M, D, K]
+
+        def fused() -> torch.Tensor:
+            return head(inputs, codes, loss_scale=1.0)[0]
+    else:
+        inputs = torch.randn(num, args.depth, args.llm_hidden, device=device, requires_grad=True)  # states [M, D, h]
+        params = [head.classifier]
+        chunk = max(1, LOSS_CHUNK_BYTES // (4 * args.depth * args.num_codes))
+        scale = torch.full((args.depth,), 1.0 / args.depth, device=device)
+
+        def logits_of() -> torch.Tensor:
+            return torch.einsum("mdh,dkh->mdk", inputs, head.classifier)
+
+        def fused() -> torch.Tensor:
+            return ClassifierCrossEntropy.apply(inputs, head.classifier, codes, scale, chunk)[0]
 
     def reset() -> None:  # gradients of the previous run are freed before a run starts (and before its baseline)
-        head.zero_grad(set_to_none=True)
-        hidden.grad = None
+        for param in params:
+            param.grad = None
+        inputs.grad = None
 
     def before() -> None:
-        logits = head(hidden, codes).float()  # [M, D, K]
+        logits = logits_of().float()
         ce = F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction="none").view(codes.shape)
         ce.mean(dim=1).sum().backward()
 
     def after() -> None:
-        loss, _ = head(hidden, codes, loss_scale=1.0)
-        loss.backward()
+        fused().backward()
 
     variants = {"after": after, "before": before}
     for fn in variants.values():  # warm-up: one-time allocations (thread pools, BLAS buffers) count for neither
@@ -116,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             _sync(device)
             best[name] = min(best[name], time.perf_counter() - start)
     logits_bytes = num * args.depth * args.num_codes * 4
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; M = {args.batch} x "
+    print(f"scope {args.scope}; device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"M = {args.batch} x "
           f"{args.positions} = {num} targets, D {args.depth}, K {args.num_codes}, width {args.llm_hidden}; "
           f"fp32 logits would be {logits_bytes / MIB:.0f} MiB")
     print("| variant | time (s) | peak extra memory |\n| --- | --- | --- |")

@@ -42,42 +42,39 @@ class ClassifierCrossEntropy(torch.autograd.Function):
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, depth_scale: torch.Tensor,
                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         num, depth, _ = states.shape
-        shared = weight.shape[0] == 1 and depth > 1
+        shared = weight.shape[0] == 1
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         exact = torch.promote_types(states.dtype, torch.float32)  # CE in fp32 (fp64 stays fp64)
         grad_states = torch.empty_like(states) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if needs_grad else None
         ce_sums = torch.zeros(depth, dtype=exact, device=states.device)
-        scale = depth_scale.to(exact).view(1, depth, 1)
-        for start in range(0, num, chunk_size):
-            chunk = states[start:start + chunk_size]  # [c, D, h]
-            target = targets[start:start + chunk_size].unsqueeze(-1)  # [c, D, 1]
-            if shared:
-                logits = (chunk @ weight[0].t()).to(exact)  # [c, D, K]
-            else:
-                logits = torch.einsum("cdh,dkh->cdk", chunk, weight).to(exact)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [c, D, 1]
-            ce_sums += (lse - logits.gather(-1, target)).squeeze(-1).sum(dim=0)
-            if not needs_grad:
-                continue
-            grad_logits = logits.sub_(lse).exp_()  # softmax, in the logits' memory
-            grad_logits.scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=grad_logits.dtype))
-            grad_logits.mul_(scale)
-            grad_logits = grad_logits.to(weight.dtype)
-            if shared:
-                grad_states[start:start + chunk_size] = grad_logits @ weight[0]
-            else:
-                grad_states[start:start + chunk_size] = torch.einsum("cdk,dkh->cdh", grad_logits, weight)
-            # Accumulate the classifier gradient in place: a [D, K, h] temporary per chunk would be as large as the
-            # classifier (470 MB at 8 x 16384 x 896 in fp32). Low-precision weights accumulate in `exact` instead.
-            # One GEMM per depth with beta = 1 (`addmm_`) writes straight into the accumulator.
-            pairs = [(0, grad_logits.flatten(0, 1), chunk.flatten(0, 1))] if shared else [
-                (d, grad_logits[:, d], chunk[:, d]) for d in range(depth)]  # grad [c(D), K], states [c(D), h]
-            for index, grad_d, states_d in pairs:
+        scales = depth_scale.to(exact)
+        # Depth by depth, then rows: every GEMM is a plain [c, h] x [h, K] and every row op runs on a contiguous
+        # [c, K] block (the chunk budget holds `chunk_size * depth` rows of one depth).
+        rows = chunk_size * depth
+        for d in range(depth):
+            w = weight[0 if shared else d]  # [K, h]
+            for start in range(0, num, rows):
+                x = states[start:start + rows, d]  # [c, h]
+                target = targets[start:start + rows, d].unsqueeze(-1)  # [c, 1]
+                logits = (x @ w.t()).to(exact)  # [c, K]
+                target_logit = logits.gather(-1, target)
+                peak = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(peak).exp_()  # in the logits' memory from here on
+                total = exp.sum(dim=-1, keepdim=True)
+                ce_sums[d] += (total.log() + peak - target_logit).sum()
+                if not needs_grad:
+                    continue
+                # d(scale * CE)/d logits = scale * (softmax - onehot)
+                grad_logits = exp.mul_(scales[d] / total)
+                grad_logits.scatter_add_(-1, target, (-scales[d]).expand_as(target).contiguous())
+                grad_logits = grad_logits.to(weight.dtype)
+                grad_states[start:start + rows, d] = grad_logits @ w
+                # In place (beta = 1): a per-chunk [K, h] temporary plus a sum would double the traffic.
                 if weight.dtype == exact:
-                    grad_weight[index].addmm_(grad_d.t(), states_d)
+                    grad_weight[0 if shared else d].addmm_(grad_logits.t(), x)
                 else:
-                    grad_weight[index] += (grad_d.t() @ states_d).to(exact)
+                    grad_weight[0 if shared else d] += (grad_logits.t() @ x).to(exact)
         ctx.mark_non_differentiable(ce_sums)
         # Kept on ctx, not saved tensors, so backward can scale them in place and hand the classifier gradient to
         # autograd without a copy (it becomes `classifier.grad` when that is empty).
