@@ -216,11 +216,14 @@ def _other_weights(tokenizer):
 
 
 def test_cache_from_tokenizer_with_other_weights_is_refused(tokenizer, image_folder, tmp_path, one_thread, caplog):
-    from unimm.data.code_cache import TokenizerIdentity, tokenizer_weights_hash
+    from unimm.data.code_cache import TokenizerIdentity, tokenizer_weights_hash, weights_hash_of_folder
     from unimm.tokenizer import load_tokenizer
 
     tokenizer.save_pretrained(tmp_path / "tok")
     assert tokenizer_weights_hash(load_tokenizer(tmp_path / "tok")) == tokenizer_weights_hash(tokenizer)
+    # What a ZeRO-3 run (parameters partitioned, empty on each rank) hashes instead: the saved files.
+    assert weights_hash_of_folder(tmp_path / "tok") == tokenizer_weights_hash(tokenizer)
+    assert weights_hash_of_folder(tmp_path) is None
     other = _other_weights(tokenizer)
     assert other.config_hash() == tokenizer.config_hash()
     assert tokenizer_weights_hash(other) != tokenizer_weights_hash(tokenizer)
