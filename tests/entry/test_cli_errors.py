@@ -88,6 +88,10 @@ def test_bad_config_key_and_bad_type(tmp_path):
                       "unknown config key(s) ['max_stepz']")
     assert_user_error(run_program(["scripts/train_tokenizer.py", "--preset", "vqrae-tiny", "--max_steps", "abc"]),
                       "argument --max_steps", "invalid int value: 'abc'")
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("preset: vqrae-tiny\nmax_steps: abc\n")
+    assert_user_error(run_program(["scripts/train_tokenizer.py", str(typed)]), "argument --max_steps",
+                      "invalid int value: 'abc'", f"(set in {typed})")
     assert_user_error(run_program(["scripts/pretokenize.py", "--data", "x"]), "pretokenize needs --tokenizer_path")
 
 
@@ -141,6 +145,11 @@ def test_cache_from_tokenizer_with_other_weights_is_refused_naming_both_hashes(t
     proc = run_program(pretrain_args(toy, toy["cache"], tmp_path / "retrained", tmp_path / "run"))
     assert_user_error(proc, str(toy["cache"]), expected, tokenizer_weights_hash(tokenizer), "weights hash")
     assert json.loads((toy["cache"] / "cache_info.json").read_text())["tokenizer_weights_hash"] == expected
+    assert "--allow_tokenizer_weights_mismatch true" in proc.stderr
+    allowed = run_program(pretrain_args(toy, toy["cache"], tmp_path / "retrained", tmp_path / "run_allowed")
+                          + ["--allow_tokenizer_weights_mismatch", "true"])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "using it anyway" in allowed.stderr and (tmp_path / "run_allowed" / "config.json").is_file()
 
 
 def test_damaged_shard_names_the_file_and_the_rebuild_command(toy, tmp_path):

@@ -15,6 +15,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +52,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
             raise
         lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
         message = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
+        message += _yaml_origin(message, sys.argv[1:] if argv is None else argv)
         captured = io.StringIO()  # already summarised
         raise ConfigError(f"invalid command line: {message}") from None
     except (UserError, OSError):
@@ -60,6 +62,20 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
         raise ConfigError(f"invalid configuration: {message}") from err
     finally:
         sys.stderr.write(captured.getvalue())  # warnings printed while parsing still reach the user
+
+
+def _yaml_origin(message: str, argv: Sequence[str]) -> str:
+    """` (set in FILE)` when argparse rejects a value that came from a YAML file rather than the command line."""
+    from unimm.utils.config import config_origins
+
+    match = re.search(r"argument --([A-Za-z0-9_]+)", message)
+    if match is None or any(a == f"--{match.group(1)}" or a.startswith(f"--{match.group(1)}=") for a in argv):
+        return ""
+    try:
+        origin = config_origins(argv).get(match.group(1))
+    except Exception:  # the YAML itself is broken: that error is reported on its own
+        return ""
+    return f" (set in {origin})" if origin else ""
 
 
 def is_user_error(err: BaseException) -> bool:

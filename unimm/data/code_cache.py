@@ -402,8 +402,8 @@ def _check_identity(path: Path, info: dict, expected: Any, allow_weights_mismatc
         logger.warning("%s; using it anyway (allow_tokenizer_weights_mismatch)", message)
         return
     raise CodeCacheMismatchError(f"{message}; re-run scripts/pretokenize.py with this tokenizer, or, if the "
-                                 f"codebooks are known to agree, set allow_tokenizer_weights_mismatch (training "
-                                 f"programs: UNIMM_ALLOW_TOKENIZER_WEIGHTS_MISMATCH=1)")
+                                 f"codebooks are known to agree, pass --allow_tokenizer_weights_mismatch true "
+                                 f"to the training program")
 
 
 def verify_code_cache(path: str | os.PathLike, info: dict | None = None) -> None:

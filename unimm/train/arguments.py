@@ -102,6 +102,12 @@ class DataArguments:
         "Token closing an assistant turn (supervised); default: detected (<|im_end|> for Qwen)."))
     system_prompt: str | None = field(default=None, **_help("System message prepended to every conversation."))
     data_seed_offset: int = field(default=0, **_help("Added to the training seed for the mixture's sampling RNG."))
+    allow_outside_image_folder: bool = field(default=False, **_help(
+        "Let record image paths leave --image_folder (absolute paths, '..', symlinks); by default such records are "
+        "skipped and counted."))
+    allow_tokenizer_weights_mismatch: bool = field(default=False, **_help(
+        "Train on a code cache made by a visual tokenizer with the same config but other weights (refused by "
+        "default, naming both weight hashes)."))
 
     def __post_init__(self) -> None:
         for name in ("caption_weight", "t2i_weight", "conversation_weight", "text_weight"):

@@ -9,7 +9,6 @@ ZeRO-3 requires) or loaded from an existing UniMM model (`model_path`).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
 logger = logging.getLogger(__name__)
 
-# `UNIMM_ALLOW_TOKENIZER_WEIGHTS_MISMATCH=1`: train on code caches made by a tokenizer with other weights.
-ALLOW_WEIGHTS_MISMATCH_ENV = "UNIMM_ALLOW_TOKENIZER_WEIGHTS_MISMATCH"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -216,9 +213,6 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
                                     if hasattr(data_args, f.name) and f.name != "seed"}, seed=seed)
     factory = SampleFactory(built.tokenizer, built.layout, sample_config)
     mixture = MixtureConfig.from_object(data_args, seed=seed + data_args.data_seed_offset)
-    if os.environ.get(ALLOW_WEIGHTS_MISMATCH_ENV) == "1":
-        # Until DataArguments carries allow_tokenizer_weights_mismatch, the programs take the override from here.
-        mixture.allow_tokenizer_weights_mismatch = True
     visual = built.visual_tokenizer
     pixel_images = None
     if visual is not None and built.model.feature_projector is not None:

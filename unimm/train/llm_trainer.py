@@ -4,9 +4,9 @@ At every logging step it reports, averaged over the steps since the last log and
 `text_loss` and `visual_loss/<group>` (the parts of the UniMM loss), `tokens_per_second` (non-padding
 tokens processed by all ranks, wall clock) and `mfu` (model FLOPs utilisation of the LLM, see
 `unimm.train.mfu`). Checkpoints follow the project's completeness rule (`unimm.train.checkpoint`): the stock
-`Trainer` writes `checkpoint-<step>`, then, once every rank has finished, the main process adds its `COMPLETE`
-marker and only then prunes old checkpoints; auto-resume takes the newest complete one. Everything else
-(DeepSpeed, resume itself, gradient accumulation) is the stock `Trainer`.
+`Trainer` writes `checkpoint-<step>`, then `CompleteCheckpointCallback` (once every rank has finished) adds its
+`COMPLETE` marker and only then prunes old checkpoints; auto-resume takes the newest complete one. Everything
+else (DeepSpeed, resume itself, gradient accumulation) is the stock `Trainer`, through its public API only.
 """
 
 from __future__ import annotations
@@ -19,13 +19,62 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from unimm.train.checkpoint import latest_checkpoint, mark_complete, prune_checkpoints, resolve_resume
+from unimm.train.checkpoint import (
+    is_complete,
+    latest_checkpoint,
+    mark_complete,
+    prune_checkpoints,
+    resolve_resume,
+)
 from unimm.train.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
 from unimm.utils.distributed import all_reduce_sum, get_world_size
 
 logger = logging.getLogger(__name__)
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks each checkpoint `COMPLETE` once every rank has written its part, then prunes to `keep_last`.
+
+    The stock rotation (`save_total_limit`) must be off (`run_training` moves it here): it runs inside the save,
+    before the marker could exist, and could delete the last complete checkpoint while the new one is still
+    incomplete. A kill at any point of a save therefore leaves the previous complete checkpoint in place."""
+
+    def __init__(self, keep_last: int | None = None) -> None:
+        self.keep_last = keep_last
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Before a save (the Trainer saves right after this hook), clear a leftover folder of the same step, left
+        incomplete by a save that was interrupted before the resume, so that no stale file survives in it."""
+        from unimm.utils.distributed import barrier
+
+        if not control.should_save:
+            return control
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and path.exists() and not is_complete(path):
+            logger.warning("removing %s, left incomplete by an interrupted save, before writing it again", path)
+            shutil.rmtree(path)
+        barrier()
+        return control
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.save_total_limit is not None:
+            raise ValueError("CompleteCheckpointCallback prunes checkpoints itself: pass save_total_limit as "
+                             "keep_last and set TrainingArguments.save_total_limit to None")
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        from unimm.utils.distributed import barrier
+
+        barrier()  # every rank's model, optimizer shards and RNG state are on disk
+        if args.should_save:
+            run_dir = Path(args.output_dir)
+            mark_complete(run_dir / f"checkpoint-{state.global_step}", state.global_step)
+            best = state.best_model_checkpoint
+            prune_checkpoints(run_dir, self.keep_last, protect=(best,) if best else ())
+        barrier()
+        return control
 
 
 class UniMMTrainer(Trainer):
@@ -156,30 +205,6 @@ class UniMMTrainer(Trainer):
                                                   else None, self.args.device, dtype)
         return self._peak_flops
 
-    # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """The stock save, made crash-safe: a leftover folder of the same step (an interrupted save before a
-        resume) is removed first, the `COMPLETE` marker is written after every rank is done, and old checkpoints
-        are pruned only after that, so a kill at any point leaves the previous complete checkpoint in place."""
-        run_dir = Path(self._get_output_dir(trial=trial))
-        path = run_dir / f"checkpoint-{self.state.global_step}"
-        if self.args.should_save and path.exists():
-            logger.warning("removing %s left by an interrupted save before writing it again", path)
-            shutil.rmtree(path)
-        self.accelerator.wait_for_everyone()
-        keep_last = self.args.save_total_limit
-        self.args.save_total_limit = None  # the stock rotation would run before the marker exists
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = keep_last
-        self.accelerator.wait_for_everyone()  # every rank's optimizer shards and RNG state are on disk
-        if self.args.should_save:
-            mark_complete(path, self.state.global_step)
-            best = self.state.best_model_checkpoint
-            prune_checkpoints(run_dir, keep_last, protect=(best,) if best else ())
-        self.accelerator.wait_for_everyone()
-
     # ------------------------------------------------------------------ optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)
@@ -227,6 +252,7 @@ def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMT
                                     getattr(training_args, "auto_resume", False))
     if is_main_process():
         _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args)
+    keep_last, training_args.save_total_limit = training_args.save_total_limit, None
     dtype = resolve_dtype(model_args.torch_dtype, training_args.bf16, training_args.fp16)
     conversation_from_pixels = data_args.conversation_weight > 0 and not (
         data_args.conversation_code_cache or data_args.code_cache)
@@ -257,7 +283,7 @@ def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMT
         model=model, args=training_args, train_dataset=train_dataset,
         data_collator=build_collator(data_args, built.tokenizer), processing_class=built.tokenizer,
         no_decay_param_names=built.row_masked_params, visual_tokenizer=built.visual_tokenizer,
-        llm_shape=LLMShape.from_config(built.model.config),
+        llm_shape=LLMShape.from_config(built.model.config), callbacks=[CompleteCheckpointCallback(keep_last)],
     )
     trainer.train(resume_from_checkpoint=resume)
     if getattr(training_args, "save_final_model", True):

@@ -53,6 +53,12 @@ def _split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return yaml_files, rest
 
 
+def config_origins(argv: Sequence[str]) -> dict[str, str]:
+    """Which YAML file of `argv` set each key (the last one, as in `parse_config`); for error messages."""
+    yaml_files, _ = _split_argv(list(argv))
+    return {key: str(path) for path in yaml_files if Path(path).is_file() for key in load_yaml(path)}
+
+
 def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse YAML files + CLI overrides into instances of `dataclass_types` (in the same order)."""
     argv = list(sys.argv[1:] if argv is None else argv)
