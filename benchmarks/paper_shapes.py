@@ -10,15 +10,19 @@ DualToken tokenizer with 16384-code pixel and semantic codebooks of depth 8; a Q
 
 - prepare:     save the random encoder, the LLM + tokenizer, the DualToken tokenizer (what train_tokenizer saves)
                and a few scikit-image photos with captions (setup, timed for context);
+- prepare_vqrae: a random SigLIP2 so400m (NaFlex, patch 16, 256 positions) and a random torchvision-format VGG16
+               trunk for LPIPS (the real v0.1 heads come from the lpips wheel; setup);
+- vqrae_stage1: scripts/train_tokenizer.py with configs/tokenizer/vqrae-siglip2-so400m-256-stage1.yaml, 2 steps
+               (batch 2: 16384 x 1536 SimVQ, symmetric 27-layer ViT decoder, LPIPS, evaluation and checkpoint);
 - pretokenize: scripts/pretokenize.py over the photos (the code cache);
 - model:       `from_llm` + vocabulary extension saved as a UniMM model (what pretrain saves; setup);
 - chat:        scripts/chat.py, one question about a photo (the image encoded to 729 x (8 + 8) codes);
 - generate:    scripts/generate_t2i.py, one full 729-position image with classifier-free guidance.
 
 Each program runs in its own process under /usr/bin/time; its wall time and peak resident memory are printed as a
-table and written to `<out>/paper_shapes.json`. Not here (yet): tokenizer training, DeepSpeed pretraining and LoRA
-finetuning at these shapes, which need more memory than the shared 2-core development machine has (the DualToken
-tokenizer alone is 841M parameters: ~13 GB with AdamW states in fp32). The default test suite never runs this.
+table and written to `<out>/paper_shapes.json`. Not here (yet): VQRAE stage 2 and DualToken training (trainable
+so400m encoder), DeepSpeed pretraining and LoRA finetuning at these shapes, which need more memory than the shared
+2-core development machine has (VQRAE stage 1 alone peaks at ~14 GB). The default test suite never runs this.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "pretokenize", "model", "chat", "generate")
+STAGES = ("prepare", "prepare_vqrae", "vqrae_stage1", "pretokenize", "model", "chat", "generate")
 QUESTION = "What is in the image?"
 PROMPT = "a cup of coffee on a saucer"
 
@@ -81,6 +85,21 @@ def prepare(args: argparse.Namespace) -> None:
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def prepare_vqrae(args: argparse.Namespace) -> None:
+    """Random SigLIP2 so400m (NaFlex: no size of its own; the preset sets 256 px) and a random VGG16 trunk."""
+    import torch
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    from unimm.tokenizer.lpips import LPIPS
+
+    torch.manual_seed(0)
+    siglip2 = Siglip2VisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                  num_attention_heads=16, patch_size=16, num_patches=256)
+    Siglip2VisionModel(siglip2).save_pretrained(args.out / "encoder_siglip2")
+    trunk = {f"features.{k}": v for k, v in LPIPS().features.state_dict().items()}  # torchvision's key format
+    torch.save(trunk, args.out / "vgg16_random.pth")
+
+
 def _photos(count: int) -> list[tuple[str, Any]]:
     """Non-square scikit-image photos at their own size (the transform resizes and crops them to 384 px)."""
     from PIL import Image
@@ -107,6 +126,15 @@ def model(args: argparse.Namespace) -> None:
 
 def _program(args: argparse.Namespace, stage: str) -> list[str]:
     out = args.out
+    if stage == "vqrae_stage1":
+        from unimm.testing import LPIPS_WHEEL, wheel_member
+
+        return ["scripts/train_tokenizer.py", "configs/tokenizer/vqrae-siglip2-so400m-256-stage1.yaml",
+                "--encoder_path", str(out / "encoder_siglip2"), "--dataset", str(out / "data" / "captions.jsonl"),
+                "--output_dir", str(out / "vqrae_stage1"), "--max_steps", "2", "--batch_size", "2",
+                "--num_workers", "0", "--lpips_vgg_path", str(out / "vgg16_random.pth"),
+                "--lpips_lin_path", str(wheel_member(*LPIPS_WHEEL, args.assets)), "--eval_max_images", "4",
+                "--eval_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "1"]
     if stage == "pretokenize":
         return ["scripts/pretokenize.py", "--data", str(out / "data" / "captions.jsonl"), "--tokenizer_path",
                 str(out / "tokenizer"), "--output_dir", str(out / "code_cache"), "--num_workers", "0",
@@ -124,7 +152,7 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
 
 def run_stage(args: argparse.Namespace, stage: str) -> dict[str, float]:
     """One stage in its own process under /usr/bin/time: wall seconds and peak resident memory (MiB)."""
-    if stage in ("prepare", "model"):
+    if stage in ("prepare", "prepare_vqrae", "model"):
         command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--llm_layers",
                    str(args.llm_layers), "--num_photos", str(args.num_photos), "--assets", str(args.assets),
                    "--_inner", stage]
@@ -145,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         index = argv.index("--_inner")
         stage = argv[index + 1]
         args = _parse_args(argv[:index] + argv[index + 2:])
-        {"prepare": prepare, "model": model}[stage](args)
+        {"prepare": prepare, "prepare_vqrae": prepare_vqrae, "model": model}[stage](args)
         return {}
     args = _parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
