@@ -63,12 +63,7 @@ def test_from_llm_keeps_visual_modules_float32_next_to_a_bf16_checkpoint(bf16_qw
         assert {p.dtype for p in asked.parameters()} == {dtype}
 
 
-@pytest.mark.parametrize("use_cache", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-        "unimm/llm/generation.py _ImageDecoder.append feeds the visual embedding (float32) to a bf16 LLM without "
-        "the cast its no-cache branch has; owned by another change (issue 11 report)"))),
-])
+@pytest.mark.parametrize("use_cache", [False, True])
 def test_generation_on_a_mixed_dtype_model(bf16_qwen2_path, use_cache):
     from unimm.llm.generation import generate_images
 

@@ -171,10 +171,6 @@ class PretokenizeResult:
     num_shards: int
 
 
-def _image_transform(tokenizer: Any) -> ImageTransform:
-    return ImageTransform(int(tokenizer.image_size), tuple(tokenizer.image_mean), tuple(tokenizer.image_std))
-
-
 @torch.no_grad()
 def _encode_shard(records: Any, tokenizer: Any, transform: ImageTransform, batch_size: int, num_workers: int,
                   device: torch.device | str, tracker: BadSampleTracker, progress: Any) -> tuple[pa.Table, dict]:
@@ -250,7 +246,7 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
     mine = [s for s in range(num_shards) if s % num_processes == process_index]
     done = [s for s in mine if _shard_finished(out, s)]
     todo = [s for s in mine if s not in done]
-    transform = _image_transform(tokenizer)
+    transform = ImageTransform.for_tokenizer(tokenizer)
     tracker = BadSampleTracker(max_bad_fraction=max_bad_fraction, name=f"pretokenize[{process_index}]")
     total = sum(min(shard_size, num_records - s * shard_size) for s in todo)
     progress = tqdm(total=total, desc=f"pretokenize (process {process_index})", unit="img",

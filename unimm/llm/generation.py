@@ -90,10 +90,12 @@ class _ImageDecoder:
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(rows, 1)], dim=1)
         next_position = self.position_ids[:, -1:] + 1
         self.position_ids = torch.cat([self.position_ids, next_position], dim=1)
+        # the visual modules may be float32 beside a bf16 LLM (from_llm keeps them so): feed the LLM its own dtype
+        embeds = embeds.unsqueeze(1).to(self.inputs_embeds.dtype)
         if self.use_cache:
-            self.hidden = self._run(embeds.unsqueeze(1), next_position)
+            self.hidden = self._run(embeds, next_position)
         else:
-            self.inputs_embeds = torch.cat([self.inputs_embeds, embeds.unsqueeze(1).to(self.inputs_embeds.dtype)], 1)
+            self.inputs_embeds = torch.cat([self.inputs_embeds, embeds], 1)
             self.hidden = self._run(self.inputs_embeds, self.position_ids)
 
 

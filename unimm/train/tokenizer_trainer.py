@@ -374,7 +374,7 @@ def train_tokenizer(
         )
 
     # Data.
-    transform = ImageTransform(model.image_size, model.image_mean, model.image_std)
+    transform = ImageTransform.for_tokenizer(model)
     train_set = ImageDataset(load_records(data_args.dataset, data_args, train_args.seed), transform)
     eval_source = data_args.eval_dataset or data_args.dataset
     eval_set = (
