@@ -192,6 +192,33 @@ def dualtoken_depths(num_positions: int) -> dict[str, int]:
 
 _PAPER_DENOISING = DenoisingConfig.paper().to_dict()
 
+# VQRAE paper: SigLIP2-so400m patch16 @ 256 px, code dim 1536, 16384 codes, symmetric ViT decoder. VQRAE trains
+# without latent denoising; l-DeTok is the separate `-detok` preset.
+VQRAE_PAPER = dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0)
+# DualToken paper and reference (songweii/DualToken): SigLIP-so400m patch14 @ 384 px (27 layers), trained end to
+# end (train_encoder). Pixel codes from layer 6 (+ 0.6 x layer 4), each tap projected on its own by a
+# LayerNorm-first attention block and summed; semantic codes replace layer 26; 32-dim codes, 16384 per codebook,
+# residual depth 8 at 729 positions (4 below); VQGAN-style CNN pixel decoder. Losses: 5 x (MSE + 1 - cos) at the
+# semantic layer, 1 x on the pooled output, commitment 5. No latent denoising (that is the `-detok` preset).
+# 384 is not a multiple of 14: the encoder sees 27 x 27 patches and decodes are resized from 378 to 384 px.
+DUALTOKEN_PAPER = dict(
+    pixel_layer=6,
+    shortcut_layer=4,
+    shortcut_weight=0.6,
+    semantic_layer=26,
+    pixel_code_dim=32,
+    semantic_code_dim=32,
+    pixel_num_codes=16384,
+    semantic_num_codes=16384,
+    train_encoder=True,
+    per_tap_projection=True,
+    projection_block="attention",
+    decoder_type="cnn",
+    semantic_weight=5.0,
+    semantic_pooled_weight=1.0,
+    quantizer_beta=5.0,
+)
+
 PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
     # Tiny: SigLIP-shaped random encoder, 32 px / patch 4 -> 8x8 = 64 positions; decoder mirrors the encoder.
     "vqrae-tiny": _tiny(
@@ -216,35 +243,22 @@ PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
         use_head=True,
         num_layers=4,
     ),
-    # VQRAE paper: SigLIP2-so400m patch16 @ 256 px, code dim 1536, 16384 codes, symmetric ViT decoder.
     "vqrae-siglip2-so400m-256": _paper(
-        VQRAEConfig,
-        VQRAE,
-        "vqrae-siglip2-so400m-256",
-        dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0, denoising=_PAPER_DENOISING),
+        VQRAEConfig, VQRAE, "vqrae-siglip2-so400m-256", VQRAE_PAPER, image_size=256,
+    ),
+    "vqrae-siglip2-so400m-256-detok": _paper(
+        VQRAEConfig, VQRAE, "vqrae-siglip2-so400m-256-detok", {**VQRAE_PAPER, "denoising": _PAPER_DENOISING},
         image_size=256,
     ),
-    # DualToken paper: SigLIP-so400m patch14 @ 384 px (27 layers); pixel codes from layer 6 (+ 0.6 x layer 4),
-    # semantic codes replace layer 26; 32-dim codes, 16384 per codebook, residual depth 8 at 729 positions (4 below).
-    # 384 is not a multiple of 14: the encoder sees 27 x 27 patches and decodes are resized from 378 to 384 px.
     "dualtoken-siglip-so400m-384": _paper(
-        DualTokenConfig,
-        DualToken,
-        "dualtoken-siglip-so400m-384",
-        dict(
-            pixel_layer=6,
-            shortcut_layer=4,
-            shortcut_weight=0.6,
-            semantic_layer=26,
-            pixel_code_dim=32,
-            semantic_code_dim=32,
-            pixel_num_codes=16384,
-            semantic_num_codes=16384,
-            denoising=_PAPER_DENOISING,
-        ),
-        image_size=384,
+        DualTokenConfig, DualToken, "dualtoken-siglip-so400m-384", DUALTOKEN_PAPER, image_size=384,
         fields_for_positions=dualtoken_depths,
     ),
+    "dualtoken-siglip-so400m-384-detok": _paper(
+        DualTokenConfig, DualToken, "dualtoken-siglip-so400m-384-detok",
+        {**DUALTOKEN_PAPER, "denoising": _PAPER_DENOISING}, image_size=384, fields_for_positions=dualtoken_depths,
+    ),
+
 }
 
 
