@@ -27,7 +27,6 @@ def photo(request, tmp_path_factory):
 
 def _paths(tokenizer, path) -> dict[str, torch.Tensor]:
     """pixel_values of the photo at `path` through every path that feeds the tokenizer."""
-    from unimm.data.code_cache import _image_transform
     from unimm.data.tasks import PixelImages
 
     image = load_image(str(path), "photo")
@@ -37,7 +36,6 @@ def _paths(tokenizer, path) -> dict[str, torch.Tensor]:
                                                           ImageTransform.for_tokenizer(tokenizer))[0]["pixel_values"],
         "LLM pixel inputs": PixelImages(path.parent, tokenizer.image_transform, tokenizer.num_positions)(
             path.name, "p").pixel_values,
-        "code cache": _image_transform(tokenizer)(image),
     }
 
 
@@ -45,10 +43,6 @@ def _paths(tokenizer, path) -> dict[str, torch.Tensor]:
 def test_non_square_photo_gives_identical_pixels_on_every_path(photo, aspect):
     tokenizer = build_tokenizer("vqrae-tiny", image_aspect=aspect)
     paths = _paths(tokenizer, photo)
-    if aspect == "pad":
-        # unimm/data/code_cache.py builds its transform from size/mean/std only (see the report of issue 11);
-        # it is compared in crop mode, the default.
-        paths.pop("code cache")
     reference = paths["preprocess (chat, shapes eval)"]
     size = tokenizer.image_size
     assert reference.shape == (3, size, size)
@@ -88,3 +82,19 @@ def test_default_aspect_leaves_config_hash_unchanged():
     base = build_tokenizer("vqrae-tiny")
     assert "image_aspect" not in base.config.hash_dict()
     assert build_tokenizer("vqrae-tiny", image_aspect="pad").config_hash() != base.config_hash()
+
+
+@pytest.mark.parametrize("aspect", ["crop", "pad"])
+def test_code_cache_codes_are_those_of_the_chat_path(photo, aspect, tmp_path):
+    """Pretokenize (the real program path) stores exactly the codes the tokenizer gives `preprocess`'s pixels."""
+    from unimm.data.code_cache import finalize_code_cache, load_code_cache, pretokenize
+    from unimm.data.images import read_image_records
+
+    tokenizer = build_tokenizer("vqrae-tiny", image_aspect=aspect).eval()
+    pretokenize(read_image_records(photo.parent), tokenizer, tmp_path / "cache", batch_size=1, show_progress=False)
+    finalize_code_cache(tmp_path / "cache", tokenizer)
+    (row,) = list(load_code_cache(tmp_path / "cache", tokenizer.config_hash()))
+    with torch.no_grad():
+        expected = tokenizer.encode(tokenizer.preprocess(load_image(str(photo), "p")))
+    for group, codes in expected.items():
+        assert torch.equal(row["codes"][group], codes[0]), group
