@@ -4,6 +4,7 @@ stands in for NCCL on CPU-only machines; two gloo ranks check the tokenizer eval
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,27 @@ def test_cpu_tensors_reduce_under_real_nccl(tmp_path):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert out["counts"].device.type == "cpu" and out["counts"].tolist() == [3.0, 3.0, 3.0]
         assert out["flag"].tolist() == [0]
+
+
+def _run_main_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    from unimm.cli import run_main
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+    def main(argv: list[str]) -> int:
+        total = int(d.all_reduce_sum(torch.tensor([rank]))[0])
+        if rank == 1:
+            time.sleep(0.5)  # one rank finishes late: the other must wait for it before leaving
+        return total
+
+    result = run_main(main, [], prog="worker")
+    Path(out_dir, f"rank{rank}.txt").write_text(f"{result} {dist.is_initialized()} {time.monotonic()}")
+
+
+def test_run_main_leaves_the_process_group_together(tmp_path):
+    """A finished program shuts the process group down on every rank, after a barrier."""
+    mp.spawn(_run_main_worker, args=(WORLD, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    rows = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(WORLD)]
+    assert all(row[0] == str(sum(range(WORLD))) and row[1] == "False" for row in rows)
+    finish = [float(row[2]) for row in rows]
+    assert abs(finish[0] - finish[1]) < 0.4  # rank 0 waited for the late rank 1 (0.5 s) in the barrier

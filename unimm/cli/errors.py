@@ -125,9 +125,13 @@ def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None
     args = [arg for arg in args if arg != DEBUG_FLAG]
     prog = prog or Path(sys.argv[0]).name
     try:
-        return main(args)
+        result = main(args)
     except Exception as err:  # noqa: BLE001 - classified right below; everything else re-raises unchanged
         if debug or not is_user_error(err):
             raise
         print(f"{prog}: error: {describe_user_error(err)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+    from unimm.utils.distributed import shutdown
+
+    shutdown()  # a finished multi-rank program: every rank leaves the process group together
+    return result

@@ -83,3 +83,16 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if is_initialized() and get_world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """End of a program: wait for every rank, then tear the process group down in order.
+
+    Without it each rank tears its group down in the interpreter's exit path, whenever it gets there; a rank still
+    inside a collective's teardown when its peer has already exited can abort ("terminate called without an active
+    exception", seen twice in about a hundred 2-rank DeepSpeed test runs here), failing a run that had finished."""
+    if not is_initialized():
+        return
+    if get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
