@@ -227,3 +227,26 @@ def build_qwen2_tokenizer(ranks_file: str | Path, save_dir: str | Path) -> PreTr
     tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
     tokenizer.save_pretrained(save_dir)
     return tokenizer
+
+
+def kill_when_path_appears(argv: list[str], path: Path, cwd: Path, env: dict[str, str], timeout: float,
+                           poll: float = 0.002) -> list[str]:
+    """Start `argv` in its own session and `kill -9` its whole process group the moment `path` exists (a crash in
+    the middle of writing it); returns the names inside `path` at that moment."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not path.exists():
+            assert proc.poll() is None, f"the run ended before writing {path.name}"
+            assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
+            time.sleep(poll)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return sorted(p.name for p in path.iterdir())

@@ -170,29 +170,17 @@ def test_real_kill_during_checkpoint_save_then_relaunch(zero2_run, toy, tmp_path
     middle of writing it): the relaunch resumes from the newest complete checkpoint and ends with the
     uninterrupted run's losses, every step logged once."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from tests.entry.conftest import REPO
+    from unimm.testing import kill_when_path_appears
 
     run = tmp_path / "killed"
     args = pretrain_args(toy, run, "zero2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(deepspeed_launcher(master_port=29629) + args, cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    try:
-        while not (run / "checkpoint-4").exists():
-            assert proc.poll() is None, "the run ended before writing checkpoint-4"
-            assert time.monotonic() < deadline, "no checkpoint-4 within 10 minutes"
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    state = sorted(p.name for p in (run / "checkpoint-4").iterdir())
+    state = kill_when_path_appears(deepspeed_launcher(master_port=29629) + args, run / "checkpoint-4", REPO, env,
+                                   timeout=600, poll=0.005)
     print(f"checkpoint-4 when killed: {state}", file=sys.stderr)
     run_script(args, launcher=deepspeed_launcher(master_port=29630))
     reference, after = losses(zero2_run), losses(run)

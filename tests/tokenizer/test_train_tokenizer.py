@@ -212,26 +212,16 @@ def test_real_kill_during_checkpoint_save_then_resume(uninterrupted_run, tmp_pat
     """kill -9 of `scripts/train_tokenizer.py` the moment `checkpoint-4` appears (most likely mid-save), then
     `--resume auto`: the logs and final weights equal the uninterrupted run's, every step logged once."""
     import os
-    import signal
     import subprocess
-    import time
+
+    from unimm.testing import kill_when_path_appears
 
     run = tmp_path / "killed"
     argv = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"), *_argv("vqrae-tiny", output_dir=run,
                                                                                **KILL_FLAGS)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    try:
-        while not (run / "checkpoint-4").exists():
-            assert proc.poll() is None, "the run ended before writing checkpoint-4"
-            assert time.monotonic() < deadline, "no checkpoint-4 within 5 minutes"
-            time.sleep(0.001)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    print(f"checkpoint-4 when killed: {sorted(p.name for p in (run / 'checkpoint-4').iterdir())}", file=sys.stderr)
+    state = kill_when_path_appears(argv, run / "checkpoint-4", REPO, env, timeout=300, poll=0.001)
+    print(f"checkpoint-4 when killed: {state}", file=sys.stderr)
     resumed = subprocess.run(argv + ["--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
