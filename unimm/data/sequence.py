@@ -143,6 +143,7 @@ class SequenceBuilder:
         self.max_length = max_length
         self.group_names = list(layout.codebook_spec)
         self._special_cache: dict[tuple[str, bool], list[int]] = {}
+        self._probe_cache: dict[tuple[str, bool], list[int]] = {}
         self.marks_text_start = self._detect_text_start_mark()
 
     def _detect_text_start_mark(self) -> bool:
@@ -161,7 +162,7 @@ class SequenceBuilder:
             todo = [i for i, ids in enumerate(out) if ids is None]
             if not todo:
                 break
-            probe_ids = list(self.tokenizer(probe, **kwargs)["input_ids"])
+            probe_ids = self._probe_ids(probe, special)
             encoded = self.tokenizer([probe + texts[i] for i in todo], **kwargs)["input_ids"]
             for i, ids in zip(todo, encoded):
                 if list(ids[: len(probe_ids)]) == probe_ids:
@@ -171,6 +172,14 @@ class SequenceBuilder:
             raise ValueError(f"cannot tokenise {failed[0]!r} as a continuation with {type(self.tokenizer).__name__}: "
                              f"every probe {list(_PROBES)} merges with it")
         return [ids for ids in out if ids is not None]
+
+    def _probe_ids(self, probe: str, special: bool) -> list[int]:
+        """A probe's own ids, tokenised once per builder (every continuing segment of every sample needs them)."""
+        key = (probe, special)
+        if key not in self._probe_cache:
+            ids = self.tokenizer(probe, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+            self._probe_cache[key] = list(ids)
+        return self._probe_cache[key]
 
     def encode_text(self, segment: Text, continues: bool = False) -> list[int]:
         """Ids of one text segment; `continues=True` when text or an image precedes it in the same sequence."""
