@@ -250,3 +250,29 @@ def kill_when_path_appears(argv: list[str], path: Path, cwd: Path, env: dict[str
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return sorted(p.name for p in path.iterdir())
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A TCP port on localhost that nothing listens on now (the OS picks it: bind port 0, read it back), with the
+    `consecutive - 1` ports after it free too. For launcher master ports in tests, so that several test runs on one
+    machine never collide on a fixed number; the port is released before returning, so a launcher can take it."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + consecutive <= 65536 and all(_port_is_free(port + i) for i in range(consecutive)):
+            return port
+    raise RuntimeError(f"no run of {consecutive} free ports found")
+
+
+def _port_is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

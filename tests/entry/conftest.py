@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from unimm.testing import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 IMAGE_SIZE = 16
@@ -71,14 +73,15 @@ def run_script(args: list[str], launcher: list[str] | None = None, timeout: int 
     return proc
 
 
-def deepspeed_launcher(num_procs: int = 2, master_port: int = 29611) -> list[str]:
+def deepspeed_launcher(num_procs: int = 2, master_port: int | None = None) -> list[str]:
+    """The `deepspeed` launcher on a free master port (fixed ports collide when several test runs share a host)."""
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port",
-            str(master_port)]
+            str(master_port or free_port())]
 
 
-def torchrun_launcher(num_procs: int = 2, master_port: int = 29631) -> list[str]:
+def torchrun_launcher(num_procs: int = 2, master_port: int | None = None) -> list[str]:
     return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(num_procs), "--master_port",
-            str(master_port)]
+            str(master_port or free_port())]
 
 
 def log_history(output_dir: Path) -> list[dict]:

@@ -42,7 +42,7 @@ def pretrain_args(toy, output_dir, zero: str) -> list[str]:
 @pytest.fixture(scope="module")
 def zero2_run(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain_zero2")
-    run_script(pretrain_args(toy, out, "zero2"), launcher=deepspeed_launcher(master_port=29621))
+    run_script(pretrain_args(toy, out, "zero2"), launcher=deepspeed_launcher())
     return out
 
 
@@ -67,7 +67,7 @@ def test_resume_from_checkpoint_reproduces_losses(zero2_run, toy, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(zero2_run / "checkpoint-2", resumed / "checkpoint-2")
-    run_script(pretrain_args(toy, resumed, "zero2"), launcher=deepspeed_launcher(master_port=29622))
+    run_script(pretrain_args(toy, resumed, "zero2"), launcher=deepspeed_launcher())
     reference, after = losses(zero2_run), losses(resumed)
     for step in (3, 4):
         assert after[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6)
@@ -77,7 +77,7 @@ def test_zero3_matches_zero2_and_final_model_loads(zero2_run, toy, tmp_path):
     from unimm.llm import UniMMForCausalLM
 
     out = tmp_path / "zero3"
-    run_script(pretrain_args(toy, out, "zero3"), launcher=deepspeed_launcher(master_port=29623))
+    run_script(pretrain_args(toy, out, "zero3"), launcher=deepspeed_launcher())
     reference, zero3 = losses(zero2_run), losses(out)
     assert sorted(zero3) == sorted(reference)
     for step in reference:
@@ -99,7 +99,7 @@ def test_torchrun_ddp_is_one_job_matching_deepspeed(zero2_run, toy, tmp_path):
     out = tmp_path / "ddp"
     args = pretrain_args(toy, out, "zero2")
     del args[1:3]  # no --deepspeed
-    run_script(args, launcher=torchrun_launcher(master_port=29624))
+    run_script(args, launcher=torchrun_launcher())
     reference, ddp = losses(zero2_run), losses(out)
     assert sorted(ddp) == sorted(reference)
     for step in reference:
@@ -130,9 +130,8 @@ def _interrupted_checkpoint(reference: Path, target: Path, state: str) -> None:
     assert state == "before_trainer_state", state
 
 
-@pytest.mark.parametrize("state, port", [("folder", 29625), ("model", 29626), ("optimizer_torn", 29627),
-                                         ("before_trainer_state", 29628)])
-def test_kill_during_checkpoint_save_resumes_from_last_complete(zero2_run, toy, tmp_path, state, port):
+@pytest.mark.parametrize("state", ["folder", "model", "optimizer_torn", "before_trainer_state"])
+def test_kill_during_checkpoint_save_resumes_from_last_complete(zero2_run, toy, tmp_path, state):
     assert (zero2_run / "checkpoint-2" / "COMPLETE").is_file() and (zero2_run / "checkpoint-4" / "COMPLETE").is_file()
     run = tmp_path / "killed"
     run.mkdir()
@@ -142,7 +141,7 @@ def test_kill_during_checkpoint_save_resumes_from_last_complete(zero2_run, toy, 
 
     # One case also keeps a single checkpoint: the old one may go only once the new one is complete.
     limit = ["--save_total_limit", "1"] if state == "before_trainer_state" else []
-    proc = run_script(pretrain_args(toy, run, "zero2") + limit, launcher=deepspeed_launcher(master_port=port))
+    proc = run_script(pretrain_args(toy, run, "zero2") + limit, launcher=deepspeed_launcher())
     output = proc.stdout + proc.stderr
     assert f"ignoring incomplete checkpoint {run / 'checkpoint-4'}" in output
     assert f"resuming from the latest complete checkpoint {run / 'checkpoint-2'}" in output
@@ -179,10 +178,10 @@ def test_real_kill_during_checkpoint_save_then_relaunch(zero2_run, toy, tmp_path
     args = pretrain_args(toy, run, "zero2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    state = kill_when_path_appears(deepspeed_launcher(master_port=29629) + args, run / "checkpoint-4", REPO, env,
+    state = kill_when_path_appears(deepspeed_launcher() + args, run / "checkpoint-4", REPO, env,
                                    timeout=600, poll=0.005)
     print(f"checkpoint-4 when killed: {state}", file=sys.stderr)
-    run_script(args, launcher=deepspeed_launcher(master_port=29630))
+    run_script(args, launcher=deepspeed_launcher())
     reference, after = losses(zero2_run), losses(run)
     assert [entry["step"] for entry in log_history(run)] == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from unimm.testing import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 # The fast tokenizer (100 steps) already keeps every shape in its quadrant: a --fast run measured position accuracy
 # 1.00 (all attributes 0.58) on its 12 held-out reconstructions (benchmarks/results/quickstart.md); 0.75 leaves
@@ -22,7 +24,7 @@ POSITION_FLOOR = 0.75
 @pytest.mark.slow
 def test_quickstart_fast_runs_every_stage(tmp_path):
     out = tmp_path / "quickstart"
-    env = {**os.environ, "QUICKSTART_OUT": str(out), "QUICKSTART_MASTER_PORT": "29660"}
+    env = {**os.environ, "QUICKSTART_OUT": str(out), "QUICKSTART_MASTER_PORT": str(free_port(consecutive=2))}
     result = subprocess.run(["bash", "scripts/quickstart.sh", "--fast"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=1500)
     log = result.stdout + result.stderr

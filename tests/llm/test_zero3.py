@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from unimm.llm import UniMMForCausalLM
+from unimm.testing import free_port
 from unimm.utils.imports import is_deepspeed_available
 
 SCRIPT = Path(__file__).with_name("zero3_train.py")
@@ -25,7 +26,7 @@ def test_zero3_two_cpu_ranks_train_save_reload(tiny_qwen2_path, tmp_path):
     out_dir = tmp_path / "zero3_out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), str(SCRIPT),
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPT),
            "--llm", str(tiny_qwen2_path), "--out", str(out_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
