@@ -1,0 +1,59 @@
+"""`unimm.utils.runtime`: device, dtype and mixed-precision choices, and the process group a CPU launch joins."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from unimm.testing import free_port
+from unimm.utils import runtime
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_dtype_follows_mixed_precision_switches_or_the_name():
+    assert runtime.resolve_dtype() == torch.float32
+    assert runtime.resolve_dtype(bf16=True) == torch.bfloat16
+    assert runtime.resolve_dtype(fp16=True) == torch.float16
+    assert runtime.resolve_dtype(bf16=True, name="float32") == torch.float32
+    assert runtime.inference_dtype("auto", torch.device("cpu")) == torch.float32
+    assert runtime.inference_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="float64"):
+        runtime.resolve_dtype(name="float64")
+
+
+def test_mixed_precision_auto_is_off_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime.resolve_mixed_precision("auto") == "no"
+    assert runtime.resolve_mixed_precision("bf16") == "bf16"
+    with pytest.raises(ValueError, match="fp8"):
+        runtime.resolve_mixed_precision("fp8")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+def _rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""})
+    torch.set_num_threads(1)
+    state = runtime.init_distributed()
+    again = runtime.init_distributed()  # idempotent: the same state, no second group
+    total = torch.tensor([rank + 1.0])
+    torch.distributed.all_reduce(total)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "type": str(state.distributed_type), "backend": state.backend, "world": state.num_processes,
+        "same": again.process_index == state.process_index, "total": float(total), "main": runtime.is_main_process()}))
+    torch.distributed.destroy_process_group()
+
+
+def test_cpu_launch_ranks_join_one_gloo_group(tmp_path):
+    mp.spawn(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, result in enumerate(results):
+        assert result["type"].endswith("MULTI_CPU") and result["backend"] == "gloo" and result["world"] == 2
+        assert result["same"] and result["total"] == 3.0 and result["main"] == (rank == 0)

@@ -1,0 +1,132 @@
+"""The one place that decides where a program runs: device, dtype, mixed precision and the process group.
+
+Nothing here runs at import or while a config is parsed; programs call it once their configs are parsed.
+
+    init_distributed(backend=None, deepspeed=False) -> PartialState
+        Configure `accelerate`'s process state for this process (idempotent: it is a borg). Under a launcher
+        (`deepspeed`, `torchrun`, `accelerate launch`) on a machine without CUDA the ranks join one gloo group;
+        accelerate alone would treat every rank as its own single-process job there. With CUDA accelerate picks
+        its usual backend (NCCL) unless `backend` names one. `deepspeed=True` makes it a DeepSpeed state (also
+        initialises DeepSpeed's communication layer), as the Trainer needs for `--deepspeed` runs.
+    make_accelerator(mixed_precision="no") -> Accelerator
+        `init_distributed()` then an `Accelerator` on the same state (CPU-only machines: gloo ranks).
+    prepare_training_arguments(args) -> args
+        Finish an LLM program's `TrainingArguments` (`unimm.train.args.UniMMTrainingArguments` defers the device
+        setup that transformers does in `__post_init__`, which starts the process group): CPU launches get their
+        gloo state first and the Trainer reuses it (`use_configured_state`).
+    resolve_device(name="auto") -> torch.device       cuda when available for "auto", else the named device.
+    resolve_dtype(bf16=False, fp16=False, name="auto") -> torch.dtype
+        Weight dtype: "auto" follows the mixed-precision switches (bf16 > fp16 > float32); else the named dtype.
+    inference_dtype(name, device) -> torch.dtype      "auto": bfloat16 on GPU, float32 on CPU.
+    resolve_mixed_precision(choice) -> "no" | "fp16" | "bf16"
+        accelerate's mixed-precision name; "auto" is bf16 where CUDA supports it, else "no".
+    is_launched() -> bool                             started by a multi-process launcher (LOCAL_RANK is set).
+    is_main_process() -> bool                         rank 0, or no process group (`unimm.utils.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from unimm.utils.distributed import is_main_process
+
+__all__ = [
+    "DTYPES",
+    "inference_dtype",
+    "init_distributed",
+    "is_launched",
+    "is_main_process",
+    "make_accelerator",
+    "prepare_training_arguments",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_mixed_precision",
+]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def is_launched() -> bool:
+    return int(os.environ.get("LOCAL_RANK", -1)) != -1
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(bf16: bool = False, fp16: bool = False, name: str = "auto") -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    return resolve_dtype(bf16=device.type == "cuda", name=name)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    if choice == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if choice not in MIXED_PRECISION:
+        raise ValueError(f"mixed precision must be 'auto' or one of {list(MIXED_PRECISION)}, got {choice!r}")
+    return choice
+
+
+@contextlib.contextmanager
+def _deepspeed_env(deepspeed: bool) -> Iterator[None]:
+    """accelerate reads ACCELERATE_USE_DEEPSPEED when its state is first built; set only for that moment."""
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    if deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+
+
+def init_distributed(backend: str | None = None, deepspeed: bool = False) -> Any:
+    """accelerate's `PartialState` for this process, configured once (see the module docstring)."""
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        kwargs: dict[str, Any] = {"backend": backend} if backend else {}
+    else:
+        # cpu=True is what makes accelerate treat plain (non-DeepSpeed) gloo ranks as one MULTI_CPU job.
+        kwargs = {"backend": backend or "gloo", "cpu": not deepspeed}
+    with _deepspeed_env(deepspeed):
+        return PartialState(**kwargs)
+
+
+def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Any:
+    from accelerate import Accelerator
+
+    init_distributed()
+    return Accelerator(mixed_precision=resolve_mixed_precision(mixed_precision), cpu=not torch.cuda.is_available(),
+                       **kwargs)
+
+
+def prepare_training_arguments(args: Any) -> Any:
+    """Set up the process state an LLM program's parsed `UniMMTrainingArguments` need, then let transformers
+    finish them (`args.finalize()`: its device setup). Returns `args`."""
+    if not torch.cuda.is_available() and is_launched():
+        init_distributed(deepspeed=bool(args.deepspeed))
+        config = args.accelerator_config
+        if config is None:
+            args.accelerator_config = {"use_configured_state": True}
+        elif isinstance(config, dict):
+            args.accelerator_config = {**config, "use_configured_state": True}
+    args.finalize()
+    return args
