@@ -50,7 +50,7 @@ def quickstart_cache(root: Path, num_images: int) -> dict[str, float]:
     import yaml
 
     from unimm.data.code_cache import PretokenizeConfig, load_code_cache, run_pretokenize, tokenizer_weights_hash
-    from unimm.data.shapes import ShapesDataset, write_image_text_jsonl
+    from unimm.data.toy.shapes import ShapesDataset, write_image_text_jsonl
     from unimm.tokenizer import build_tokenizer
 
     recipe = yaml.safe_load((Path(__file__).parents[1] / "configs/quickstart/tokenizer_dualtoken.yaml").read_text())

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from unimm.cli import run_main
-from unimm.data.shapes import (
+from unimm.data.toy.shapes import (
     DESCRIBE_QUESTION,
     QUESTIONS,
     ShapesConfig,
@@ -26,7 +26,7 @@ from unimm.data.shapes import (
     write_image_text_jsonl,
     write_llava_json,
 )
-from unimm.data.shapes_eval import exact_match, reconstruction_scores, score_images
+from unimm.data.toy.shapes_eval import exact_match, reconstruction_scores, score_images
 
 TEST_SEED = 1000  # held-out images use seeds far from the training seed
 

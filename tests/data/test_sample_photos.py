@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import unimm.data.sample_photos as sample_photos
-from unimm.data.sample_photos import SAMPLE_PHOTO_NAMES, center_crop_resize, load_sample_photos
+import unimm.data.toy.sample_photos as sample_photos
+from unimm.data.toy.sample_photos import SAMPLE_PHOTO_NAMES, center_crop_resize, load_sample_photos
 
 pytest.importorskip("skimage")
 

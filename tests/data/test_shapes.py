@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from unimm.data.shapes import (
+from unimm.data.toy.shapes import (
     COLOURS,
     POSITIONS,
     QUESTIONS,
@@ -133,7 +133,7 @@ def test_image_text_jsonl_export_is_read_by_the_image_reader(tmp_path):
 
 
 def test_scores_count_each_attribute_and_exact_match_normalises_answers():
-    from unimm.data.shapes_eval import exact_match, score_images
+    from unimm.data.toy.shapes_eval import exact_match, score_images
 
     samples = list(ShapesDataset(6, seed=13))
     images = [s.image for s in samples]

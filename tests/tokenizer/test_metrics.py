@@ -17,7 +17,7 @@ skimage_metrics = pytest.importorskip("skimage.metrics")
 @pytest.fixture(scope="module")
 def photo_pair():
     """A real photo (scikit-image sample) at 32 px and a distorted copy, as [1, 3, H, W] in [0, 1]."""
-    from unimm.data.sample_photos import load_sample_photos
+    from unimm.data.toy.sample_photos import load_sample_photos
 
     ((_, image),) = load_sample_photos(32, names=["astronaut"])
     clean = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]

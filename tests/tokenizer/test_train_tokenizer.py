@@ -235,7 +235,7 @@ def test_real_kill_during_checkpoint_save_then_resume(uninterrupted_run, tmp_pat
 
 
 def _write_jsonl_dataset(folder: Path, num_good: int) -> Path:
-    from unimm.data.sample_photos import load_sample_photos
+    from unimm.data.toy.sample_photos import load_sample_photos
 
     folder.mkdir(parents=True)
     rows = []

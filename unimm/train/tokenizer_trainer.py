@@ -186,11 +186,11 @@ def build_model(args: TokenizerModelArguments) -> nn.Module:
 def load_records(source: str, data_args: TokenizerDataArguments, seed: int) -> Any:
     """Image records (`id`, `image`) from a path or one of the shortcuts `sample_photos` / `shapes`."""
     if source == "sample_photos":
-        from unimm.data.sample_photos import load_sample_photos
+        from unimm.data.toy.sample_photos import load_sample_photos
 
         return [{"id": name, "image": image} for name, image in load_sample_photos(data_args.image_size)]
     if source == "shapes":
-        from unimm.data.shapes import ShapesConfig, ShapesDataset
+        from unimm.data.toy.shapes import ShapesConfig, ShapesDataset
 
         config = ShapesConfig(image_size=data_args.image_size) if data_args.image_size else None
         shapes = ShapesDataset(data_args.num_samples, seed=seed, config=config)

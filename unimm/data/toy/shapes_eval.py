@@ -1,7 +1,7 @@
 """Scoring on the shapes data with the pixel checker: how well a tokenizer's reconstructions keep the shapes, how
 many generated images show what their prompt asked for, and exact-match question answering.
 
-The checker (`unimm.data.shapes.describe_shape_image`) has no learned parts, so these scores measure the model,
+The checker (`unimm.data.toy.shapes.describe_shape_image`) has no learned parts, so these scores measure the model,
 not another model's opinion of it.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from unimm.data.shapes import ShapeDescription, ShapesDataset, describe_shape_image
+from unimm.data.toy.shapes import ShapeDescription, ShapesDataset, describe_shape_image
 
 
 @dataclass

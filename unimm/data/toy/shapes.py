@@ -4,7 +4,7 @@ Every sample is a pure function of `(seed, index)`, so a dataset of any size is 
 machine without downloading anything. Each sample carries its attributes (colour, shape, position), a caption
 ("a red circle at the top left") and a LLaVA-format conversation of short questions about the image. The
 quickstart trains a tokenizer and an LLM on it; `describe_shape_image` (bottom of this module) reads the
-attributes back from pixels (no learned parts), which is how `unimm.data.shapes_eval` scores
+attributes back from pixels (no learned parts), which is how `unimm.data.toy.shapes_eval` scores
 reconstructed and generated images.
 
 `write_llava_json` and `write_image_text_jsonl` export a dataset to the on-disk formats the real readers and
