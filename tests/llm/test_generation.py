@@ -8,8 +8,7 @@ import torch
 from tests.llm.conftest import DUAL_SPEC, VQRAE_SPEC, image_batch, make_unimm
 from unimm.llm import UniMMForCausalLM
 from unimm.llm.embedding import image_position_index
-from unimm.llm.generation import filter_logits, generate_images, generate_text, guide, image_sequence
-from unimm.llm.layout import t2i_prefix_ids
+from unimm.llm.generation import filter_logits, generate_images, generate_text, guide
 
 PROMPTS = ["a red circle", "a blue square at the top right", "a green triangle"]
 
@@ -96,14 +95,6 @@ def test_generate_text_through_hf_generate(tiny_qwen2_path):
         logits = model(input_ids=input_ids, visual_codes=codes).logits[0, -1]
     first = tokenizer.decode([int(logits.argmax())], skip_special_tokens=True)
     assert isinstance(answer, list) and len(answer) == 1 and answer[0].startswith(first)
-
-
-def test_image_sequence_forces_eoi(tiny_qwen2_path):
-    _, tokenizer, layout = make_unimm(tiny_qwen2_path, VQRAE_SPEC, flat_codes=True)
-    prefix = t2i_prefix_ids(tokenizer, layout, "a red circle")
-    seq = image_sequence(layout, prefix, 3, flat_codes=torch.tensor([0, 5, 63]))
-    assert seq[-1] == layout.eoi_token_id and seq[:len(prefix)] == prefix
-    assert seq[len(prefix):-1] == [layout.code_token_offset + c for c in (0, 5, 63)]
 
 
 def test_image_position_index_restarts_at_every_image_run():

@@ -69,7 +69,7 @@ def format_sample(sample: Sample, tokenizer, layout: VocabLayout) -> str:
                 source = "codes " + ", ".join(f"{name}[{stop - position}x{codes.shape[1]}]"
                                               for name, codes in sample.visual_codes.items())
             elif layout.flat_codes:
-                source = "flat code tokens " + " ".join(str(i - layout.code_token_offset) for i in ids[position:stop][:8])
+                source = "flat code tokens " + " ".join(str(layout.token_to_code(i)) for i in ids[position:stop][:8])
             else:
                 source = "continuous features"
             key = sample.image_keys[k] if k < len(sample.image_keys) else None

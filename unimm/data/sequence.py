@@ -282,7 +282,7 @@ class SequenceBuilder:
                     count = self._check_codes(segment, sample_id)
                     if layout.flat_codes:
                         (group,) = self.group_names
-                        visual_ids = (segment.codes[group][:, 0] + int(layout.code_token_offset)).tolist()
+                        visual_ids = layout.code_to_token(segment.codes[group][:, 0]).tolist()
                     else:
                         visual_ids = [layout.image_token_id] * count
                         for name in self.group_names:

@@ -164,11 +164,11 @@ def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase,
     for position in range(num_positions):
         if model.config.flat_codes:
             (name,) = groups
-            start, stop = layout.code_token_offset, layout.code_token_offset + layout.num_flat_codes
+            start, stop = layout.code_token_range
             logits = model.get_output_embeddings()(state.hidden)[:, start:stop]  # valid codes only
             code = sample_logits(guide(logits.float(), cfg_scale), **sampling)  # [B]
             codes[name].append(code.unsqueeze(-1))
-            next_embeds = model.get_input_embeddings()((start + code).repeat(halves))
+            next_embeds = model.get_input_embeddings()(layout.code_to_token(code).repeat(halves))
             next_embeds = model.add_image_position(next_embeds, position)
         else:
             position_codes = {}
@@ -184,17 +184,6 @@ def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase,
         if position + 1 < num_positions:
             state.append(next_embeds)
     return {name: torch.stack(steps, dim=1) for name, steps in codes.items()}  # [B, N, D]
-
-
-def image_sequence(layout: VocabLayout, prefix_ids: list[int], num_positions: int,
-                   flat_codes: torch.Tensor | None = None) -> list[int]:
-    """The full token sequence of a generated image: prefix, N visual positions, forced `<|eoi|>`.
-    In flat mode pass the codes `[N]` to get their code tokens."""
-    if flat_codes is not None:
-        visual = (flat_codes + layout.code_token_offset).tolist()
-    else:
-        visual = [layout.image_token_id] * num_positions
-    return list(prefix_ids) + visual + [layout.eoi_token_id]
 
 
 @torch.no_grad()

@@ -9,7 +9,9 @@ understanding); in flat mode (one codebook, depth 1) v_i holds the token `code_t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 BOI_TOKEN = "<|boi|>"
@@ -18,6 +20,8 @@ IMAGE_TOKEN = "<|image|>"
 UNCOND_TOKEN = "<|uncond|>"
 SPECIAL_TOKENS = (BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, UNCOND_TOKEN)
 IGNORE_INDEX = -100
+
+Codes = TypeVar("Codes", int, torch.Tensor)
 
 
 @dataclass
@@ -48,6 +52,33 @@ class VocabLayout:
             return 0
         (group,) = self.codebook_spec.values()
         return group["num_codes"]
+
+    # -- flat mode: the one place for the code <-> token id arithmetic ---------------------------------------
+    @property
+    def code_token_range(self) -> tuple[int, int] | None:
+        """`[start, stop)` of the code tokens in the vocabulary (flat mode), else None."""
+        if not self.flat_codes:
+            return None
+        return int(self.code_token_offset), int(self.code_token_offset) + self.num_flat_codes
+
+    def code_to_token(self, codes: Codes) -> Codes:
+        """Token id(s) of flat-mode code(s) `k -> code_token_offset + k` (an int or a tensor of codes)."""
+        return codes + self._flat_offset()
+
+    def token_to_code(self, token_ids: Codes) -> Codes:
+        return token_ids - self._flat_offset()
+
+    def is_code_token(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Bool mask of `token_ids` that are flat-mode code tokens (all False outside flat mode)."""
+        code_range = self.code_token_range
+        if code_range is None:
+            return torch.zeros_like(token_ids, dtype=torch.bool)
+        return (token_ids >= code_range[0]) & (token_ids < code_range[1])
+
+    def _flat_offset(self) -> int:
+        if not self.flat_codes or self.code_token_offset is None:
+            raise ValueError("code tokens exist only in flat mode (VocabLayout.flat_codes with a code_token_offset)")
+        return int(self.code_token_offset)
 
 
 def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -208,9 +208,9 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         (name,) = self.group_names
         codes = visual_codes[name][..., 0].to(input_ids.device)
         has_code = (codes >= 0) & (input_ids == layout.image_token_id)
-        input_ids = torch.where(has_code, layout.code_token_offset + codes, input_ids)
+        input_ids = torch.where(has_code, layout.code_to_token(codes), input_ids)
         if labels is not None:
-            labels = torch.where(has_code & (labels == layout.image_token_id), layout.code_token_offset + codes, labels)
+            labels = torch.where(has_code & (labels == layout.image_token_id), layout.code_to_token(codes), labels)
         return input_ids, labels
 
     def embed_inputs(self, input_ids: torch.Tensor, visual_codes: dict[str, torch.Tensor] | None = None,
@@ -262,8 +262,7 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         if self.image_position_embedding is not None:
             is_image = input_ids == layout.image_token_id
             if self.config.flat_codes:
-                start = layout.code_token_offset
-                is_image |= (input_ids >= start) & (input_ids < start + layout.num_flat_codes)
+                is_image |= layout.is_code_token(input_ids)
             index = image_position_index(is_image)
             if index.numel() and int(index.max()) >= self.image_position_embedding.num_embeddings:
                 raise ValueError(f"an image holds more than num_image_positions="
@@ -331,8 +330,7 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             parts = joint_loss(
                 hidden_states, labels, self.get_output_embeddings(), self.depth_heads, visual_codes,
                 image_token_id=layout.image_token_id if layout is not None else None,
-                code_token_range=(layout.code_token_offset, layout.code_token_offset + layout.num_flat_codes)
-                if flat else None,
+                code_token_range=layout.code_token_range if flat else None,
                 flat_group=self.group_names[0] if flat else None,
                 visual_loss_weight=self.config.visual_loss_weight, num_items_in_batch=num_items_in_batch,
             )
