@@ -1,7 +1,5 @@
-"""Show N training samples token by token with their supervision and image slots (see unimm.data.inspect)."""
-
-from unimm.cli import run_main
-from unimm.data.inspect import main
+"""`unimm-inspect-data` (unimm.cli.inspect_data); kept so that `python scripts/inspect_data.py` and the launchers keep working."""
+from unimm.cli.inspect_data import main
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

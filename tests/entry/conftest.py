@@ -90,26 +90,15 @@ def log_history(output_dir: Path) -> list[dict]:
     return [entry for entry in state["log_history"] if "loss" in entry]
 
 
-def load_script(name: str):
-    """Import `scripts/<name>.py` as a module (its `main(argv)` is what the command line runs)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"unimm_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses defined in the script look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="session")
 def tiny_unimm(toy, tmp_path_factory) -> Path:
     """An untrained UniMM model (tiny Qwen2 + the toy tokenizer's codebooks, one depth-head layer) saved to disk."""
-    from unimm.train.arguments import ModelArguments
-    from unimm.train.build import build_model
+    from unimm.train.args import ModelArguments, VisualModulesConfig
+    from unimm.train.llm.build import build_model
 
     path = tmp_path_factory.mktemp("tiny_unimm")
-    built = build_model(ModelArguments(llm_path=str(toy["llm"]), tokenizer_path=str(toy["tokenizer"]),
-                                       model_config_overrides='{"depth_head_layers": 1}'))
+    built = build_model(ModelArguments(llm_path=str(toy["llm"]), visual_tokenizer_path=str(toy["tokenizer"])),
+                        VisualModulesConfig(depth_head_layers=1))
     built.model.save_pretrained(path)
-    built.tokenizer.save_pretrained(path)
+    built.text_tokenizer.save_pretrained(path)
     return path

@@ -1,5 +1,5 @@
-"""scripts/finetune.py with LoRA (in-process `main(argv)`): intermediate checkpoints reload and resume exactly,
-and scripts/merge_lora.py writes a plain model equal to base + adapter. Plus the freeze switches of pretraining."""
+"""unimm-finetune with LoRA (in-process `main(argv)`): intermediate checkpoints reload and resume exactly, and
+unimm-merge-lora writes a plain model equal to base + adapter. Plus the freeze switches of pretraining."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from tests.entry.conftest import load_script, log_history
+from tests.entry.conftest import log_history
+from unimm.cli import finetune, merge_lora, pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +18,7 @@ def finetune_args(toy, base, output_dir) -> list[str]:
     # lora_dropout 0: the Trainer restores the RNG state of a checkpoint, but after the epoch boundary the
     # resumed run's dropout masks differ from the uninterrupted run's, so exact loss equality needs no dropout.
     return [
-        "--model_path", str(base), "--tokenizer_path", str(toy["tokenizer"]),
+        "--model_path", str(base), "--visual_tokenizer_path", str(toy["tokenizer"]),
         "--conversation_json", str(toy["conversations"]), "--conversation_code_cache", str(toy["conversation_cache"]),
         "--conversation_weight", "1", "--caption_weight", "0", "--t2i_weight", "0", "--max_length", "64",
         "--use_lora", "true", "--lora_r", "4", "--lora_dropout", "0", "--output_dir", str(output_dir), "--max_steps", "4",
@@ -29,12 +30,12 @@ def finetune_args(toy, base, output_dir) -> list[str]:
 @pytest.fixture(scope="module")
 def lora_run(toy, tiny_unimm, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetune_lora")
-    load_script("finetune").main(finetune_args(toy, tiny_unimm, out))
+    finetune.main(finetune_args(toy, tiny_unimm, out))
     return out
 
 
 def test_lora_checkpoint_reloads_and_resumes(lora_run, toy, tiny_unimm, tmp_path):
-    from unimm.train.lora import base_model_path, load_lora_model
+    from unimm.train.llm.lora import base_model_path, load_lora_model
 
     checkpoint = lora_run / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
@@ -48,7 +49,7 @@ def test_lora_checkpoint_reloads_and_resumes(lora_run, toy, tiny_unimm, tmp_path
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / "checkpoint-2")
-    load_script("finetune").main(finetune_args(toy, tiny_unimm, resumed))
+    finetune.main(finetune_args(toy, tiny_unimm, resumed))
     reference = {e["step"]: e["loss"] for e in log_history(lora_run)}
     after = {e["step"]: e["loss"] for e in log_history(resumed)}
     assert reference[4] < reference[1]
@@ -58,10 +59,10 @@ def test_lora_checkpoint_reloads_and_resumes(lora_run, toy, tiny_unimm, tmp_path
 
 def test_merged_model_matches_base_plus_adapter(lora_run, tiny_unimm, tmp_path):
     from unimm.llm import UniMMForCausalLM
-    from unimm.train.lora import load_lora_model
+    from unimm.train.llm.lora import load_lora_model
 
     merged_dir = tmp_path / "merged"
-    load_script("merge_lora").main(["--adapter_path", str(lora_run / "checkpoint-4"), "--output_dir", str(merged_dir)])
+    merge_lora.main(["--adapter_path", str(lora_run / "checkpoint-4"), "--output_dir", str(merged_dir)])
     merged = UniMMForCausalLM.from_pretrained(merged_dir).eval()
     adapted = load_lora_model(lora_run / "checkpoint-4").eval()
     base = UniMMForCausalLM.from_pretrained(tiny_unimm).eval()
@@ -84,9 +85,9 @@ def test_frozen_llm_trains_only_new_rows_and_heads(toy, tmp_path):
     from unimm.llm import UniMMForCausalLM
 
     out = tmp_path / "heads_only"
-    load_script("pretrain").main([
-        "--llm_path", str(toy["llm"]), "--tokenizer_path", str(toy["tokenizer"]), "--code_cache", str(toy["cache"]),
-        "--model_config_overrides", '{"depth_head_layers": 1}', "--max_length", "64", "--num_samples", "16",
+    pretrain.main([
+        "--llm_path", str(toy["llm"]), "--visual_tokenizer_path", str(toy["tokenizer"]), "--code_cache",
+        str(toy["cache"]), "--depth_head_layers", "1", "--max_length", "64", "--num_samples", "16",
         "--train_llm", "false", "--gradient_checkpointing", "true", "--output_dir", str(out), "--max_steps", "2",
         "--logging_steps", "1",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--weight_decay", "0.1",

@@ -1,6 +1,6 @@
 """Text that spells a special token (`<|boi|>`, `<|im_start|>`, `<|im_end|>`) stays plain text on every path user
-text takes into the model: text-to-image prompts through scripts/generate_t2i.py, chat questions through
-scripts/chat.py, and training data (captions, text-to-image prompts, conversations, text-only samples)."""
+text takes into the model: text-to-image prompts through unimm-generate-t2i, chat questions through the chat
+prompt of unimm.inference.chat, and training data (captions, text-to-image prompts, conversations, text-only samples)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from tests.entry.conftest import load_script
+from unimm.cli import generate_t2i
 
 LITERAL = "type <|boi|> or <|im_start|>user and <|im_end|> literally"
 PLAIN = "type x or y and z literally"
@@ -25,17 +25,18 @@ def _special_counts(ids, tokenizer, layout) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def stack(tiny_unimm, toy):
-    from unimm.train.build import load_for_inference, load_visual_tokenizer
+    from unimm.inference.stack import InferenceStack, load_for_inference
+    from unimm.train.llm.build import load_visual_tokenizer
 
     model, tokenizer = load_for_inference(tiny_unimm, torch.device("cpu"), "float32")
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") != tokenizer.unk_token_id  # a real special token here
-    return model, tokenizer, load_visual_tokenizer(toy["tokenizer"])
+    return InferenceStack(model, tokenizer, load_visual_tokenizer(toy["tokenizer"]), torch.device("cpu"))
 
 
 def test_generate_t2i_prompt_with_special_token_text(tiny_unimm, toy, tmp_path, stack, monkeypatch):
     import unimm.llm.generation as generation
 
-    _, tokenizer, _ = stack
+    tokenizer = stack.text_tokenizer
     recorded: dict[str | None, list[int]] = {}
     original = generation.t2i_prefix_ids
 
@@ -44,11 +45,11 @@ def test_generate_t2i_prompt_with_special_token_text(tiny_unimm, toy, tmp_path, 
         return recorded[prompt]
 
     monkeypatch.setattr(generation, "t2i_prefix_ids", recording)
-    paths = load_script("generate_t2i").main([
-        "--model_path", str(tiny_unimm), "--tokenizer_path", str(toy["tokenizer"]), "--prompts", LITERAL, PLAIN,
+    paths = generate_t2i.main([
+        "--model_path", str(tiny_unimm), "--visual_tokenizer_path", str(toy["tokenizer"]), "--prompts", LITERAL, PLAIN,
         "--cfg_scale", "0", "--batch_size", "2", "--output_dir", str(tmp_path / "out")])
     assert len(paths) == 2
-    layout = stack[0].config.layout
+    layout = stack.model.config.layout
     literal, plain = _special_counts(recorded[LITERAL], tokenizer, layout), _special_counts(recorded[PLAIN],
                                                                                              tokenizer, layout)
     assert literal == plain == {"boi": 1, "eoi": 0, "im_start": 0, "im_end": 0}
@@ -58,14 +59,14 @@ def test_generate_t2i_prompt_with_special_token_text(tiny_unimm, toy, tmp_path, 
 
 
 def test_chat_question_with_special_token_text(toy, stack):
-    from unimm.data.tasks import SampleConfig, SampleFactory
+    from unimm.data.tasks import ChatFormatConfig
+    from unimm.inference.chat import chat_factory, chat_prompt
 
-    model, tokenizer, visual = stack
-    factory = SampleFactory(tokenizer, model.config.layout, SampleConfig(max_length=None))
-    chat = load_script("chat")
+    model, tokenizer = stack.model, stack.text_tokenizer
+    factory = chat_factory(stack, ChatFormatConfig())
     image = str(toy["images"] / "red_0.png")
-    literal = chat.build_prompt(factory, visual, model, image, LITERAL, "q-literal")
-    plain = chat.build_prompt(factory, visual, model, image, PLAIN, "q-plain")
+    literal = chat_prompt(factory, stack, image, LITERAL, "q-literal")
+    plain = chat_prompt(factory, stack, image, PLAIN, "q-plain")
     counts = _special_counts(literal.input_ids, tokenizer, model.config.layout)
     assert counts == _special_counts(plain.input_ids, tokenizer, model.config.layout)
     assert counts["boi"] == 1 and counts["im_start"] >= 2  # the image's own <|boi|>; the template's turn markers
@@ -77,7 +78,7 @@ def test_training_samples_with_special_token_text(toy, stack):
     from unimm.data.sequence import ImageSlot
     from unimm.data.tasks import SampleConfig, SampleFactory
 
-    model, tokenizer, _ = stack
+    model, tokenizer = stack.model, stack.text_tokenizer
     layout = model.config.layout
     factory = SampleFactory(tokenizer, layout, SampleConfig(uncond_prob=0.0))
     codes = load_code_cache(toy["cache"], None)[0]["codes"]

@@ -22,7 +22,7 @@ from unimm.train.checkpoint import (
     save_checkpoint,
     trim_jsonl_log,
 )
-from unimm.train.llm_trainer import find_resume_checkpoint
+from unimm.train.llm.trainer import find_resume_checkpoint
 
 
 def _folders(root, complete: list[int], incomplete: list[int]) -> None:

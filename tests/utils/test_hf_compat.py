@@ -159,3 +159,37 @@ def test_parse_config_refuses_fields_without_default():
 def test_upstream_error_names_package_and_version():
     error = hf_compat.upstream_error("transformers", "something moved")
     assert _installed("transformers") in str(error) and "requirements/lock.txt" in str(error)
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": torch.tensor([index])}
+
+
+def test_train_sampler_override_reaches_the_trainers_dataloader(tmp_path):
+    """The Trainer still builds its training dataloader from `_get_train_sampler(train_dataset)`: a sampler
+    returned by `TrainSamplerOverride.train_sampler` is the one the dataloader draws from, and None keeps the
+    stock sampler."""
+    from transformers import Trainer, TrainingArguments
+
+    where = f"{_installed('transformers')}: Trainer._get_train_sampler"
+    assert "train_dataset" in inspect.signature(Trainer._get_train_sampler).parameters, f"{where} signature changed"
+    order = [7, 6, 5, 4, 3, 2, 1, 0]
+
+    class Fixed(hf_compat.TrainSamplerOverride, Trainer):
+        use_fixed = True
+
+        def train_sampler(self, dataset):
+            return order if self.use_fixed else None
+
+    model = Qwen2ForCausalLM(_tiny_qwen2_config())
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True)
+    trainer = Fixed(model=model, args=args, train_dataset=_ListDataset(), data_collator=lambda rows: rows)
+    drawn = [row["input_ids"].item() for batch in trainer.get_train_dataloader() for row in batch]
+    assert drawn == order, f"{where} no longer feeds the training dataloader"
+    trainer.use_fixed = False
+    stock = [row["input_ids"].item() for batch in trainer.get_train_dataloader() for row in batch]
+    assert sorted(stock) == list(range(8))

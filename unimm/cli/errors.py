@@ -17,7 +17,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
 
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
+        with contextlib.redirect_stderr(captured), config_errors():
             return _parse_config(dataclass_types, argv)
     except SystemExit as exit_:
         if exit_.code in (0, None):
@@ -55,13 +55,21 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
         message += _yaml_origin(message, sys.argv[1:] if argv is None else argv)
         captured = io.StringIO()  # already summarised
         raise ConfigError(f"invalid command line: {message}") from None
+    finally:
+        sys.stderr.write(captured.getvalue())  # warnings printed while parsing still reach the user
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Values that a config's own checks refuse (`ValueError`, `TypeError`, `KeyError`, e.g. from `__post_init__` or
+    from `TrainingArguments.finalize`) become a `ConfigError`, reported as a user error."""
+    try:
+        yield
     except (UserError, OSError):
         raise
     except (ValueError, TypeError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         raise ConfigError(f"invalid configuration: {message}") from err
-    finally:
-        sys.stderr.write(captured.getvalue())  # warnings printed while parsing still reach the user
 
 
 def _yaml_origin(message: str, argv: Sequence[str]) -> str:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import xxhash
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
+from unimm.utils.config import config_field
 from unimm.utils.errors import UserError, json_source_errors, model_folder, require_path
 
 logger = logging.getLogger(__name__)
@@ -465,31 +466,27 @@ def load_code_cache(path: str | os.PathLike, expected_hash: Any | None, allow_we
 # ------------------------------------------------------------------------------------------------ program glue
 
 
-def _field(default: Any, help_text: str) -> Any:
-    return field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class PretokenizeConfig:
     """Arguments of `scripts/pretokenize.py`."""
 
-    data: str = _field(None, "Image-text records (folder, jsonl/json, parquet, save_to_disk dir, webdataset "
+    data: str = config_field(None, "Image-text records (folder, jsonl/json, parquet, save_to_disk dir, webdataset "
                              "tar glob) or, with data_format=llava, a LLaVA conversation JSON.")
-    tokenizer_path: str = _field(None, "Directory of a trained visual tokenizer (unimm.tokenizer.load_tokenizer).")
-    output_dir: str = _field(None, "Cache directory (Arrow shards + cache_info.json); rerun with the same to resume.")
-    data_format: str = _field("pairs", "pairs: cache keyed by record id, with captions; llava: the distinct images "
+    tokenizer_path: str = config_field(None, "Directory of a trained visual tokenizer (unimm.tokenizer.load_tokenizer).")
+    output_dir: str = config_field(None, "Cache directory (Arrow shards + cache_info.json); rerun with the same to resume.")
+    data_format: str = config_field("pairs", "pairs: cache keyed by record id, with captions; llava: the distinct images "
                                        "of a LLaVA JSON, keyed by the image path as written in the file.")
-    image_folder: str | None = _field(None, "LLaVA only: folder the image paths are relative to (default: the "
+    image_folder: str | None = config_field(None, "LLaVA only: folder the image paths are relative to (default: the "
                                             "JSON file's folder).")
-    image_key: str = _field("image", "Column / field holding the image (pairs).")
-    allow_outside_image_folder: bool = _field(False, "Let record image paths leave their folder (absolute paths, "
+    image_key: str = config_field("image", "Column / field holding the image (pairs).")
+    allow_outside_image_folder: bool = config_field(False, "Let record image paths leave their folder (absolute paths, "
                                                      "`..`, symlinks); off: such records are skipped and counted.")
-    text_key: str | None = _field(None, "Column holding the caption (pairs); default: text, caption or txt.")
-    batch_size: int = _field(32, "Images per tokenizer forward pass.")
-    shard_size: int = _field(1024, "Records per Arrow shard (the unit of resumption and of multi-GPU sharding).")
-    num_workers: int = _field(2, "DataLoader workers decoding images.")
-    max_bad_fraction: float = _field(0.01, "Fraction of unreadable images tolerated before stopping.")
-    dtype: str = _field("float32", "Tokenizer weight dtype on GPU: float32, bfloat16 or float16.")
+    text_key: str | None = config_field(None, "Column holding the caption (pairs); default: text, caption or txt.")
+    batch_size: int = config_field(32, "Images per tokenizer forward pass.")
+    shard_size: int = config_field(1024, "Records per Arrow shard (the unit of resumption and of multi-GPU sharding).")
+    num_workers: int = config_field(2, "DataLoader workers decoding images.")
+    max_bad_fraction: float = config_field(0.01, "Fraction of unreadable images tolerated before stopping.")
+    dtype: str = config_field("float32", "Tokenizer weight dtype on GPU: float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
         for name in ("data", "tokenizer_path", "output_dir"):
@@ -548,14 +545,12 @@ def rebuild_command(config: PretokenizeConfig) -> str:
 def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> dict | None:
     """Pretokenize with every process of the current `accelerate` launch; the main process writes
     `cache_info.json` once all shards are done and returns it (other processes return None)."""
-    from accelerate import Accelerator
-
     from unimm.data.images import read_image_records
     from unimm.tokenizer import load_tokenizer
+    from unimm.utils.runtime import make_accelerator, resolve_dtype
 
-    # cpu=True on CPU-only machines so a multi-process launch (torchrun, accelerate launch) uses gloo ranks.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+    accelerator = make_accelerator()  # a multi-process launch on a CPU-only machine: gloo ranks
+    dtype = resolve_dtype(name=config.dtype)
     with model_folder("tokenizer_path", config.tokenizer_path, "a UniMM visual tokenizer"):
         tokenizer = load_tokenizer(config.tokenizer_path).eval()
     weights_hash = tokenizer_weights_hash(tokenizer)  # of the weights as saved, before any cast

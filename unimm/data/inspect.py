@@ -1,7 +1,7 @@
 """Show what the model will be trained on: for N samples of a data file, every token with whether it is a target,
 and the image slots. The tool to reach for when the loss looks wrong.
 
-    python -m unimm.data.inspect --model runs/unimm-model --data llava.json --num_samples 3
+    unimm-inspect-data --model runs/unimm-model --data llava.json --num_samples 3
 
 `--model` is a directory with the (extended) text tokenizer and a UniMM `config.json` holding `vocab_layout`
 (what `scripts/pretrain.py` / `extend_tokenizer_and_model` save). `--data` is a LLaVA JSON/jsonl file
@@ -12,8 +12,6 @@ Without a code cache, LLaVA image slots are shown with `--num_image_positions` p
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,13 +140,7 @@ def inspect_samples(config: InspectConfig) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from unimm.cli import parse_config
+if __name__ == "__main__":  # `python -m unimm.data.inspect`, the same program as `unimm-inspect-data`
+    from unimm.cli.inspect_data import main
 
-    (config,) = parse_config((InspectConfig,), argv)
-    print("\n\n".join(inspect_samples(config)))
-    sys.stdout.flush()
-
-
-if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,30 +31,33 @@ from unimm.data.sequence import ImageSlot, Sample, SampleError, SequenceBuilder,
 from unimm.data.sources import llava_messages
 from unimm.data.templates import ChatMessage, get_chat_format
 from unimm.llm.layout import VocabLayout, t2i_prefix_ids
+from unimm.utils.config import config_field
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("caption", "t2i", "conversation", "text")
 
 
-def _help(text: str, **kwargs: Any) -> dict[str, Any]:
-    return {"metadata": {"help": text}, **kwargs}
+@dataclass
+class ChatFormatConfig:
+    """How conversations are formatted, the same in training and at inference (`unimm.inference.chat`)."""
+
+    chat_format: str = config_field("auto", "Conversation format: auto (the tokenizer's chat template, else "
+                                    "llama-2), chat_template, llama-2, plain.")
+    chat_end_token: str | None = config_field(None, "Token closing an assistant turn in the chat template "
+                                              "(supervised); default: detected (<|im_end|> for Qwen).")
+    system_prompt: str | None = config_field(None, "System message prepended to every conversation.")
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(ChatFormatConfig):
     """How records become token sequences."""
 
-    max_length: int | None = field(default=2048, **_help(
+    max_length: int | None = config_field(2048, (
         "Maximum tokens per sample: text is cut at the right; a sample whose cut would split an image is dropped."))
-    uncond_prob: float = field(default=0.1, **_help(
+    uncond_prob: float = config_field(0.1, (
         "Probability that a text-to-image prompt is replaced by the unconditional prefix (classifier-free guidance)."))
-    chat_format: str = field(default="auto", **_help(
-        "Conversation format: auto (the tokenizer's chat template, else llama-2), chat_template, llama-2, plain."))
-    chat_end_token: str | None = field(default=None, **_help(
-        "Token closing an assistant turn in the chat template (supervised); default: detected (<|im_end|> for Qwen)."))
-    system_prompt: str | None = field(default=None, **_help("System message prepended to every conversation."))
-    seed: int = field(default=0, **_help("Seed of per-sample random decisions (prompt dropout)."))
+    seed: int = config_field(0, "Seed of per-sample random decisions (prompt dropout).")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.uncond_prob <= 1.0:
@@ -276,35 +279,29 @@ def text_dataset(records: Any, factory: SampleFactory,
 
 @dataclass
 class MixtureConfig:
-    """Which tasks are mixed, from which data, with which weights (field names match the training DataArguments)."""
+    """Which tasks are mixed, from which data, with which weights (the LLM programs parse it as part of
+    `unimm.train.args.DataArguments`)."""
 
-    code_cache: str | None = field(default=None, **_help("Code cache directory (scripts/pretokenize.py)."))
-    conversation_json: str | None = field(default=None, **_help("LLaVA-format conversation JSON/jsonl file."))
-    image_folder: str | None = field(default=None, **_help(
+    code_cache: str | None = config_field(None, "Code cache directory (scripts/pretokenize.py).")
+    conversation_json: str | None = config_field(None, "LLaVA-format conversation JSON/jsonl file.")
+    image_folder: str | None = config_field(None, (
         "Folder that image paths in conversation_json are relative to (default: the JSON file's folder)."))
-    conversation_code_cache: str | None = field(default=None, **_help(
+    conversation_code_cache: str | None = config_field(None, (
         "Code cache of the conversation images (keyed by image path); default: code_cache, or pixels if unset."))
-    text_data: str | None = field(default=None, **_help("Text-only data: .txt (one per line) or jsonl with 'text'."))
-    caption_weight: float = field(default=1.0, **_help("Mixture weight of caption samples."))
-    t2i_weight: float = field(default=1.0, **_help("Mixture weight of text-to-image samples."))
-    conversation_weight: float = field(default=0.0, **_help("Mixture weight of conversation samples."))
-    text_weight: float = field(default=0.0, **_help("Mixture weight of text-only samples."))
-    num_samples: int | None = field(default=None, **_help(
+    text_data: str | None = config_field(None, "Text-only data: .txt (one per line) or jsonl with 'text'.")
+    caption_weight: float = config_field(1.0, "Mixture weight of caption samples.")
+    t2i_weight: float = config_field(1.0, "Mixture weight of text-to-image samples.")
+    conversation_weight: float = config_field(0.0, "Mixture weight of conversation samples.")
+    text_weight: float = config_field(0.0, "Mixture weight of text-only samples.")
+    num_samples: int | None = config_field(None, (
         "Samples per epoch drawn from the mixture; default: the size of the largest source."))
-    max_bad_fraction: float = field(default=0.01, **_help("Fraction of bad records tolerated before stopping."))
-    seed: int = field(default=0, **_help("Seed of the mixture's source order."))
-    allow_outside_image_folder: bool = field(default=False, **_help(
+    max_bad_fraction: float = config_field(0.01, "Fraction of bad records tolerated before stopping.")
+    seed: int = config_field(0, "Seed of the mixture's source order.")
+    allow_outside_image_folder: bool = config_field(False, (
         "Let conversation image paths leave image_folder (absolute paths, `..`, symlinks); off: such records are "
         "skipped and counted."))
-    allow_tokenizer_weights_mismatch: bool = field(default=False, **_help(
+    allow_tokenizer_weights_mismatch: bool = config_field(False, (
         "Use code caches whose tokenizer has the same config but other weights (a warning instead of an error)."))
-
-    @classmethod
-    def from_object(cls, obj: Any, **overrides: Any) -> MixtureConfig:
-        """Take the fields of this config that `obj` (e.g. the training DataArguments) has."""
-        values = {f.name: getattr(obj, f.name) for f in fields(cls) if hasattr(obj, f.name)}
-        values.update(overrides)
-        return cls(**values)
 
     def __post_init__(self) -> None:
         for name in ("caption_weight", "t2i_weight", "conversation_weight", "text_weight"):

@@ -102,7 +102,7 @@ class _ImageDecoder:
 @torch.no_grad()
 def generate_images(
     model: UniMMForCausalLM,
-    tokenizer: PreTrainedTokenizerBase,
+    text_tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     num_positions: int | None = None,
     cfg_scale: float | None = 3.0,
@@ -125,7 +125,7 @@ def generate_images(
         raise ValueError("the model has no vocabulary layout: run extend_tokenizer_and_model first")
     num_positions = num_positions or model.config.num_image_positions
     if not num_positions:
-        raise ValueError("num_positions is required (or set UniMMConfig.num_image_positions, the tokenizer's N)")
+        raise ValueError("num_positions is required (or set UniMMConfig.num_image_positions, the visual tokenizer's N)")
     if not prompts:
         raise ValueError("generate_images needs at least one prompt")
     position_table = model.image_position_embedding
@@ -139,7 +139,7 @@ def generate_images(
     model.eval()
     try:
         chunks = [
-            _generate_batch(model, tokenizer, layout, prompts[i : i + batch_size], num_positions, cfg_scale,
+            _generate_batch(model, text_tokenizer, layout, prompts[i : i + batch_size], num_positions, cfg_scale,
                             dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), use_cache)
             for i in range(0, len(prompts), batch_size)
         ]
@@ -148,14 +148,14 @@ def generate_images(
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase, layout: VocabLayout,
+def _generate_batch(model: UniMMForCausalLM, text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout,
                     prompts: list[str], num_positions: int, cfg_scale: float | None, sampling: dict,
                     use_cache: bool) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
-    rows = [t2i_prefix_ids(tokenizer, layout, p) for p in prompts]
+    rows = [t2i_prefix_ids(text_tokenizer, layout, p) for p in prompts]
     if cfg_scale is not None:
-        rows += [t2i_prefix_ids(tokenizer, layout, None)] * len(prompts)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else layout.eoi_token_id
+        rows += [t2i_prefix_ids(text_tokenizer, layout, None)] * len(prompts)
+    pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else layout.eoi_token_id
     input_ids, attention_mask = _left_pad(rows, pad_id, device)
     state = _ImageDecoder(model, input_ids, attention_mask, use_cache)
     halves = 2 if cfg_scale is not None else 1
@@ -189,7 +189,7 @@ def _generate_batch(model: UniMMForCausalLM, tokenizer: PreTrainedTokenizerBase,
 @torch.no_grad()
 def generate_text(
     model: UniMMForCausalLM,
-    tokenizer: PreTrainedTokenizerBase,
+    text_tokenizer: PreTrainedTokenizerBase,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     visual_codes: dict[str, torch.Tensor] | None = None,
@@ -216,8 +216,8 @@ def generate_text(
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
         output_ids = model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            do_sample=do_sample, pad_token_id=text_tokenizer.pad_token_id, eos_token_id=text_tokenizer.eos_token_id, **sampling,
         )
     finally:
         model.train(was_training)
-    return tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+    return text_tokenizer.batch_decode(output_ids, skip_special_tokens=True)

@@ -7,7 +7,7 @@ Layout of one checkpoint (`<output_dir>/checkpoint-<step>/`):
   `COMPLETE`           written last; checkpoints without it (an interrupted save) are ignored
 Everything is read with `torch.load(weights_only=True)`.
 
-The completeness rule is shared with the LLM side (`unimm.train.llm_trainer`, whose checkpoints the Hugging Face
+The completeness rule is shared with the LLM side (`unimm.train.llm.trainer`, whose checkpoints the Hugging Face
 `Trainer` writes): a `checkpoint-<step>` folder counts only once `COMPLETE` exists in it (`mark_complete`, after
 every rank finished writing), auto-resume takes the newest complete one and warns about newer incomplete ones
 (`latest_checkpoint`), and pruning keeps the newest complete checkpoints (`prune_checkpoints`), so a process

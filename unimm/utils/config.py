@@ -3,20 +3,121 @@
 Programs call `parse_config((ModelArgs, DataArgs, ...), argv)`. `argv` may hold any number of YAML files
 (positional, or after `--config`); their keys are merged in order and become the parser defaults, and the
 remaining `--key value` flags override them. Unknown YAML keys fail loudly, naming the file and key.
+
+- `config_field(default, help)`: a dataclass field with its one-line `--help` text (the one helper for it).
+- `Alias(old, new, convert=None)`: a deprecated key still accepted in YAML and on the command line. A config class
+  lists its aliases in a class attribute `config_aliases = (Alias(...), ...)`; `parse_config` maps the old key
+  onto the new one(s) (`convert(value) -> {new_key: value}` when the meaning changes, not just the name), warns
+  once per old key and process, and `--help` lists them.
+- `save_resolved_config(run_dir, *configs)`: the one writer of `resolved_config.yaml`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+
+from unimm.utils.logging import warn_once
+
+logger = logging.getLogger(__name__)
+
+
+def config_field(default: Any = None, help: str = "", **kwargs: Any) -> Any:  # noqa: A002 - argparse's name
+    """A dataclass field with a one-line `--help` text; list/dict defaults become a `default_factory`."""
+    metadata = {"help": help, **kwargs.pop("metadata", {})}
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A deprecated config key: `old` is read as `new`, or as the keys `convert(value)` returns."""
+
+    old: str
+    new: str
+    convert: Callable[[Any], dict[str, Any]] | None = None
+
+    def resolve(self, value: Any) -> dict[str, Any]:
+        return dict(self.convert(value)) if self.convert is not None else {self.new: value}
+
+    def warn(self) -> None:
+        warn_once(logger, f"config key {self.old!r} is deprecated; use {self.new!r} (still accepted for now)")
+
+
+def config_aliases(dataclass_types: Iterable[type]) -> dict[str, Alias]:
+    """The aliases the config classes declare (`config_aliases` class attributes), by old key."""
+    found: dict[str, Alias] = {}
+    for dtype in dataclass_types:
+        for alias in getattr(dtype, "config_aliases", ()):
+            found[alias.old] = alias
+    return found
+
+
+def _argv_tokens(key: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [f"--{key}", "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [f"--{key}", *(str(v) for v in value)]
+    return [f"--{key}", str(value)]
+
+
+def _resolve_yaml_aliases(data: dict[str, Any], aliases: dict[str, Alias]) -> dict[str, Any]:
+    resolved: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in aliases:
+            aliases[key].warn()
+            resolved.update(aliases[key].resolve(value))
+        else:
+            resolved[key] = value
+    return resolved
+
+
+def _resolve_argv_aliases(argv: list[str], aliases: dict[str, Alias]) -> list[str]:
+    """`--old value` / `--old=value` -> the new flags. A plain rename keeps the values as they are (lists, a bare
+    boolean flag); a converting alias takes exactly one value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, has_value, inline = arg[2:].partition("=") if arg.startswith("--") else ("", False, "")
+        alias = aliases.get(name.replace("-", "_")) if name else None
+        if alias is None:
+            out.append(arg)
+            i += 1
+            continue
+        alias.warn()
+        if alias.convert is None:
+            out.append(f"--{alias.new}" + (f"={inline}" if has_value else ""))
+            i += 1
+            continue
+        if has_value:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
+        else:
+            raise ValueError(f"--{name} needs a value")
+        for key, new_value in alias.resolve(value).items():
+            out.extend(_argv_tokens(key, new_value))
+    return out
+
+
+def _alias_epilog(aliases: dict[str, Alias]) -> str | None:
+    if not aliases:
+        return None
+    return "deprecated aliases (warn once): " + ", ".join(f"--{a.old} -> --{a.new}" for a in aliases.values())
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -59,14 +160,22 @@ def config_origins(argv: Sequence[str]) -> dict[str, str]:
     return {key: str(path) for path in yaml_files if Path(path).is_file() for key in load_yaml(path)}
 
 
+def make_config_parser(dataclass_types: Sequence[type], prog: str | None = None) -> HfArgumentParser:
+    """The command-line parser of a program's configs: one option per field, with its help; `--help` also lists
+    the deprecated aliases. `parse_config` adds the YAML files' values as defaults."""
+    return HfArgumentParser(list(dataclass_types), prog=prog, epilog=_alias_epilog(config_aliases(dataclass_types)))
+
+
 def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse YAML files + CLI overrides into instances of `dataclass_types` (in the same order)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     yaml_files, rest = _split_argv(argv)
-    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    aliases = config_aliases(dataclass_types)
+    rest = _resolve_argv_aliases(rest, aliases)
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t) if f.init}
     defaults: dict[str, Any] = {}
     for path in yaml_files:
-        data = load_yaml(path)
+        data = _resolve_yaml_aliases(load_yaml(path), aliases)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown config key(s) {unknown}; valid keys: {sorted(known)}")
@@ -78,7 +187,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     if required:
         raise TypeError(f"config fields without a default cannot be set from YAML: {required}; give them a default "
                         "and check them in __post_init__")
-    parser = HfArgumentParser(list(dataclass_types))
+    parser = make_config_parser(dataclass_types)
     parser.set_defaults(**defaults)
     outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
     return tuple(outputs)
@@ -102,15 +211,23 @@ def _plain(value: Any) -> Any:
 
 
 def config_to_dict(*configs: Any) -> dict[str, Any]:
+    """Every field of every config, merged in order (None entries skipped). A config with its own `to_dict`
+    (`transformers.TrainingArguments`, which hides tokens and turns enums into values) is written through it."""
     merged: dict[str, Any] = {}
     for cfg in configs:
+        if cfg is None:
+            continue
+        if callable(getattr(cfg, "to_dict", None)):
+            merged.update(_plain(cfg.to_dict()))
+            continue
         for f in dataclasses.fields(cfg):
             merged[f.name] = _plain(getattr(cfg, f.name))
     return merged
 
 
 def save_resolved_config(out_dir: str | Path, *configs: Any, name: str = "resolved_config.yaml") -> Path:
-    """Write the fully resolved config (all dataclasses merged) into the run directory."""
+    """Write the fully resolved config (all dataclasses merged, see `config_to_dict`) into the run directory; the
+    one writer of `resolved_config.yaml` for every program."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / name

@@ -23,6 +23,7 @@ __all__ = [
     "CACHE_NAME",
     "CausalLMOutputWithCache",
     "SubConfigSpec",
+    "TrainSamplerOverride",
     "attn_implementation_of",
     "cache_kwargs",
     "mark_weights_initialized",
@@ -117,3 +118,21 @@ def mark_weights_initialized(module: nn.Module) -> None:
     for tensor in list(module.parameters()) + list(module.buffers()):
         if isinstance(tensor, torch.Tensor):
             tensor._is_hf_initialized = True
+
+
+# -- training sampler --------------------------------------------------------------------------------------------
+# `Trainer` builds its training sampler in the private `_get_train_sampler(train_dataset=None)`, handed to its
+# dataloader builder by `get_train_dataloader` (transformers 4.52 through 5.24); the public alternative,
+# overriding `get_train_dataloader`, would mean rebuilding the DataLoader (workers, seeding, accelerate sharding).
+# The sampler is per device: accelerate splits consecutive device batches over the ranks.
+class TrainSamplerOverride:
+    """Mixin for a `transformers.Trainer` subclass: `train_sampler(dataset)` returns the sampler to train with, or
+    None for the stock one (random, or the Trainer's own `train_sampling_strategy`)."""
+
+    def train_sampler(self, dataset: Any) -> torch.utils.data.Sampler | None:
+        return None
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = self.train_sampler(dataset) if dataset is not None else None
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from unimm.llm import UniMMForCausalLM
-from unimm.train.arguments import LoraArguments, ModelArguments
+from unimm.train.args import LoraArguments, ModelArguments
 from unimm.utils.imports import is_peft_available, require
 
 logger = logging.getLogger(__name__)

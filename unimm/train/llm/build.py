@@ -1,7 +1,7 @@
-"""Build what the LLM entry points train: the UniMM model, its text tokenizer and vocabulary layout, the visual
-tokenizer, the training dataset and the collator, from the typed configs of `unimm.train.arguments`.
+"""Build what the LLM programs train: the UniMM model, its text tokenizer and vocabulary layout, the visual
+tokenizer, the training dataset and the collator, from the typed configs of `unimm.train.args`.
 
-A model is built either from a plain causal LM plus a visual tokenizer (`llm_path` + `tokenizer_path`: visual
+A model is built either from a plain causal LM plus a visual tokenizer (`llm_path` + `visual_tokenizer_path`: visual
 modules are added and the vocabulary is extended here, before the Trainer/DeepSpeed wraps the model, which
 ZeRO-3 requires) or loaded from an existing UniMM model (`model_path`).
 """
@@ -9,7 +9,7 @@ ZeRO-3 requires) or loaded from an existing UniMM model (`model_path`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +17,28 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, extend_tokenizer_and_model
-from unimm.train.arguments import DataArguments, ModelArguments
+from unimm.train.args import DataArguments, ModelArguments, VisualModulesConfig
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class BuiltModel:
     """The model to train and what travels with it."""
 
     model: UniMMForCausalLM
-    tokenizer: PreTrainedTokenizerBase
+    text_tokenizer: PreTrainedTokenizerBase
     layout: VocabLayout
     visual_tokenizer: Any | None = None
     # Parameters whose gradient is masked to the new token rows; they must not get weight decay either.
     row_masked_params: set[str] = field(default_factory=set)
 
 
-def resolve_dtype(name: str, bf16: bool = False, fp16: bool = False) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"torch_dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
-
-
 def load_visual_tokenizer(path: str | Path) -> Any:
     """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points)."""
     from unimm.tokenizer import load_tokenizer
 
-    with model_folder("tokenizer_path", path, "a UniMM visual tokenizer"):
+    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"):
         tokenizer = load_tokenizer(path)
     tokenizer.eval()
     tokenizer.requires_grad_(False)
@@ -64,62 +53,77 @@ def _feature_dim(visual_tokenizer: Any) -> int:
     return int(features.shape[-1])
 
 
-def build_model(model_args: ModelArguments, dtype: torch.dtype = torch.float32, use_image_features: bool = False,
-                load_visual: bool = True, seed: int = 0) -> BuiltModel:
+def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None = None,
+                dtype: torch.dtype = torch.float32, use_image_features: bool = False, load_visual: bool = True,
+                seed: int = 0) -> BuiltModel:
     """The UniMM model, text tokenizer and layout described by `model_args`, with the freeze switches applied.
 
+    modules:            a new model's visual-module sizes (preset + fields; default: the `default` preset).
     use_image_features: give a new model a feature projector (continuous understanding inputs, VQRAE style).
-    load_visual:        also load the visual tokenizer from `tokenizer_path` (needed to encode pixels on the fly
-                        or to check a code cache's hash).
+    load_visual:        also load the visual tokenizer from `visual_tokenizer_path` (needed to encode pixels on the
+                        fly or to check a code cache's hash).
     seed:               seeds the initialisation of new visual modules; the RNG is reset after the LLM is loaded
                         because loading under ZeRO-3 (`zero.Init`) consumes random numbers and plain loading does
                         not, and ZeRO-2 and ZeRO-3 runs must start from the same weights.
     """
-    visual_tokenizer = load_visual_tokenizer(model_args.tokenizer_path) if (
-        model_args.tokenizer_path and load_visual) else None
+    visual_tokenizer = load_visual_tokenizer(model_args.visual_tokenizer_path) if (
+        model_args.visual_tokenizer_path and load_visual) else None
     if model_args.model_path is not None:
-        path = Path(model_args.model_path).resolve()  # absolute, so LoRA adapter configs name their base robustly
-        _check_unimm_folder(path)
-        with model_folder("model_path", path, "a UniMM model and its text tokenizer"):
-            model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        layout = model.config.layout
-        if layout is None:
-            raise ModelFolderError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
+        model, text_tokenizer = _load_unimm_model(Path(model_args.model_path), dtype)
         if visual_tokenizer is not None:
-            _check_spec(model.config.codebook_spec, visual_tokenizer, model_args.tokenizer_path)
+            _check_spec(model.config.codebook_spec, visual_tokenizer, model_args.visual_tokenizer_path)
+        layout = model.config.layout
     else:
         if visual_tokenizer is None:
-            visual_tokenizer = load_visual_tokenizer(model_args.tokenizer_path)
-        llm_path = Path(model_args.llm_path)
-        if not (llm_path / "config.json").is_file():
-            raise FileNotFoundError(f"llm_path={llm_path}: no Hugging Face model there (config.json missing)")
-        with model_folder("llm_path", llm_path, "a causal language model's text tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        overrides = model_args.config_overrides()
-        overrides.setdefault("num_image_positions", visual_tokenizer.num_positions)
-        from transformers import AutoModelForCausalLM, set_seed
-
-        from unimm.utils.attention import select_attn_implementation
-
-        with model_folder("llm_path", llm_path, "a Hugging Face causal language model"):
-            llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=(
-                select_attn_implementation(model_args.attn_implementation, dtype)))
-        set_seed(seed)
-        model = UniMMForCausalLM.from_llm(
-            llm, visual_tokenizer.codebook_spec, flat_codes=model_args.flat_codes,
-            feature_dim=_feature_dim(visual_tokenizer) if use_image_features else None, dtype=dtype,
-            attn_implementation=model_args.attn_implementation, **overrides,
-        )
-        layout = extend_tokenizer_and_model(tokenizer, model, visual_tokenizer.codebook_spec,
-                                            flat_codes=model_args.flat_codes)
-    if tokenizer.pad_token_id is None:
+            visual_tokenizer = load_visual_tokenizer(model_args.visual_tokenizer_path)
+        model, text_tokenizer, layout = _extend_llm(model_args, modules or VisualModulesConfig(), visual_tokenizer,
+                                                    dtype, use_image_features, seed)
+    if text_tokenizer.pad_token_id is None:
         raise ValueError("the text tokenizer has no pad token; set one in its tokenizer_config.json")
     row_masked = apply_trainable_parts(model, model_args, layout)
-    return BuiltModel(model, tokenizer, layout, visual_tokenizer, row_masked)
+    return BuiltModel(model, text_tokenizer, layout, visual_tokenizer, row_masked)
 
 
-def _check_unimm_folder(path: Path) -> None:
+def _load_unimm_model(path: Path, dtype: torch.dtype) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase]:
+    path = path.resolve()  # absolute, so LoRA adapter configs name their base robustly
+    check_unimm_folder(path)
+    with model_folder("model_path", path, "a UniMM model and its text tokenizer"):
+        model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
+        text_tokenizer = AutoTokenizer.from_pretrained(path)
+    if model.config.layout is None:
+        raise ModelFolderError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
+    return model, text_tokenizer
+
+
+def _extend_llm(model_args: ModelArguments, modules: VisualModulesConfig, visual_tokenizer: Any, dtype: torch.dtype,
+                use_image_features: bool, seed: int) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase, VocabLayout]:
+    """A new UniMM model: the plain LLM of `llm_path` with visual modules and an extended vocabulary."""
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from unimm.utils.attention import select_attn_implementation
+
+    llm_path = Path(model_args.llm_path)
+    if not (llm_path / "config.json").is_file():
+        raise FileNotFoundError(f"llm_path={llm_path}: no Hugging Face model there (config.json missing)")
+    with model_folder("llm_path", llm_path, "a causal language model's text tokenizer"):
+        text_tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    overrides = modules.overrides()
+    overrides.setdefault("num_image_positions", visual_tokenizer.num_positions)
+    with model_folder("llm_path", llm_path, "a Hugging Face causal language model"):
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=(
+            select_attn_implementation(model_args.attn_implementation, dtype)))
+    set_seed(seed)
+    model = UniMMForCausalLM.from_llm(
+        llm, visual_tokenizer.codebook_spec, flat_codes=model_args.flat_codes,
+        feature_dim=_feature_dim(visual_tokenizer) if use_image_features else None, dtype=dtype,
+        attn_implementation=model_args.attn_implementation, **overrides,
+    )
+    layout = extend_tokenizer_and_model(text_tokenizer, model, visual_tokenizer.codebook_spec,
+                                        flat_codes=model_args.flat_codes)
+    return model, text_tokenizer, layout
+
+
+def check_unimm_folder(path: Path) -> None:
     """Refuse a `model_path` that holds no UniMM model before building one from its config (a visual tokenizer's
     or a plain LLM's config would otherwise instantiate a UniMM model with meaningless sizes)."""
     import json
@@ -137,12 +141,12 @@ def _check_unimm_folder(path: Path) -> None:
                                f"merge_lora.py)")
 
 
-def _check_spec(model_spec: dict, visual_tokenizer: Any, tokenizer_path: str | None) -> None:
+def _check_spec(model_spec: dict, visual_tokenizer: Any, visual_tokenizer_path: str | None) -> None:
     from unimm.tokenizer.types import codebook_spec_to_dict
 
     spec = codebook_spec_to_dict(visual_tokenizer.codebook_spec)
     if spec != model_spec:
-        raise ValueError(f"tokenizer_path={tokenizer_path} has codebook_spec {spec}, but the model was built for "
+        raise ValueError(f"visual_tokenizer_path={visual_tokenizer_path} has codebook_spec {spec}, but the model was built for "
                          f"{model_spec}")
 
 
@@ -207,12 +211,10 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
     tokenizer's config hash when one is loaded."""
     from unimm.data.code_cache import TokenizerIdentity
     from unimm.data.images import ImageTransform
-    from unimm.data.tasks import MixtureConfig, PixelImages, SampleConfig, SampleFactory, build_mixture
+    from unimm.data.tasks import PixelImages, SampleFactory, build_mixture
 
-    sample_config = SampleConfig(**{f.name: getattr(data_args, f.name) for f in fields(SampleConfig)
-                                    if hasattr(data_args, f.name) and f.name != "seed"}, seed=seed)
-    factory = SampleFactory(built.tokenizer, built.layout, sample_config)
-    mixture = MixtureConfig.from_object(data_args, seed=seed + data_args.data_seed_offset)
+    factory = SampleFactory(built.text_tokenizer, built.layout, data_args.sample_config(seed))
+    mixture = data_args.mixture_config(seed)
     visual = built.visual_tokenizer
     pixel_images = None
     if visual is not None and built.model.feature_projector is not None:
@@ -230,52 +232,13 @@ def _default_image_folder(data_args: DataArguments) -> str | None:
     return str(Path(data_args.conversation_json).parent)
 
 
-def build_collator(data_args: DataArguments, tokenizer: PreTrainedTokenizerBase):
+def build_collator(data_args: DataArguments, text_tokenizer: PreTrainedTokenizerBase):
     from unimm.data.collator import UniMMCollator
 
-    return UniMMCollator(pad_token_id=tokenizer.pad_token_id, packing=data_args.packing,
+    return UniMMCollator(pad_token_id=text_tokenizer.pad_token_id, packing=data_args.packing,
                          max_length=data_args.max_length)
 
 
 def _numel(param: torch.Tensor) -> int:
     """Full size of a parameter, also when ZeRO-3 has partitioned it (then `numel()` is 0)."""
     return int(getattr(param, "ds_numel", param.numel()))
-
-
-# ------------------------------------------------------------------------------------------------ inference
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_for_inference(model_path: str | Path, device: torch.device, dtype_name: str = "auto"):
-    """(model in eval mode on `device`, text tokenizer) from a UniMM model directory or a LoRA checkpoint (whose
-    adapter is merged in memory)."""
-    from unimm.train.lora import is_lora_checkpoint, load_lora_model
-
-    dtype = resolve_dtype(dtype_name, bf16=device.type == "cuda") if dtype_name == "auto" else resolve_dtype(
-        dtype_name)
-    path = Path(model_path)
-    if is_lora_checkpoint(path):
-        model = load_lora_model(path).merge_and_unload()
-    else:
-        _check_unimm_folder(path)
-        with model_folder("model_path", path, "a UniMM model"):
-            model = UniMMForCausalLM.from_pretrained(path)
-    with model_folder("model_path", path, "the model's text tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    if model.config.layout is None:
-        raise ModelFolderError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
-
-
-def load_inference_stack(infer_args: Any):
-    """What `scripts/generate_t2i.py` and `scripts/chat.py` start from, given their `InferenceArguments`:
-    (model, text tokenizer, visual tokenizer, device), everything in eval mode on the chosen device."""
-    device = resolve_device(infer_args.device)
-    model, tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)
-    visual = load_visual_tokenizer(infer_args.tokenizer_path).to(device)
-    return model, tokenizer, visual, device

@@ -1,4 +1,4 @@
-"""FLOPs-per-token accounting of unimm.train.mfu against hand counts."""
+"""FLOPs-per-token accounting of unimm.train.llm.mfu against hand counts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unimm.testing import tiny_llm_config
-from unimm.train.mfu import LLMShape, flops_per_token, gpu_peak_flops, mfu, resolve_peak_flops
+from unimm.train.llm.mfu import LLMShape, flops_per_token, gpu_peak_flops, mfu, resolve_peak_flops
 
 
 def test_matmul_params_equal_the_models_linear_weights():

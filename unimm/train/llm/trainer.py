@@ -5,8 +5,10 @@ At every logging step it reports, averaged over the steps since the last log and
 tokens processed by all ranks, wall clock) and `mfu` (model FLOPs utilisation of the LLM, see
 `unimm.train.mfu`). Checkpoints follow the project's completeness rule (`unimm.train.checkpoint`): the stock
 `Trainer` writes `checkpoint-<step>`, then `CompleteCheckpointCallback` (once every rank has finished) adds its
-`COMPLETE` marker and only then prunes old checkpoints; auto-resume takes the newest complete one. Everything
-else (DeepSpeed, resume itself, gradient accumulation) is the stock `Trainer`, through its public API only.
+`COMPLETE` marker and only then prunes old checkpoints; auto-resume takes the newest complete one. With
+`group_by_modality_length` every device batch holds one task of similar lengths (`GroupedBatchSampler`, through
+the sampler seam of `unimm.utils.hf_compat`). Everything else (DeepSpeed, resume itself, gradient accumulation) is
+the stock `Trainer`.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from unimm.train.checkpoint import (
     prune_checkpoints,
     resolve_resume,
 )
-from unimm.train.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
+from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
 from unimm.utils.distributed import all_reduce_sum, get_world_size
+from unimm.utils.hf_compat import TrainSamplerOverride
+from unimm.utils.runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +81,8 @@ class CompleteCheckpointCallback(TrainerCallback):
         return control
 
 
-class UniMMTrainer(Trainer):
-    """`Trainer` that logs the loss parts, tokens/s and MFU.
+class UniMMTrainer(TrainSamplerOverride, Trainer):
+    """`Trainer` that logs the loss parts, tokens/s and MFU, and groups batches by modality on request.
 
     `no_decay_param_names`: parameters excluded from weight decay in addition to the stock exclusions (the
     embedding tables whose original rows are frozen by a gradient mask must not decay either).
@@ -200,10 +204,16 @@ class UniMMTrainer(Trainer):
 
     def _get_peak_flops(self) -> float:
         if self._peak_flops is None:
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+            dtype = resolve_dtype(self.args.bf16, self.args.fp16)
             self._peak_flops = resolve_peak_flops(self.args.peak_tflops if hasattr(self.args, "peak_tflops")
                                                   else None, self.args.device, dtype)
         return self._peak_flops
+
+    # ------------------------------------------------------------------ sampling
+    def train_sampler(self, dataset: Any) -> torch.utils.data.Sampler | None:
+        if not getattr(self.args, "group_by_modality_length", False):
+            return None
+        return modality_length_sampler(dataset, self.args.per_device_train_batch_size, self.args.seed)
 
     # ------------------------------------------------------------------ optimizer
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -232,18 +242,31 @@ def _gather_names(names: list[str], device: torch.device) -> list[str]:
     return sorted({n for part in gathered for n in (part or [])})
 
 
+def modality_length_sampler(dataset: Any, batch_size: int, seed: int) -> torch.utils.data.Sampler:
+    """`GroupedBatchSampler` over a task mixture: each run of `batch_size` indices has one task (`dataset.task_of`)
+    and similar lengths. Lengths come from building every sample once (a pass over the data at the start)."""
+    from unimm.data.collator import GroupedBatchSampler
+
+    if not hasattr(dataset, "task_of"):
+        raise ValueError("group_by_modality_length needs a task mixture (a dataset with task_of(index))")
+    tasks = [dataset.task_of(i) for i in range(len(dataset))]
+    lengths = [len(dataset[i]) for i in range(len(dataset))]
+    return GroupedBatchSampler(tasks, lengths, batch_size, seed=seed)
+
+
 # ---------------------------------------------------------------------------------------------- program body
 
 
-def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMTrainer:
-    """What `scripts/pretrain.py` and `scripts/finetune.py` run: build model + data, train (resuming from the
-    given or latest checkpoint), save the final model (HF format; ZeRO-3 weights gathered; a LoRA run saves its
-    adapter, merge it with scripts/merge_lora.py)."""
-
+def run_training(model_args, modules, data_args, training_args, lora_args=None) -> UniMMTrainer:
+    """What `unimm-pretrain` and `unimm-finetune` run, once `training_args` are prepared
+    (`unimm.utils.runtime.prepare_training_arguments`): build model + data, train (resuming from the given or
+    latest checkpoint), save the final model (HF format; ZeRO-3 weights gathered; a LoRA run saves its adapter,
+    merge it with unimm-merge-lora)."""
     from transformers import set_seed
 
-    from unimm.train.build import build_collator, build_model, build_train_dataset, resolve_dtype
-    from unimm.utils.distributed import barrier, is_main_process
+    from unimm.train.llm.build import build_collator, build_model, build_train_dataset
+    from unimm.utils.config import save_resolved_config
+    from unimm.utils.distributed import is_main_process
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
@@ -251,37 +274,22 @@ def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMT
     resume = find_resume_checkpoint(training_args.resume_from_checkpoint, output_dir,
                                     getattr(training_args, "auto_resume", False))
     if is_main_process():
-        _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args)
+        save_resolved_config(output_dir, model_args, modules, data_args, lora_args, training_args)
     keep_last, training_args.save_total_limit = training_args.save_total_limit, None
-    dtype = resolve_dtype(model_args.torch_dtype, training_args.bf16, training_args.fp16)
+    dtype = resolve_dtype(training_args.bf16, training_args.fp16, model_args.torch_dtype)
     conversation_from_pixels = data_args.conversation_weight > 0 and not (
         data_args.conversation_code_cache or data_args.code_cache)
-    built = build_model(model_args, dtype=dtype, use_image_features=conversation_from_pixels,
+    built = build_model(model_args, modules, dtype=dtype, use_image_features=conversation_from_pixels,
                         seed=training_args.seed)
     model = built.model
-    use_lora = lora_args is not None and lora_args.use_lora
-    if use_lora:
-        from unimm.train.lora import wrap_lora
-
-        if model_args.model_path is None:
-            # Adapter checkpoints must name a base model on disk: write the freshly extended one once.
-            base_dir = output_dir / "base_model"
-            if is_main_process() and not (base_dir / "config.json").is_file():
-                model.save_pretrained(base_dir)
-                built.tokenizer.save_pretrained(base_dir)
-            barrier()
-            model.name_or_path = str(base_dir.resolve())
-        model = wrap_lora(model, lora_args, model_args)
-    # Non-reentrant checkpointing works with frozen embeddings and LoRA (no inputs that require grad needed).
-    # Newer transformers name the option activation_checkpointing (gradient_checkpointing is its alias).
-    name = "activation_checkpointing" if hasattr(training_args, "activation_checkpointing") else "gradient_checkpointing"
-    if getattr(training_args, name) and getattr(training_args, f"{name}_kwargs") is None:
-        setattr(training_args, f"{name}_kwargs", {"use_reentrant": False})
+    if lora_args is not None and lora_args.use_lora:
+        model = _wrap_lora(built, model_args, lora_args, output_dir)
+    _non_reentrant_checkpointing(training_args)
     train_dataset = build_train_dataset(data_args, built, seed=training_args.seed)
     logger.info("training on %d samples per epoch", len(train_dataset))
     trainer = UniMMTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
-        data_collator=build_collator(data_args, built.tokenizer), processing_class=built.tokenizer,
+        data_collator=build_collator(data_args, built.text_tokenizer), processing_class=built.text_tokenizer,
         no_decay_param_names=built.row_masked_params, visual_tokenizer=built.visual_tokenizer,
         llm_shape=LLMShape.from_config(built.model.config), callbacks=[CompleteCheckpointCallback(keep_last)],
     )
@@ -290,6 +298,30 @@ def run_training(model_args, data_args, training_args, lora_args=None) -> UniMMT
         trainer.save_model(str(output_dir))
         trainer.save_state()
     return trainer
+
+
+def _wrap_lora(built, model_args, lora_args, output_dir: Path):
+    from unimm.train.llm.lora import wrap_lora
+    from unimm.utils.distributed import barrier, is_main_process
+
+    model = built.model
+    if model_args.model_path is None:
+        # Adapter checkpoints must name a base model on disk: write the freshly extended one once.
+        base_dir = output_dir / "base_model"
+        if is_main_process() and not (base_dir / "config.json").is_file():
+            model.save_pretrained(base_dir)
+            built.text_tokenizer.save_pretrained(base_dir)
+        barrier()
+        model.name_or_path = str(base_dir.resolve())
+    return wrap_lora(model, lora_args, model_args)
+
+
+def _non_reentrant_checkpointing(training_args) -> None:
+    """Non-reentrant activation checkpointing works with frozen embeddings and LoRA (no inputs that require grad
+    needed). Newer transformers name the option activation_checkpointing (gradient_checkpointing is its alias)."""
+    name = "activation_checkpointing" if hasattr(training_args, "activation_checkpointing") else "gradient_checkpointing"
+    if getattr(training_args, name) and getattr(training_args, f"{name}_kwargs") is None:
+        setattr(training_args, f"{name}_kwargs", {"use_reentrant": False})
 
 
 def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path,
@@ -305,17 +337,3 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str |
     if latest is not None:
         logger.info("resuming from the latest complete checkpoint %s", latest)
     return str(latest) if latest is not None else None
-
-
-def _save_resolved_config(output_dir, model_args, data_args, lora_args, training_args) -> None:
-    """`resolved_config.yaml` in output_dir: every field of every config (TrainingArguments via its `to_dict`,
-    which turns enums into plain values)."""
-    import yaml
-
-    from unimm.utils.config import config_to_dict
-
-    resolved = config_to_dict(*[c for c in (model_args, data_args, lora_args) if c is not None])
-    resolved.update(training_args.to_dict())
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / "resolved_config.yaml").open("w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)

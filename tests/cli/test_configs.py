@@ -1,0 +1,150 @@
+"""Every YAML recipe in configs/ parses through the parser of the program that runs it, old key names through
+their aliases (with one warning each) to the same configs as the new names."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from unimm.cli import finetune, pretrain
+from unimm.cli.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+CPU = ["--bf16", "false", "--output_dir", "unused"]  # recipes target GPUs; bf16 needs one
+ALL_YAML = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def _program_of(path: Path):
+    """The program that runs a recipe, by where it lives."""
+    relative = path.relative_to(REPO / "configs")
+    if relative.parts[0] == "tokenizer" or relative.name.startswith("tokenizer_"):
+        from unimm.cli import train_tokenizer
+
+        return train_tokenizer, ["--output_dir", "unused"]
+    # The quickstart recipes get their paths from scripts/quickstart.sh, with the flags it passes.
+    if relative.parts[0] == "pretrain":
+        return pretrain, CPU
+    if relative.name == "pretrain.yaml":
+        return pretrain, ["--llm_path", "llm", "--tokenizer_path", "tok", "--code_cache", "cache", *CPU]
+    if relative.parts[0] == "finetune":
+        return finetune, CPU
+    if relative.name == "finetune.yaml":
+        return finetune, ["--model_path", "pretrain", "--tokenizer_path", "tok", *CPU]
+    raise AssertionError(f"{relative}: no program is known to run this recipe; add it to _program_of")
+
+
+def test_every_recipe_has_a_program():
+    assert len(ALL_YAML) >= 10
+    for path in ALL_YAML:
+        _program_of(path)
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_recipe_parses(path):
+    program, extra = _program_of(path)
+    configs = program.parse_args([str(path), *extra])
+    if program.__name__ == "unimm.cli.train_tokenizer":
+        return  # the tokenizer recipes' own checks are in tests/tokenizer
+    model_args, modules, data_args, *_, training_args = configs
+    assert model_args.model_path or (model_args.llm_path and model_args.visual_tokenizer_path)
+    assert training_args.remove_unused_columns is False
+    modules.overrides()
+    if program is pretrain:
+        assert data_args.code_cache and (data_args.caption_weight > 0 or data_args.t2i_weight > 0)
+    else:
+        assert data_args.conversation_weight > 0
+
+
+def test_old_key_names_parse_to_the_new_fields_and_warn_once(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text('tokenizer_path: tok\nllm_path: llm\nmodel_config_overrides: \'{"depth_head_layers": 1, '
+                   '"image_position_embedding": true}\'\n')
+    new = tmp_path / "new.yaml"
+    new.write_text("visual_tokenizer_path: tok\nllm_path: llm\ndepth_head_layers: 1\nimage_position_embedding: true\n")
+    with caplog.at_level(logging.WARNING):
+        from_old = pretrain.parse_args([str(old), *CPU])
+        pretrain.parse_args([str(old), "--tokenizer_path", "tok", *CPU])
+    from_new = pretrain.parse_args([str(new), *CPU])
+    assert from_old[:3] == from_new[:3]
+    assert from_old[0].visual_tokenizer_path == "tok" and from_old[1].overrides()["depth_head_layers"] == 1
+    warnings = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert sum("'tokenizer_path'" in w for w in warnings) <= 1  # once per process, however often it is used
+    assert sum("'model_config_overrides'" in w for w in warnings) <= 1
+
+
+def test_command_line_aliases_match_the_new_flags():
+    old = pretrain.parse_args(["--llm_path", "l", "--tokenizer_path=t", "--model_config_overrides",
+                               json.dumps({"depth_head_hidden_size": 128}), *CPU])
+    new = pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t", "--depth_head_hidden_size", "128",
+                               *CPU])
+    assert old[:3] == new[:3]
+
+
+def test_presets_and_fields_resolve_in_order():
+    (_, modules, *_) = pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t", "--model_preset",
+                                            "tiny", "--depth_head_layers", "2", *CPU])
+    assert modules.overrides() == {"depth_head_layers": 2, "depth_head_hidden_size": 128,
+                                   "depth_head_intermediate_size": 512, "image_position_embedding": True}
+    with pytest.raises(ConfigError, match="model_preset"):
+        pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t", "--model_preset", "huge", *CPU])
+    with pytest.raises(ConfigError, match="feature_dim"):
+        pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t", "--model_config_overrides",
+                             '{"feature_dim": 3}', *CPU])
+
+
+def test_preset_fields_are_unimm_config_fields():
+    from dataclasses import fields
+
+    from unimm.llm import UniMMConfig
+    from unimm.llm.presets import MODEL_PRESETS, VisualModulesConfig
+
+    config_fields = set(UniMMConfig.__dataclass_fields__) if hasattr(UniMMConfig, "__dataclass_fields__") else set(
+        vars(UniMMConfig()))
+    for name in {f.name for f in fields(VisualModulesConfig)} - {"model_preset"}:
+        assert name in config_fields, name
+    for preset in MODEL_PRESETS.values():
+        assert set(preset) <= config_fields
+
+
+def test_data_arguments_are_the_data_layers_configs():
+    from unimm.data.tasks import MixtureConfig, SampleConfig
+
+    (_, _, data_args, training_args) = pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t",
+                                                             "--uncond_prob", "0.3", "--caption_weight", "2",
+                                                             "--data_seed_offset", "5", "--seed", "7", *CPU])
+    assert isinstance(data_args, SampleConfig) and isinstance(data_args, MixtureConfig)
+    sample, mixture = data_args.sample_config(training_args.seed), data_args.mixture_config(training_args.seed)
+    assert (sample.uncond_prob, sample.seed) == (0.3, 7) and (mixture.caption_weight, mixture.seed) == (2.0, 12)
+    with pytest.raises(ConfigError, match="uncond_prob"):
+        pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t", "--uncond_prob", "2", *CPU])
+
+
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero3_offload"])
+def test_deepspeed_configs(name):
+    config = json.loads((REPO / "configs" / "deepspeed" / f"{name}.json").read_text())
+    zero = config["zero_optimization"]
+    assert zero["stage"] == (2 if name == "zero2" else 3)
+    # The Trainer fills batch sizes and precision from its own arguments.
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"]["enabled"] == "auto"
+    if zero["stage"] == 3:
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("llm_path: x\nvisual_tokenizer_path: y\nlearning_rte: 1.0\n")
+    with pytest.raises(ConfigError, match="learning_rte"):
+        pretrain.parse_args([str(bad), *CPU])
+
+
+def test_quickstart_json_overrides_are_exactly_the_tiny_preset():
+    """The quickstart recipe still says `model_config_overrides: '{...}'`; through the alias it builds the same
+    visual modules as `--model_preset tiny` (so the quickstart's model is unchanged)."""
+    from unimm.llm.presets import MODEL_PRESETS
+
+    program, extra = _program_of(REPO / "configs" / "quickstart" / "pretrain.yaml")
+    (_, modules, *_) = program.parse_args([str(REPO / "configs" / "quickstart" / "pretrain.yaml"), *extra])
+    assert modules.overrides() == MODEL_PRESETS["tiny"]

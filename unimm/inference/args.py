@@ -1,0 +1,87 @@
+"""Configs of the inference programs (`unimm-chat`, `unimm-generate-t2i`), read by `unimm.utils.config.parse_config`.
+
+The chat prompt's format is the data layer's `ChatFormatConfig`, the same fields finetuning reads, so a model is
+asked questions the way it was trained. Deprecated alias: `tokenizer_path` -> `visual_tokenizer_path`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from unimm.data.tasks import ChatFormatConfig
+from unimm.train.args import VISUAL_TOKENIZER_ALIAS
+from unimm.utils.config import config_field
+
+
+@dataclass
+class InferenceArguments:
+    """Which trained model to run, and where."""
+
+    config_aliases = (VISUAL_TOKENIZER_ALIAS,)
+
+    model_path: str = config_field(None, "A UniMM model directory (pretrain/finetune output, merged LoRA), or a "
+                                   "LoRA checkpoint (merged in memory).")
+    visual_tokenizer_path: str = config_field(None, "The visual tokenizer the model was trained with (decodes "
+                                              "generated codes / encodes input images).")
+    device: str = config_field("auto", "cuda, cpu, or auto (cuda when available).")
+    dtype: str = config_field("auto", "Weight dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, "
+                              "float16.")
+    seed: int = config_field(0, "Sampling seed (results are deterministic for a seed and batch size).")
+
+    def __post_init__(self) -> None:
+        if not self.model_path or not self.visual_tokenizer_path:
+            raise ValueError("model_path and visual_tokenizer_path are required")
+
+
+@dataclass
+class GenerateArguments:
+    """Text-to-image sampling (`unimm-generate-t2i`)."""
+
+    prompts: list[str] = config_field([], "Prompts, one image each.")
+    prompts_file: str | None = config_field(None, "A text file with one prompt per line (added to prompts).")
+    output_dir: str = config_field("generated", "Where the PNGs, grid.png and prompts.json are written.")
+    cfg_scale: float = config_field(3.0, "Classifier-free guidance scale; 0 disables guidance.")
+    temperature: float = config_field(1.0, "Sampling temperature; 0 = greedy.")
+    top_k: int | None = config_field(None, "Keep only the k most likely codes per step.")
+    top_p: float | None = config_field(None, "Nucleus sampling threshold.")
+    batch_size: int = config_field(8, "Prompts sampled together (CFG doubles the rows).")
+    grid_columns: int = config_field(8, "Images per row of grid.png.")
+
+    def all_prompts(self) -> list[str]:
+        prompts = list(self.prompts)
+        if self.prompts_file:
+            with open(self.prompts_file) as f:
+                prompts.extend(line.strip() for line in f if line.strip())
+        if not prompts:
+            raise ValueError("no prompts: pass --prompts 'a red circle' ... or --prompts_file FILE")
+        return prompts
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.grid_columns <= 0:
+            raise ValueError("batch_size and grid_columns must be positive")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class ChatArguments(ChatFormatConfig):
+    """Image question answering (`unimm-chat`); the chat format fields are the finetuning ones."""
+
+    images: list[str] = config_field([], "Image files: one image (asked every question) or one per question; none "
+                                     "for text-only questions.")
+    questions: list[str] = config_field([], "Questions (one answer each).")
+    output_json: str | None = config_field(None, "Also write [{image, question, answer}] to this file.")
+    max_new_tokens: int = config_field(64, "Longest answer in tokens.")
+    do_sample: bool = config_field(False, "Sample instead of greedy decoding.")
+    temperature: float = config_field(1.0, "Sampling temperature (with do_sample).")
+    top_p: float | None = config_field(None, "Nucleus sampling threshold (with do_sample).")
+
+    def pairs(self) -> list[tuple[str | None, str]]:
+        if not self.questions:
+            raise ValueError("no questions: pass --questions 'what colour is the shape?' ...")
+        if len(self.images) > 1 and len(self.images) != len(self.questions):
+            raise ValueError(f"{len(self.images)} images for {len(self.questions)} questions: pass one image, or "
+                             "one image per question")
+        images = self.images if len(self.images) > 1 else [self.images[0] if self.images else None] * len(
+            self.questions)
+        return list(zip(images, self.questions))

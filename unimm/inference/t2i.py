@@ -1,0 +1,64 @@
+"""Text-to-image with a trained UniMM model: sampled codes decoded by the visual tokenizer into one PNG per prompt,
+a grid, and `prompts.json` (prompt -> file)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from unimm.inference.stack import InferenceStack
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "prompt"
+
+
+def make_grid(images: list, columns: int):
+    from PIL import Image
+
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, seed: int = 0) -> list:
+    """One PIL image per prompt, sampled `gen_args.batch_size` prompts at a time; batch b is seeded `seed + b`."""
+    from tqdm.auto import tqdm
+
+    from unimm.llm.generation import generate_images
+
+    visual = stack.visual_tokenizer
+    images = []
+    batches = range(0, len(prompts), gen_args.batch_size)
+    for batch_index, start in enumerate(tqdm(batches, desc="generating", unit="batch")):
+        codes = generate_images(
+            stack.model, stack.text_tokenizer, prompts[start: start + gen_args.batch_size],
+            num_positions=visual.num_positions, cfg_scale=gen_args.cfg_scale or None,
+            temperature=gen_args.temperature, top_k=gen_args.top_k, top_p=gen_args.top_p, seed=seed + batch_index,
+        )
+        with torch.no_grad():
+            pixels = visual.decode({name: value.to(stack.device) for name, value in codes.items()})
+        images.extend(visual.postprocess(pixels))
+    return images
+
+
+def write_images(images: list, prompts: list[str], output_dir: str | Path, grid_columns: int = 8) -> list[Path]:
+    """`<index>_<slug>.png` per image, `grid.png` and `prompts.json` in `output_dir`; returns the PNG paths."""
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, image in enumerate(images):
+        path = out_dir / f"{index:04d}_{slug(prompts[index])}.png"
+        image.save(path)
+        files.append(path)
+    make_grid(images, grid_columns).save(out_dir / "grid.png")
+    (out_dir / "prompts.json").write_text(json.dumps(
+        [{"prompt": p, "file": f.name} for p, f in zip(prompts, files)], indent=2))
+    return files

@@ -1,0 +1,138 @@
+"""Configs of the LLM training programs (`unimm-pretrain`, `unimm-finetune`), typed dataclasses read by
+`unimm.utils.config.parse_config` from YAML files plus `--key value` overrides.
+
+- `ModelArguments`: where the model comes from and which parts train;
+- `VisualModulesConfig` (`unimm.llm.presets`): a new model's visual-module sizes, a named preset plus fields;
+- `DataArguments`: the data layer's own `MixtureConfig` and `SampleConfig` (what is mixed, how records become
+  sequences; their fields, help and checks live there) plus collation;
+- `LoraArguments`: whether and how to wrap the model with LoRA;
+- `UniMMTrainingArguments`: `transformers.TrainingArguments` plus throughput/MFU logging, automatic resume and
+  modality-length grouping. Parsing it has no side effect: transformers' device setup (which starts the process
+  group) runs in `finalize()`, called by `unimm.utils.runtime.prepare_training_arguments`.
+
+Deprecated aliases (one warning each): `tokenizer_path` -> `visual_tokenizer_path`, `model_config_overrides` (a
+JSON string) -> `model_preset` and the typed visual-module fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from transformers import TrainingArguments
+
+from unimm.data.tasks import MixtureConfig, SampleConfig
+from unimm.llm.presets import VisualModulesConfig
+from unimm.utils.config import Alias, config_field
+
+__all__ = ["DataArguments", "LoraArguments", "ModelArguments", "UniMMTrainingArguments", "VisualModulesConfig",
+           "VISUAL_TOKENIZER_ALIAS"]
+
+VISUAL_TOKENIZER_ALIAS = Alias("tokenizer_path", "visual_tokenizer_path")
+
+
+@dataclass
+class ModelArguments:
+    """Where the UniMM model comes from and which of its parts are trained."""
+
+    config_aliases = (VISUAL_TOKENIZER_ALIAS,)
+
+    llm_path: str | None = config_field(
+        None, "Local directory of a Hugging Face causal LM (Qwen2/2.5/3, LLaMA) with its text tokenizer; extended "
+        "with visual tokens. Ignored when model_path is set.")
+    visual_tokenizer_path: str | None = config_field(
+        None, "Local directory of a trained UniMM visual tokenizer (unimm.tokenizer.load_tokenizer); its "
+        "codebook_spec sizes the visual tables, and it encodes images on the fly when no code cache covers them.")
+    model_path: str | None = config_field(
+        None, "Local directory of an existing UniMM model (output of pretrain/finetune/merge_lora) to continue from.")
+    flat_codes: bool = config_field(
+        False, "Single-codebook tokenizers only: add the codes to the text vocabulary so the LM head predicts them.")
+    attn_implementation: str = config_field(
+        "auto", "Attention kernel: auto (flash_attention_2 when available on GPU, else sdpa), sdpa, eager, "
+        "flash_attention_2.")
+    torch_dtype: str = config_field(
+        "auto", "Weight dtype when loading: auto (bfloat16 when --bf16, else float32), float32, bfloat16, float16.")
+    train_llm: bool = config_field(True, "Train the LLM transformer body (and its full embedding tables).")
+    train_new_embeddings: bool = config_field(
+        True, "Train the embedding / LM-head rows added for visual tokens (only those rows when train_llm is false).")
+    train_visual_heads: bool = config_field(True, "Train the visual code embeddings and depth heads.")
+    train_projector: bool = config_field(
+        True, "Train the projector from continuous visual features (VQRAE understanding) to the LLM width.")
+
+    def __post_init__(self) -> None:
+        if self.model_path is None and (self.llm_path is None or self.visual_tokenizer_path is None):
+            raise ValueError("set model_path (an existing UniMM model), or both llm_path and visual_tokenizer_path")
+
+
+@dataclass
+class DataArguments(MixtureConfig, SampleConfig):
+    """What the model trains on: the data layer's `MixtureConfig` and `SampleConfig`, plus collation. Their seeds
+    are not options here: both derive from the training `seed` (`sample_config` / `mixture_config`)."""
+
+    seed: int = field(default=0, init=False, repr=False)
+    packing: bool = config_field(False, "Pack several samples per row (position_ids restart per sample).")
+    data_seed_offset: int = config_field(0, "Added to the training seed for the mixture's sampling RNG.")
+
+    def __post_init__(self) -> None:
+        MixtureConfig.__post_init__(self)
+        SampleConfig.__post_init__(self)
+
+    def sample_config(self, seed: int) -> SampleConfig:
+        return SampleConfig(**self._values(SampleConfig), seed=seed)
+
+    def mixture_config(self, seed: int) -> MixtureConfig:
+        """The mixture, its order seeded by the training seed plus `data_seed_offset`."""
+        return MixtureConfig(**self._values(MixtureConfig), seed=seed + self.data_seed_offset)
+
+    def _values(self, config_cls: type) -> dict[str, Any]:
+        # This class inherits config_cls's fields, so every one of them is here under the same name.
+        return {f.name: getattr(self, f.name) for f in fields(config_cls) if f.init and f.name != "seed"}
+
+
+@dataclass
+class LoraArguments:
+    """LoRA (peft) wrapping for finetuning; the new token rows, visual heads and projector stay fully trainable."""
+
+    use_lora: bool = config_field(False, "Wrap the LLM's linear layers with LoRA adapters (peft).")
+    lora_r: int = config_field(16, "LoRA rank.")
+    lora_alpha: int = config_field(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = config_field(0.05, "Dropout on the LoRA branch input.")
+    lora_target_modules: str = config_field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                            "Comma-separated names of LLM linear modules that get adapters.")
+
+    def target_modules(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    def __post_init__(self) -> None:
+        if self.use_lora and (self.lora_r <= 0 or not self.target_modules()):
+            raise ValueError("use_lora needs lora_r > 0 and at least one lora_target_modules entry")
+
+
+@dataclass
+class UniMMTrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with UniMM's defaults, throughput logging and modality grouping."""
+
+    remove_unused_columns: bool = config_field(
+        False, "Keep every collated key (visual_codes, image_features ...); UniMM batches are not plain text columns.")
+    peak_tflops: float | None = config_field(
+        None, "Peak TFLOP/s per device for the MFU estimate; default: the GPU's dense bf16 peak, or a measured matmul "
+        "rate on CPU.")
+    auto_resume: bool = config_field(
+        True, "Resume from the latest checkpoint-* in output_dir when resume_from_checkpoint is not given.")
+    save_final_model: bool = config_field(
+        True, "Write the final model (HF format, ZeRO-3 weights gathered) to output_dir after training.")
+    group_by_modality_length: bool = config_field(
+        False, "Batch samples of one task (caption, t2i, conversation, text) and similar length together "
+        "(unimm.data.collator.GroupedBatchSampler); every device batch then holds one modality.")
+
+    def __post_init__(self) -> None:
+        # transformers' __post_init__ sets up the devices, which starts the process group; it runs in finalize().
+        self._finalized = False
+
+    def finalize(self) -> UniMMTrainingArguments:
+        """Run transformers' own `__post_init__` (validation, device and process-group setup) once. Programs call
+        it through `unimm.utils.runtime.prepare_training_arguments`, which first configures CPU launches."""
+        if not self._finalized:
+            super().__post_init__()
+            self._finalized = True
+        return self
