@@ -6,7 +6,8 @@ import pytest
 
 from unimm.tokenizer import build_tokenizer
 from unimm.tokenizer.param_groups import is_position_table, no_weight_decay_names, split_weight_decay
-from unimm.train.tokenizer_trainer import TokenizerTrainingArguments, _trainable_groups
+from unimm.train.tokenizer.args import TokenizerTrainingArguments
+from unimm.train.tokenizer.build import trainable_groups
 
 
 def test_position_table_names():
@@ -46,7 +47,7 @@ def test_dualtoken_position_tables_get_no_decay():
 def test_tokenizer_trainer_groups_follow_the_decision():
     model = build_tokenizer("vqrae-tiny")
     model.set_stage(2)  # encoder trainable: its position table reaches the optimizer too
-    groups = {group["name"]: group for group in _trainable_groups(model, TokenizerTrainingArguments())}
+    groups = {group["name"]: group for group in trainable_groups(model, TokenizerTrainingArguments())}
     params = dict(model.named_parameters())
     no_decay_ids = {id(p) for name in ("encoder/no_decay", "other/no_decay") for p in groups[name]["params"]}
     decay_ids = {id(p) for name in ("encoder/decay", "other/decay") for p in groups[name]["params"]}
@@ -56,3 +57,12 @@ def test_tokenizer_trainer_groups_follow_the_decision():
     assert id(params[encoder_position]) in no_decay_ids
     assert id(params["decoder.head.weight"]) in decay_ids
     assert all(group["weight_decay"] == 0.0 for name, group in groups.items() if name.endswith("/no_decay"))
+
+
+def test_weight_decay_help_names_every_exemption():
+    """The trainer's --help says what gets no decay: vectors, SimVQ's W and the positional tables."""
+    import dataclasses
+
+    help_text = next(f for f in dataclasses.fields(TokenizerTrainingArguments) if f.name == "weight_decay").metadata
+    assert "matrices only" not in help_text["help"]
+    assert all(word in help_text["help"] for word in ("SimVQ", "W", "positional tables", "vectors"))

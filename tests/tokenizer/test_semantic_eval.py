@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -106,17 +103,9 @@ def test_vqrae_compares_encoder_outputs(encoder_type):
     assert evaluate_semantic_preservation(model, _batches(1))["output"]["cosine"] < 0.999
 
 
-def _eval_script():
-    path = Path(__file__).resolve().parents[2] / "scripts" / "eval_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("unimm_script_eval_tokenizer_semantic", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_eval_tokenizer_json_reports_semantic_preservation(tmp_path):
-    script = _eval_script()
+    from unimm.cli import eval_tokenizer as script
+
     argv = ["--dataset", "sample_photos", "--image_size", "32", "--max_images", "4", "--num_grid_images", "0"]
     dual = build_tokenizer("dualtoken-tiny")  # encoder never trained: it is its own reference
     dual.save_pretrained(tmp_path / "dual")

@@ -3,7 +3,6 @@ bad input, the decoder-only finetune, and every YAML recipe in configs/tokenizer
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -13,16 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from unimm.cli import eval_tokenizer as eval_cli
+from unimm.cli import train_tokenizer as train_cli
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "tokenizer"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"unimm_script_{name}", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+QUICKSTART_RECIPES = sorted((REPO / "configs" / "quickstart").glob("tokenizer_*.yaml"))
 
 
 def _argv(recipe: str, **flags) -> list[str]:
@@ -43,40 +38,33 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def train_script():
-    return _load_script("train_tokenizer")
-
-
-@pytest.fixture(scope="module")
-def eval_script():
-    return _load_script("eval_tokenizer")
-
-
-def test_every_tokenizer_recipe_parses(train_script):
+def test_every_tokenizer_recipe_parses():
     from unimm.tokenizer import PRESETS
 
-    recipes = sorted(CONFIGS.glob("*.yaml"))
+    assert [p.stem for p in QUICKSTART_RECIPES] == ["tokenizer_dualtoken", "tokenizer_vqrae"]
+    recipes = sorted(CONFIGS.glob("*.yaml")) + QUICKSTART_RECIPES
     assert {p.stem for p in recipes} >= {
         "vqrae-tiny", "dualtoken-tiny", "vqrae-siglip2-so400m-256-stage1", "vqrae-siglip2-so400m-256-stage2",
         "dualtoken-siglip-so400m-384", "vqrae-decoder-finetune",
     }  # fmt: skip
     for recipe in recipes:
-        model_args, data_args, loss_args, train_args = train_script.parse_args([str(recipe)])
+        model_args, data_args, loss_args, train_args = train_cli.parse_args([str(recipe)])
+        # The recipes use the current option names only, not the deprecated aliases.
+        assert not {"batch_size:", "mixed_precision:", "resume:"} & set(recipe.read_text().split()), recipe
         # Either a known preset, or a recipe that continues from a saved tokenizer given as --model_path.
         assert model_args.preset in PRESETS or (model_args.preset is None and "model_path" in recipe.read_text())
         assert train_args.max_steps > 0 and train_args.learning_rate > 0
         if "siglip" in recipe.name or "finetune" in recipe.name:
             # Real recipes: paper LRs and refusing to run without LPIPS weights.
             assert train_args.learning_rate <= 1e-4 and loss_args.require_pretrained_lpips
-    _, _, _, stage2 = train_script.parse_args([str(CONFIGS / "vqrae-siglip2-so400m-256-stage2.yaml")])
+    _, _, _, stage2 = train_cli.parse_args([str(CONFIGS / "vqrae-siglip2-so400m-256-stage2.yaml")])
     assert stage2.encoder_learning_rate == pytest.approx(stage2.learning_rate / 10)
 
 
-def test_real_recipe_refuses_to_start_without_lpips_weights(train_script, tmp_path):
+def test_real_recipe_refuses_to_start_without_lpips_weights(tmp_path):
     argv = _argv("vqrae-siglip2-so400m-256-stage1", encoder_path=tmp_path, dataset="sample_photos", output_dir=tmp_path)
     with pytest.raises(ValueError, match="require_pretrained_lpips.*lpips_vgg_path"):
-        train_script.main(argv)
+        train_cli.main([*argv, "--debug"])
 
 
 # Measured on CPU (benchmarks/results/tokenizer.md): eval PSNR on the 16 sample photos at 32 px goes from about
@@ -87,11 +75,11 @@ MIN_PSNR_GAIN_DB = 6.0
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe, groups", [("vqrae-tiny", ("semantic",)), ("dualtoken-tiny", ("pixel", "semantic"))])
-def test_overfits_sample_photos_and_evaluates(train_script, eval_script, tmp_path, recipe, groups):
+def test_overfits_sample_photos_and_evaluates(tmp_path, recipe, groups):
     from unimm.tokenizer import load_tokenizer
 
     run = tmp_path / recipe
-    summary = train_script.main(
+    summary = train_cli.main(
         _argv(recipe, output_dir=run, max_steps=OVERFIT_STEPS, sample_steps=OVERFIT_STEPS, save_steps=0)
     )
     initial, final = summary["initial_eval"], summary["final_eval"]
@@ -109,7 +97,7 @@ def test_overfits_sample_photos_and_evaluates(train_script, eval_script, tmp_pat
     model = load_tokenizer(run / "model")
     assert set(model.codebook_spec) == set(groups)
     out = tmp_path / "eval" / "metrics.json"
-    results = eval_script.main(
+    results = eval_cli.main(
         ["--model_path", str(run / "model"), "--dataset", "sample_photos", "--image_size", "32",
          "--output_json", str(out)]
     )  # fmt: skip
@@ -121,21 +109,21 @@ def test_overfits_sample_photos_and_evaluates(train_script, eval_script, tmp_pat
 # Everything stochastic or stateful at once: stage 2 (trained encoder + frozen teacher), l-DeTok noise and
 # masking, LPIPS, a GAN that starts mid-run with its own optimizer, EMA, warm-up + cosine. 16 px keeps LPIPS cheap.
 RESUME_FLAGS = dict(
-    stage=2, max_steps=6, batch_size=4, save_steps=3, save_total_limit=3, warmup_steps=2, perceptual_weight=0.1,
-    gan_weight=0.1, gan_start_step=2, disc_base_channels=8, disc_num_layers=2, ema_decay=0.9, eval_max_images=4,
-    sample_steps=0, image_size=16,
+    stage=2, max_steps=6, per_device_train_batch_size=4, save_steps=3, save_total_limit=3, warmup_steps=2,
+    perceptual_weight=0.1, gan_weight=0.1, gan_start_step=2, disc_base_channels=8, disc_num_layers=2, ema_decay=0.9,
+    eval_max_images=4, sample_steps=0, image_size=16,
     model_overrides={"image_size": 16, "denoising": {"noise_gamma": 1.0, "mask_ratio_max": 0.5}},
 )  # fmt: skip
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_matches_uninterrupted_run(train_script, tmp_path):
+def test_interrupted_and_resumed_run_matches_uninterrupted_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_script.main(_argv("vqrae-tiny", output_dir=straight, **RESUME_FLAGS))
-    stopped = train_script.main(_argv("vqrae-tiny", output_dir=resumed, stop_after_step=3, **RESUME_FLAGS))
+    train_cli.main(_argv("vqrae-tiny", output_dir=straight, **RESUME_FLAGS))
+    stopped = train_cli.main(_argv("vqrae-tiny", output_dir=resumed, stop_after_step=3, **RESUME_FLAGS))
     assert stopped["status"] == "stopped" and stopped["step"] == 3
     assert not (resumed / "model").exists()
-    finished = train_script.main(_argv("vqrae-tiny", output_dir=resumed, resume="auto", **RESUME_FLAGS))
+    finished = train_cli.main(_argv("vqrae-tiny", output_dir=resumed, auto_resume="true", **RESUME_FLAGS))
     assert finished["status"] == "finished" and "initial_eval" not in finished
 
     for name in ("model/model.safetensors", "model_ema/model.safetensors"):
@@ -143,22 +131,24 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(train_script, tmp
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    disc_a = torch.load(straight / "checkpoint-6" / "discriminator.pt", weights_only=True)
-    disc_b = torch.load(resumed / "checkpoint-6" / "discriminator.pt", weights_only=True)
+    # accelerate's save_state: the discriminator is the second prepared model.
+    disc_a = load_file(straight / "checkpoint-6" / "model_1.safetensors")
+    disc_b = load_file(resumed / "checkpoint-6" / "model_1.safetensors")
+    assert disc_a.keys() == disc_b.keys() and any("weight" in key for key in disc_a)
     for key in disc_a:
         torch.testing.assert_close(disc_a[key], disc_b[key], rtol=1e-5, atol=1e-6)
     log = [json.loads(line) for line in (straight / "train_log.jsonl").read_text().splitlines()]
     assert {"gan_g", "gan_d", "lpips", "loss/distill"} <= set(log[-1])
 
 
-KILL_FLAGS = dict(max_steps=4, save_steps=2, save_total_limit=3, batch_size=4, logging_steps=1, eval_steps=2,
-                  eval_max_images=4, sample_steps=0, image_size=16, model_overrides={"image_size": 16})
+KILL_FLAGS = dict(max_steps=4, save_steps=2, save_total_limit=3, per_device_train_batch_size=4, logging_steps=1,
+                  eval_steps=2, eval_max_images=4, sample_steps=0, image_size=16, model_overrides={"image_size": 16})
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(train_script, tmp_path_factory):
+def uninterrupted_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("tokenizer_uninterrupted")
-    train_script.main(_argv("vqrae-tiny", output_dir=run, **KILL_FLAGS))
+    train_cli.main(_argv("vqrae-tiny", output_dir=run, **KILL_FLAGS))
     return run
 
 
@@ -166,12 +156,23 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _assert_reproduces(straight: Path, resumed: Path) -> None:
+    """The resumed run logged every step once, with the uninterrupted run's losses, and ended with its weights."""
+    straight_log, resumed_log = _jsonl(straight / "train_log.jsonl"), _jsonl(resumed / "train_log.jsonl")
+    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
+    for a, b in zip(straight_log, resumed_log):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+    a, b = load_file(straight / "model/model.safetensors"), load_file(resumed / "model/model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("state", ["folder", "model", "optimizer_torn"])
-def test_kill_during_checkpoint_save_resumes_from_last_complete(train_script, uninterrupted_run, tmp_path, caplog,
+def test_kill_during_checkpoint_save_resumes_from_last_complete(uninterrupted_run, tmp_path, caplog,
                                                                 state):
     """kill -9 while `checkpoint-4` is written (after its folder appears / after the model / half-way through the
-    optimizer), rebuilt from the finished run's files: `--resume auto` skips it by name, resumes from
+    optimizer), rebuilt from the finished run's files: `--auto_resume true` skips it by name, resumes from
     `checkpoint-2`, reproduces the uninterrupted run, and its logs hold every step once."""
     import logging
 
@@ -181,10 +182,10 @@ def test_kill_during_checkpoint_save_resumes_from_last_complete(train_script, un
     partial = run / "checkpoint-4"
     partial.mkdir()
     if state != "folder":
-        shutil.copy2(uninterrupted_run / "checkpoint-4" / "model.pt", partial / "model.pt")
+        shutil.copy2(uninterrupted_run / "checkpoint-4" / "model.safetensors", partial / "model.safetensors")
     if state == "optimizer_torn":
-        optimizer = (uninterrupted_run / "checkpoint-4" / "optimizer.pt").read_bytes()
-        (partial / "optimizer.pt").write_bytes(optimizer[: len(optimizer) // 2])
+        optimizer = (uninterrupted_run / "checkpoint-4" / "optimizer.bin").read_bytes()
+        (partial / "optimizer.bin").write_bytes(optimizer[: len(optimizer) // 2])
     # What the killed run had logged: train steps 1-4 (the last line torn by the kill) and the step-0/2 evals.
     train_lines = (uninterrupted_run / "train_log.jsonl").read_text().splitlines()
     (run / "train_log.jsonl").write_text("\n".join(train_lines) + "\n" + train_lines[-1][:15])
@@ -192,25 +193,19 @@ def test_kill_during_checkpoint_save_resumes_from_last_complete(train_script, un
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
 
     with caplog.at_level(logging.WARNING, logger="unimm.train.checkpoint"):
-        summary = train_script.main(_argv("vqrae-tiny", output_dir=run, resume="auto", **KILL_FLAGS))
+        summary = train_cli.main(_argv("vqrae-tiny", output_dir=run, auto_resume="true", **KILL_FLAGS))
     assert f"ignoring incomplete checkpoint {partial}" in caplog.text
     assert summary["status"] == "finished" and "initial_eval" not in summary
     assert (partial / "COMPLETE").is_file()
-    straight_log, resumed_log = _jsonl(uninterrupted_run / "train_log.jsonl"), _jsonl(run / "train_log.jsonl")
-    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
-    for a, b in zip(straight_log, resumed_log):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+    _assert_reproduces(uninterrupted_run, run)
     assert [r["step"] for r in _jsonl(run / "metrics.jsonl")] == [r["step"] for r in
                                                                    _jsonl(uninterrupted_run / "metrics.jsonl")]
-    a, b = load_file(uninterrupted_run / "model/model.safetensors"), load_file(run / "model/model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.slow
 def test_real_kill_during_checkpoint_save_then_resume(uninterrupted_run, tmp_path):
     """kill -9 of `scripts/train_tokenizer.py` the moment `checkpoint-4` appears (most likely mid-save), then
-    `--resume auto`: the logs and final weights equal the uninterrupted run's, every step logged once."""
+    `--auto_resume true`: the logs and final weights equal the uninterrupted run's, every step logged once."""
     import os
     import subprocess
 
@@ -222,16 +217,108 @@ def test_real_kill_during_checkpoint_save_then_resume(uninterrupted_run, tmp_pat
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     state = kill_when_path_appears(argv, run / "checkpoint-4", REPO, env, timeout=300, poll=0.001)
     print(f"checkpoint-4 when killed: {state}", file=sys.stderr)
-    resumed = subprocess.run(argv + ["--resume", "auto"], cwd=REPO, env=env, capture_output=True, text=True,
+    resumed = subprocess.run(argv + ["--auto_resume", "true"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight_log, resumed_log = _jsonl(uninterrupted_run / "train_log.jsonl"), _jsonl(run / "train_log.jsonl")
-    assert [r["step"] for r in resumed_log] == [1, 2, 3, 4]
-    for a, b in zip(straight_log, resumed_log):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
-    a, b = load_file(uninterrupted_run / "model/model.safetensors"), load_file(run / "model/model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    _assert_reproduces(uninterrupted_run, run)
+
+
+@pytest.mark.slow
+def test_checkpoint_in_the_earlier_format_resumes(uninterrupted_run, tmp_path, caplog):
+    """A checkpoint written before the trainer used accelerate's format (`model.pt`, `optimizer.pt`, ...,
+    `rng_state_0.pt`: `unimm.train.checkpoint.save_checkpoint`) resumes and reproduces the uninterrupted run."""
+    import logging
+
+    from unimm.train.checkpoint import save_checkpoint
+    from unimm.train.tokenizer import setup
+
+    stopped = tmp_path / "stopped"
+    train_cli.main(_argv("vqrae-tiny", output_dir=stopped, stop_after_step=2, **KILL_FLAGS))
+    earlier = tmp_path / "earlier"
+    # Restore the step-2 state (RNG included), then write it the way the earlier trainer did.
+    configs = train_cli.parse_args(_argv("vqrae-tiny", output_dir=earlier, resume_from_checkpoint=stopped /
+                                         "checkpoint-2", **KILL_FLAGS))
+    run = setup(*configs)
+    objects = {"model": run.unwrapped, "optimizer": run.opt.optimizer, "scheduler": run.opt.scheduler}
+    save_checkpoint(earlier, 2, objects, {"batches_consumed": run.batches_consumed,
+                                          "bad_samples": run.tracker.summary()})
+    assert {"model.pt", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "COMPLETE"} <= {
+        p.name for p in (earlier / "checkpoint-2").iterdir()}
+    shutil.copy2(stopped / "train_log.jsonl", earlier / "train_log.jsonl")
+
+    with caplog.at_level(logging.WARNING, logger="unimm.train.tokenizer.state"):
+        summary = train_cli.main(_argv("vqrae-tiny", output_dir=earlier, auto_resume="true", **KILL_FLAGS))
+    assert "earlier tokenizer format" in caplog.text and summary["status"] == "finished"
+    assert (earlier / "checkpoint-4" / "model.safetensors").is_file()  # later checkpoints: accelerate's format
+    _assert_reproduces(uninterrupted_run, earlier)
+
+
+def test_deprecated_option_names_map_onto_the_trainer_names_and_warn_once(tmp_path, caplog):
+    import logging
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("preset: vqrae-tiny\nbatch_size: 3\nmixed_precision: bf16\nresume: auto\n")
+    from unimm.utils import logging as unimm_logging
+
+    unimm_logging._warned.clear()  # other tests may already have warned in this process
+    with caplog.at_level(logging.WARNING, logger="unimm.utils.config"):
+        _, _, _, args = train_cli.parse_args([str(recipe)])
+        _, _, _, again = train_cli.parse_args([str(recipe), "--resume", str(tmp_path / "checkpoint-7"),
+                                               "--mixed_precision", "no"])
+    assert (args.per_device_train_batch_size, args.bf16, args.fp16, args.auto_resume) == (3, True, False, True)
+    assert args.resume_from_checkpoint is None and args.mixed_precision_choice == "bf16"
+    assert again.resume_from_checkpoint == str(tmp_path / "checkpoint-7") and again.mixed_precision_choice == "no"
+    for old in ("batch_size", "mixed_precision", "resume"):
+        assert caplog.text.count(f"config key {old!r} is deprecated") == 1, old
+    _, _, _, fp16 = train_cli.parse_args(["--preset", "vqrae-tiny", "--mixed_precision", "fp16"])
+    _, _, _, default = train_cli.parse_args(["--preset", "vqrae-tiny"])
+    assert fp16.mixed_precision_choice == "fp16" and default.mixed_precision_choice == "auto"
+    with pytest.raises(ValueError, match="mixed_precision must be"):
+        train_cli.parse_args(["--preset", "vqrae-tiny", "--mixed_precision", "fp8"])
+
+
+def test_model_overrides_from_yaml_and_command_line_reach_the_tokenizer_config(tmp_path):
+    from unimm.train.tokenizer.build import build_tokenizer_model
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: vqrae-tiny\nmodel_overrides:\n  num_codes: 64\n  denoising: {noise_gamma: 2.0}\n")
+    model_args, *_ = train_cli.parse_args([str(recipe)])
+    model = build_tokenizer_model(model_args)
+    assert model.config.num_codes == 64 and model.config.denoising["noise_gamma"] == 2.0
+    model_args, *_ = train_cli.parse_args([str(recipe), "--model_overrides", '{"code_dim": 8}'])
+    assert build_tokenizer_model(model_args).config.code_dim == 8
+    model_args, *_ = train_cli.parse_args([str(recipe), "--model_overrides", "{num_cods: 8}"])
+    with pytest.raises(ValueError, match=r"unknown override\(s\) \['num_cods'\]"):
+        build_tokenizer_model(model_args)
+    with pytest.raises(ValueError, match="model_overrides must be a mapping"):
+        train_cli.parse_args([str(recipe), "--model_overrides", "[1, 2]"])
+    help_text = train_cli.make_parser().format_help()
+    assert all(name in help_text for name in ("semantic_num_codes", "code_dim", "decoder_num_layers"))
+
+
+def test_periodic_evaluation_reports_semantic_preservation_against_the_reference_encoder(tmp_path):
+    """Issue 12: with `reference_encoder` the trainer's evaluations carry the semantic metrics. Stage 1 keeps the
+    encoder frozen, so against its own initial encoder the agreement is exact; another encoder disagrees."""
+    from unimm.tokenizer import build_tokenizer
+
+    build_tokenizer("vqrae-tiny").encoder.save_pretrained(tmp_path / "initial")  # the trainer's seed-0 encoder
+    build_tokenizer("vqrae-tiny", seed=1).encoder.save_pretrained(tmp_path / "other")
+    flags = dict(max_steps=2, eval_steps=1, save_steps=0, sample_steps=0, per_device_train_batch_size=4,
+                 eval_max_images=4)
+    summary = train_cli.main(_argv("vqrae-tiny", output_dir=tmp_path / "run", reference_encoder=tmp_path / "initial",
+                                   **flags))
+    records = _jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for record in records:
+        assert record["semantic/output/cosine"] == pytest.approx(1.0, abs=1e-6)
+        assert record["semantic/output/relative_mse"] == pytest.approx(0.0, abs=1e-10)
+    assert summary["final_eval"]["semantic"]["num_images"] == 4
+    other = train_cli.main(_argv("vqrae-tiny", output_dir=tmp_path / "other_run", reference_encoder=tmp_path /
+                                 "other", **flags))
+    assert other["final_eval"]["semantic"]["output"]["cosine"] < 0.99
+    plain = train_cli.main(_argv("vqrae-tiny", output_dir=tmp_path / "plain", **flags))  # stage 1: no teacher
+    assert "semantic" not in plain["final_eval"]
+    assert not any(key.startswith("semantic/output") for key in _jsonl(tmp_path / "plain" / "metrics.jsonl")[-1])
 
 
 def _write_jsonl_dataset(folder: Path, num_good: int) -> Path:
@@ -251,12 +338,12 @@ def _write_jsonl_dataset(folder: Path, num_good: int) -> Path:
 
 
 @pytest.mark.slow
-def test_unreadable_images_are_skipped_and_counted(train_script, tmp_path):
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
     from unimm.data.bad_samples import TooManyBadSamplesError
 
     dataset = _write_jsonl_dataset(tmp_path / "data", num_good=6)
-    flags = dict(dataset=dataset, batch_size=4, max_steps=2, sample_steps=0, eval_max_images=8)
-    summary = train_script.main(_argv("vqrae-tiny", output_dir=tmp_path / "ok", max_bad_fraction=0.5, **flags))
+    flags = dict(dataset=dataset, per_device_train_batch_size=4, max_steps=2, sample_steps=0, eval_max_images=8)
+    summary = train_cli.main(_argv("vqrae-tiny", output_dir=tmp_path / "ok", max_bad_fraction=0.5, **flags))
     bad = summary["bad_samples"]
     # One epoch (8 records, 2 batches of 4): both bad records seen once, the 6 good ones trained on.
     assert (bad["num_bad"], bad["num_ok"]) == (2, 6)
@@ -266,21 +353,22 @@ def test_unreadable_images_are_skipped_and_counted(train_script, tmp_path):
     assert summary["final_eval"]["num_images"] == 6
 
     with pytest.raises(TooManyBadSamplesError, match="corrupt-sample|missing-sample"):
-        train_script.main(_argv("vqrae-tiny", output_dir=tmp_path / "strict", max_bad_fraction=0.0, **flags))
+        train_cli.main([*_argv("vqrae-tiny", output_dir=tmp_path / "strict", max_bad_fraction=0.0, **flags),
+                        "--debug"])
 
 
-def test_nonexistent_encoder_layer_fails_with_the_config_key(train_script, tmp_path):
+def test_nonexistent_encoder_layer_fails_with_the_config_key(tmp_path):
     with pytest.raises(ValueError, match=r"pixel_layer=9 .*encoder has 4 layers"):
-        train_script.main(_argv("dualtoken-tiny", output_dir=tmp_path, model_overrides={"pixel_layer": 9}))
+        train_cli.main([*_argv("dualtoken-tiny", output_dir=tmp_path, model_overrides={"pixel_layer": 9}), "--debug"])
 
 
-def test_decoder_only_finetune_trains_only_the_decoder(train_script, tmp_path):
+def test_decoder_only_finetune_trains_only_the_decoder(tmp_path):
     from unimm.tokenizer import build_tokenizer
 
     start = tmp_path / "start"
     build_tokenizer("vqrae-tiny", denoising={"noise_gamma": 3.0, "mask_ratio_max": 0.7}).save_pretrained(start)
     run = tmp_path / "finetune"
-    train_script.main(
+    train_cli.main(
         _argv("vqrae-tiny", preset="", model_path=start, decoder_only="true", output_dir=run, max_steps=3,
               sample_steps=0, dataset="shapes", num_samples=8, eval_max_images=4)
     )  # fmt: skip

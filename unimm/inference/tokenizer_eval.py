@@ -1,0 +1,149 @@
+"""Evaluate a trained visual tokenizer over a dataset: PSNR, SSIM, codebook utilisation and perplexity (and rFID when
+torch-fidelity and local Inception weights are available), written as JSON, plus a PNG grid of input |
+reconstruction pairs. "semantic" holds the semantic preservation against the initial encoder
+(`unimm.tokenizer.semantic_eval`): known for a DualToken whose encoder was never trained, otherwise given by
+`reference_encoder` (the pretrained encoder the tokenizer started from); without one it says why it was skipped.
+The program is `unimm.cli.eval_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from unimm.data.bad_samples import BadSampleTracker
+from unimm.data.images import ImageDataset, ImageTransform, collate_images
+from unimm.tokenizer.metrics import compute_rfid, denormalize, evaluate_tokenizer
+from unimm.train.tokenizer.args import TokenizerDataArguments
+from unimm.train.tokenizer.data import comparison_grid, eval_batches, image_from_tensor, load_records
+from unimm.utils.config import config_field
+from unimm.utils.errors import model_folder
+from unimm.utils.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from unimm.tokenizer.base import VisualTokenizer
+
+
+@dataclass
+class TokenizerEvalArguments:
+    model_path: str | None = config_field(None, "Saved tokenizer directory (save_pretrained).")
+    dataset: str | None = config_field(None, "Images: folder, jsonl/json/parquet, ... or sample_photos/shapes.")
+    image_key: str = config_field("image", "Column/key holding the image.")
+    split: str = config_field("train", "Split to read from multi-split sources.")
+    image_size: int | None = config_field(None, "Size of the shortcut datasets' images.")
+    num_samples: int = config_field(64, "Number of images of the `shapes` shortcut.")
+    max_images: int | None = config_field(None, "Evaluate at most this many images.")
+    batch_size: int = config_field(16, "Images per batch.")
+    max_bad_fraction: float = config_field(0.01, "Fail when more than this fraction of images is unreadable.")
+    output_json: str | None = config_field(None, "Where to write the metrics (JSON).")
+    grid_path: str | None = config_field(None, "PNG grid of input|reconstruction (default: next to the JSON).")
+    num_grid_images: int = config_field(16, "Images in the comparison grid.")
+    reference_encoder: str | None = config_field(
+        None, "Local HF checkpoint of the initial (pretrained) encoder, for the semantic metrics."
+    )
+    inception_weights: str | None = config_field(
+        None, "torch-fidelity Inception weights file; enables rFID ([eval] extra)."
+    )
+    device: str = config_field("auto", "auto | cpu | cuda.")
+
+    def __post_init__(self) -> None:
+        if not self.model_path or not self.dataset or not self.output_json:
+            raise ValueError("model_path, dataset and output_json are required")
+
+
+class _RfidImages:
+    """Inputs and reconstructions as PNGs in `real/` and `fake/` of a temporary folder, for torch-fidelity."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="unimm-rfid-"))
+        (self.root / "real").mkdir()
+        (self.root / "fake").mkdir()
+
+    def __call__(self, ids: list, inputs01: torch.Tensor, recon01: torch.Tensor) -> None:
+        for sample_id, real, fake in zip(ids, inputs01, recon01):
+            name = str(sample_id).replace("/", "_") + ".png"
+            image_from_tensor(real).save(self.root / "real" / name)
+            image_from_tensor(fake).save(self.root / "fake" / name)
+
+
+def _counted(batches: Any, tracker: BadSampleTracker) -> Iterator[dict]:
+    for batch in batches:
+        for sample_id, reason in batch["skipped"]:
+            tracker.record_bad(sample_id, reason)
+        tracker.record_ok(len(batch["ids"]))
+        yield batch
+
+
+def load_eval_dataset(model: VisualTokenizer, args: TokenizerEvalArguments) -> ImageDataset:
+    data_args = TokenizerDataArguments(dataset=args.dataset, image_key=args.image_key, split=args.split,
+                                       image_size=args.image_size, num_samples=args.num_samples)
+    return ImageDataset(load_records(args.dataset, data_args, seed=0), ImageTransform.for_tokenizer(model))
+
+
+def evaluate(args: TokenizerEvalArguments) -> dict[str, Any]:
+    """Evaluate `args.model_path` on `args.dataset`; writes `args.output_json` (and the grid) and returns it."""
+    from unimm.tokenizer import load_tokenizer
+
+    device = resolve_device(args.device)
+    with model_folder("model_path", args.model_path, "a UniMM visual tokenizer"):
+        model = load_tokenizer(args.model_path)
+    model = model.to(device).eval()
+    dataset = load_eval_dataset(model, args)
+    tracker = BadSampleTracker(args.max_bad_fraction, min_seen=0, name="eval images")
+    rfid = _RfidImages() if args.inception_weights else None
+    batches = _counted(eval_batches(dataset, args.batch_size, args.max_images), tracker)
+    results = evaluate_tokenizer(model, batches, device, image_writer=rfid, progress=True)
+    tracker.check(final=True)
+    if rfid is not None:
+        results["rfid"] = compute_rfid(rfid.root / "real", rfid.root / "fake", args.inception_weights)
+    results["semantic"] = semantic_metrics(model, dataset, args, device)
+    results.update(model_path=args.model_path, dataset=args.dataset, config_hash=model.config_hash(),
+                   bad_samples=tracker.summary())
+    output = Path(args.output_json)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    grid_path = write_grid(model, dataset, args, device)
+    if grid_path is not None:
+        results["grid_path"] = str(grid_path)
+        output.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def write_grid(model: VisualTokenizer, dataset: ImageDataset, args: TokenizerEvalArguments,
+               device: torch.device) -> Path | None:
+    """The input | reconstruction grid of the first `num_grid_images` images (None when there are none)."""
+    grid = collate_images([dataset[i] for i in range(min(len(dataset), args.num_grid_images))])
+    if not grid["pixel_values"].shape[0]:
+        return None
+    with torch.no_grad():
+        recon = model(grid["pixel_values"].to(device)).reconstruction.float().cpu()
+    grid_path = Path(args.grid_path) if args.grid_path else Path(args.output_json).with_suffix(".png")
+    comparison_grid(
+        denormalize(grid["pixel_values"], model.image_mean, model.image_std),
+        denormalize(recon, model.image_mean, model.image_std),
+    ).save(grid_path)
+    return grid_path
+
+
+def semantic_metrics(model: VisualTokenizer, dataset: ImageDataset, args: TokenizerEvalArguments,
+                     device: torch.device) -> dict[str, Any]:
+    """Semantic preservation against the initial encoder, or {"skipped": why} when that encoder is unknown."""
+    from unimm.tokenizer.encoders import load_encoder
+    from unimm.tokenizer.semantic_eval import evaluate_semantic_preservation, resolve_reference_encoder
+
+    given = None
+    if args.reference_encoder:
+        with model_folder("reference_encoder", args.reference_encoder, "a Hugging Face vision encoder"):
+            given = load_encoder(args.reference_encoder)
+    try:
+        reference = resolve_reference_encoder(model, given)
+    except ValueError as error:
+        return {"skipped": str(error)}
+    batches = eval_batches(dataset, args.batch_size, args.max_images)
+    return evaluate_semantic_preservation(model, batches, reference, device)

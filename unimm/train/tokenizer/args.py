@@ -1,0 +1,174 @@
+"""The tokenizer trainer's configs: model, data and training arguments, read by `unimm.utils.config.parse_config`.
+
+The training options use the Hugging Face Trainer names of the LLM programs (`per_device_train_batch_size`, `bf16`,
+`resume_from_checkpoint`, `auto_resume`). The names this trainer used before (`batch_size`, `mixed_precision`,
+`resume`) are deprecated aliases (`unimm.utils.config.Alias`): still accepted in YAML and on the command line,
+with one warning per old name. `mixed_precision: auto` leaves `bf16` unset (bf16 where CUDA supports it); `resume:
+auto` is `auto_resume: true`, a folder is `resume_from_checkpoint`. Unlike the LLM programs, `auto_resume` is off
+by default: a tokenizer run in a used output_dir starts over unless asked to resume, as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
+
+import yaml
+
+from unimm.tokenizer.configuration import DualTokenConfig, VQRAEConfig
+from unimm.tokenizer.losses import ReconstructionLossConfig
+from unimm.utils.config import Alias, config_field
+
+
+def _config_fields(config_cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(config_cls) if f.name != "encoder_config")
+
+
+_OVERRIDES_HELP = (
+    "Tokenizer config fields set over the preset's or the saved model's: a YAML mapping, or on the command line a "
+    f"JSON/YAML mapping string. VQRAE fields: {_config_fields(VQRAEConfig)}. DualToken fields: "
+    f"{_config_fields(DualTokenConfig)}. Tiny presets also take encoder_type, patch_size, encoder_hidden_size, "
+    "encoder_num_layers, encoder_num_heads, encoder_use_head. Named shapes are presets (unimm.tokenizer.PRESETS)."
+)
+
+
+def parse_overrides(value: dict | str | None) -> dict[str, Any]:
+    """`model_overrides` as a mapping: a YAML mapping stays as it is, a command-line string is read as YAML (JSON
+    is YAML). The keys are checked against the tokenizer config by `build_tokenizer` / `load_tokenizer`."""
+    if value is None or value == "":
+        return {}
+    parsed = yaml.safe_load(value) if isinstance(value, str) else value
+    if not isinstance(parsed, dict):
+        raise ValueError(f"model_overrides must be a mapping of tokenizer config fields, got {value!r}")
+    return dict(parsed)
+
+
+@dataclass
+class TokenizerModelArguments:
+    preset: str | None = config_field(
+        None,
+        "build_tokenizer preset (vqrae-tiny, dualtoken-tiny, vqrae-siglip2-so400m-256, ...; unimm.tokenizer.PRESETS).",
+    )
+    model_path: str | None = config_field(
+        None, "Start from a saved tokenizer (load_tokenizer), e.g. stage 1 output for stage 2."
+    )
+    encoder_path: str | None = config_field(None, "Local path of the pretrained vision encoder.")
+    model_overrides: Union[dict, str, None] = config_field(None, _OVERRIDES_HELP)
+    stage: int = config_field(1, "VQRAE stage: 1 = encoder frozen, 2 = encoder trained + distillation.")
+    decoder_only: bool = config_field(False, "Train only the decoder (clean l-DeTok finetune; set denoising off).")
+
+    def __post_init__(self) -> None:
+        self.model_overrides = parse_overrides(self.model_overrides)
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+
+
+@dataclass
+class TokenizerDataArguments:
+    dataset: str | None = config_field(
+        None, "Image folder, jsonl/json/parquet, save_to_disk dir, tar shards, or sample_photos/shapes."
+    )
+    eval_dataset: str | None = config_field(None, "Evaluation images (default: the training set).")
+    image_key: str = config_field("image", "Column/key holding the image (path, bytes or image).")
+    split: str = config_field("train", "Split to read from multi-split sources.")
+    image_size: int | None = config_field(None, "Size of the shortcut datasets' images before the model's transform.")
+    num_samples: int = config_field(256, "Number of images of the `shapes` shortcut.")
+    allow_outside_image_folder: bool = config_field(
+        False, "Let record image paths leave their folder (absolute, `..`, symlinks); off: skipped."
+    )
+    max_bad_fraction: float = config_field(
+        0.01, "Stop with an error once more than this fraction of images is unreadable."
+    )
+    bad_sample_min_seen: int = config_field(
+        100, "Images seen before max_bad_fraction is enforced (always checked at the end)."
+    )
+    num_workers: int = config_field(0, "DataLoader worker processes.")
+    eval_max_images: int | None = config_field(256, "Cap on evaluation images (None = all).")
+    reference_encoder: str | None = config_field(
+        None,
+        "Local HF checkpoint of the initial (pretrained) encoder: the periodic evaluation then reports semantic "
+        "preservation against it (a DualToken with train_encoder needs none).",
+    )
+
+
+_MIXED_PRECISION_TO_FLAGS = {"auto": (None, False), "bf16": (True, False), "fp16": (False, True), "no": (False, False)}
+
+
+def _mixed_precision_flags(value: str) -> dict[str, Any]:
+    """The deprecated `mixed_precision` value as the Trainer's switches (auto: bf16 left unset)."""
+    if value not in _MIXED_PRECISION_TO_FLAGS:
+        raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {value!r}")
+    bf16, fp16 = _MIXED_PRECISION_TO_FLAGS[value]
+    return {"bf16": bf16, "fp16": fp16}
+
+
+def _resume_options(value: str | None) -> dict[str, Any]:
+    """The deprecated `resume`: 'auto' -> auto_resume, a folder -> resume_from_checkpoint."""
+    if not value:
+        return {}
+    return {"auto_resume": True} if value == "auto" else {"resume_from_checkpoint": value}
+
+
+@dataclass
+class TokenizerTrainingArguments:
+    output_dir: str | None = config_field(None, "Run directory (config, checkpoints, samples, model).")
+    seed: int = config_field(0, "Random seed (model init, data order, denoising noise).")
+    max_steps: int = config_field(1000, "Total optimisation steps.")
+    per_device_train_batch_size: int = config_field(8, "Images per device per step.")
+    eval_batch_size: int = config_field(16, "Images per device per evaluation batch.")
+    learning_rate: float = config_field(1e-4, "Peak LR of decoder, quantizer and projections.")
+    encoder_learning_rate: float = config_field(
+        1e-5, "Peak LR of the encoder when it is trained (VQRAE stage 2, DualToken); 0 freezes it."
+    )
+    disc_learning_rate: float = config_field(1e-4, "Peak LR of the discriminator.")
+    weight_decay: float = config_field(
+        0.05,
+        "AdamW weight decay of the weight matrices; vectors (biases, norms), SimVQ's codebook projection W and "
+        "positional tables get none (unimm.tokenizer.param_groups).",
+    )
+    adam_beta1: float = config_field(0.9, "AdamW beta1.")
+    adam_beta2: float = config_field(0.95, "AdamW beta2.")
+    warmup_steps: int = config_field(0, "Linear warm-up steps.")
+    min_lr_ratio: float = config_field(0.0, "Cosine schedule floor as a fraction of the peak LR.")
+    max_grad_norm: float = config_field(1.0, "Gradient clipping norm (0 disables).")
+    bf16: bool | None = config_field(None, "bf16 autocast; unset: on where CUDA supports bf16, off elsewhere.")
+    fp16: bool = config_field(False, "fp16 autocast (with loss scaling).")
+    ema_decay: float = config_field(0.0, "EMA decay of the weights (0 disables EMA).")
+    logging_steps: int = config_field(10, "Log losses and batch metrics every N steps.")
+    sample_steps: int = config_field(500, "Write an input|reconstruction PNG grid every N steps (0 = off).")
+    num_sample_images: int = config_field(8, "Images in each sample grid.")
+    eval_steps: int = config_field(0, "Evaluate every N steps (0 = only at start and end).")
+    save_steps: int = config_field(1000, "Checkpoint every N steps (0 = only at the end).")
+    save_total_limit: int | None = config_field(2, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = config_field(
+        None, "A checkpoint-<step> folder to resume from (it must be complete)."
+    )
+    auto_resume: bool = config_field(
+        False,
+        "Resume from the newest complete checkpoint-* in output_dir when resume_from_checkpoint is not given (none "
+        "there: start fresh).",
+    )
+    stop_after_step: int = config_field(
+        0, "End this run after this step (checkpointed) though the schedule runs to max_steps."
+    )
+    progress_bar: bool = config_field(True, "Show a tqdm progress bar.")
+    config_aliases: ClassVar[tuple[Alias, ...]] = (
+        Alias("batch_size", "per_device_train_batch_size"),
+        Alias("mixed_precision", "bf16", convert=_mixed_precision_flags),
+        Alias("resume", "resume_from_checkpoint", convert=_resume_options),
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both set; choose one")
+
+    @property
+    def mixed_precision_choice(self) -> str:
+        """'auto' (bf16 where supported), 'bf16', 'fp16' or 'no': what `unimm.utils.runtime` resolves."""
+        if self.fp16:
+            return "fp16"
+        return "auto" if self.bf16 is None else ("bf16" if self.bf16 else "no")
+
+
+CONFIG_TYPES = (TokenizerModelArguments, TokenizerDataArguments, ReconstructionLossConfig, TokenizerTrainingArguments)
