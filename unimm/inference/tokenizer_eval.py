@@ -3,7 +3,8 @@ torch-fidelity and local Inception weights are available), written as JSON, plus
 reconstruction pairs. "semantic" holds the semantic preservation against the initial encoder
 (`unimm.tokenizer.semantic_eval`): known for a DualToken whose encoder was never trained, otherwise given by
 `reference_encoder` (the pretrained encoder the tokenizer started from); without one it says why it was skipped.
-The program is `unimm.cli.eval_tokenizer`.
+"zero_shot" (with `zero_shot_model` and a `zero_shot_dataset` of class subfolders) holds the zero-shot top-1 of a
+local SigLIP/CLIP on the original images and on their reconstructions. The program is `unimm.cli.eval_tokenizer`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ class TokenizerEvalArguments:
     reference_encoder: str | None = config_field(
         None, "Local HF checkpoint of the initial (pretrained) encoder, for the semantic metrics."
     )
+    zero_shot_model: str | None = config_field(
+        None, "Local SigLIP/CLIP checkpoint (image and text towers, with its tokenizer) for zero-shot top-1."
+    )
+    zero_shot_dataset: str | None = config_field(
+        None, "Image folder with one subfolder per class (the folder names are the class names), for zero-shot."
+    )
+    zero_shot_prompt: str = config_field("a photo of a {}.", "Prompt of each class name for the text tower.")
     inception_weights: str | None = config_field(
         None, "torch-fidelity Inception weights file; enables rFID ([eval] extra)."
     )
@@ -55,6 +63,8 @@ class TokenizerEvalArguments:
     def __post_init__(self) -> None:
         if not self.model_path or not self.dataset or not self.output_json:
             raise ValueError("model_path, dataset and output_json are required")
+        if bool(self.zero_shot_model) != bool(self.zero_shot_dataset):
+            raise ValueError("zero-shot evaluation needs both zero_shot_model and zero_shot_dataset")
 
 
 class _RfidImages:
@@ -103,6 +113,8 @@ def evaluate(args: TokenizerEvalArguments) -> dict[str, Any]:
     if rfid is not None:
         results["rfid"] = compute_rfid(rfid.root / "real", rfid.root / "fake", args.inception_weights)
     results["semantic"] = semantic_metrics(model, dataset, args, device)
+    if args.zero_shot_model:
+        results["zero_shot"] = zero_shot_metrics(model, args, device)
     results.update(model_path=args.model_path, dataset=args.dataset, config_hash=model.config_hash(),
                    bad_samples=tracker.summary())
     output = Path(args.output_json)
@@ -147,3 +159,34 @@ def semantic_metrics(model: VisualTokenizer, dataset: ImageDataset, args: Tokeni
         return {"skipped": str(error)}
     batches = eval_batches(dataset, args.batch_size, args.max_images)
     return evaluate_semantic_preservation(model, batches, reference, device)
+
+
+def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, device: torch.device) -> dict[str, Any]:
+    """Zero-shot top-1 of `zero_shot_model` on the labelled folder's images and on their reconstructions."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from unimm.tokenizer.encoders import image_processor_settings
+    from unimm.tokenizer.semantic_eval import ZeroShotClassifier, evaluate_zero_shot
+
+    with model_folder("zero_shot_model", args.zero_shot_model, "a SigLIP/CLIP model with its tokenizer"):
+        contrastive = AutoModel.from_pretrained(args.zero_shot_model).to(device)
+        text_tokenizer = AutoTokenizer.from_pretrained(args.zero_shot_model)
+    vision_config = contrastive.config.vision_config.to_dict()
+    settings = image_processor_settings(vision_config, path=args.zero_shot_model,
+                                        image_size=vision_config.get("image_size"))
+    data_args = TokenizerDataArguments(dataset=args.zero_shot_dataset, image_key=args.image_key)
+    records = load_records(args.zero_shot_dataset, data_args, seed=0)
+    ids = [str(record["id"]) for record in records]
+    if not ids or any("/" not in record_id for record_id in ids):
+        raise ValueError(f"zero_shot_dataset {args.zero_shot_dataset}: every image must sit in a class subfolder")
+    class_names = sorted({record_id.split("/", 1)[0] for record_id in ids})
+    dataset = ImageDataset(records, ImageTransform.for_tokenizer(model))
+    classifier = ZeroShotClassifier(contrastive, text_tokenizer, class_names, settings.image_mean, settings.image_std,
+                                    prompt=args.zero_shot_prompt)
+    label = {name: index for index, name in enumerate(class_names)}
+
+    def labelled() -> Iterator[dict]:
+        for batch in eval_batches(dataset, args.batch_size, args.max_images):
+            yield {**batch, "labels": [label[str(i).split("/", 1)[0]] for i in batch["ids"]]}
+
+    return {**evaluate_zero_shot(model, labelled(), classifier, device), "class_names": class_names}

@@ -15,11 +15,15 @@ Two numbers per place:
 The initial encoder is the tokenizer's teacher when it has one (training with a trainable encoder), the
 tokenizer's own encoder when that was never trained (DualToken with `train_encoder=False`), or given explicitly
 (a trained checkpoint does not carry its initial encoder: pass the pretrained encoder it started from).
+
+Zero-shot top-1 (`ZeroShotClassifier`, `evaluate_zero_shot`): a contrastive image-text model (SigLIP or CLIP, local)
+classifies labelled images from class-name prompts, once on the originals and once on the tokenizer's
+reconstructions; a tokenizer that keeps what that model sees scores the same on both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -132,3 +136,76 @@ def evaluate_semantic_preservation(
     results: dict[str, Any] = {name: agreement.compute() for name, agreement in agreements.items()}
     results.update(semantic_layer=int(semantic_layer), num_images=num_images)
     return results
+
+
+class ZeroShotClassifier:
+    """Zero-shot classification with a contrastive image-text model (a `transformers` `SiglipModel` or `CLIPModel`):
+    one text embedding per class from `prompt.format(class_name)`, an image is assigned the class whose embedding
+    is most similar to its image embedding. Images come as tokenizer-normalised `pixel_values`; they are resized to
+    the contrastive model's size and normalised with its `image_mean` / `image_std`."""
+
+    def __init__(
+        self, contrastive_model: nn.Module, text_tokenizer: Any, class_names: Sequence[str],
+        image_mean: Sequence[float], image_std: Sequence[float], prompt: str = "a photo of a {}.",
+    ) -> None:
+        if len(class_names) < 2:
+            raise ValueError(f"zero-shot classification needs at least two classes, got {list(class_names)}")
+        self.model = contrastive_model.eval()
+        self.image_size = int(contrastive_model.config.vision_config.image_size)
+        self.image_mean = torch.tensor(list(image_mean)).view(1, -1, 1, 1)
+        self.image_std = torch.tensor(list(image_std)).view(1, -1, 1, 1)
+        parameter = next(contrastive_model.parameters())
+        text = text_tokenizer(
+            [prompt.format(name) for name in class_names], padding="max_length", truncation=True,
+            max_length=contrastive_model.config.text_config.max_position_embeddings, return_tensors="pt",
+        )
+        with torch.no_grad():
+            features = contrastive_model.get_text_features(**text.to(parameter.device))
+        self.text_embeddings = F.normalize(_embedding(features).float(), dim=-1)  # [num_classes, D]
+
+    @torch.no_grad()
+    def predict(self, images01: torch.Tensor) -> torch.Tensor:
+        """Class indices `[B]` of images in [0, 1] (`[B, 3, H, W]`)."""
+        parameter = next(self.model.parameters())
+        images = F.interpolate(images01.float(), size=(self.image_size, self.image_size), mode="bilinear",
+                               align_corners=False, antialias=True)
+        images = (images - self.image_mean.to(images.device)) / self.image_std.to(images.device)
+        features = self.model.get_image_features(pixel_values=images.to(parameter.device, parameter.dtype))
+        image_embeddings = F.normalize(_embedding(features).float(), dim=-1)  # [B, D]
+        return (image_embeddings @ self.text_embeddings.to(image_embeddings.device).T).argmax(dim=-1)
+
+
+def _embedding(features: Any) -> torch.Tensor:
+    """`get_*_features` return a tensor, or (newer transformers) an output whose `pooler_output` is the embedding."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+@torch.no_grad()
+def evaluate_zero_shot(
+    model: nn.Module, batches: Iterable[dict[str, Any]], classifier: ZeroShotClassifier,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Zero-shot top-1 accuracy of `classifier` on the original images and on `model`'s reconstructions of them,
+    and how often the two predictions agree. `batches` yields dicts with tokenizer-normalised `pixel_values` and
+    integer `labels` (class indices of `classifier`'s class names). A tokenizer that keeps what the classifier
+    sees scores the same on both (agreement 1)."""
+    from unimm.tokenizer.metrics import denormalize
+
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    correct = torch.zeros(2, dtype=torch.long)  # original, reconstructed
+    agree = count = 0
+    with eval_mode(model):
+        for batch in batches:
+            pixel_values, labels = batch["pixel_values"].to(device), torch.as_tensor(batch["labels"]).to(device)
+            if pixel_values.shape[0] == 0:
+                continue
+            reconstruction = model(pixel_values).reconstruction
+            original = classifier.predict(denormalize(pixel_values, model.image_mean, model.image_std)).to(device)
+            rebuilt = classifier.predict(denormalize(reconstruction, model.image_mean, model.image_std)).to(device)
+            correct += torch.stack([(original == labels).sum(), (rebuilt == labels).sum()]).cpu()
+            agree += int((original == rebuilt).sum())
+            count += pixel_values.shape[0]
+    if count == 0:
+        raise ValueError("evaluate_zero_shot got no images")
+    return {"top1_original": int(correct[0]) / count, "top1_reconstructed": int(correct[1]) / count,
+            "prediction_agreement": agree / count, "num_images": count}

@@ -1,0 +1,117 @@
+"""Zero-shot top-1 through a contrastive image-text model (unimm.tokenizer.semantic_eval.evaluate_zero_shot), on a
+tiny random SigLIP (vision + text towers) and a word-level text tokenizer, both saved and loaded locally."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from unimm.data.images import ImageDataset, ImageTransform, collate_images
+from unimm.data.toy.sample_photos import load_sample_photos
+from unimm.tokenizer import build_tokenizer
+from unimm.tokenizer.semantic_eval import ZeroShotClassifier, evaluate_zero_shot
+
+CLASS_NAMES = ["cat", "dog", "car", "tree", "house", "boat", "bird", "flower"]
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> ZeroShotClassifier:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipModel
+
+    folder = tmp_path_factory.mktemp("tiny_siglip")
+    words = ["<pad>", "<unk>", "a", "photo", "of", "."] + CLASS_NAMES
+    text_tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    text_tokenizer.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=text_tokenizer, pad_token="<pad>", unk_token="<unk>").save_pretrained(
+        folder
+    )
+    config = SiglipConfig(
+        text_config=dict(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=16),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64),
+    )
+    torch.manual_seed(0)
+    SiglipModel(config).save_pretrained(folder)
+    model = SiglipModel.from_pretrained(folder)
+    return ZeroShotClassifier(model, PreTrainedTokenizerFast.from_pretrained(folder), CLASS_NAMES,
+                              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+class FixedReconstruction(nn.Module):
+    """A stand-in tokenizer whose reconstruction is `rebuild(pixel_values)`."""
+
+    def __init__(self, rebuild, reference: nn.Module) -> None:
+        super().__init__()
+        self.rebuild, self.anchor = rebuild, nn.Linear(1, 1)
+        self.image_mean, self.image_std = reference.image_mean, reference.image_std
+
+    def forward(self, pixel_values: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(reconstruction=self.rebuild(pixel_values))
+
+
+def _batches(tokenizer: nn.Module, labels: list[int] | None = None, batch_size: int = 8) -> list[dict]:
+    records = [{"id": name, "image": image} for name, image in load_sample_photos(32)]
+    dataset = ImageDataset(records, ImageTransform.for_tokenizer(tokenizer))
+    batches = [collate_images([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
+               for s in range(0, len(dataset), batch_size)]
+    for index, batch in enumerate(batches):
+        batch["labels"] = (labels or [0] * len(dataset))[index * batch_size : (index + 1) * batch_size]
+    return batches
+
+
+def test_reconstruction_that_keeps_the_image_keeps_top1_and_one_that_loses_it_does_not(classifier):
+    vqrae = build_tokenizer("vqrae-tiny")
+    # Labels: the classifier's own predictions on the originals (a random tower has no real classes), so the
+    # original top-1 is 1 and any reconstruction that changes what the classifier sees loses accuracy.
+    from unimm.tokenizer.metrics import denormalize
+
+    labels = []
+    for batch in _batches(vqrae):
+        labels += classifier.predict(denormalize(batch["pixel_values"], vqrae.image_mean, vqrae.image_std)).tolist()
+    assert len(set(labels)) >= 3, labels  # the random tower tells the photos apart: the control below can fail
+
+    identical = evaluate_zero_shot(FixedReconstruction(lambda x: x, vqrae), _batches(vqrae, labels), classifier)
+    assert identical == {"top1_original": 1.0, "top1_reconstructed": 1.0, "prediction_agreement": 1.0,
+                         "num_images": 16}
+    grey = evaluate_zero_shot(FixedReconstruction(torch.zeros_like, vqrae), _batches(vqrae, labels), classifier)
+    assert grey["top1_original"] == 1.0
+    assert grey["top1_reconstructed"] == grey["prediction_agreement"] <= 1 - 2 / 16  # one class for every image
+
+    real = evaluate_zero_shot(vqrae, _batches(vqrae, labels), classifier)  # an untrained tokenizer, end to end
+    assert real["top1_original"] == 1.0 and 0.0 <= real["top1_reconstructed"] <= 1.0 and real["num_images"] == 16
+
+
+def test_zero_shot_needs_two_classes(classifier):
+    with pytest.raises(ValueError, match="at least two classes"):
+        ZeroShotClassifier(classifier.model, None, ["cat"], (0.5,) * 3, (0.5,) * 3)
+
+
+def test_eval_tokenizer_reports_zero_shot_top1_on_a_labelled_folder(classifier, tmp_path):
+    """unimm-eval-tokenizer with a local SigLIP and a folder of class subfolders: the JSON's zero_shot block is the
+    library's result on the same images."""
+    from unimm.cli import eval_tokenizer
+
+    folder = tmp_path / "labelled"
+    photos = load_sample_photos(32)
+    for index, (name, image) in enumerate(photos[:8]):
+        (folder / CLASS_NAMES[index % 2]).mkdir(parents=True, exist_ok=True)
+        image.save(folder / CLASS_NAMES[index % 2] / f"{name}.png")
+    build_tokenizer("vqrae-tiny").save_pretrained(tmp_path / "vqrae")
+    results = eval_tokenizer.main(
+        ["--model_path", str(tmp_path / "vqrae"), "--dataset", "sample_photos", "--image_size", "32", "--max_images",
+         "4", "--num_grid_images", "0", "--output_json", str(tmp_path / "m.json"), "--zero_shot_model",
+         classifier.model.name_or_path, "--zero_shot_dataset", str(folder)]
+    )  # fmt: skip
+    zero_shot = results["zero_shot"]
+    assert zero_shot["class_names"] == ["cat", "dog"] and zero_shot["num_images"] == 4  # --max_images
+    assert 0.0 <= zero_shot["top1_original"] <= 1.0 and 0.0 <= zero_shot["prediction_agreement"] <= 1.0
+    with pytest.raises(ValueError, match="needs both zero_shot_model and zero_shot_dataset"):
+        eval_tokenizer.main(["--model_path", "m", "--dataset", "d", "--output_json", "o", "--zero_shot_model", "z",
+                             "--debug"])
