@@ -3,7 +3,7 @@
 The model is a random Qwen2-shaped LLM wrapped by UniMMForCausalLM with a DualToken-like codebook spec; samples
 are a caption / text-to-image mixture with random codes and prompts of random length (so padding wastes compute
 and packing recovers it). Throughput is measured by `UniMMTrainer`'s own logging (non-padding tokens per second
-over the timed steps; MFU from `unimm.train.mfu`), after warm-up steps.
+over the timed steps; MFU from `unimm.train.llm.mfu`), after warm-up steps.
 
     python benchmarks/train_throughput.py                      # CPU, tiny model (figures in results/train.md)
     python benchmarks/train_throughput.py --device cuda --size 0.5b --steps 30 --batch_size 16 --max_length 2048
@@ -82,8 +82,9 @@ def build(size: str, dtype: torch.dtype, device: str, workdir: Path):
 def measure(model, tokenizer, layout, packing: bool, args, workdir: Path) -> dict[str, float]:
     from unimm.data.collator import UniMMCollator
     from unimm.data.tasks import SampleConfig, SampleFactory
-    from unimm.train.arguments import UniMMTrainingArguments
-    from unimm.train.llm_trainer import UniMMTrainer
+    from unimm.train.args import UniMMTrainingArguments
+    from unimm.train.llm.trainer import UniMMTrainer
+    from unimm.utils.runtime import prepare_training_arguments
 
     factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=args.max_length, uncond_prob=0.1))
     # A packed batch takes as many samples as fit `batch_size` rows, so both modes see full rows.
@@ -96,6 +97,7 @@ def measure(model, tokenizer, layout, packing: bool, args, workdir: Path) -> dic
         bf16=args.device == "cuda", use_cpu=args.device == "cpu", dataloader_num_workers=args.workers,
         gradient_checkpointing=args.gradient_checkpointing, disable_tqdm=True, peak_tflops=args.peak_tflops,
     )
+    prepare_training_arguments(training_args)
     collator = UniMMCollator(pad_token_id=tokenizer.pad_token_id, packing=packing,
                              max_length=args.max_length if packing else None)
     trainer = UniMMTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collator)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,24 @@ def test_mixed_precision_auto_is_off_without_cuda(monkeypatch):
     assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
 
 
+def test_import_and_parse_start_no_process_group():
+    """Importing the runtime and parsing an LLM program's config (under a launcher's environment) leave no process
+    group and no accelerate state behind: only the program's explicit setup creates them."""
+    code = (
+        "import json, torch.distributed as dist\n"
+        "import unimm.utils.runtime\n"
+        "from accelerate import PartialState\n"
+        "from unimm.cli.pretrain import parse_args\n"
+        "parse_args(['--llm_path', 'l', '--visual_tokenizer_path', 't', '--output_dir', 'o'])\n"
+        "print(json.dumps([dist.is_initialized(), PartialState._shared_state == {}]))\n"
+    )
+    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [False, True]
+
+
 def _rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
     os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""})
@@ -57,3 +77,17 @@ def test_cpu_launch_ranks_join_one_gloo_group(tmp_path):
     for rank, result in enumerate(results):
         assert result["type"].endswith("MULTI_CPU") and result["backend"] == "gloo" and result["world"] == 2
         assert result["same"] and result["total"] == 3.0 and result["main"] == (rank == 0)
+
+
+def test_single_process_accelerator_needs_no_process_group():
+    """One plain process (no launcher): a non-distributed state, whose barrier is a no-op."""
+    code = ("import json, torch.distributed as dist\n"
+            "from unimm.utils.runtime import make_accelerator\n"
+            "accelerator = make_accelerator()\n"
+            "accelerator.wait_for_everyone()\n"
+            "print(json.dumps([str(accelerator.distributed_type), str(accelerator.device), dist.is_initialized()]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["DistributedType.NO", "cpu", False]

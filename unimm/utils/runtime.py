@@ -104,8 +104,11 @@ def init_distributed(backend: str | None = None, deepspeed: bool = False) -> Any
     if torch.cuda.is_available():
         kwargs: dict[str, Any] = {"backend": backend} if backend else {}
     else:
-        # cpu=True is what makes accelerate treat plain (non-DeepSpeed) gloo ranks as one MULTI_CPU job.
-        kwargs = {"backend": backend or "gloo", "cpu": not deepspeed}
+        # cpu=True is what makes accelerate treat plain (non-DeepSpeed) gloo ranks as one MULTI_CPU job. A backend is
+        # named only for a launch: with one plain process accelerate would otherwise expect a process group.
+        kwargs = {"cpu": not deepspeed}
+        if backend or is_launched():
+            kwargs["backend"] = backend or "gloo"
     with _deepspeed_env(deepspeed):
         return PartialState(**kwargs)
 

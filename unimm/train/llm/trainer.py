@@ -3,7 +3,7 @@
 At every logging step it reports, averaged over the steps since the last log and over all ranks:
 `text_loss` and `visual_loss/<group>` (the parts of the UniMM loss), `tokens_per_second` (non-padding
 tokens processed by all ranks, wall clock) and `mfu` (model FLOPs utilisation of the LLM, see
-`unimm.train.mfu`). Checkpoints follow the project's completeness rule (`unimm.train.checkpoint`): the stock
+`unimm.train.llm.mfu`). Checkpoints follow the project's completeness rule (`unimm.train.checkpoint`): the stock
 `Trainer` writes `checkpoint-<step>`, then `CompleteCheckpointCallback` (once every rank has finished) adds its
 `COMPLETE` marker and only then prunes old checkpoints; auto-resume takes the newest complete one. With
 `group_by_modality_length` every device batch holds one task of similar lengths (`GroupedBatchSampler`, through

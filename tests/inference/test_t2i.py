@@ -1,0 +1,26 @@
+"""`unimm.inference.t2i`: file names, the grid and the prompt index written for generated images."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from unimm.inference.t2i import make_grid, slug, write_images
+
+
+def test_write_images_names_files_by_index_and_prompt(tmp_path):
+    images = [Image.new("RGB", (8, 6), colour) for colour in ("red", "green", "blue")]
+    prompts = ["A red circle!", "a green   square", "???"]
+    files = write_images(images, prompts, tmp_path / "out", grid_columns=2)
+    assert [f.name for f in files] == ["0000_a_red_circle.png", "0001_a_green_square.png", "0002_prompt.png"]
+    assert Image.open(tmp_path / "out" / "grid.png").size == (16, 12)
+    index = json.loads((tmp_path / "out" / "prompts.json").read_text())
+    assert index == [{"prompt": p, "file": f.name} for p, f in zip(prompts, files)]
+
+
+def test_grid_is_row_major_and_slug_is_bounded():
+    images = [Image.new("RGB", (2, 2), (i * 40, 0, 0)) for i in range(3)]
+    grid = make_grid(images, columns=3)
+    assert [grid.getpixel((x, 0))[0] for x in (0, 2, 4)] == [0, 40, 80]
+    assert len(slug("x" * 100)) == 40
