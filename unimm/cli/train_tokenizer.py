@@ -25,10 +25,9 @@ def train(*configs: Any) -> dict[str, Any]:
     """Join the process group of a launch (so logging knows this rank), then train; returns the run's summary."""
     from unimm.train.tokenizer.loop import train_tokenizer
     from unimm.utils.logging import setup_logging
-    from unimm.utils.runtime import init_distributed, is_launched
+    from unimm.utils.runtime import init_distributed
 
-    if is_launched():
-        init_distributed()
+    init_distributed()
     setup_logging()
     return train_tokenizer(*configs)
 

@@ -78,21 +78,6 @@ class TokenizerRun:
         return self.output_dir / "train_log.jsonl"
 
 
-def _accelerator(args: TokenizerTrainingArguments) -> Any:
-    """The run's Accelerator (`unimm.utils.runtime`). The schedules step once per optimiser step, as before
-    accelerate held them (its default steps them once per process)."""
-    from unimm.utils import runtime
-
-    if runtime.is_launched() or torch.cuda.is_available():
-        return runtime.make_accelerator(args.mixed_precision_choice, step_scheduler_with_optimizer=False)
-    # TODO(runtime): init_distributed() passes backend="gloo" to a single, unlaunched CPU process, which accelerate
-    # rejects ("Default process group has not been initialized"); until it does not, build that case here.
-    from accelerate import Accelerator
-
-    return Accelerator(mixed_precision=runtime.resolve_mixed_precision(args.mixed_precision_choice), cpu=True,
-                       step_scheduler_with_optimizer=False)
-
-
 def _datasets(model: nn.Module, data_args: TokenizerDataArguments, seed: int) -> tuple[ImageDataset, ImageDataset]:
     transform = ImageTransform.for_tokenizer(model)
     train_set = ImageDataset(load_records(data_args.dataset, data_args, seed), transform)
@@ -135,12 +120,15 @@ def setup(
     """Build (or resume) a run: accelerator, seed, model, loss, optimisers, data, then the checkpoint if any."""
     from accelerate.utils import set_seed
 
+    from unimm.utils.runtime import make_accelerator
+
     if not args.output_dir:
         raise ValueError("output_dir is required")
     if not data_args.dataset:
         raise ValueError("dataset is required (a path, or sample_photos / shapes)")
     output_dir = Path(args.output_dir)
-    accelerator = _accelerator(args)
+    # The schedules step once per optimiser step, as before accelerate held them (its default: once per process).
+    accelerator = make_accelerator(args.mixed_precision_choice, step_scheduler_with_optimizer=False)
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
