@@ -106,7 +106,10 @@ def _semantic_reference(model: nn.Module, data_args: TokenizerDataArguments) -> 
         from unimm.tokenizer.encoders import load_encoder
         from unimm.utils.errors import model_folder
 
-        with model_folder("reference_encoder", data_args.reference_encoder, "a Hugging Face vision encoder"):
+        # Building the encoder before its weights load draws random numbers: keep the training's RNG where it was.
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())), model_folder(
+            "reference_encoder", data_args.reference_encoder, "a Hugging Face vision encoder"
+        ):
             return load_encoder(data_args.reference_encoder)
     return getattr(model, "teacher", None)
 
@@ -143,7 +146,7 @@ def setup(
     prepared, discriminator = _prepare(accelerator, model, loss_module, opt)
     run = TokenizerRun(args, data_args, accelerator, output_dir, prepared, accelerator.unwrap_model(prepared),
                        loss_module, opt, discriminator, train_set, eval_set, sampler, tracker)
-    run.semantic_reference = _semantic_reference(run.unwrapped, data_args)  # loaded before the RNG is restored
+    run.semantic_reference = _semantic_reference(run.unwrapped, data_args)
     checkpoint = state.resume_path(args, output_dir)
     if checkpoint is not None:
         state.load(run, checkpoint)
