@@ -39,10 +39,10 @@ def load_visual_tokenizer(path: str | Path) -> Any:
     from unimm.tokenizer import load_tokenizer
 
     with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"):
-        tokenizer = load_tokenizer(path)
-    tokenizer.eval()
-    tokenizer.requires_grad_(False)
-    return tokenizer
+        visual_tokenizer = load_tokenizer(path)
+    visual_tokenizer.eval()
+    visual_tokenizer.requires_grad_(False)
+    return visual_tokenizer
 
 
 def _feature_dim(visual_tokenizer: Any) -> int:

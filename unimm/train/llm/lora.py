@@ -96,7 +96,7 @@ def merge_lora(adapter_dir: str | Path, output_dir: str | Path, base_path: str |
     output_dir = Path(output_dir)
     merged.save_pretrained(output_dir)
     # The finetune saves the (possibly extended) text tokenizer next to each checkpoint; fall back to the base's.
-    tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_path
-    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(output_dir)
+    text_tokenizer_source = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base_path
+    AutoTokenizer.from_pretrained(text_tokenizer_source).save_pretrained(output_dir)
     logger.info("merged %s into %s -> %s", adapter_dir, base_path, output_dir)
     return output_dir

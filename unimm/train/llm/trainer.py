@@ -146,12 +146,12 @@ class UniMMTrainer(TrainSamplerOverride, Trainer):
         if self.visual_tokenizer is None:
             raise ValueError(f"the batch has pixel_values (images read on the fly) but the trainer has no visual "
                              f"tokenizer to encode them; sample ids: {inputs.get('sample_ids')}")
-        tokenizer = self.visual_tokenizer
-        param = next(tokenizer.parameters())
+        visual = self.visual_tokenizer
+        param = next(visual.parameters())
         if param.device != pixel_values.device:
-            tokenizer.to(pixel_values.device)
+            visual.to(pixel_values.device)
         with torch.no_grad():
-            features = tokenizer.encode_features(pixel_values.to(param.dtype))  # [num_images, N, C]
+            features = visual.encode_features(pixel_values.to(param.dtype))  # [num_images, N, C]
         if inputs.get("image_features") is not None:
             raise ValueError("a batch cannot hold both pixel_values and image_features")
         inputs["image_features"] = features
