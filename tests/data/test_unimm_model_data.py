@@ -68,7 +68,7 @@ def test_packed_unimm_batch_gives_the_same_loss_as_padded(unimm_dir, one_thread)
 
 
 def test_inspect_command_on_llava_data(unimm_dir, tmp_path, capsys):
-    from unimm.data.inspect import main
+    from unimm.cli.inspect_data import main
 
     records = [
         {"id": "first", "image": "a.png", "conversations": [
