@@ -148,3 +148,12 @@ def test_quickstart_json_overrides_are_exactly_the_tiny_preset():
     program, extra = _program_of(REPO / "configs" / "quickstart" / "pretrain.yaml")
     (_, modules, *_) = program.parse_args([str(REPO / "configs" / "quickstart" / "pretrain.yaml"), *extra])
     assert modules.overrides() == MODEL_PRESETS["tiny"]
+
+
+def test_pretokenize_refuses_an_unknown_dtype():
+    from unimm.cli import pretokenize
+
+    with pytest.raises(ConfigError, match="float64"):
+        pretokenize.parse_args(["--data", "d", "--tokenizer_path", "t", "--output_dir", "o", "--dtype", "float64"])
+    (config,) = pretokenize.parse_args(["--data", "d", "--tokenizer_path", "t", "--output_dir", "o"])
+    assert config.dtype == "float32"

@@ -37,6 +37,7 @@ from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
 from unimm.utils.config import config_field
 from unimm.utils.errors import UserError, json_source_errors, model_folder, require_path
+from unimm.utils.runtime import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -494,6 +495,8 @@ class PretokenizeConfig:
                 raise ValueError(f"pretokenize needs --{name}")
         if self.data_format not in ("pairs", "llava"):
             raise ValueError(f"data_format must be 'pairs' or 'llava', got {self.data_format!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def llava_image_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
