@@ -232,66 +232,68 @@ class LlavaFlag:
     boolean: bool = False  # may be given bare (`--lora_enable`), as HfArgumentParser allows for booleans
 
 
-LLAVA_FLAGS: tuple[LlavaFlag, ...] = (
+# LLaVA flags that are UniMM options under another name: LLaVA name -> (UniMM option, note for the table).
+_ALIASES: dict[str, tuple[str, str]] = {
+    "data_path": ("conversation_json", ""),
+    "image_folder": ("image_folder", ""),
+    "model_max_length": ("max_length", ""),
+    "mm_vision_select_layer": ("vision_select_layer", ""),
+    "pretrain_mm_mlp_adapter": ("pretrained_projector", "LLaVA's `mm_projector.bin` or a UniMM projector file"),
+    "mm_projector_lr": ("projector_learning_rate", "its own parameter group"),
+    "group_by_modality_length": ("group_by_modality_length", "batches of one modality and similar length"),
+    "lora_r": ("lora_r", ""),
+    "lora_alpha": ("lora_alpha", ""),
+    "lora_dropout": ("lora_dropout", ""),
+    "lora_bias": ("lora_bias", "none, all, lora_only"),
+    "double_quant": ("quantization_double_quant", "with `--bits 4`"),
+    "quant_type": ("quantization_type", "nf4, fp4; with `--bits 4`"),
+    "evaluation_strategy": ("eval_strategy", "its name since transformers 4.41"),
+    "warmup_ratio": ("warmup_steps", "as a fraction: transformers 5 reads a value below 1 as a ratio"),
+}
+_BOOLEAN_ALIASES = {"group_by_modality_length", "double_quant"}
+
+_MAPPED: tuple[LlavaFlag, ...] = (
     LlavaFlag("model_name_or_path", "mapped", "`--llm_path` (an LLM folder) or `--model_path` (a UniMM model); "
               "a hub id is refused: nothing is downloaded", _model_name_or_path),
     LlavaFlag("version", "mapped", "`--chat_format`: `v1`, `llava_llama_2`, `plain`, `chat_template` (Qwen); "
               "other values refused", _version),
-    LlavaFlag("data_path", "alias", "`--conversation_json`", _rename("conversation_json")),
-    LlavaFlag("image_folder", "alias", "`--image_folder`", _rename("image_folder")),
-    LlavaFlag("model_max_length", "alias", "`--max_length`", _rename("max_length")),
     LlavaFlag("vision_tower", "mapped", "`--vision_tower` (a local CLIP / SigLIP vision model) or "
               "`--visual_tokenizer_path` (a UniMM visual tokenizer)", _vision_tower),
-    LlavaFlag("mm_vision_select_layer", "alias", "`--vision_select_layer`", _rename("vision_select_layer")),
     LlavaFlag("mm_vision_select_feature", "mapped", "`--vision_select_feature` (patch, cls_patch)",
               _select_feature),
     LlavaFlag("mm_projector_type", "mapped", "`--projector_type` (linear, mlp2x_gelu)", _projector_type),
     LlavaFlag("tune_mm_mlp_adapter", "mapped", "train only the projector (`--train_llm false ... "
               "--train_projector true`) and write LLaVA's `mm_projector.bin` (`--save_mm_projector`)",
               _tune_adapter, boolean=True),
-    LlavaFlag("pretrain_mm_mlp_adapter", "alias", "`--pretrained_projector` (LLaVA's `mm_projector.bin` or a "
-              "UniMM projector file)", _rename("pretrained_projector")),
-    LlavaFlag("mm_projector_lr", "alias", "`--projector_learning_rate` (its own parameter group)",
-              _rename("projector_learning_rate")),
     LlavaFlag("freeze_backbone", "mapped", "`--train_llm false`", _freeze_backbone, boolean=True),
+    LlavaFlag("freeze_mm_mlp_adapter", "mapped", "`--train_projector false`", _freeze_adapter, boolean=True),
     LlavaFlag("mm_use_im_start_end", "mapped", "False: accepted (UniMM keeps its own image-start/end tokens); "
               "True: refused", _im_start_end, boolean=True),
     LlavaFlag("mm_use_im_patch_token", "mapped", "False: accepted; True (LLaVA-1.0's `<im_patch>`): refused",
               _im_patch_token, boolean=True),
-    LlavaFlag("mm_patch_merge_type", "no-op", "flat is UniMM's only layout",
-              _noop("flat is UniMM's only image layout")),
     LlavaFlag("image_aspect_ratio", "mapped", "`--image_aspect`: pad -> pad (to a square of the mean colour), "
               "square -> crop (short side resize + centre crop); anyres refused", _aspect),
-    LlavaFlag("group_by_modality_length", "alias", "`--group_by_modality_length` (image and text-only samples "
-              "in separate length-grouped batches)", _rename("group_by_modality_length"), boolean=True),
-    LlavaFlag("lora_enable", "alias", "`--use_lora`", _lora_enable, boolean=True),
-    LlavaFlag("lora_r", "alias", "`--lora_r`", _rename("lora_r")),
-    LlavaFlag("lora_alpha", "alias", "`--lora_alpha`", _rename("lora_alpha")),
-    LlavaFlag("lora_dropout", "alias", "`--lora_dropout`", _rename("lora_dropout")),
-    LlavaFlag("lora_bias", "alias", "`--lora_bias` (none, all, lora_only)", _rename("lora_bias")),
+    LlavaFlag("lora_enable", "mapped", "`--use_lora`", _lora_enable, boolean=True),
     LlavaFlag("lora_weight_path", "mapped", "empty: accepted; a path: refused (resume with "
               "`--resume_from_checkpoint`)", _lora_weight_path),
     LlavaFlag("bits", "mapped", "16: default; 4 / 8: `--quantization_bits` (QLoRA with bitsandbytes, GPU only)",
               _bits),
-    LlavaFlag("double_quant", "alias", "`--quantization_double_quant` (with `--bits 4`)",
-              _rename("quantization_double_quant"), boolean=True),
-    LlavaFlag("quant_type", "alias", "`--quantization_type` (nf4, fp4; with `--bits 4`)",
-              _rename("quantization_type")),
-    LlavaFlag("evaluation_strategy", "alias", "`--eval_strategy` (its name since transformers 4.41)",
-              _rename("eval_strategy")),
-    LlavaFlag("warmup_ratio", "alias", "`--warmup_steps` as a fraction (transformers 5 takes a ratio there)",
-              _rename("warmup_steps")),
-    LlavaFlag("tf32", "mapped", "passed on with a CUDA device; ignored, with a note, without one", _tf32, boolean=True),
+    LlavaFlag("tf32", "mapped", "passed on with a CUDA device; ignored, with a note, without one", _tf32,
+              boolean=True),
     LlavaFlag("report_to", "mapped", "passed on; a logger that is not installed is dropped, with a note",
               _report_to),
+    LlavaFlag("mm_patch_merge_type", "no-op", "flat is UniMM's only image layout",
+              _noop("flat is UniMM's only image layout")),
     LlavaFlag("lazy_preprocess", "no-op", "UniMM always tokenises each sample when it is drawn",
               _noop("UniMM always tokenises each sample when it is drawn"), boolean=True),
     LlavaFlag("mpt_attn_impl", "no-op", "MPT models are not supported; attention is `--attn_implementation`",
               _noop("attention is chosen by --attn_implementation")),
     LlavaFlag("cache_dir", "refused", "nothing is downloaded", _refuse("UniMM downloads nothing; pass local folders")),
-    LlavaFlag("freeze_mm_mlp_adapter", "mapped", "`--train_projector false`",
-              _freeze_adapter, boolean=True),
 )
+LLAVA_FLAGS: tuple[LlavaFlag, ...] = _MAPPED + tuple(
+    LlavaFlag(name, "alias", f"`--{target}`" + (f" ({note})" if note else ""), _rename(target),
+              boolean=name in _BOOLEAN_ALIASES)
+    for name, (target, note) in _ALIASES.items())
 _BY_NAME = {flag.name: flag for flag in LLAVA_FLAGS}
 
 
