@@ -30,7 +30,8 @@ class InspectConfig:
     code_cache: str | None = field(default=None, metadata={"help": "Code cache with the LLaVA images' codes."})
     num_image_positions: int = field(default=16, metadata={"help": "Positions per image slot without a cache."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate samples as training would."})
-    chat_format: str = field(default="auto", metadata={"help": "auto, chat_template, llama-2 or plain."})
+    chat_format: str = field(default="auto", metadata={
+        "help": "auto, chat_template, llama-2, plain, v1 or llava_llama_2."})
     uncond_prob: float = field(default=0.1, metadata={"help": "t2i prompt dropout, as in training."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message for conversations."})
 

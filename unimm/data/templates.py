@@ -6,6 +6,13 @@ each message's content is replaced by a sentinel, the template is rendered once,
 becomes unsupervised scaffolding. The real rendering is then checked to equal scaffolding + contents, so a
 template that rewrites content fails loudly with the sample id instead of producing shifted labels. Tokenizers
 without a template use a named format: `llama-2` (`<s>[INST] user [/INST] answer </s>`) or `plain`.
+
+LLaVA-1.5's own conversation formats are named by LLaVA's `--version` values: `v1` (vicuna v1) and
+`llava_llama_2`. They render exactly the prompt text of LLaVA's templates (`conv_templates[version].get_prompt()`
+in haotian-liu/LLaVA `llava/conversation.py`, after `preprocess_multimodal` in `llava/train/train.py` has moved each
+image to the start of its message), but their labels come from segments like every other format's: LLaVA's
+re-tokenising label masks (off by one without a legacy tokenizer or BOS; whole samples zeroed when user text holds
+`</s>`) are not reproduced, and user text such as `</s>` stays text.
 """
 
 from __future__ import annotations
@@ -207,8 +214,105 @@ class PlainFormat(ChatFormat):
         return out
 
 
+def llava_image_first(parts: Sequence[str | ImageSlot]) -> list[str | ImageSlot]:
+    """A message laid out as LLaVA's `preprocess_multimodal` lays it out: when it holds images, they move to its
+    start, each followed by a newline, and the remaining text is stripped (`"<image>\n" + text.strip()`, stripped
+    again, so an image-only message has no newline). Messages without images are left as they are."""
+    images = [part for part in parts if not isinstance(part, str)]
+    if not images:
+        return list(parts)
+    text = "".join(part for part in parts if isinstance(part, str)).strip()
+    out: list[str | ImageSlot] = []
+    for image in images:
+        out += [image, "\n"]
+    if text:
+        out[-1] = "\n" + text
+    else:
+        out.pop()
+    return out
+
+
+class _LlavaFormat(ChatFormat):
+    """What LLaVA's formats share: a default system prompt, LLaVA's image placement and an EOS token."""
+
+    default_system = ""
+
+    def _split(self, messages: Sequence[ChatMessage], sample_id: str,
+               add_generation_prompt: bool) -> tuple[str, list[ChatMessage]]:
+        _check_roles(messages, sample_id, add_generation_prompt)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"the {self.name} chat format needs a tokenizer with an EOS token")
+        system = messages[0].text if messages[0].role == "system" else self.default_system
+        turns = [ChatMessage(m.role, llava_image_first(m.parts)) for m in messages if m.role != "system"]
+        return system, turns
+
+
+class VicunaV1Format(_LlavaFormat):
+    """LLaVA-1.5's `v1` (`conv_vicuna_v1`, separator style TWO): `{system} USER: {user} ASSISTANT: {answer}</s>`
+    per turn pair, with `USER: ` right after the previous `</s>`. A generation prompt ends at `ASSISTANT:`, whose
+    following space joins the answer's first word and is supervised with it (see `attach_boundary_spaces`)."""
+
+    name = "v1"
+    default_system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                      "helpful, detailed, and polite answers to the user's questions.")
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        system, turns = self._split(messages, sample_id, add_generation_prompt)
+        tok = self.tokenizer
+        out: list[Segment] = [TokenIds([tok.bos_token_id])] if tok.bos_token_id is not None else []
+        out.append(Text(system + " "))
+        for message in turns:
+            if message.role == "user":
+                out.append(Text("USER: "))
+                out.extend(_content_segments(message.parts, supervise=False))
+                out.append(Text(" ASSISTANT:"))
+            else:
+                out.append(Text(" "))
+                out.extend(_content_segments(message.parts, supervise=True))
+                out.append(TokenIds([tok.eos_token_id], supervise=True))
+        return out
+
+
+class LlavaLlama2Format(_LlavaFormat):
+    """LLaVA's `llava_llama_2` (`conv_llava_llama_2`, separator style LLAMA_2):
+    `<s>[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST] ...`.
+
+    Unlike `llama-2` (Meta's reference, one tokenizer call per turn pair), LLaVA tokenises the whole prompt in one
+    call: the `<s>` between turns is scaffolding parsed inside the running text, so the `[INST]` after it continues
+    that text as the tokenizer would. The space before `</s>` belongs to the answer's turn end and is supervised."""
+
+    name = "llava_llama_2"
+    default_system = ("You are a helpful language and vision assistant. You are able to understand the visual "
+                      "content that the user provides, and assist the user with a variety of tasks using natural "
+                      "language.")
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        system, turns = self._split(messages, sample_id, add_generation_prompt)
+        tok = self.tokenizer
+        if tok.bos_token_id is None:
+            raise ValueError("the llava_llama_2 chat format needs a tokenizer with BOS and EOS tokens")
+        out: list[Segment] = [TokenIds([tok.bos_token_id])]
+        for i, message in enumerate(turns):
+            if message.role == "user":
+                if i == 0:
+                    out.append(Text("[INST] " + (f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else "")))
+                else:
+                    out.append(Text(f"{tok.bos_token}[INST] ", special=True))
+                out.extend(_content_segments(message.parts, supervise=False))
+                out.append(Text(" [/INST]"))
+            else:
+                out.append(Text(" "))
+                out.extend(_content_segments(message.parts, supervise=True))
+                out.append(Text(" ", supervise=True))
+                out.append(TokenIds([tok.eos_token_id], supervise=True))
+        return out
+
+
 CHAT_FORMATS: dict[str, type[ChatFormat]] = {"chat_template": HFChatTemplateFormat, "llama-2": Llama2Format,
-                                             "plain": PlainFormat}
+                                             "plain": PlainFormat, "v1": VicunaV1Format,
+                                             "llava_llama_2": LlavaLlama2Format}
 
 
 def get_chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto",
