@@ -37,6 +37,9 @@ class UniMMConfig(PretrainedConfig):
                                  small models learn slowly. Needs `num_image_positions`.
     llm_attn_implementation:     "auto" (see `unimm.utils.attention.select_attn_implementation`), "sdpa",
                                  "eager" or "flash_attention_2".
+    visual_tokenizer_identity:   the visual tokenizer the model is trained with (`unimm.llm.identity`: its config
+                                 hash, weights hash and path), checked by `check_visual_tokenizer`; None in models
+                                 saved before it was recorded.
     """
 
     model_type = "unimm"
@@ -60,6 +63,7 @@ class UniMMConfig(PretrainedConfig):
     num_image_positions: int | None = None
     image_position_embedding: bool = False
     llm_attn_implementation: str = "auto"
+    visual_tokenizer_identity: dict | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -82,6 +86,10 @@ class UniMMConfig(PretrainedConfig):
                              f"got codebook_spec={self.codebook_spec}")
         if self.image_position_embedding and not self.num_image_positions:
             raise ValueError("UniMMConfig.image_position_embedding needs num_image_positions (the tokenizer's N)")
+        if self.visual_tokenizer_identity is not None and not {"config_hash", "weights_hash"} <= set(
+                self.visual_tokenizer_identity):
+            raise ValueError("UniMMConfig.visual_tokenizer_identity needs config_hash and weights_hash, got "
+                             f"{sorted(self.visual_tokenizer_identity)}")
         if self.depth_head_layers < 1:
             raise ValueError(f"UniMMConfig.depth_head_layers must be >= 1, got {self.depth_head_layers}")
         # Text-level attributes that generation utilities and Trainer read from the top-level config.

@@ -19,6 +19,7 @@ from unimm.llm.embedding import (
     image_position_index,
     scatter_visual_embeddings,
 )
+from unimm.llm.identity import visual_tokenizer_identity
 from unimm.llm.layout import VocabLayout
 from unimm.llm.loss import joint_loss
 from unimm.tokenizer.types import CodebookSpec
@@ -129,8 +130,9 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
     ) -> UniMMForCausalLM:
         """Wrap a causal LM (a local checkpoint path or a loaded model) and add freshly initialised visual modules
         for `codebook_spec` (group -> `CodebookGroupSpec`, dict, or `(num_codes, depth[, code_dim])`), or for a
-        visual tokenizer passed in its place: its `codebook_spec`, and its `num_positions` as `num_image_positions`
-        (so `generate_images` knows the image length) unless given.
+        visual tokenizer passed in its place: its `codebook_spec`, its `num_positions` as `num_image_positions`
+        (so `generate_images` knows the image length) unless given, and its identity (`unimm.llm.identity`), which
+        `save_pretrained` writes into the config.
 
         The LLM keeps the dtype it is loaded in (`dtype`, else the checkpoint's); the new visual modules are float32
         unless `dtype` is given, so a bf16 checkpoint does not silently give bf16 master weights to modules trained
@@ -140,6 +142,7 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             codebook_spec = tokenizer.codebook_spec
             if getattr(tokenizer, "num_positions", None) is not None:
                 config_kwargs.setdefault("num_image_positions", int(tokenizer.num_positions))
+            config_kwargs.setdefault("visual_tokenizer_identity", visual_tokenizer_identity(tokenizer))
         if isinstance(llm, (str, Path)):
             if not Path(llm).exists():
                 raise FileNotFoundError(f"LLM checkpoint not found: {llm} (UniMM never downloads weights)")
