@@ -1,4 +1,4 @@
-"""LLaVA-1.5's conversation formats `v1` and `llava_llama_2` against the prompt text LLaVA's templates render.
+"""LLaVA-1.5's conversation formats `v1`, `llava_llama_2` and `llava_plain` against the prompt text LLaVA renders.
 
 The expected strings below are written by hand from the rules of haotian-liu/LLaVA:
 - `llava/conversation.py`, `Conversation.get_prompt` with `conv_vicuna_v1` (SeparatorStyle.TWO: `system + " "`, then
@@ -7,7 +7,8 @@ The expected strings below are written by hand from the rules of haotian-liu/LLa
   user turn `<s>[INST] {msg} [/INST]`, each answer `" " + answer + " </s>"`, the leading `<s>` stripped; the
   tokenizer adds the BOS);
 - `llava/train/train.py`, `preprocess_multimodal`: a message holding `<image>` becomes
-  `("<image>\\n" + message.replace("<image>", "").strip()).strip()`.
+  `("<image>\\n" + message.replace("<image>", "").strip()).strip()`; `preprocess_plain` (`--version plain`): the
+  user message is replaced by `<image>`, then the answer and sep "\\n", supervised after the image.
 Labels are not compared with LLaVA's (`preprocess_v1` / `preprocess_llama_2` re-tokenise rounds and are off by one
 without a legacy tokenizer or BOS, and zero samples whose text holds `</s>`): they must be exactly each answer and
 its turn end.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unimm.data.sequence import ImageSlot, Text, TokenIds
+from unimm.data.sequence import ImageSlot, MalformedRecordError, Text, TokenIds
 from unimm.data.sources import llava_messages, normalise_llava_record
 from unimm.data.tasks import SampleConfig, SampleFactory
 from unimm.data.templates import ChatMessage, LlavaLlama2Format, VicunaV1Format, get_chat_format, llava_image_first
@@ -208,3 +209,30 @@ def test_image_placement_rule():
     assert llava_image_first([a]) == [a]  # image-only message: no newline (LLaVA strips it)
     assert llava_image_first(["Compare ", a, " and ", b]) == [a, "\n", b, "\nCompare  and"]
     assert llava_image_first([" no image "]) == [" no image "]
+
+
+@pytest.mark.parametrize("style", ["real_llama", "llama"])
+def test_llava_plain_is_image_answer_newline(style, request):
+    tokenizer, layout = request.getfixturevalue(style)
+    factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=None, chat_format="llava_plain"))
+    caption = "A red circle on a white background."
+    record = normalise_llava_record({"id": "blip", "conversations": [
+        {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+        {"from": "gpt", "value": caption}]}, 0, "t")
+    images = [ImageSlot(codes={"semantic": torch.ones(NUM_POSITIONS, 1).long()})]
+    sample = factory.conversation(record, images)
+    expected = _llava_ids(tokenizer, "<image>" + caption + "\n")  # the user's text is dropped, as LLaVA does
+    assert sample.input_ids.tolist() == expected
+    after_image = expected.index(layout.eoi_token_id) + 1
+    assert _runs(sample.labels) == [expected[after_image:]]
+    assert tokenizer.decode(expected[after_image:]) == caption + "\n"
+    prompt = factory.generation_prompt(llava_messages(record, images)[:1])
+    assert prompt.input_ids.tolist() == expected[:after_image]
+    two_turns = normalise_llava_record({"id": "two", "conversations": [
+        {"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "a"},
+        {"from": "human", "value": "More"}, {"from": "gpt", "value": "b"}]}, 0, "t")
+    with pytest.raises(MalformedRecordError, match="one user turn with an image and one answer"):
+        factory.conversation(two_turns, images)
+    with pytest.raises(ValueError, match="no system prompt"):
+        SampleFactory(tokenizer, layout, SampleConfig(chat_format="llava_plain", system_prompt="Hi")).conversation(
+            record, images)

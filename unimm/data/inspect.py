@@ -31,7 +31,7 @@ class InspectConfig:
     num_image_positions: int = field(default=16, metadata={"help": "Positions per image slot without a cache."})
     max_length: int | None = field(default=None, metadata={"help": "Truncate samples as training would."})
     chat_format: str = field(default="auto", metadata={
-        "help": "auto, chat_template, llama-2, plain, v1 or llava_llama_2."})
+        "help": "auto, chat_template, llama-2, plain, v1, llava_llama_2 or llava_plain."})
     uncond_prob: float = field(default=0.1, metadata={"help": "t2i prompt dropout, as in training."})
     system_prompt: str | None = field(default=None, metadata={"help": "System message for conversations."})
 

@@ -43,7 +43,8 @@ class ChatFormatConfig:
     """How conversations are formatted, the same in training and at inference (`unimm.inference.chat`)."""
 
     chat_format: str = config_field("auto", "Conversation format: auto (the tokenizer's chat template, else "
-                                    "llama-2), chat_template, llama-2, plain, or LLaVA's v1 / llava_llama_2.")
+                                    "llama-2), chat_template, llama-2, plain, or LLaVA's v1 / llava_llama_2 / "
+                                    "llava_plain.")
     chat_end_token: str | None = config_field(None, "Token closing an assistant turn in the chat template "
                                               "(supervised); default: detected (<|im_end|> for Qwen).")
     system_prompt: str | None = config_field(None, "System message prepended to every conversation.")

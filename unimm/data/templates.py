@@ -8,8 +8,9 @@ template that rewrites content fails loudly with the sample id instead of produc
 without a template use a named format: `llama-2` (`<s>[INST] user [/INST] answer </s>`) or `plain`.
 
 LLaVA-1.5's own conversation formats are named by LLaVA's `--version` values: `v1` (vicuna v1) and
-`llava_llama_2`. They render exactly the prompt text of LLaVA's templates (`conv_templates[version].get_prompt()`
-in haotian-liu/LLaVA `llava/conversation.py`, after `preprocess_multimodal` in `llava/train/train.py` has moved each
+`llava_llama_2`, plus `llava_plain` for LLaVA's `plain` (stage-1 captions: image, answer, newline). `v1` and
+`llava_llama_2` render exactly the prompt text of LLaVA's templates (`conv_templates[version].get_prompt()` in
+haotian-liu/LLaVA `llava/conversation.py`, after `preprocess_multimodal` in `llava/train/train.py` has moved each
 image to the start of its message), but their labels come from segments like every other format's: LLaVA's
 re-tokenising label masks (off by one without a legacy tokenizer or BOS; whole samples zeroed when user text holds
 `</s>`) are not reproduced, and user text such as `</s>` stays text.
@@ -310,9 +311,37 @@ class LlavaLlama2Format(_LlavaFormat):
         return out
 
 
+class LlavaPlainFormat(ChatFormat):
+    """LLaVA-1.5's pretraining format (`--version plain`, `preprocess_plain`): the user's text is dropped and only
+    their image kept, then the answer and a newline, both supervised, and no EOS: `[BOS] <image>{answer}\n`. One
+    user turn with an image and one answer, as LLaVA asserts. UniMM's own `plain` keeps the user text and ends
+    with EOS instead."""
+
+    name = "llava_plain"
+
+    def segments(self, messages: Sequence[ChatMessage], sample_id: str,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        _check_roles(messages, sample_id, add_generation_prompt)
+        if messages[0].role == "system":
+            raise ValueError("LLaVA's plain format has no system prompt; unset system_prompt")
+        if len(messages) != (1 if add_generation_prompt else 2):
+            raise MalformedRecordError(sample_id, f"the llava_plain format takes one user turn with an image and "
+                                                  f"one answer, got {len(messages)} turns")
+        images = [part for part in messages[0].parts if not isinstance(part, str)]
+        if not images:
+            raise MalformedRecordError(sample_id, "the llava_plain format needs an image in the user turn")
+        bos = self.tokenizer.bos_token_id
+        out: list[Segment] = [TokenIds([bos])] if bos is not None else []
+        out.extend(images)
+        if not add_generation_prompt:
+            out.extend(_content_segments(messages[1].parts, supervise=True))
+            out.append(Text("\n", supervise=True))
+        return out
+
+
 CHAT_FORMATS: dict[str, type[ChatFormat]] = {"chat_template": HFChatTemplateFormat, "llama-2": Llama2Format,
                                              "plain": PlainFormat, "v1": VicunaV1Format,
-                                             "llava_llama_2": LlavaLlama2Format}
+                                             "llava_llama_2": LlavaLlama2Format, "llava_plain": LlavaPlainFormat}
 
 
 def get_chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto",
