@@ -4,6 +4,7 @@ Importing this package has no side effects; DeepSpeed is only imported where ZeR
 """
 
 from unimm.llm.configuration import UniMMConfig
+from unimm.llm.identity import VisualTokenizerMismatchError, check_visual_tokenizer, visual_tokenizer_identity
 from unimm.llm.layout import (
     BOI_TOKEN,
     EOI_TOKEN,
@@ -28,8 +29,11 @@ __all__ = [
     "UniMMCausalLMOutput",
     "UniMMConfig",
     "UniMMForCausalLM",
+    "VisualTokenizerMismatchError",
     "VocabLayout",
     "encode_plain_text",
+    "check_visual_tokenizer",
     "extend_tokenizer_and_model",
     "t2i_prefix_ids",
+    "visual_tokenizer_identity",
 ]
