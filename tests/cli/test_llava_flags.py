@@ -48,7 +48,7 @@ def test_vision_tower_kinds(folders):
         translate_llava_argv(["--vision_tower", str(folders["llm"])])
 
 
-@pytest.mark.parametrize("version, chat_format", [("v1", "v1"), ("plain", "plain"),
+@pytest.mark.parametrize("version, chat_format", [("v1", "v1"), ("plain", "llava_plain"),
                                                   ("llava_llama_2", "llava_llama_2"),
                                                   ("chat_template", "chat_template")])
 def test_version_is_the_chat_format(version, chat_format):

@@ -23,8 +23,9 @@ _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
 # LLaVA's `--version` (conversation template) values -> UniMM chat formats.
-LLAVA_VERSIONS = {"v1": "v1", "vicuna_v1": "v1", "llava_v1": "v1", "llava_llama_2": "llava_llama_2",
-                  "plain": "plain", "chat_template": "chat_template", "qwen": "chat_template"}
+# LLaVA's `plain` is its stage-1 format (image, caption, newline: `llava_plain`), not UniMM's `plain`.
+LLAVA_VERSIONS = {"v1": "v1", "vicuna_v1": "v1", "llava_llama_2": "llava_llama_2", "plain": "llava_plain",
+                  "chat_template": "chat_template", "qwen": "chat_template"}
 
 
 class LlavaFlagError(UserError, ValueError):
@@ -255,7 +256,7 @@ _BOOLEAN_ALIASES = {"group_by_modality_length", "double_quant"}
 _MAPPED: tuple[LlavaFlag, ...] = (
     LlavaFlag("model_name_or_path", "mapped", "`--llm_path` (an LLM folder) or `--model_path` (a UniMM model); "
               "a hub id is refused: nothing is downloaded", _model_name_or_path),
-    LlavaFlag("version", "mapped", "`--chat_format`: `v1`, `llava_llama_2`, `plain`, `chat_template` (Qwen); "
+    LlavaFlag("version", "mapped", "`--chat_format`: `v1`, `llava_llama_2`, `plain` (as `llava_plain`), `chat_template` (Qwen); "
               "other values refused", _version),
     LlavaFlag("vision_tower", "mapped", "`--vision_tower` (a local CLIP / SigLIP vision model) or "
               "`--visual_tokenizer_path` (a UniMM visual tokenizer)", _vision_tower),

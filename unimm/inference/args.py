@@ -27,6 +27,9 @@ class InferenceArguments:
     dtype: str = config_field("auto", "Weight dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, "
                               "float16.")
     seed: int = config_field(0, "Sampling seed (results are deterministic for a seed and batch size).")
+    allow_visual_tokenizer_mismatch: bool = config_field(
+        False, "Use visual_tokenizer_path even when its config or weights hash differs from the visual tokenizer "
+        "the model was trained with (recorded in its config.json); warns instead of refusing.")
 
     def __post_init__(self) -> None:
         if not self.model_path or not self.visual_tokenizer_path:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from unimm.llm import UniMMForCausalLM
+from unimm.llm import UniMMForCausalLM, check_visual_tokenizer
 from unimm.utils.errors import ModelFolderError, model_folder
 from unimm.utils.runtime import inference_dtype, resolve_device
 
@@ -50,5 +50,7 @@ def load_inference_stack(infer_args: Any) -> InferenceStack:
 
     device = resolve_device(infer_args.device)
     model, text_tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)
-    visual = load_visual_tokenizer(infer_args.visual_tokenizer_path).to(device)
+    visual = load_visual_tokenizer(infer_args.visual_tokenizer_path)
+    check_visual_tokenizer(model.config, visual, allow_mismatch=infer_args.allow_visual_tokenizer_mismatch)
+    visual = visual.to(device)  # hashed above in the dtype it was saved in
     return InferenceStack(model, text_tokenizer, visual, device)

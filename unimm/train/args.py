@@ -58,6 +58,9 @@ class ModelArguments:
     train_visual_heads: bool = config_field(True, "Train the visual code embeddings and depth heads.")
     train_projector: bool = config_field(
         True, "Train the projector from continuous visual features (VQRAE understanding) to the LLM width.")
+    allow_visual_tokenizer_mismatch: bool = config_field(
+        False, "Use visual_tokenizer_path even when its config or weights hash differs from the visual tokenizer "
+        "the model was trained with (recorded in its config.json); warns instead of refusing.")
 
     def __post_init__(self) -> None:
         if self.model_path is None and (self.llm_path is None or self.visual_tokenizer_path is None):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, extend_tokenizer_and_model
+from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, check_visual_tokenizer, extend_tokenizer_and_model
 from unimm.train.args import DataArguments, ModelArguments, VisualModulesConfig
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
@@ -72,6 +72,9 @@ def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None 
         model, text_tokenizer = _load_unimm_model(Path(model_args.model_path), dtype)
         if visual_tokenizer is not None:
             _check_spec(model.config.codebook_spec, visual_tokenizer, model_args.visual_tokenizer_path)
+            # the tokenizer this run trains with is the one recorded (models saved before identities gain one)
+            model.config.visual_tokenizer_identity = check_visual_tokenizer(
+                model.config, visual_tokenizer, allow_mismatch=model_args.allow_visual_tokenizer_mismatch)
         layout = model.config.layout
     else:
         if visual_tokenizer is None:
@@ -114,7 +117,7 @@ def _extend_llm(model_args: ModelArguments, modules: VisualModulesConfig, visual
             select_attn_implementation(model_args.attn_implementation, dtype)))
     set_seed(seed)
     model = UniMMForCausalLM.from_llm(
-        llm, visual_tokenizer.codebook_spec, flat_codes=model_args.flat_codes,
+        llm, visual_tokenizer, flat_codes=model_args.flat_codes,
         feature_dim=_feature_dim(visual_tokenizer) if use_image_features else None, dtype=dtype,
         attn_implementation=model_args.attn_implementation, **overrides,
     )
