@@ -20,14 +20,13 @@ def visual_tokenizer_path(tmp_path_factory) -> Path:
 
 
 def _save_unimm(path: Path, llm: Path, visual_tokenizer: Path, use_image_features: bool) -> Path:
-    from unimm.train.arguments import ModelArguments
-    from unimm.train.build import build_model
+    from unimm.train.args import ModelArguments, VisualModulesConfig
+    from unimm.train.llm.build import build_model
 
-    built = build_model(ModelArguments(llm_path=str(llm), tokenizer_path=str(visual_tokenizer),
-                                       model_config_overrides='{"depth_head_layers": 1}'),
-                        use_image_features=use_image_features)
+    built = build_model(ModelArguments(llm_path=str(llm), visual_tokenizer_path=str(visual_tokenizer)),
+                        VisualModulesConfig(depth_head_layers=1), use_image_features=use_image_features)
     built.model.save_pretrained(path)
-    built.tokenizer.save_pretrained(path)
+    built.text_tokenizer.save_pretrained(path)
     return path
 
 

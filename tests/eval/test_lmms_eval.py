@@ -19,10 +19,9 @@ import torch
 
 pytest.importorskip("lmms_eval")
 
-from unimm.data.shapes import SHAPE_QUESTION, ShapesDataset  # noqa: E402
+from unimm.data.toy.shapes import COLOUR_QUESTION, SHAPE_QUESTION, ShapesDataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-COLOUR_QUESTION = "What colour is the shape?"
 MAX_NEW_TOKENS = 6
 
 
@@ -34,7 +33,8 @@ class Reference:
 
     def __init__(self, model_path: Path, visual_tokenizer_path: Path):
         from unimm.data.tasks import SampleConfig, SampleFactory
-        from unimm.train.build import load_for_inference, load_visual_tokenizer
+        from unimm.inference.stack import load_for_inference
+        from unimm.train.llm.build import load_visual_tokenizer
 
         self.model, self.tokenizer = load_for_inference(model_path, torch.device("cpu"), "float32")
         self.visual = load_visual_tokenizer(visual_tokenizer_path)
@@ -271,8 +271,8 @@ def test_loglikelihood_is_the_summed_log_probability_of_the_continuation(request
     def target_of(text):
         return lambda doc: text  # a loglikelihood task's doc_to_target
 
-    requests = [make_request("loglikelihood", (docs[i]["question"], target_of(text), doc_to_visual, i, "shapes", "test"))
-                for i, text in cases]
+    requests = [make_request("loglikelihood", (docs[i]["question"], target_of(text), doc_to_visual, i, "shapes",
+                                               "test")) for i, text in cases]
     got = lmm.loglikelihood(requests)
     for (i, text), (logprob, greedy) in zip(cases, got):
         want_logprob, want_greedy = reference.loglikelihood(docs[i]["image"], docs[i]["question"], text)

@@ -4,15 +4,16 @@
         --model_args pretrained=runs/finetune_merged,visual_tokenizer=runs/tokenizer \
         --tasks mme,pope --batch_size 8 --output_path results/ --log_samples
 
-lmms-eval finds this class through the `lmms_eval.models` entry point (pyproject.toml, `unimm.eval`). Requests
-become prompts the way UniMM's chat builds them: the task's text is the user turn of the model's chat format,
-each image an image slot in front of it (the visual tokenizer's codes, or its features when the model has a feature
-projector), built by the sequence builder without targets. `<image>` in a task's text marks where its images go.
+lmms-eval finds this class through the `lmms_eval.models` entry point (pyproject.toml, `unimm.eval`). The stack
+is loaded and prompts are built with `unimm.inference`, as `unimm-chat` does: the task's text is the user turn of
+the model's chat format, each image an image slot in front of it (`image_slot`: the visual tokenizer's codes, or its
+features when the model has a feature projector), built by the sequence builder without targets. `<image>` in a
+task's text marks where its images go instead.
 
-model_args: pretrained (UniMM model folder or LoRA checkpoint), visual_tokenizer (its visual tokenizer; needed
-for tasks with images), dtype, chat_format, chat_end_token, system_prompt, max_new_tokens (when the task sets
-none), seed (sampled generation). --batch_size N batches prompts; --device picks the device (default: cuda if
-available). One process only: lmms-eval's data-parallel launch is refused, not silently run N times.
+model_args: pretrained (UniMM model folder or LoRA checkpoint), visual_tokenizer (the visual tokenizer it was
+trained with), dtype, chat_format, chat_end_token, system_prompt, max_new_tokens (when the task sets none), seed
+(sampled generation). --batch_size N batches prompts; --device picks the device (default: cuda if available). One
+process only: lmms-eval's data-parallel launch is refused, not silently run N times.
 
 `generate_until` cuts each answer at the first `until` string. `loglikelihood` returns what lmms-eval's API
 documents: (sum of the continuation tokens' log-probabilities, is_greedy). Through the evaluator of lmms-eval 0.7.x
@@ -40,8 +41,11 @@ from tqdm import tqdm
 
 from unimm.data.images import load_image
 from unimm.data.sequence import ImageSlot, Sample, Text
-from unimm.data.tasks import SampleConfig, SampleFactory
+from unimm.data.tasks import ChatFormatConfig
 from unimm.data.templates import IMAGE_PLACEHOLDER, ChatMessage
+from unimm.inference.args import InferenceArguments
+from unimm.inference.chat import chat_factory, image_slot
+from unimm.inference.stack import InferenceStack, load_inference_stack
 from unimm.llm.generation import generate_text
 from unimm.llm.layout import IGNORE_INDEX
 
@@ -52,24 +56,6 @@ MAX_ROUNDS = 64
 # generation_kwargs keys this model reads; others (model-specific ones such as LLaVA's image_aspect_ratio) are
 # reported once and ignored.
 _GENERATION_KEYS = {"until", "max_new_tokens", "temperature", "do_sample", "top_p", "num_beams"}
-
-
-def load_stack(pretrained: str, visual_tokenizer: str | None, device: str = "auto", dtype: str = "auto"):
-    """(model, text tokenizer, visual tokenizer or None, device), all in eval mode on `device`. The one place this
-    module opens checkpoints."""
-    from unimm.tokenizer.types import codebook_spec_to_dict
-    from unimm.train.build import load_for_inference, load_visual_tokenizer, resolve_device
-
-    torch_device = resolve_device(device)
-    model, tokenizer = load_for_inference(pretrained, torch_device, dtype)
-    visual = None
-    if visual_tokenizer is not None:
-        visual = load_visual_tokenizer(visual_tokenizer).to(torch_device)
-        spec = codebook_spec_to_dict(visual.codebook_spec)
-        if spec != model.config.codebook_spec:
-            raise ValueError(f"visual_tokenizer={visual_tokenizer} has codebook_spec {spec}, but the model at "
-                             f"{pretrained} was built for {model.config.codebook_spec}")
-    return model, tokenizer, visual, torch_device
 
 
 def _as_bool(value: Any) -> bool:
@@ -89,11 +75,12 @@ class UniMMLmms(lmms):
 
     is_simple = True  # requests carry the task's flat text; the chat format is applied here
 
-    def __init__(self, pretrained: str, visual_tokenizer: str | None = None, device: str | None = None,
+    def __init__(self, pretrained: str, visual_tokenizer: str, device: str | None = None,
                  dtype: str = "auto", batch_size: int | str = 1, max_batch_size: int | None = None,
                  chat_format: str = "auto", chat_end_token: str | None = None, system_prompt: str | None = None,
                  max_new_tokens: int = 128, seed: int = 0) -> None:
         super().__init__()
+        del max_batch_size  # lmms-eval passes it for --batch_size auto, which is refused below
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1:
             raise RuntimeError(f"the unimm model runs in one process (WORLD_SIZE={world_size}); launch lmms-eval "
@@ -105,10 +92,12 @@ class UniMMLmms(lmms):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.max_new_tokens = int(max_new_tokens)
         self.seed = int(seed)
-        self.model, self.tokenizer, self.visual, self.device = load_stack(
-            str(pretrained), _none_or(visual_tokenizer, str), device or "auto", str(dtype))
-        self.factory = SampleFactory(self.tokenizer, self.model.config.layout, SampleConfig(
-            max_length=None, chat_format=str(chat_format), chat_end_token=_none_or(chat_end_token, str),
+        self.stack: InferenceStack = load_inference_stack(InferenceArguments(
+            model_path=str(pretrained), visual_tokenizer_path=str(visual_tokenizer), device=device or "auto",
+            dtype=str(dtype)))
+        self.model, self.tokenizer, self.device = self.stack.model, self.stack.text_tokenizer, self.stack.device
+        self.factory = chat_factory(self.stack, ChatFormatConfig(
+            chat_format=str(chat_format), chat_end_token=_none_or(chat_end_token, str),
             system_prompt=_none_or(system_prompt, str)))
         self._ignored_keys: set[str] = set()
 
@@ -131,21 +120,6 @@ class UniMMLmms(lmms):
             images.append(load_image(item, sample_id).convert("RGB"))
         return images
 
-    def _image_slots(self, images: Sequence[Image.Image], sample_id: str) -> list[ImageSlot]:
-        """The images as the model reads them: features when it has a feature projector, codes otherwise."""
-        if not images:
-            return []
-        if self.visual is None:
-            raise ValueError(f"{sample_id} has images but no visual tokenizer was given: add "
-                             "visual_tokenizer=PATH to --model_args")
-        pixels = self.visual.preprocess(list(images)).to(self.device)  # [n, 3, H, W]
-        with torch.no_grad():
-            if self.model.feature_projector is not None:
-                features = self.visual.encode_features(pixels).cpu()  # [n, N, C]
-                return [ImageSlot(features=features[i]) for i in range(len(images))]
-            codes = {name: c.cpu() for name, c in self.visual.encode(pixels).items()}  # group -> [n, N, D]
-            return [ImageSlot(codes={name: c[i] for name, c in codes.items()}) for i in range(len(images))]
-
     def _messages(self, context: str, slots: list[ImageSlot], sample_id: str) -> list[ChatMessage]:
         """One user turn: images at the task's `<image>` marks, or all in front of the text (as in training data)."""
         pieces = context.split(IMAGE_PLACEHOLDER)
@@ -165,7 +139,8 @@ class UniMMLmms(lmms):
         return messages
 
     def _segments(self, context: str, images: Sequence[Image.Image], sample_id: str) -> list:
-        messages = self._messages(context, self._image_slots(images, sample_id), sample_id)
+        slots = [image_slot(self.stack, image, sample_id) for image in images]
+        messages = self._messages(context, slots, sample_id)
         return self.factory.chat_format.segments(messages, sample_id, add_generation_prompt=True)
 
     def _batch(self, samples: Sequence[Sample], left_pad: bool) -> dict[str, Any]:
