@@ -52,7 +52,7 @@ class Reference:
                 slot = ImageSlot(codes={g: c[0] for g, c in self.visual.encode(pixels).items()})
         return self.factory.generation_prompt([ChatMessage("user", [slot, "\n", question])])
 
-    def answer(self, image, question: str, max_new_tokens: int = MAX_NEW_TOKENS) -> str:
+    def answer(self, image, question: str, max_new_tokens: int = MAX_NEW_TOKENS, stop: str | None = "\n") -> str:
         from unimm.llm.generation import generate_text
 
         sample = self.prompt(image, question)
@@ -60,7 +60,7 @@ class Reference:
         features = torch.stack(sample.image_features) if sample.image_features else None
         (text,) = generate_text(self.model, self.tokenizer, sample.input_ids[None], visual_codes=codes,
                                 image_features=features, max_new_tokens=max_new_tokens)
-        return text.split("\n")[0]
+        return text.split(stop)[0] if stop else text
 
     @torch.no_grad()
     def loglikelihood(self, image, question: str, continuation: str) -> tuple[float, bool]:
@@ -174,6 +174,34 @@ def write_shapes_tasks(root: Path, reference: Reference, num_docs: int = 4) -> l
     return docs
 
 
+def write_local_benchmarks(root: Path) -> list[str]:
+    """lmms-eval's own MME and POPE tasks on a local copy, the way the README tells users to point them at one: a
+    Hub-layout parquet folder (here 2 shapes images x a yes and a no question, in MME's and POPE's columns) and a
+    task YAML that includes the bundled one and overrides dataset_path. Returns the task names."""
+    import datasets
+    import lmms_eval
+
+    from unimm.data.toy.shapes import ShapesDataset
+
+    rows = {"question_id": [], "image": [], "question": [], "answer": [], "category": []}
+    for i, sample in enumerate(ShapesDataset(2, seed=7)):
+        for question, answer in ((f"Is the shape {sample.colour}? Please answer yes or no.", "Yes"),
+                                 (f"Is the shape a {sample.shape} at the {sample.position}? Please answer yes or no.",
+                                  "Yes" if i else "No")):
+            rows["question_id"].append(f"shapes/{i}.png")
+            rows["image"].append(sample.image)
+            rows["question"].append(question)
+            rows["answer"].append(answer)
+            rows["category"].append("color")
+    features = datasets.Features({**{k: datasets.Value("string") for k in rows}, "image": datasets.Image()})
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(root / "local_copy/data/test-00000-of-00001.parquet")
+    bundled = Path(lmms_eval.__file__).parent / "tasks"
+    for name, yaml_file in (("mme_local", bundled / "mme/mme.yaml"), ("pope_local", bundled / "pope/pope.yaml")):
+        (root / f"{name}.yaml").write_text(f"include: {yaml_file}\ntask: {name}\ndataset_path: {root / 'local_copy'}\n"
+                                           "dataset_kwargs:\n  token: false\n")
+    return ["mme_local", "pope_local"]
+
+
 def run_lmms_eval(args: list[str], home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HOME": str(home), "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
@@ -198,14 +226,16 @@ def test_lmms_eval_cli_scores_a_local_task(tmp_path, unimm_codes_path, visual_to
 
     reference = Reference(unimm_codes_path, visual_tokenizer_path)
     docs = write_shapes_tasks(tmp_path / "tasks", reference)
+    benchmarks = write_local_benchmarks(tmp_path / "tasks")
     output = tmp_path / "results"
     run_lmms_eval(["--model", "unimm", "--model_args",
                    f"pretrained={unimm_codes_path},visual_tokenizer={visual_tokenizer_path},device=cpu",
-                   "--tasks", ",".join(TASKS), "--include_path", str(tmp_path / "tasks"), "--batch_size", "3",
-                   "--output_path", str(output), "--log_samples"], home=tmp_path)
+                   "--tasks", ",".join([*TASKS, *benchmarks]), "--include_path", str(tmp_path / "tasks"),
+                   "--batch_size", "3", "--output_path", str(output), "--log_samples"], home=tmp_path)
 
     (results_file,) = output.rglob("*_results.json")
-    results = json.loads(results_file.read_text())["results"]
+    report = json.loads(results_file.read_text())
+    results = report["results"]
     images = [Image.open(d["image"]) for d in docs]
 
     # generate_until: the logged answers are the model's own greedy answers, scored by lmms-eval's exact_match
@@ -226,6 +256,23 @@ def test_lmms_eval_cli_scores_a_local_task(tmp_path, unimm_codes_path, visual_to
         hits += [a.strip() == t for a, t in zip(round_answers, doc["round_answers"])]
     score = results["unimm_shapes_rounds"]["rounds_exact_match,none"]
     assert 0.0 <= score <= 1.0 and score == pytest.approx(sum(hits) / len(hits))
+
+    # the bundled MME and POPE tasks on the local copy: their own prompts, answered by the model, scored by their
+    # own metrics (MME: 0-200 per category, here one; POPE: fractions)
+    import datasets
+
+    local_copy = datasets.load_dataset(str(tmp_path / "tasks" / "local_copy"), split="test")
+    for task in benchmarks:
+        samples = read_samples(output, task)
+        max_new_tokens = report["configs"][task]["generation_kwargs"]["max_new_tokens"]  # MME 16, POPE 128
+        assert [s["doc_id"] for s in samples] == list(range(len(local_copy)))
+        for sample, row in zip(samples, local_copy):
+            assert sample["input"].startswith(row["question"].replace(" Please answer yes or no.", ""))
+            assert sample["filtered_resps"] == reference.answer(row["image"], sample["input"], max_new_tokens,
+                                                                stop=None)
+    assert 0.0 <= results["mme_local"]["mme_perception_score,none"] <= 200.0
+    for metric in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score"):
+        assert 0.0 <= results["pope_local"][f"{metric},none"] <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------- unit tests
