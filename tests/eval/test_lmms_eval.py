@@ -363,3 +363,14 @@ def test_prompt_errors_name_the_request(unimm_codes_path, visual_tokenizer_path)
     beams = make_request("generate_until", ("?", {"num_beams": 3}, doc_to_visual, 0, "shapes", "test"))
     with pytest.raises(ValueError, match="num_beams=3"):
         lmm.generate_until([beams])
+
+
+def test_a_different_visual_tokenizer_is_refused(unimm_codes_path, tmp_path):
+    from unimm.llm.identity import VisualTokenizerMismatchError
+    from unimm.tokenizer import build_tokenizer
+
+    other = tmp_path / "other_visual_tokenizer"  # same codebook spec, other weights
+    build_tokenizer("dualtoken-tiny", image_size=32, patch_size=8, encoder_hidden_size=32, pixel_num_codes=64,
+                    semantic_num_codes=64, seed=1).save_pretrained(other)
+    with pytest.raises(VisualTokenizerMismatchError):
+        make_model(unimm_codes_path, other, [])

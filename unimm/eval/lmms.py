@@ -11,7 +11,8 @@ features when the model has a feature projector), built by the sequence builder 
 task's text marks where its images go instead.
 
 model_args: pretrained (UniMM model folder or LoRA checkpoint), visual_tokenizer (the visual tokenizer it was
-trained with), dtype, chat_format, chat_end_token, system_prompt, max_new_tokens (when the task sets none), seed
+trained with; another one is refused, as by `unimm-chat`, unless allow_visual_tokenizer_mismatch=true), dtype,
+chat_format, chat_end_token, system_prompt, max_new_tokens (when the task sets none), seed
 (sampled generation). --batch_size N batches prompts; --device picks the device (default: cuda if available). One
 process only: lmms-eval's data-parallel launch is refused, not silently run N times.
 
@@ -78,7 +79,7 @@ class UniMMLmms(lmms):
     def __init__(self, pretrained: str, visual_tokenizer: str, device: str | None = None,
                  dtype: str = "auto", batch_size: int | str = 1, max_batch_size: int | None = None,
                  chat_format: str = "auto", chat_end_token: str | None = None, system_prompt: str | None = None,
-                 max_new_tokens: int = 128, seed: int = 0) -> None:
+                 max_new_tokens: int = 128, seed: int = 0, allow_visual_tokenizer_mismatch: bool = False) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it for --batch_size auto, which is refused below
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -94,7 +95,7 @@ class UniMMLmms(lmms):
         self.seed = int(seed)
         self.stack: InferenceStack = load_inference_stack(InferenceArguments(
             model_path=str(pretrained), visual_tokenizer_path=str(visual_tokenizer), device=device or "auto",
-            dtype=str(dtype)))
+            dtype=str(dtype), allow_visual_tokenizer_mismatch=_as_bool(allow_visual_tokenizer_mismatch)))
         self.model, self.tokenizer, self.device = self.stack.model, self.stack.text_tokenizer, self.stack.device
         self.factory = chat_factory(self.stack, ChatFormatConfig(
             chat_format=str(chat_format), chat_end_token=_none_or(chat_end_token, str),
