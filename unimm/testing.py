@@ -121,6 +121,47 @@ def build_tiny_llm(save_dir: str | Path, family: str = "qwen2", tokenizer: PreTr
     return Path(save_dir)
 
 
+def build_tiny_vision_tower(save_dir: str | Path, family: str = "clip", image_size: int = 32, patch_size: int = 8,
+                            hidden_size: int = 32, num_layers: int = 3, full_model: bool = False,
+                            seed: int = 0) -> Path:
+    """Save a tiny random CLIP or SigLIP vision encoder and its image processor (CLIP's or SigLIP's, with their
+    normalisation) to `save_dir`, as `unimm.llm.vision_tower.VisionTower.from_path` (`--vision_tower`) loads them.
+    `full_model=True` saves a whole `CLIPModel` / `SiglipModel` (text half included), which is what the checkpoints
+    LLaVA names (`openai/clip-vit-large-patch14-336`) are. Returns the path."""
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    if family not in ("clip", "siglip"):
+        raise ValueError(f"family must be 'clip' or 'siglip', got {family!r}")
+    vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    text = dict(vocab_size=64, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    if family == "clip":
+        model = (CLIPModel(CLIPConfig(text_config=text, vision_config=vision)) if full_model
+                 else CLIPVisionModel(CLIPVisionConfig(**vision)))
+        processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                       crop_size={"height": image_size, "width": image_size})
+    else:
+        model = (SiglipModel(SiglipConfig(text_config=text, vision_config=vision)) if full_model
+                 else SiglipVisionModel(SiglipVisionConfig(**vision)))
+        processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    model.save_pretrained(save_dir)
+    processor.save_pretrained(save_dir)
+    return Path(save_dir)
+
+
 # Real tokenizers, shipped inside PyPI wheels: the files UniMM tests against are the ones real checkpoints use.
 # Pinned versions, so the test assets never change under the suite.
 MISTRAL_COMMON_WHEEL = ("mistral-common==1.13.1", "mistral_common/data/tokenizer.model.v1")  # 32000 SentencePiece

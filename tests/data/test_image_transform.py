@@ -70,9 +70,26 @@ def test_pad_to_square_keeps_the_whole_image_and_fills_with_the_mean(photo):
     assert cropped[:, 0].abs().mean() > 0.1  # the crop has photo content in its first row; the pad does not
 
 
+def test_pad_fill_and_squash(photo):
+    """Vision towers: `pad_fill` sets the padding colour exactly (LLaVA truncates mean * 255, the default rounds);
+    `squash` resizes the whole photo to the square (SigLIP's processor)."""
+    image = load_image(str(photo), "p")
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    fill = (122, 116, 104)  # int(mean * 255); the default fill is (123, 117, 104)
+    padded = ImageTransform(64, mean, std, aspect="pad", pad_fill=fill)(image)
+    corner = ImageTransform(64, mean, std).denormalize(padded)[:, 0, 0] * 255
+    assert torch.allclose(corner, torch.tensor(fill, dtype=torch.float32), atol=1e-3)
+    assert not torch.equal(padded, ImageTransform(64, mean, std, aspect="pad")(image))
+    squashed = ImageTransform(64, mean, std, aspect="squash")(image)
+    expected = ImageTransform(64, mean, std)(image.resize((64, 64), Image.Resampling.BICUBIC))
+    assert torch.equal(squashed, expected)
+    with pytest.raises(ValueError, match="pad_fill needs 3 values in"):
+        ImageTransform(64, pad_fill=(300, 0, 0))
+
+
 def test_transform_rejects_unknown_aspect():
     with pytest.raises(ValueError, match="aspect must be one of"):
-        ImageTransform(32, aspect="squash")
+        ImageTransform(32, aspect="stretch")
     with pytest.raises(ValueError, match="image_aspect must be 'crop' or 'pad'"):
         build_tokenizer("vqrae-tiny", image_aspect="squash")
 

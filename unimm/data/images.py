@@ -282,7 +282,7 @@ def _read_webdataset(files: list[str], source: str, split: str, streaming: bool,
 # ----------------------------------------------------------------------------------------------- transforms
 
 
-IMAGE_ASPECTS = ("crop", "pad")
+IMAGE_ASPECTS = ("crop", "pad", "squash")
 
 
 class ImageTransform:
@@ -293,10 +293,15 @@ class ImageTransform:
     `aspect="crop"`: resize the short side to `image_size` (bicubic) and centre-crop a square.
     `aspect="pad"`: pad the long side to a square filled with `mean` (LLaVA's `image_aspect_ratio: pad`, which fills
     with the image processor's mean, so the padding normalises to 0), then resize to `image_size` (bicubic); the
-    whole image is kept. Then scale to [0, 1], subtract `mean` and divide by `std` (per channel)."""
+    whole image is kept. `pad_fill` overrides the padding colour (8-bit RGB; LLaVA truncates `mean * 255`, which
+    `unimm.llm.vision_tower` uses so that pixels match LLaVA's exactly).
+    `aspect="squash"`: resize to a square ignoring the aspect ratio, as SigLIP's image processor does (vision towers
+    only; visual tokenizers crop or pad).
+    Then scale to [0, 1], subtract `mean` and divide by `std` (per channel)."""
 
     def __init__(self, image_size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), aspect: str = "crop"):
+                 std: Sequence[float] = (0.5, 0.5, 0.5), aspect: str = "crop",
+                 pad_fill: Sequence[int] | None = None):
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
         if len(mean) != 3 or len(std) != 3:
@@ -305,6 +310,9 @@ class ImageTransform:
             raise ValueError(f"std values must be positive, got {list(std)}")
         if aspect not in IMAGE_ASPECTS:
             raise ValueError(f"aspect must be one of {IMAGE_ASPECTS}, got {aspect!r}")
+        if pad_fill is not None and (len(pad_fill) != 3 or any(not 0 <= int(v) <= 255 for v in pad_fill)):
+            raise ValueError(f"pad_fill needs 3 values in [0, 255] (RGB), got {list(pad_fill)}")
+        self.pad_fill = None if pad_fill is None else tuple(int(v) for v in pad_fill)
         self.image_size = int(image_size)
         self.aspect = aspect
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -312,9 +320,11 @@ class ImageTransform:
 
     @classmethod
     def for_tokenizer(cls, tokenizer: Any) -> ImageTransform:
-        """The transform of a visual tokenizer: its input size, its encoder's normalisation and its `image_aspect`."""
+        """The transform of a visual tokenizer (or `VisionTower`): its input size, its encoder's normalisation, its
+        `image_aspect` and, where it has one, its `image_pad_fill`."""
         return cls(int(tokenizer.image_size), tuple(tokenizer.image_mean), tuple(tokenizer.image_std),
-                   aspect=getattr(tokenizer, "image_aspect", "crop"))
+                   aspect=getattr(tokenizer, "image_aspect", "crop"),
+                   pad_fill=getattr(tokenizer, "image_pad_fill", None))
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
         size = self.image_size
@@ -330,7 +340,7 @@ class ImageTransform:
         width, height = image.size
         side = max(width, height)
         if width != height:
-            fill = tuple(int(round(float(m) * 255)) for m in self.mean.flatten())
+            fill = self.pad_fill or tuple(int(round(float(m) * 255)) for m in self.mean.flatten())
             square = Image.new("RGB", (side, side), fill)
             square.paste(image, ((side - width) // 2, (side - height) // 2))
             image = square
@@ -340,7 +350,12 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
-        image = self.resize_and_crop(image) if self.aspect == "crop" else self.pad_and_resize(image)
+        if self.aspect == "crop":
+            image = self.resize_and_crop(image)
+        elif self.aspect == "pad":
+            image = self.pad_and_resize(image)
+        elif image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
         tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, H, W]
         return (tensor - self.mean) / self.std

@@ -6,6 +6,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
 
+from unimm.llm.embedding import PROJECTOR_TYPES
 from unimm.llm.layout import VocabLayout
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, codebook_spec_from_dict, codebook_spec_to_dict
 from unimm.utils.hf_compat import SubConfigSpec
@@ -24,8 +25,12 @@ class UniMMConfig(PretrainedConfig):
     code_embed_dim:              width of each group's code embedding before the groups are concatenated and
                                  projected to the LLM width (default: the LLM hidden size).
     per_depth_code_embeddings:   one code table per depth instead of one per group.
-    feature_dim:                 width of continuous encoder features (VQRAE understanding); enables the
-                                 `mlp2x_gelu` feature projector.
+    feature_dim:                 width of continuous encoder features (VQRAE understanding, a CLIP/SigLIP
+                                 vision tower); enables the feature projector.
+    feature_projector_type:      "mlp2x_gelu" (LLaVA-1.5, default) or "linear" (LLaVA's `--mm_projector_type`).
+    vision_tower:                the plain vision tower whose features the projector reads
+                                 (`unimm.llm.vision_tower.VisionTower.to_dict()`: path, select layer and feature,
+                                 image aspect), so inference rebuilds the same inputs; None otherwise.
     depth_head_*:                the depth transformer run at every visual target (DESIGN §3).
     shared_depth_classifier:     one classifier for all depths of a group instead of one per depth.
     visual_loss_weight:          weight of each visual position's loss relative to a text token's.
@@ -53,6 +58,8 @@ class UniMMConfig(PretrainedConfig):
     code_embed_dim: int | None = None
     per_depth_code_embeddings: bool = False
     feature_dim: int | None = None
+    feature_projector_type: str = "mlp2x_gelu"
+    vision_tower: dict | None = None
     depth_head_layers: int = 3
     depth_head_hidden_size: int | None = None
     depth_head_num_heads: int | None = None
@@ -90,6 +97,9 @@ class UniMMConfig(PretrainedConfig):
                 self.visual_tokenizer_identity):
             raise ValueError("UniMMConfig.visual_tokenizer_identity needs config_hash and weights_hash, got "
                              f"{sorted(self.visual_tokenizer_identity)}")
+        if self.feature_projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"UniMMConfig.feature_projector_type must be one of {PROJECTOR_TYPES}, "
+                             f"got {self.feature_projector_type!r}")
         if self.depth_head_layers < 1:
             raise ValueError(f"UniMMConfig.depth_head_layers must be >= 1, got {self.depth_head_layers}")
         # Text-level attributes that generation utilities and Trainer read from the top-level config.

@@ -61,17 +61,29 @@ class VisualCodeEmbedding(nn.Module):
         return self.proj(torch.cat(parts, dim=-1))
 
 
-class FeatureProjector(nn.Module):
-    """LLaVA's `mlp2x_gelu`: Linear(feature_dim, hidden) -> GELU -> Linear(hidden, hidden)."""
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 
-    def __init__(self, feature_dim: int, hidden_size: int):
+
+class FeatureProjector(nn.Module):
+    """LLaVA's projectors (`--mm_projector_type`): `mlp2x_gelu` (LLaVA-1.5, the default) is Linear(feature_dim,
+    hidden) -> GELU -> Linear(hidden, hidden); `linear` (LLaVA-1) is Linear(feature_dim, hidden) alone.
+    `unimm.llm.projector` saves and loads them in LLaVA's `mm_projector.bin` key layout."""
+
+    def __init__(self, feature_dim: int, hidden_size: int, projector_type: str = "mlp2x_gelu"):
         super().__init__()
+        if projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"feature projector type must be one of {PROJECTOR_TYPES}, got {projector_type!r}")
+        self.projector_type = projector_type
         self.linear_1 = nn.Linear(feature_dim, hidden_size)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+        if projector_type == "mlp2x_gelu":
+            self.act = nn.GELU()
+            self.linear_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(features.to(self.linear_1.weight.dtype))))
+        hidden = self.linear_1(features.to(self.linear_1.weight.dtype))
+        if self.projector_type == "linear":
+            return hidden
+        return self.linear_2(self.act(hidden))
 
 
 def image_position_index(is_image: torch.Tensor) -> torch.Tensor:

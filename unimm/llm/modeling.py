@@ -111,7 +111,8 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
                 )
                 for name, group in groups.items()
             })
-        self.feature_projector = FeatureProjector(config.feature_dim, hidden) if config.feature_dim else None
+        self.feature_projector = (FeatureProjector(config.feature_dim, hidden, config.feature_projector_type)
+                                  if config.feature_dim else None)
         self.image_position_embedding = (nn.Embedding(config.num_image_positions, hidden)
                                          if config.image_position_embedding else None)
         self.post_init()
