@@ -182,3 +182,17 @@ def test_zero3_partitioned_projector_saves_gathered_and_loads(tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(tmp_path), port], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "ZERO3_PROJECTOR_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_text_only_training_batch_reaches_the_projector_with_zero_gradients(tiny_llama_path):
+    """LLaVA mixes hold text-only samples; a rank whose batch has no image must still give every projector parameter
+    a gradient (DDP), and the loss must be the plain text loss."""
+    model, _ = _model(tiny_llama_path, seed=0)
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8, 9]]), "labels": torch.tensor([[5, 6, 7, 8, 9]])}
+    with torch.no_grad():
+        reference = model(**batch).loss
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.equal(loss.detach(), reference)
+    assert all(p.grad is not None and not p.grad.any() for p in model.feature_projector.parameters())

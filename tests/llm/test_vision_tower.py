@@ -130,10 +130,12 @@ def test_pixels_are_the_image_processors(tower_paths, family):
     path = tower_paths[family]
     processor = AutoImageProcessor.from_pretrained(path)
     image = _photo()
-    square = VisionTower.from_path(path).image_transform()(image)
+    tower = VisionTower.from_path(path)
+    square = tower.image_transform(image)
+    assert torch.equal(tower.preprocess([image, image])[1], square)
     expected = processor(images=image, return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(square, expected, rtol=0, atol=1e-5)
-    padded = VisionTower.from_path(path, image_aspect_ratio="pad").image_transform()(image)
+    padded = VisionTower.from_path(path, image_aspect_ratio="pad").image_transform(image)
     background = tuple(int(x * 255) for x in processor.image_mean)
     expected = processor(images=_llava_expand2square(image, background), return_tensors="pt")["pixel_values"][0]
     torch.testing.assert_close(padded, expected, rtol=0, atol=1e-5)
@@ -158,7 +160,7 @@ def test_model_with_tower_trains_its_projector_through_the_data_path(tower_paths
 
     for i, colour in enumerate(["red", "blue"]):
         _photo(48 + 8 * i, 32, seed=i).save(tmp_path / f"{colour}.png")
-    images = PixelImages(tmp_path, tower.image_transform(), tower.num_positions)
+    images = PixelImages(tmp_path, tower.image_transform, tower.num_positions)
     factory = SampleFactory(tokenizer, layout, SampleConfig())
     samples = [factory.conversation(normalise_llava_record({"id": colour, "image": f"{colour}.png", "conversations": [
         {"from": "human", "value": "<image>\nwhat colour is the shape?"},

@@ -263,6 +263,10 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             features = image_features.to(inputs_embeds.device).flatten(0, 1)
             inputs_embeds = scatter_visual_embeddings(
                 inputs_embeds, needs_features, self.feature_projector(features.to(inputs_embeds.dtype)))
+        elif self.training and self.feature_projector is not None:
+            # as for the code embedding above: text-only batches (LLaVA mixes) still reach every projector parameter
+            empty = inputs_embeds.new_zeros((0, self.config.feature_dim))
+            inputs_embeds = inputs_embeds + self.feature_projector(empty).sum() * 0.0
         if self.image_position_embedding is not None:
             is_image = input_ids == layout.image_token_id
             if self.config.flat_codes:

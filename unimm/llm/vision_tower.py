@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 
@@ -83,7 +84,7 @@ class VisionTower(nn.Module):
     """A CLIP or SigLIP vision encoder returning LLaVA-style patch features `[B, N, D]`.
 
     Build it with `VisionTower.from_path(folder, select_layer, select_feature, image_aspect_ratio)`; call it (or
-    `encode_features`) on normalised `pixel_values` from `image_transform()`."""
+    `encode_features`) on normalised `pixel_values` from `image_transform` / `preprocess`."""
 
     def __init__(self, encoder: PreTrainedModel, family: str, has_cls_token: bool, image_mean: tuple[float, ...],
                  image_std: tuple[float, ...], processor_aspect: str, select_layer: int = -2,
@@ -198,11 +199,16 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.dtype
 
+    @property
     def image_transform(self) -> ImageTransform:
-        """PIL image -> the normalised `pixel_values [3, H, W]` this tower takes."""
+        """PIL image -> the normalised `pixel_values [3, S, S]` this tower takes (a property, as on tokenizers)."""
         from unimm.data.images import ImageTransform  # unimm.data imports unimm.llm
 
         return ImageTransform.for_tokenizer(self)
+
+    def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:
+        """PIL images -> `pixel_values [B, 3, S, S]` through `image_transform` (the tokenizers' `preprocess`)."""
+        return self.image_transform.batch([images] if isinstance(images, Image.Image) else images)
 
     # -- training state -----------------------------------------------------------------------------------------
     def freeze(self) -> VisionTower:
