@@ -1,5 +1,6 @@
 """One ZeRO-3 rank (gloo, CPU): `save_mm_projector` gathers a partitioned projector, `load_mm_projector` checks
-shapes against the full (`ds_shape`) ones and writes into the partitions. Run by test_projector.py in its own
+shapes against the full (`ds_shape`) ones and writes into the partitions, and a vision tower loads whole while the
+Trainer's ZeRO-3 config is active (plain `from_pretrained` partitions it). Run by test_projector.py in its own
 process, since it initialises torch.distributed. Usage: zero3_projector.py OUT_DIR PORT"""
 
 from __future__ import annotations
@@ -35,5 +36,22 @@ except ProjectorFileError as err:
     assert "expects [8, 6]" in str(err), err
 else:
     raise AssertionError("a wrong-shape projector loaded into a partitioned one")
+
+from transformers import CLIPVisionModel  # noqa: E402
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+from unimm.llm.vision_tower import VisionTower  # noqa: E402
+from unimm.testing import build_tiny_vision_tower  # noqa: E402
+
+tower_path = build_tiny_vision_tower(f"{out}/clip", "clip")
+hf_config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})  # alive
+assert all(p.numel() == 0 for p in CLIPVisionModel.from_pretrained(tower_path).parameters()), "not partitioned"
+tower = VisionTower.from_path(tower_path)
+assert not any(hasattr(p, "ds_id") for p in tower.parameters()), "the vision tower was partitioned"
+assert tower(torch.zeros(1, 3, 32, 32)).shape == (1, 16, 32)
+from transformers.integrations import is_deepspeed_zero3_enabled  # noqa: E402
+
+assert is_deepspeed_zero3_enabled(), "the ZeRO-3 config was not restored"
+del hf_config
 deepspeed.comm.destroy_process_group()
 print("ZERO3_PROJECTOR_OK")

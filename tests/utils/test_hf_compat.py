@@ -193,3 +193,23 @@ def test_train_sampler_override_reaches_the_trainers_dataloader(tmp_path):
     trainer.use_fixed = False
     stock = [row["input_ids"].item() for batch in trainer.get_train_dataloader() for row in batch]
     assert sorted(stock) == list(range(8))
+
+
+def test_zero3_init_disabled_turns_off_zero3_loading_and_restores_it():
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    where = _installed("transformers")
+    with hf_compat.zero3_init_disabled():  # no config: nothing to do
+        assert not is_deepspeed_zero3_enabled()
+    config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    try:
+        assert is_deepspeed_zero3_enabled(), f"{where}: a live HfDeepSpeedConfig no longer enables ZeRO-3 loading"
+        with hf_compat.zero3_init_disabled():
+            assert not is_deepspeed_zero3_enabled(), f"{where}: unset_hf_deepspeed_config no longer disables it"
+        assert is_deepspeed_zero3_enabled(), f"{where}: set_hf_deepspeed_config did not restore the config"
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del config

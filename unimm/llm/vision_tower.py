@@ -29,6 +29,7 @@ from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 
+from unimm.utils import hf_compat
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
 if TYPE_CHECKING:
@@ -151,7 +152,9 @@ class VisionTower(nn.Module):
         if missing:
             raise ModelFolderError(f"{processor_file}: lacks {missing}")
         side, processor_aspect = _processor_geometry(processor, processor_file)
-        with model_folder("vision_tower", folder, f"a {family} vision encoder"):
+        # whole on every rank even under ZeRO-3: the tower runs outside the DeepSpeed engine, which would otherwise
+        # own (and gather) its partitioned weights
+        with model_folder("vision_tower", folder, f"a {family} vision encoder"), hf_compat.zero3_init_disabled():
             encoder = encoder_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
         if side != encoder.config.image_size:
             raise ModelFolderError(f"vision_tower={folder}: the image processor makes {side}px images but the "
