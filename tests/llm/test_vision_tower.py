@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, SiglipVisionModel
 
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
-from unimm.llm.vision_tower import VisionTower
+from unimm.llm.vision_tower import VisionTower, vision_tower_family
 from unimm.testing import build_tiny_vision_tower
 from unimm.utils.errors import ModelFolderError
 
@@ -87,6 +87,17 @@ def test_tower_is_frozen_and_stays_in_eval_mode(tower_paths):
     trainable(_pixels()).sum().backward()
     grads = {name: p.grad for name, p in trainable.encoder.named_parameters() if "patch_embedding" in name}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_family_tells_towers_from_unimm_tokenizers(tower_paths, tmp_path):
+    """`--vision_tower` takes a CLIP/SigLIP folder or a UniMM visual tokenizer; the program asks which first."""
+    from unimm.tokenizer import build_tokenizer
+
+    build_tokenizer("vqrae-tiny").save_pretrained(tmp_path / "vqrae")
+    assert [vision_tower_family(tower_paths[f]) for f in ("clip", "siglip")] == ["clip", "siglip"]
+    assert vision_tower_family(tmp_path / "vqrae") is None
+    with pytest.raises(ModelFolderError, match="no such local folder"):
+        vision_tower_family("google/siglip-so400m-patch14-384")
 
 
 def test_bad_towers_are_refused_with_the_reason(tower_paths, tiny_llama_path, tmp_path):

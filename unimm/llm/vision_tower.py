@@ -35,7 +35,7 @@ from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 if TYPE_CHECKING:
     from unimm.data.images import ImageTransform
 
-__all__ = ["IMAGE_ASPECT_RATIOS", "SELECT_FEATURES", "VisionTower"]
+__all__ = ["IMAGE_ASPECT_RATIOS", "SELECT_FEATURES", "VisionTower", "vision_tower_family"]
 
 SELECT_FEATURES = ("patch", "cls_patch")
 IMAGE_ASPECT_RATIOS = ("square", "pad")  # LLaVA's `--image_aspect_ratio` values
@@ -79,6 +79,23 @@ def _processor_geometry(processor: dict, source: Path) -> tuple[int, str]:
     if isinstance(size, dict) and "shortest_edge" in size:
         return int(size["shortest_edge"]), "crop"  # resized short side, then the encoder's square input
     return side(size, "size"), "squash"
+
+
+def _model_type(folder: Path) -> str | None:
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"vision_tower={os.fspath(folder)}: no such local folder. UniMM never downloads weights; fetch the "
+            f"checkpoint first (e.g. `hf download openai/clip-vit-large-patch14-336 --local-dir DIR`) and pass DIR")
+    config_file = folder / "config.json"
+    return _read_json(config_file).get("model_type") if config_file.is_file() else None
+
+
+def vision_tower_family(path: str | os.PathLike) -> str | None:
+    """"clip" or "siglip" when the local folder `path` holds a checkpoint `VisionTower.from_path` takes, None when it
+    holds something else (a UniMM visual tokenizer, for `--vision_tower` given one). Reads only config.json; a path
+    that is no local folder (a hub id) raises."""
+    family = _FAMILIES.get(_model_type(Path(path)) or "")
+    return family[0] if family else None
 
 
 class VisionTower(nn.Module):
@@ -130,18 +147,13 @@ class VisionTower(nn.Module):
         CLIP / SigLIP checkpoint, whose vision half is taken) and its `preprocessor_config.json`. Nothing is
         downloaded: a hub id is an error."""
         folder = Path(path)
-        if not folder.is_dir():
-            raise ModelFolderError(
-                f"vision_tower={os.fspath(path)}: no such local folder. UniMM never downloads weights; fetch the "
-                f"checkpoint first (e.g. `hf download openai/clip-vit-large-patch14-336 --local-dir DIR`) and pass "
-                f"DIR")
-        config_file, processor_file = folder / "config.json", folder / "preprocessor_config.json"
-        model_type = _read_json(config_file).get("model_type") if config_file.is_file() else None
+        model_type = _model_type(folder)
         if model_type not in _FAMILIES:
-            held = f"holds a {model_type!r} model" if config_file.is_file() else "has no config.json"
+            held = f"holds a {model_type!r} model" if model_type else "has no config.json"
             raise ModelFolderError(f"vision_tower={folder}: {held}; a vision tower is a CLIP or SigLIP vision "
                                    f"encoder (model_type one of {sorted(_FAMILIES)}). A UniMM visual tokenizer folder "
                                    f"is loaded with unimm.tokenizer.load_tokenizer instead")
+        processor_file = folder / "preprocessor_config.json"
         if not processor_file.is_file():
             raise ModelFolderError(f"vision_tower={folder}: preprocessor_config.json missing (the encoder's image "
                                    f"processor, which gives the image size, mean and std); save it beside the "
