@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, SiglipVisionModel
 
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
+from unimm.llm.projector import load_mm_projector
 from unimm.llm.vision_tower import VisionTower, vision_tower_family
 from unimm.testing import build_tiny_vision_tower
 from unimm.utils.errors import ModelFolderError
@@ -232,3 +233,39 @@ def test_config_records_the_tower_and_rebuilds_it(tower_paths, tiny_llama_path, 
         assert torch.equal(rebuilt(pixels), tower(pixels))
     with pytest.raises(ModelFolderError, match="holds a clip encoder but the model was trained on a siglip one"):
         VisionTower.from_dict(loaded.config.vision_tower, path=tower_paths["clip"])
+
+
+def test_tower_and_projector_match_transformers_llava(tiny_llama_path, tmp_path):
+    """Reference: transformers' LLaVA-1.5 port (`LlavaForConditionalGeneration`, select layer -2, CLS dropped,
+    Linear-GELU-Linear). Its vision tower as `--vision_tower` and its projector loaded from its model file give
+    its image features."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+    llava = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                                      image_token_index=100)).eval()
+    assert (llava.config.vision_feature_layer, llava.config.vision_feature_select_strategy) == (-2, "default")
+    llava.save_pretrained(tmp_path / "llava")
+    llava.model.vision_tower.save_pretrained(tmp_path / "tower")
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "tower")
+
+    tower = VisionTower.from_path(tmp_path / "tower")
+    model = UniMMForCausalLM.from_llm(tiny_llama_path, None, attn_implementation="sdpa", **tower.model_config_kwargs())
+    load_mm_projector(model, tmp_path / "llava" / "model.safetensors")
+    pixels = _pixels(3)
+    with torch.no_grad():
+        expected = torch.stack(llava.get_image_features(pixel_values=pixels).pooler_output)  # [3, 16, 64]
+        features = model.feature_projector(tower(pixels))
+    assert features.shape == expected.shape == (3, 16, 64)
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)

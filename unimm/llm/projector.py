@@ -9,7 +9,8 @@ Two key layouts are read, one chosen when writing:
   does.
 - UniMM's: the state-dict keys of `FeatureProjector` (`linear_1.weight` ...), as safetensors (written with
   `layout="unimm"`) or a torch file; keys prefixed `feature_projector.` are taken from a whole UniMM model file
-  (`model.safetensors`).
+  (`model.safetensors`), and `multi_modal_projector.` from transformers' LLaVA port (llava-hf checkpoints), which
+  names its modules as UniMM does.
 
 ZeRO-3: both functions gather partitioned projector parameters (every rank must call them); only rank 0 writes.
 """
@@ -35,7 +36,9 @@ __all__ = ["LLAVA_PROJECTOR_FILE", "ProjectorFileError", "load_mm_projector", "s
 LLAVA_PROJECTOR_FILE = "mm_projector.bin"
 LLAVA_PREFIX = "model.mm_projector."
 _LLAVA_KEYWORD = "mm_projector."
-_UNIMM_KEYWORD = "feature_projector."
+# whole-model files whose projector has UniMM's module names: UniMM's own, and transformers'
+# LlavaForConditionalGeneration (llava-hf checkpoints: `multi_modal_projector.linear_1` ...)
+_NAMED_KEYWORDS = ("feature_projector.", "multi_modal_projector.")
 # UniMM module name -> LLaVA's index in its nn.Sequential ("" for `linear`, a bare nn.Linear)
 _LLAVA_MODULES = {"mlp2x_gelu": {"linear_1": "0.", "linear_2": "2."}, "linear": {"linear_1": ""}}
 
@@ -140,10 +143,10 @@ def load_mm_projector(model: nn.Module, path: str | os.PathLike) -> list[str]:
         file_type = _llava_projector_type(set(found))
         layout = "LLaVA"
     else:
-        if any(_UNIMM_KEYWORD in key for key in state):
-            found = {key.split(_UNIMM_KEYWORD, 1)[1]: key for key in state if _UNIMM_KEYWORD in key}
-        else:
-            found = {key: key for key in state}
+        # UniMM's names, alone or inside a whole model file (UniMM's, or transformers' LLaVA port)
+        keyword = next((k for k in _NAMED_KEYWORDS if any(k in key for key in state)), None)
+        found = ({key.split(keyword, 1)[1]: key for key in state if keyword in key} if keyword
+                 else {key: key for key in state})
         wanted = {name: name for name in expected}
         file_type = "linear" if set(found) <= {"linear_1.weight", "linear_1.bias"} else "mlp2x_gelu"
         layout = "UniMM"
