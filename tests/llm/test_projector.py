@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
 from unimm.llm.projector import ProjectorFileError, load_mm_projector, save_mm_projector
+from unimm.testing import free_port
 from unimm.utils.imports import is_deepspeed_available
 
 FEATURE_DIM = 24
@@ -178,9 +179,8 @@ def test_zero3_partitioned_projector_saves_gathered_and_loads(tmp_path):
     script = Path(__file__).with_name("zero3_projector.py")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    port = str(29500 + (os.getpid() + 500) % 1000)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), port], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(free_port())], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0 and "ZERO3_PROJECTOR_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
