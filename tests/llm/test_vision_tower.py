@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPModel, CLIPVisionModel, SiglipVisionModel
 
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
@@ -114,6 +115,13 @@ def test_bad_towers_are_refused_with_the_reason(tower_paths, tiny_llama_path, tm
     (no_processor / "config.json").write_text((tower_paths["clip"] / "config.json").read_text())
     with pytest.raises(ModelFolderError, match="preprocessor_config.json missing"):
         VisionTower.from_path(no_processor)
+    partial = tmp_path / "partial"
+    build_tiny_vision_tower(partial, "clip")
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.2." not in k}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ModelFolderError, match=r"lacks \d+ weights of the clip vision encoder .*layers\.2\."):
+        VisionTower.from_path(partial)
     tower = VisionTower.from_path(tower_paths["clip"])
     with pytest.raises(ValueError, match=r"takes pixel_values \[B, 3, 32, 32\], got \[2, 3, 16, 16\]"):
         tower(torch.zeros(2, 3, 16, 16))

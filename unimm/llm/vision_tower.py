@@ -167,7 +167,13 @@ class VisionTower(nn.Module):
         # whole on every rank even under ZeRO-3: the tower runs outside the DeepSpeed engine, which would otherwise
         # own (and gather) its partitioned weights
         with model_folder("vision_tower", folder, f"a {family} vision encoder"), hf_compat.zero3_init_disabled():
-            encoder = encoder_class.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            encoder, loading = encoder_class.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                             output_loading_info=True)
+        if loading["missing_keys"]:
+            # transformers only warns and leaves these randomly initialised: a silently random tower
+            missing = sorted(loading["missing_keys"])
+            raise ModelFolderError(f"vision_tower={folder}: the checkpoint lacks {len(missing)} weights of the {family} "
+                                   f"vision encoder (e.g. {missing[:3]}); it would run with random weights there")
         if side != encoder.config.image_size:
             raise ModelFolderError(f"vision_tower={folder}: the image processor makes {side}px images but the "
                                    f"encoder takes {encoder.config.image_size}px")
