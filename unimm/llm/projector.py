@@ -122,9 +122,9 @@ def _llava_projector_type(keys: set[str]) -> str:
 @torch.no_grad()
 def load_mm_projector(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Load a projector saved by `save_mm_projector` (either layout), by LLaVA's stage 1 (`mm_projector.bin`), or
-    the projector of a whole UniMM model file, into `model`'s feature projector. Every projector key must be present
-    with the model's shape; the error names the file, the key and both shapes. Returns the keys of the file that
-    were ignored (not the projector's)."""
+    the projector inside a whole UniMM or llava-hf model file, into `model`'s feature projector. Every projector key
+    must be present with the model's shape; the error names the file, the key and both shapes. Returns the keys of
+    the file that were ignored (not the projector's)."""
     projector = _projector(model)
     path = Path(path)
     if path.is_dir():
