@@ -6,12 +6,16 @@
 #   4. joint text-to-image + caption pretraining, `deepspeed --num_gpus 2` (two gloo ranks on CPU)
 #   5. LoRA instruction tuning on shape questions (also `deepspeed --num_gpus 2`)
 #   6. images for the prompts (scripts/generate_t2i.py), answers to held-out questions (scripts/chat.py)
-#   7. generation accuracy (the pixel checker confirms colour, shape and position) and QA accuracy (exact match)
+#   7. generation accuracy (the pixel checker confirms colour, shape and position) on the captions seen in training
+#      and, apart, on the held-out captions that were never trained on; QA accuracy (exact match); the held-out
+#      accuracy at guidance scales 1 (none), 2 and 3, greedy and sampled
 #
-#   bash scripts/quickstart.sh                 # full run (targets: both accuracies >= 0.8, <= 15 min on 2 cores)
+#   bash scripts/quickstart.sh                 # full run: 12 of the 72 captions held out (targets: held-out
+#                                              # generation >= 0.8, seen >= 0.9, QA >= 0.9, <= 15 min on 2 cores)
+#   bash scripts/quickstart.sh --seed 1        # another seed: data, held-out captions, every training stage
 #   bash scripts/quickstart.sh --fast          # a few steps of everything (CI); accuracies are not meaningful
 #   bash scripts/quickstart.sh --tokenizer vqrae --out runs/qs_vqrae
-#   bash scripts/quickstart.sh --held_out 8    # 8 captions never trained on, prompted first and scored apart
+#   bash scripts/quickstart.sh --held_out 0    # every caption is also trained on (the old all-seen mode)
 #   UNIMM_DEPS=latest bash scripts/quickstart.sh   # on the newest releases (.venv-latest) instead of the lock
 # Environment: QUICKSTART_OUT (run directory), QUICKSTART_FAST=1 (same as --fast), QUICKSTART_MASTER_PORT,
 # UNIMM_DEPS (locked | latest: see scripts/_venv.sh).
@@ -21,7 +25,8 @@ cd "$(dirname "$0")/.."
 OUT="${QUICKSTART_OUT:-runs/quickstart}"
 FAST="${QUICKSTART_FAST:-0}"
 TOKENIZER=dualtoken
-HELD_OUT=0
+HELD_OUT=12
+SEED=0
 PORT="${QUICKSTART_MASTER_PORT:-29650}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,7 +37,9 @@ while [ $# -gt 0 ]; do
     --out=*) OUT="${1#*=}" ;;
     --held_out) HELD_OUT="$2"; shift ;;
     --held_out=*) HELD_OUT="${1#*=}" ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --seed) SEED="$2"; shift ;;
+    --seed=*) SEED="${1#*=}" ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -48,11 +55,13 @@ CORES="$(nproc)"
 
 if [ "$FAST" = "1" ]; then
   TRAIN_SAMPLES=256; TEST_SAMPLES=12; NUM_PROMPTS=8
-  TOK_STEPS=100; PRE_STEPS=12; FT_STEPS=8; LOG_STEPS=4
+  TOK_STEPS=100; PRE_STEPS=12; FT_STEPS=8; LOG_STEPS=4; CFG_SAMPLES=1
 else
   TRAIN_SAMPLES=2048; TEST_SAMPLES=72; NUM_PROMPTS=72
-  TOK_STEPS=""; PRE_STEPS=""; FT_STEPS=""; LOG_STEPS=""
+  TOK_STEPS=""; PRE_STEPS=""; FT_STEPS=""; LOG_STEPS=""; CFG_SAMPLES=4
 fi
+# Decoding of stage 6 (the best of the guidance comparison printed at the end: benchmarks/results/quickstart.md).
+GEN_CFG=0; GEN_TEMPERATURE=0; GEN_TOP_K=8
 steps() {  # --max_steps override only in fast mode (the YAML recipes hold the full-run values)
   if [ -n "$1" ]; then echo "--max_steps $1 --logging_steps $LOG_STEPS"; fi
 }
@@ -66,15 +75,15 @@ rm -f "$OUT/scores.json" "$OUT/answers.json" "$OUT/answers.txt"
 mkdir -p "$OUT"
 
 stage "1/7 shapes data and a tiny Qwen2 -> $OUT/data, $OUT/llm"
-python scripts/quickstart_eval.py prepare --out "$OUT" --train_samples "$TRAIN_SAMPLES" \
+python scripts/quickstart_eval.py prepare --out "$OUT" --seed "$SEED" --train_samples "$TRAIN_SAMPLES" \
   --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS" --held_out_prompts "$HELD_OUT"
 
 stage "2/7 visual tokenizer ($TOKENIZER) -> $OUT/tokenizer"
 OMP_NUM_THREADS="$CORES" python scripts/train_tokenizer.py "configs/quickstart/tokenizer_${TOKENIZER}.yaml" \
-  --dataset "$OUT/data/train/captions.jsonl" --output_dir "$OUT/tokenizer" $(steps "$TOK_STEPS")
+  --dataset "$OUT/data/train/captions.jsonl" --output_dir "$OUT/tokenizer" --seed "$SEED" $(steps "$TOK_STEPS")
 TOK="$OUT/tokenizer/model"
-OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT" --tokenizer_path "$TOK" \
-  --test_samples "$TEST_SAMPLES"
+OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT" --seed "$SEED" \
+  --tokenizer_path "$TOK" --test_samples "$TEST_SAMPLES"
 
 stage "3/7 code caches -> $OUT/code_cache, $OUT/code_cache_llava"
 OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/captions.jsonl" \
@@ -85,23 +94,25 @@ OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/l
 stage "4/7 pretraining (text-to-image + captions), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"
 deepspeed --num_gpus 2 --master_port "$PORT" scripts/pretrain.py --deepspeed configs/deepspeed/zero2.json \
   configs/quickstart/pretrain.yaml --llm_path "$OUT/llm" --tokenizer_path "$TOK" --code_cache "$OUT/code_cache" \
-  --output_dir "$OUT/pretrain" $(steps "$PRE_STEPS")
+  --output_dir "$OUT/pretrain" --seed "$SEED" $(steps "$PRE_STEPS")
 
 stage "5/7 LoRA finetuning on shape questions, deepspeed --num_gpus 2 on CPU -> $OUT/finetune"
 deepspeed --num_gpus 2 --master_port "$((PORT + 1))" scripts/finetune.py --deepspeed configs/deepspeed/zero2.json \
   configs/quickstart/finetune.yaml --model_path "$OUT/pretrain" --tokenizer_path "$TOK" \
   --conversation_json "$OUT/data/train/llava.json" --conversation_code_cache "$OUT/code_cache_llava" \
-  --code_cache "$OUT/code_cache" --output_dir "$OUT/finetune" $(steps "$FT_STEPS")
+  --code_cache "$OUT/code_cache" --output_dir "$OUT/finetune" --seed "$SEED" $(steps "$FT_STEPS")
 
 stage "6/7 generation and question answering with $OUT/finetune"
 OMP_NUM_THREADS="$CORES" python scripts/generate_t2i.py --model_path "$OUT/finetune" --tokenizer_path "$TOK" \
-  --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale 0 --temperature 0 \
-  --batch_size 36 --seed 0
+  --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale "$GEN_CFG" \
+  --temperature "$GEN_TEMPERATURE" --top_k "$GEN_TOP_K" --batch_size 36 --seed "$SEED"
 OMP_NUM_THREADS="$CORES" python scripts/chat.py "$OUT/data/test/qa.yaml" --model_path "$OUT/finetune" \
-  --tokenizer_path "$TOK" --max_new_tokens 8 --output_json "$OUT/answers.json" > "$OUT/answers.txt"
+  --tokenizer_path "$TOK" --max_new_tokens 8 --seed "$SEED" --output_json "$OUT/answers.json" > "$OUT/answers.txt"
 
 stage "7/7 scores"
 python scripts/quickstart_eval.py generation --out "$OUT" --generated_dir "$OUT/generated"
 python scripts/quickstart_eval.py qa --out "$OUT" --answers_json "$OUT/answers.json"
+OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py cfg --out "$OUT" --seed "$SEED" --model_path "$OUT/finetune" \
+  --tokenizer_path "$TOK" --scales 1 2 3 --samples "$CFG_SAMPLES" --top_k "$GEN_TOP_K"
 echo "scores: $OUT/scores.json; generated images: $OUT/generated (grid.png); answers: $OUT/answers.json"
 echo "quickstart finished in $(( $(date +%s) - START ))s"

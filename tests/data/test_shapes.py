@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ def test_every_combination_occurs_and_captions_and_answers_match_attributes():
     assert {(c.colour, c.shape, c.position) for c in combos} == set(seen)
     assert all(seen.count(key) == 2 for key in set(seen))
     sample = dataset[0]
-    assert sample.caption == f"a {sample.colour} {sample.shape} at the {sample.position}"
+    assert sample.caption == f"{sample.position}: a {sample.colour} {sample.shape}"
     turns = sample.conversations
     assert [t["from"] for t in turns] == ["human", "gpt"] * 4
     assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
@@ -95,6 +96,19 @@ def test_split_combinations_holds_out_prompts_and_keeps_every_value_in_train():
                                                                       for c in held_out}
     with pytest.raises(ValueError, match="num_held_out"):
         split_combinations(72)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_combinations_spreads_the_held_out_captions(seed):
+    # 12 of the 18 colour+shape pairs lose one position each, and each position is held out 3 times.
+    _, held_out = split_combinations(12, seed=seed)
+    assert len({(c.colour, c.shape) for c in held_out}) == 12
+    assert sorted(Counter(c.position for c in held_out).values()) == [3, 3, 3, 3]
+    # Beyond one per pair the rest are taken where coverage allows.
+    train, held_out = split_combinations(40, seed=seed)
+    assert len(held_out) == 40
+    for attribute, values in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS)):
+        assert {getattr(c, attribute) for c in train} == set(values)
 
 
 def test_bad_config_values_fail_with_the_field_name():

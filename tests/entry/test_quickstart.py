@@ -1,6 +1,7 @@
 """`scripts/quickstart.sh --fast`: every stage of the CPU quickstart runs through the real entry points (tokenizer
 training, pretokenize, 2-rank DeepSpeed pretraining and LoRA finetuning, generation, chat) and the scores are
-printed. The fast mode trains for a few steps only, so the accuracies are checked for form, not for targets."""
+printed (generation apart on seen and held-out captions, and the guidance comparison). The fast mode trains for a
+few steps only, so the accuracies are checked for form, not for targets."""
 
 from __future__ import annotations
 
@@ -45,11 +46,30 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     answers = json.loads((out / "answers.json").read_text())
     assert len(answers) == 3 * 12 and all(isinstance(row["answer"], str) for row in answers)
 
-    printed = {name: float(value) for name, value in
-               re.findall(r"^(tokenizer reconstruction|generation|QA) accuracy: ([0-9.]+)", result.stdout, re.M)}
-    assert set(printed) == {"tokenizer reconstruction", "generation", "QA"}, result.stdout[-3000:]
+    # The default holds captions out: never a training caption (t2i prompt / caption target) nor a conversation's
+    # answer, and prompted next to seen captions.
+    held_out = json.loads((out / "data" / "held_out_prompts.json").read_text())
+    assert len(held_out) == 12
+    trained = {json.loads(line)["text"] for line in (out / "data" / "train" / "captions.jsonl").read_text().split("\n")
+               if line}
+    for record in json.loads((out / "data" / "train" / "llava.json").read_text()):
+        trained |= {turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"}
+    assert not trained & set(held_out)
+    assert 0 < sum(p in held_out for p in prompts if p) < len([p for p in prompts if p])
+
+    printed = {name: float(value) for name, value in re.findall(
+        r"^(tokenizer reconstruction|generation|held-out generation|QA) accuracy: ([0-9.]+)", result.stdout, re.M)}
+    assert set(printed) == {"tokenizer reconstruction", "generation", "held-out generation", "QA"}, \
+        result.stdout[-3000:]
     scores = json.loads((out / "scores.json").read_text())
     assert printed["generation"] == pytest.approx(scores["generation"]["accuracy"], abs=1e-3)
+    assert printed["held-out generation"] == pytest.approx(scores["generation_held_out"]["accuracy"], abs=1e-3)
+    assert scores["generation_held_out"]["num_images"] == sum(p in held_out for p in prompts if p)
+    # The guidance comparison: cfg 1, 2, 3, greedy and sampled, on the held-out prompts.
+    rows = scores["cfg_held_out"]["rows"]
+    assert sorted((row["decoding"].split()[0], row["cfg_scale"]) for row in rows) == [
+        (mode, scale) for mode in ("greedy", "sampled") for scale in (1.0, 2.0, 3.0)]
+    assert "| greedy |" in result.stdout and "| sampled (temperature 1" in result.stdout
     assert printed["QA"] == pytest.approx(scores["qa"]["accuracy"], abs=1e-3)
     assert all(0.0 <= value <= 1.0 for value in printed.values())
     # Measured: even the fast tokenizer run puts the shape in the right quadrant of its reconstructions.

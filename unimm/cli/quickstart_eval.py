@@ -4,8 +4,11 @@
     python scripts/quickstart_eval.py tokenizer --out runs/quickstart --tokenizer_path runs/quickstart/tokenizer/model
     python scripts/quickstart_eval.py generation --out runs/quickstart --generated_dir runs/quickstart/generated
     python scripts/quickstart_eval.py qa --out runs/quickstart --answers_json runs/quickstart/answers.json
+    python scripts/quickstart_eval.py cfg --out runs/quickstart --model_path runs/quickstart/finetune \
+        --tokenizer_path runs/quickstart/tokenizer/model
 
-Each scoring command prints one `<name> accuracy: <number>` line and appends its figures to `<out>/scores.json`.
+Each scoring command prints `<name> accuracy: <number>` lines (generation: seen captions, then `held-out generation
+accuracy`) and adds its figures to `<out>/scores.json`; `cfg` prints the held-out accuracy by guidance scale.
 """
 
 from __future__ import annotations

@@ -6,14 +6,19 @@ answers with the pixel checker.
     python scripts/quickstart_eval.py tokenizer --out runs/quickstart --tokenizer_path runs/quickstart/tokenizer/model
     python scripts/quickstart_eval.py generation --out runs/quickstart --generated_dir runs/quickstart/generated
     python scripts/quickstart_eval.py qa --out runs/quickstart --answers_json runs/quickstart/answers.json
+    python scripts/quickstart_eval.py cfg --out runs/quickstart --model_path runs/quickstart/finetune \
+        --tokenizer_path runs/quickstart/tokenizer/model
 
-Each scoring command prints one `<name> accuracy: <number>` line and appends its figures to `<out>/scores.json`.
+Each scoring command prints `<name> accuracy: <number>` lines (generation: one for the captions seen in training,
+one `held-out generation accuracy` for the captions never trained on) and adds its figures to `<out>/scores.json`.
+`cfg` scores the held-out captions at several guidance scales, greedy and sampled, and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from unimm.data.toy.shapes import (
@@ -49,6 +54,24 @@ def _update_scores(out: Path, name: str, values: dict) -> None:
     path.write_text(json.dumps(scores, indent=2))
 
 
+PARTIAL_CAPTIONS = {"position": lambda s: s.position, "pair": lambda s: f"a {s.colour} {s.shape}"}
+
+
+def _add_partial_captions(path: Path, dataset: ShapesDataset, fraction: float, kinds: Sequence[str]) -> None:
+    """Append records that name only some attributes of a training image, for `fraction` of the images (the same
+    image files), the `kinds` in turn: `position` ("top left") or `pair` (colour and shape: "a red circle"). In
+    text-to-image training the position words alone must then place the shape (and the colour and shape words
+    alone draw it), so the full captions are learnt as separable parts."""
+    step = 1.0 / fraction
+    with path.open("a") as f:
+        for k in range(int(len(dataset) * fraction)):
+            sample = dataset[int(k * step)]
+            text = PARTIAL_CAPTIONS[kinds[k % len(kinds)]](sample)
+            record = {"id": f"{sample.id}-part", "image": f"images/{sample.id}.png", "text": text,
+                      **sample.attributes}
+            f.write(json.dumps(record) + "\n")
+
+
 def prepare(args: argparse.Namespace) -> None:
     """Shapes data (train: LLaVA JSON + captions jsonl; test: LLaVA JSON, QA chat config, generation prompts) and a
     tiny random Qwen2 with a BPE tokenizer trained on the shapes vocabulary."""
@@ -62,7 +85,9 @@ def prepare(args: argparse.Namespace) -> None:
     train = ShapesDataset(args.train_samples, seed=args.seed, config=config, combinations=train_combos,
                           id_prefix="train")
     write_llava_json(train, out / "data" / "train", "llava.json")
-    write_image_text_jsonl(train, out / "data" / "train", "captions.jsonl")
+    captions = write_image_text_jsonl(train, out / "data" / "train", "captions.jsonl")
+    if args.partial_captions > 0:
+        _add_partial_captions(captions, train, args.partial_captions, args.partial_caption_kinds.split(","))
     # Held-out images for QA and tokenizer fidelity: new seed, every combination.
     test = ShapesDataset(args.test_samples, seed=TEST_SEED + args.seed, config=config, id_prefix="test")
     write_llava_json(test, out / "data" / "test", "llava.json")
@@ -74,9 +99,15 @@ def prepare(args: argparse.Namespace) -> None:
             answers.append(sample.attributes[attribute])
     (out / "data" / "test" / "qa.yaml").write_text(json.dumps({"images": images, "questions": questions}))
     (out / "data" / "test" / "qa_answers.json").write_text(json.dumps(answers))
-    # Generation prompts: the held-out combinations (never seen in training) first, then seen ones.
-    prompts = [c.caption for c in held_out] + [c.caption for c in train_combos]
-    (out / "data" / "prompts.txt").write_text("\n".join(prompts[: args.num_prompts]) + "\n")
+    # Generation prompts: the held-out combinations (never seen in training) first, then seen ones. Fewer prompts
+    # than combinations (--fast): up to half held out, the seen ones spread over the combinations.
+    held, seen = [c.caption for c in held_out], [c.caption for c in train_combos]
+    if args.num_prompts < len(held) + len(seen):
+        held = held[: max(args.num_prompts - len(seen), (args.num_prompts + 1) // 2 if seen else args.num_prompts)]
+        wanted = args.num_prompts - len(held)
+        seen = [seen[i * len(seen) // wanted] for i in range(wanted)] if wanted else []
+    prompts = held + seen
+    (out / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
     (out / "data" / "held_out_prompts.json").write_text(json.dumps([c.caption for c in held_out]))
 
     corpus = [c.caption for c in all_combinations()] + list(QUESTIONS.values()) + [DESCRIBE_QUESTION]
@@ -87,7 +118,7 @@ def prepare(args: argparse.Namespace) -> None:
                    num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                    intermediate_size=2 * args.hidden_size, max_position_embeddings=512)
     print(f"wrote {len(train)} training and {len(test)} held-out shapes images under {out / 'data'}, "
-          f"{min(len(prompts), args.num_prompts)} generation prompts ({len(held_out)} held out), "
+          f"{len(prompts)} generation prompts ({len(held)} of the {len(held_out)} held-out captions), "
           f"a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
 
 
@@ -108,30 +139,93 @@ def _caption_attributes() -> dict[str, tuple[str, str, str]]:
     return {c.caption: (c.colour, c.shape, c.position) for c in all_combinations()}
 
 
+def _held_out_captions(out: Path) -> set[str]:
+    return set(json.loads((out / "data" / "held_out_prompts.json").read_text()))
+
+
+def _describe(scores) -> str:
+    return (f"colour+shape {scores.colour_and_shape:.3f}, colour {scores.colour:.3f}, shape {scores.shape:.3f}, "
+            f"position {scores.position:.3f}; {scores.num_images} images")
+
+
 def generation(args: argparse.Namespace) -> float:
-    """Checker accuracy of the images `scripts/generate_t2i.py` wrote (its prompts.json maps prompt -> file)."""
+    """Checker accuracy of the images `scripts/generate_t2i.py` wrote (its prompts.json maps prompt -> file), apart
+    for the captions seen in training and for the held-out ones."""
     from PIL import Image
 
+    out = Path(args.out)
     generated = Path(args.generated_dir)
     index = json.loads((generated / "prompts.json").read_text())
     expected_by_caption = _caption_attributes()
     unknown = [row["prompt"] for row in index if row["prompt"] not in expected_by_caption]
     if unknown:
         raise ValueError(f"{generated / 'prompts.json'}: prompts that are not shapes captions: {unknown[:3]}")
-    images = [Image.open(generated / row["file"]).convert("RGB") for row in index]
-    expected = [expected_by_caption[row["prompt"]] for row in index]
-    scores = score_images(images, expected)
-    held_out = set(json.loads((Path(args.out) / "data" / "held_out_prompts.json").read_text()))
-    rows = [i for i, row in enumerate(index) if row["prompt"] in held_out]
-    values = scores.to_dict()
-    if rows:
-        values["held_out_prompts"] = score_images([images[i] for i in rows], [expected[i] for i in rows]).to_dict()
-    _update_scores(Path(args.out), "generation", values)
-    print(f"generation accuracy: {scores.accuracy:.3f} (colour+shape {scores.colour_and_shape:.3f}, colour "
-          f"{scores.colour:.3f}, shape {scores.shape:.3f}, position {scores.position:.3f}; {scores.num_images} images"
-          + (f"; held-out prompts {values['held_out_prompts']['accuracy']:.3f} over {len(rows)}" if rows else "")
-          + f") images in {generated}")
-    return scores.accuracy
+    held_out = _held_out_captions(out)
+    groups: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    for row in index:
+        images, expected = groups[row["prompt"] in held_out]
+        images.append(Image.open(generated / row["file"]).convert("RGB"))
+        expected.append(expected_by_caption[row["prompt"]])
+    seen = score_images(*groups[False]) if groups[False][0] else None
+    held = score_images(*groups[True]) if groups[True][0] else None
+    _update_scores(out, "generation", seen.to_dict() if seen else {"accuracy": None, "num_images": 0})
+    _update_scores(out, "generation_held_out", held.to_dict() if held else {"accuracy": None, "num_images": 0})
+    if seen:
+        print(f"generation accuracy: {seen.accuracy:.3f} (captions seen in training; {_describe(seen)})")
+    else:
+        print("generation accuracy: n/a (no prompt is a training caption)")
+    if held:
+        print(f"held-out generation accuracy: {held.accuracy:.3f} (captions never trained on; {_describe(held)})")
+    else:
+        print("held-out generation accuracy: n/a (no caption held out)")
+    print(f"images in {generated}")
+    return seen.accuracy if seen else 0.0
+
+
+def cfg_table(args: argparse.Namespace) -> list[dict]:
+    """Held-out generation accuracy at each guidance scale (1 = none), greedy and sampled (temperature 1, top-k;
+    `--samples` images per caption)."""
+    import torch
+
+    from unimm.inference.stack import load_for_inference
+    from unimm.llm.generation import generate_images
+    from unimm.train.llm.build import load_visual_tokenizer
+
+    out = Path(args.out)
+    prompt_lines = [p for p in (out / "data" / "prompts.txt").read_text().split("\n") if p]
+    held_out = _held_out_captions(out)
+    prompts = [p for p in prompt_lines if p in held_out]
+    if not prompts:
+        print("cfg: no held-out caption among the prompts; nothing to compare")
+        return []
+    device = torch.device("cpu")
+    model, tokenizer = load_for_inference(args.model_path, device, "float32")
+    visual = load_visual_tokenizer(args.tokenizer_path).to(device)
+    expected_by_caption = _caption_attributes()
+    rows = []
+    for mode in ("greedy", "sampled"):
+        repeats = 1 if mode == "greedy" else args.samples
+        batch = [p for p in prompts for _ in range(repeats)]
+        for scale in args.scales:
+            codes = generate_images(model, tokenizer, batch, num_positions=visual.num_positions,
+                                    cfg_scale=None if scale == 1 else scale,
+                                    temperature=0.0 if mode == "greedy" else 1.0,
+                                    top_k=None if mode == "greedy" else args.top_k, seed=args.seed)
+            with torch.no_grad():
+                images = visual.postprocess(visual.decode(codes))
+            scores = score_images(images, [expected_by_caption[p] for p in batch])
+            rows.append({"decoding": mode if mode == "greedy" else f"sampled (temperature 1, top-k {args.top_k})",
+                         "cfg_scale": scale, **scores.to_dict()})
+    _update_scores(out, "cfg_held_out", {"prompts": len(prompts), "samples_per_prompt": args.samples, "rows": rows})
+    print(f"held-out generation accuracy by guidance scale ({len(prompts)} held-out captions; sampled: "
+          f"{args.samples} images each)")
+    print("| decoding | cfg 1 (none) | " + " | ".join(f"cfg {s:g}" for s in args.scales if s != 1) + " |")
+    print("| --- " * (len(args.scales) + 1) + "|")
+    for mode in dict.fromkeys(r["decoding"] for r in rows):
+        cells = {r["cfg_scale"]: r["accuracy"] for r in rows if r["decoding"] == mode}
+        print(f"| {mode} | " + " | ".join(f"{cells[s]:.3f}" for s in sorted(cells, key=lambda s: (s != 1, s)))
+              + " |")
+    return rows
 
 
 def qa(args: argparse.Namespace) -> float:
@@ -165,9 +259,13 @@ COMMON_OPTIONS = (
 )
 PREPARE_OPTIONS = (
     ("--train_samples", int, 2048, "Training images."),
-    ("--held_out_prompts", int, 0, "Attribute combinations never shown in training (generation prompts test them "
-                                   "first)."),
+    ("--held_out_prompts", int, 12, "Attribute combinations never shown in training (generation prompts test them "
+                                    "first); 0 = every caption is also a training caption."),
     ("--num_prompts", int, 72, "Generation prompts written to prompts.txt."),
+    ("--partial_captions", float, 0.0, "Fraction of training images that get a second caption record naming only "
+                                       "their position or only their colour and shape (0 = none)."),
+    ("--partial_caption_kinds", str, "position", "Comma-separated kinds of partial caption, used in turn: "
+                                                 "position, pair."),
     ("--text_vocab_size", int, 300, "BPE vocabulary of the tiny text tokenizer."),
     ("--hidden_size", int, 256, "Tiny Qwen2 width."),
     ("--num_layers", int, 4, "Tiny Qwen2 depth."),
@@ -202,4 +300,11 @@ def make_parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, parents=[common], help=func.__doc__)
         command.add_argument(path_flag, required=True, help=path_help)
         command.set_defaults(func=func)
+    command = sub.add_parser("cfg", parents=[common], help=cfg_table.__doc__)
+    command.add_argument("--model_path", required=True, help="The trained UniMM model (finetune output).")
+    command.add_argument("--tokenizer_path", required=True, help="Its visual tokenizer.")
+    command.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="Guidance scales (1 = none).")
+    command.add_argument("--samples", type=int, default=4, help="Sampled images per held-out caption.")
+    command.add_argument("--top_k", type=int, default=8, help="top-k of sampled decoding.")
+    command.set_defaults(func=cfg_table)
     return parser

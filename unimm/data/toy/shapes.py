@@ -2,7 +2,7 @@
 
 Every sample is a pure function of `(seed, index)`, so a dataset of any size is reproduced exactly on any
 machine without downloading anything. Each sample carries its attributes (colour, shape, position), a caption
-("a red circle at the top left") and a LLaVA-format conversation of short questions about the image. The
+("top left: a red circle") and a LLaVA-format conversation of short questions about the image. The
 quickstart trains a tokenizer and an LLM on it; `describe_shape_image` (bottom of this module) reads the
 attributes back from pixels (no learned parts), which is how `unimm.data.toy.shapes_eval` scores
 reconstructed and generated images.
@@ -57,8 +57,11 @@ class Combination:
 
 
 def make_caption(colour: str, shape: str, position: str) -> str:
-    """The one caption template: "a red circle at the top left"."""
-    return f"a {colour} {shape} at the {position}"
+    """The one caption template: "top left: a red circle". The position comes first: under causal attention the
+    position words' hidden states then do not depend on the colour and shape words, so the image can be placed
+    from them alone. With the position last ("a red circle at the top left") a tiny LLM placed held-out
+    colour+shape+position captions in a quadrant it had memorised for the pair (benchmarks/results/quickstart.md)."""
+    return f"{position}: a {colour} {shape}"
 
 
 def all_combinations(
@@ -75,16 +78,34 @@ def all_combinations(
 def split_combinations(
     num_held_out: int, seed: int = 0, combinations: Sequence[Combination] | None = None
 ) -> tuple[list[Combination], list[Combination]]:
-    """Split the attribute combinations into (train, held_out), the held-out ones chosen at random by `seed`
-    such that every colour, shape and position value still occurs in the training combinations."""
+    """Split the attribute combinations into (train, held_out), chosen by `seed` such that every colour, shape
+    and position value still occurs in the training combinations.
+
+    Held-out combinations are spread out: while there are enough colour+shape pairs, each pair loses at most one
+    position, and the positions are held out equally often (12 of the 72 default combinations: 12 of the 18 pairs
+    lose one position each, every position is held out 3 times and still seen with 15 pairs). Beyond one per
+    pair, further combinations are taken at random where the coverage allows."""
     combinations = list(combinations if combinations is not None else all_combinations())
     if not 0 <= num_held_out < len(combinations):
         raise ValueError(f"num_held_out must be in [0, {len(combinations)}), got {num_held_out}")
     rng = np.random.default_rng(seed)
-    order = [combinations[i] for i in rng.permutation(len(combinations))]
+    pairs = sorted({(c.colour, c.shape) for c in combinations})
+    positions = sorted({c.position for c in combinations}, key=POSITIONS.index)
+    pair_order = [pairs[i] for i in rng.permutation(len(pairs))]
+    position_order = [positions[i] for i in rng.permutation(len(positions))]
+    available = set(combinations)
+    # Preferred candidates first (one per pair, positions in turn), then every other combination in seeded order.
+    preferred = []
+    for k, (colour, shape) in enumerate(pair_order):
+        for j in range(len(position_order)):
+            combo = Combination(colour, shape, position_order[(k + j) % len(position_order)])
+            if combo in available:
+                preferred.append(combo)
+                break
+    rest = [combinations[i] for i in rng.permutation(len(combinations))]
     held_out: list[Combination] = []
-    train = list(order)
-    for combo in order:
+    train = list(combinations)
+    for combo in preferred + [c for c in rest if c not in preferred]:
         if len(held_out) == num_held_out:
             break
         remaining = [c for c in train if c != combo]

@@ -1,0 +1,74 @@
+"""`unimm.data.toy.quickstart` (`scripts/quickstart_eval.py`) without training: the held-out captions stay out of
+every training file, and the generation scorer reports seen and held-out captions apart (checked on rendered
+ground-truth images)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from unimm.data.toy.quickstart import make_parser
+from unimm.data.toy.shapes import POSITIONS, all_combinations, render_shape
+
+
+def _main(argv):
+    args = make_parser().parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def quickstart_eval():
+    return SimpleNamespace(main=_main)
+
+
+@pytest.fixture(scope="module")
+def prepared(quickstart_eval, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs")
+    quickstart_eval.main(["prepare", "--out", str(out), "--train_samples", "120", "--test_samples", "4",
+                          "--num_prompts", "8", "--partial_captions", "0.5", "--hidden_size", "32",
+                          "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1"])
+    return out
+
+
+def test_held_out_captions_are_in_no_training_file(prepared):
+    held_out = json.loads((prepared / "data" / "held_out_prompts.json").read_text())
+    assert len(held_out) == 12
+    records = [json.loads(line) for line in (prepared / "data" / "train" / "captions.jsonl").read_text().split("\n")
+               if line]
+    attributes = {c.caption: (c.colour, c.shape, c.position) for c in all_combinations()}
+    held_attributes = {attributes[c] for c in held_out}
+    assert not {(r["colour"], r["shape"], r["position"]) for r in records} & held_attributes
+    assert not {r["text"] for r in records} & set(held_out)
+    for record in json.loads((prepared / "data" / "train" / "llava.json").read_text()):
+        assert not {turn["value"] for turn in record["conversations"]} & set(held_out)
+    # --partial_captions 0.5: 60 more records naming only the position, on the same image files.
+    partial = [r for r in records if r["id"].endswith("-part")]
+    assert len(records) == 180 and len(partial) == 60
+    assert all(r["text"] == r["position"] and r["text"] in POSITIONS for r in partial)
+    assert all((prepared / "data" / "train" / r["image"]).is_file() for r in partial)
+    # --num_prompts 8: 4 held-out captions first, then 4 seen ones.
+    prompts = [p for p in (prepared / "data" / "prompts.txt").read_text().split("\n") if p]
+    assert len(prompts) == 8 and set(prompts[:4]) <= set(held_out) and not set(prompts[4:]) & set(held_out)
+
+
+def test_generation_scores_seen_and_held_out_captions_apart(quickstart_eval, prepared, tmp_path, capsys):
+    prompts = [p for p in (prepared / "data" / "prompts.txt").read_text().split("\n") if p]
+    combos = {c.caption: c for c in all_combinations()}
+    index = []
+    for i, prompt in enumerate(prompts):
+        c = combos[prompt]
+        # right images for the seen captions; for the held-out ones the right colour and shape, wrong quadrant
+        position = c.position if i >= 4 else POSITIONS[(POSITIONS.index(c.position) + 1) % 4]
+        render_shape(c.colour, c.shape, position, extent=0.42).save(tmp_path / f"{i}.png")
+        index.append({"prompt": prompt, "file": f"{i}.png"})
+    (tmp_path / "prompts.json").write_text(json.dumps(index))
+    quickstart_eval.main(["generation", "--out", str(prepared), "--generated_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "generation accuracy: 1.000 (captions seen in training" in printed
+    assert "held-out generation accuracy: 0.000 (captions never trained on" in printed
+    scores = json.loads((prepared / "scores.json").read_text())
+    assert scores["generation"]["num_images"] == 4 and scores["generation"]["accuracy"] == 1.0
+    assert scores["generation_held_out"]["colour_and_shape"] == 1.0
+    assert scores["generation_held_out"]["position"] == 0.0
