@@ -93,6 +93,8 @@ class VisualTokenizer(PreTrainedModel):
         # decoder emits that 378 px grid and `_decode_latent` resizes it to image_size, so images round-trip at
         # the input size and the reconstruction losses compare like with like.
         self.encoder = build_encoder(config.encoder_config, config.encoder_attn_implementation)
+        if not getattr(config, "encoder_position_embedding", True):
+            self._drop_encoder_position_embedding()
         self._encoder_access = EncoderAccess(self.encoder)
         # The teacher (a frozen copy of the initial encoder) is deliberately not a registered submodule:
         # it must stay out of state_dict/save_pretrained and out of optimizers.
@@ -190,12 +192,25 @@ class VisualTokenizer(PreTrainedModel):
         self._teacher_holder.clear()
 
     # ----------------------------------------------------------------- training switches
+    def _drop_encoder_position_embedding(self) -> None:
+        """Zero the encoder's learned position table and freeze it (`encoder_position_embedding=False`)."""
+        table = getattr(getattr(self.encoder, "embeddings", None), "position_embedding", None)
+        weight = getattr(table, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter):
+            raise ValueError("encoder_position_embedding=False needs an encoder with a learned position table "
+                             f"(embeddings.position_embedding), not {type(self.encoder).__name__}")
+        with torch.no_grad():
+            weight.zero_()
+        weight.requires_grad_(False)
+
     def _set_encoder_requires_grad(self, trainable: bool) -> None:
         self.encoder.requires_grad_(trainable)
         # Encoder parameters our losses never reach stay frozen: a trainable parameter without gradients
         # would trip DDP's unused-parameter check (and waste optimizer state).
         for param in self._unused_parameters():
             param.requires_grad_(False)
+        if not getattr(self.config, "encoder_position_embedding", True):
+            self._drop_encoder_position_embedding()
 
     def _unused_parameters(self) -> list[nn.Parameter]:
         """DINOv2's MAE-style mask token is never used; subclasses add e.g. a pooling head they do not use."""

@@ -155,6 +155,11 @@ class _TokenizerConfigBase(PretrainedConfig):
     encoder_attn_implementation: str | None = field(
         default=None, metadata={"help": "Encoder attention backend: None/'auto' chooses (sdpa or flash_attention_2)."}
     )
+    encoder_position_embedding: bool = field(
+        default=True,
+        metadata={"help": "False: zero the vision encoder's learned position embedding and keep it frozen, so a "
+                          "patch's codes do not depend on where it lies (a random encoder trained from scratch)."},
+    )
 
     def __post_init__(self, **kwargs):
         self.denoising = DenoisingConfig.from_value(self.denoising).to_dict()
