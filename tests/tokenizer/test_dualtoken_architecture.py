@@ -145,3 +145,35 @@ def test_semantic_loss_weights_layer_and_pooled_terms_apart():
     pooled_only = both - layer_only
     assert pooled_only > 0 and layer_only > 0
     torch.testing.assert_close(semantic(semantic_weight=5.0, semantic_pooled_weight=1.0), 5 * layer_only + pooled_only)
+
+
+def test_encoder_position_embedding_false_makes_patch_features_independent_of_the_place(tmp_path):
+    from unimm.data.shapes import render_shape
+
+    images = [render_shape("red", "circle", "top left", 32, 0.43),
+              render_shape("red", "circle", "bottom right", 32, 0.43)]
+
+    def shifted_difference(model):
+        """Largest difference between the encoder features of the two images, the second shifted back."""
+        with torch.no_grad():
+            features = model.encoder(pixel_values=model.preprocess(images)).last_hidden_state
+        side = int(features.shape[1] ** 0.5)
+        grid = features.reshape(2, side, side, -1)
+        moved = torch.roll(grid[1], shifts=(side // 2, side // 2), dims=(0, 1))
+        return (grid[0] - moved).abs().max().item(), grid.abs().max().item()
+
+    torch.manual_seed(0)
+    model = build_tokenizer("dualtoken-tiny", image_size=32, encoder_position_embedding=False).eval()
+    table = model.encoder.embeddings.position_embedding.weight
+    assert not table.requires_grad and not table.any()
+    model.set_train_encoder(True)  # training the encoder does not bring the table back
+    assert not model.encoder.embeddings.position_embedding.weight.requires_grad
+    model.set_train_encoder(False)
+    difference, scale = shifted_difference(model)
+    assert difference < 1e-4 * scale  # the circle and the background moved: the same features, moved
+    model.save_pretrained(tmp_path / "tok")
+    assert not load_tokenizer(tmp_path / "tok").encoder.embeddings.position_embedding.weight.any()
+    # With the table (the default) the same shift changes the features.
+    torch.manual_seed(0)
+    difference, scale = shifted_difference(build_tokenizer("dualtoken-tiny", image_size=32).eval())
+    assert difference > 1e-2 * scale
