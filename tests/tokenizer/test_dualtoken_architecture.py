@@ -175,5 +175,9 @@ def test_encoder_position_embedding_false_makes_patch_features_independent_of_th
     assert not load_tokenizer(tmp_path / "tok").encoder.embeddings.position_embedding.weight.any()
     # With the table (the default) the same shift changes the features.
     torch.manual_seed(0)
-    difference, scale = shifted_difference(build_tokenizer("dualtoken-tiny", image_size=32).eval())
+    default = build_tokenizer("dualtoken-tiny", image_size=32).eval()
+    difference, scale = shifted_difference(default)
     assert difference > 1e-2 * scale
+    # The option is architecture (in the code-cache hash) but at its default leaves existing hashes unchanged.
+    assert "encoder_position_embedding" not in default.config.hash_dict()
+    assert model.config.config_hash() != default.config.config_hash()

@@ -110,6 +110,7 @@ _HF_VOLATILE_KEYS = (
 
 _LATER_FIELD_DEFAULTS = {
     "image_aspect": "crop",
+    "encoder_position_embedding": True,
     "projection_block": "linear",
     "per_tap_projection": False,
     "decoder_type": "vit",
