@@ -60,8 +60,8 @@ else
   TRAIN_SAMPLES=2048; TEST_SAMPLES=72; NUM_PROMPTS=72
   TOK_STEPS=""; PRE_STEPS=""; FT_STEPS=""; LOG_STEPS=""; CFG_SAMPLES=4
 fi
-# Decoding of stage 6: greedy with guidance scale 2, the best of the comparison printed at the end (seed 0, held-out
-# captions: greedy 0.417 / 0.750 / 0.333 at cfg 1 / 2 / 3; benchmarks/results/quickstart.md).
+# Decoding of stage 6: greedy with guidance scale 2, the best of the comparison printed at the end (held-out captions,
+# greedy at cfg 1 / 2 / 3: seed 0 0.417 / 0.750 / 0.333, seed 1 0.417 / 0.500 / 0.500; benchmarks/results/quickstart.md).
 GEN_CFG=2; GEN_TEMPERATURE=0; GEN_TOP_K=8
 steps() {  # --max_steps override only in fast mode (the YAML recipes hold the full-run values)
   if [ -n "$1" ]; then echo "--max_steps $1 --logging_steps $LOG_STEPS"; fi
