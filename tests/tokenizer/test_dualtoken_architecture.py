@@ -148,7 +148,7 @@ def test_semantic_loss_weights_layer_and_pooled_terms_apart():
 
 
 def test_encoder_position_embedding_false_makes_patch_features_independent_of_the_place(tmp_path):
-    from unimm.data.shapes import render_shape
+    from unimm.data.toy.shapes import render_shape
 
     images = [render_shape("red", "circle", "top left", 32, 0.43),
               render_shape("red", "circle", "bottom right", 32, 0.43)]
