@@ -94,21 +94,21 @@ OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/l
 
 stage "4/7 pretraining (text-to-image + captions), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"
 deepspeed --num_gpus 2 --master_port "$PORT" scripts/pretrain.py --deepspeed configs/deepspeed/zero2.json \
-  configs/quickstart/pretrain.yaml --llm_path "$OUT/llm" --tokenizer_path "$TOK" --code_cache "$OUT/code_cache" \
+  configs/quickstart/pretrain.yaml --llm_path "$OUT/llm" --visual_tokenizer_path "$TOK" --code_cache "$OUT/code_cache" \
   --output_dir "$OUT/pretrain" --seed "$SEED" $(steps "$PRE_STEPS")
 
 stage "5/7 LoRA finetuning on shape questions, deepspeed --num_gpus 2 on CPU -> $OUT/finetune"
 deepspeed --num_gpus 2 --master_port "$((PORT + 1))" scripts/finetune.py --deepspeed configs/deepspeed/zero2.json \
-  configs/quickstart/finetune.yaml --model_path "$OUT/pretrain" --tokenizer_path "$TOK" \
+  configs/quickstart/finetune.yaml --model_path "$OUT/pretrain" --visual_tokenizer_path "$TOK" \
   --conversation_json "$OUT/data/train/llava.json" --conversation_code_cache "$OUT/code_cache_llava" \
   --code_cache "$OUT/code_cache" --output_dir "$OUT/finetune" --seed "$SEED" $(steps "$FT_STEPS")
 
 stage "6/7 generation and question answering with $OUT/finetune"
-OMP_NUM_THREADS="$CORES" python scripts/generate_t2i.py --model_path "$OUT/finetune" --tokenizer_path "$TOK" \
+OMP_NUM_THREADS="$CORES" python scripts/generate_t2i.py --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" \
   --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale "$GEN_CFG" \
   --temperature "$GEN_TEMPERATURE" --top_k "$GEN_TOP_K" --batch_size 36 --seed "$SEED"
 OMP_NUM_THREADS="$CORES" python scripts/chat.py "$OUT/data/test/qa.yaml" --model_path "$OUT/finetune" \
-  --tokenizer_path "$TOK" --max_new_tokens 8 --seed "$SEED" --output_json "$OUT/answers.json" > "$OUT/answers.txt"
+  --visual_tokenizer_path "$TOK" --max_new_tokens 8 --seed "$SEED" --output_json "$OUT/answers.json" > "$OUT/answers.txt"
 
 stage "7/7 scores"
 python scripts/quickstart_eval.py generation --out "$OUT" --generated_dir "$OUT/generated"

@@ -140,14 +140,16 @@ def test_unknown_yaml_key_is_named(tmp_path):
         pretrain.parse_args([str(bad), *CPU])
 
 
-def test_quickstart_json_overrides_are_exactly_the_tiny_preset():
-    """The quickstart recipe still says `model_config_overrides: '{...}'`; through the alias it builds the same
-    visual modules as `--model_preset tiny` (so the quickstart's model is unchanged)."""
+def test_quickstart_recipe_builds_the_visual_modules_it_built_before():
+    """The quickstart recipe names `model_preset: tiny`; that preset is exactly the JSON overrides the recipe
+    held before (so the quickstart's model is unchanged)."""
     from unimm.llm.presets import MODEL_PRESETS
 
     program, extra = _program_of(REPO / "configs" / "quickstart" / "pretrain.yaml")
     (_, modules, *_) = program.parse_args([str(REPO / "configs" / "quickstart" / "pretrain.yaml"), *extra])
-    assert modules.overrides() == MODEL_PRESETS["tiny"]
+    before = {"depth_head_layers": 1, "depth_head_hidden_size": 128, "depth_head_intermediate_size": 512,
+              "image_position_embedding": True}
+    assert modules.overrides() == MODEL_PRESETS["tiny"] == before
 
 
 def test_pretokenize_refuses_an_unknown_dtype():
