@@ -131,8 +131,8 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
 
         return ["scripts/train_tokenizer.py", "configs/tokenizer/vqrae-siglip2-so400m-256-stage1.yaml",
                 "--encoder_path", str(out / "encoder_siglip2"), "--dataset", str(out / "data" / "captions.jsonl"),
-                "--output_dir", str(out / "vqrae_stage1"), "--max_steps", "2", "--batch_size", "2",
-                "--num_workers", "0", "--lpips_vgg_path", str(out / "vgg16_random.pth"),
+                "--output_dir", str(out / "vqrae_stage1"), "--max_steps", "2",
+                "--per_device_train_batch_size", "2", "--num_workers", "0", "--lpips_vgg_path", str(out / "vgg16_random.pth"),
                 "--lpips_lin_path", str(wheel_member(*LPIPS_WHEEL, args.assets)), "--eval_max_images", "4",
                 "--eval_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "1"]
     if stage == "pretokenize":
@@ -140,11 +140,12 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
                 str(out / "tokenizer"), "--output_dir", str(out / "code_cache"), "--num_workers", "0",
                 "--batch_size", "2"]
     if stage == "chat":
-        return ["scripts/chat.py", "--model_path", str(out / "unimm"), "--tokenizer_path", str(out / "tokenizer"),
+        return ["scripts/chat.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
+                str(out / "tokenizer"),
                 "--images", str(out / "data" / "coffee.png"), "--questions", QUESTION, "--max_new_tokens", "4",
                 "--output_json", str(out / "answers.json")]
     if stage == "generate":
-        return ["scripts/generate_t2i.py", "--model_path", str(out / "unimm"), "--tokenizer_path",
+        return ["scripts/generate_t2i.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
                 str(out / "tokenizer"), "--prompts", PROMPT, "--cfg_scale", "3.0", "--batch_size", "1",
                 "--output_dir", str(out / "generated"), "--seed", "0"]
     raise ValueError(stage)
