@@ -122,3 +122,45 @@ def test_eval_tokenizer_json_reports_semantic_preservation(tmp_path):
     semantic = script.main([*argv, "--reference_encoder", str(tmp_path / "encoder")])["semantic"]
     assert semantic["output"]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert semantic["output"]["relative_mse"] == pytest.approx(0.0, abs=1e-10)
+
+
+def _sharded_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # the same tokenizer on both ranks
+        model = build_tokenizer("dualtoken-tiny").eval()
+        reference = copy.deepcopy(model.encoder)
+        with torch.no_grad():  # a reference that differs from the tokenizer's own encoder
+            for param in reference.parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        # Rank 0 gets all three batches, rank 1 none: a rank with an empty shard still takes part in the reduction.
+        batches = _batches(count=3) if rank == 0 else []
+        results = evaluate_semantic_preservation(model, batches, reference)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_evaluation_reports_every_ranks_images(tmp_path):
+    """Under 2 gloo ranks, each rank reports the metrics of all images, equal to one process evaluating them all."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = build_tokenizer("dualtoken-tiny").eval()
+    reference = copy.deepcopy(model.encoder)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    expected = evaluate_semantic_preservation(model, _batches(count=3), reference)
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert results["num_images"] == 6
+        assert set(results) == set(expected)
+        for place in ("layer", "output", "pooled"):
+            assert results[place] == pytest.approx(expected[place], rel=1e-9)
+    assert expected["layer"]["cosine"] < 0.999  # the reference differs: the metric measured something

@@ -35,6 +35,7 @@ from unimm.tokenizer.dualtoken import DualToken
 from unimm.tokenizer.encoders import EncoderAccess
 
 FeatureSet = dict[str, torch.Tensor]  # place ("layer", "output", "pooled") -> [B, N, C] or [B, C]
+_PLACES = ("layer", "output", "pooled")  # every place `semantic_feature_pair` can compare, in a fixed order
 
 
 class FeatureAgreement:
@@ -90,9 +91,8 @@ def semantic_feature_pair(
 ) -> tuple[FeatureSet, FeatureSet]:
     """(tokenizer features, initial-encoder features) at each place, for one batch of pixel_values."""
     if isinstance(model, DualToken):
-        names = ("layer", "output", "pooled")
-        ours = dict(zip(names, model.semantic_features(pixel_values, quantize=True)))
-        theirs = dict(zip(names, model.semantic_features(pixel_values, encoder=reference_encoder, quantize=False)))
+        ours = dict(zip(_PLACES, model.semantic_features(pixel_values, quantize=True)))
+        theirs = dict(zip(_PLACES, model.semantic_features(pixel_values, encoder=reference_encoder, quantize=False)))
     else:  # VQRAE: the understanding path is the continuous encoder output; its semantic layer is the last one
         ours = _encoder_outputs(model._encoder_access, pixel_values)
         theirs = _encoder_outputs(EncoderAccess(reference_encoder), pixel_values)
@@ -101,6 +101,28 @@ def semantic_feature_pair(
 
 
 @torch.no_grad()
+def _reduce_over_ranks(agreements: dict[str, FeatureAgreement],
+                       num_images: int) -> tuple[dict[str, FeatureAgreement], int]:
+    """The sums of every rank's share of a sharded evaluation (no-op without a process group). Every rank reduces
+    the same fixed set of places, so a rank whose shard held no image (and so saw no place) still takes part."""
+    from unimm.utils.distributed import all_reduce_sum, get_world_size
+
+    if get_world_size() == 1:
+        return agreements, num_images
+    empty = FeatureAgreement()
+    sums = torch.tensor([[a.cosine_sum, a.vectors, a.squared_error, a.squared_reference]
+                         for a in (agreements.get(name, empty) for name in _PLACES)] + [[num_images, 0, 0, 0]],
+                        dtype=torch.float64)
+    sums = all_reduce_sum(sums)
+    reduced: dict[str, FeatureAgreement] = {}
+    for name, (cosine_sum, vectors, squared_error, squared_reference) in zip(_PLACES, sums.tolist()):
+        if vectors:
+            reduced[name] = agreement = FeatureAgreement()
+            agreement.cosine_sum, agreement.vectors = cosine_sum, int(vectors)
+            agreement.squared_error, agreement.squared_reference = squared_error, squared_reference
+    return reduced, int(sums[-1, 0])
+
+
 def evaluate_semantic_preservation(
     model: VisualTokenizer,
     batches: Iterable[torch.Tensor | dict[str, Any]],
@@ -130,6 +152,7 @@ def evaluate_semantic_preservation(
                 num_images += pixel_values.shape[0]
     finally:
         reference.train(reference_was_training)
+    agreements, num_images = _reduce_over_ranks(agreements, num_images)
     if num_images == 0:
         raise ValueError("evaluate_semantic_preservation got no images")
     semantic_layer = model.config.semantic_layer if isinstance(model, DualToken) else model.encoder_num_layers
