@@ -36,7 +36,8 @@ class ConfigError(UserError, ValueError):
     """A config key or value that a program's dataclasses (or their validation) reject."""
 
 
-def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
+                 epilog: str | None = None) -> tuple[Any, ...]:
     """`unimm.utils.config.parse_config`, with every rejection raised as `ConfigError`, so programs report it
     as a user error: unknown YAML keys, values a config's `__post_init__` refuses, and argparse's own errors
     (`argument --max_steps: invalid int value: 'abc'`, unknown flags), whose usage text is dropped. YAML syntax
@@ -46,7 +47,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), config_errors():
-            return _parse_config(dataclass_types, argv)
+            return _parse_config(dataclass_types, argv, epilog=epilog)
     except SystemExit as exit_:
         if exit_.code in (0, None):
             raise

@@ -12,9 +12,10 @@ train_visual_heads, train_projector.
 
 from __future__ import annotations
 
+from unimm.cli.llava import LLAVA_HELP, translate_training_argv
 from unimm.cli.llm_training import FINETUNE_CONFIGS, train
 from unimm.cli.program import ConfigProgram
 
 CONFIG_TYPES = FINETUNE_CONFIGS
-PROGRAM = ConfigProgram("unimm-finetune", CONFIG_TYPES, train)
+PROGRAM = ConfigProgram("unimm-finetune", CONFIG_TYPES, train, translate=translate_training_argv, epilog=LLAVA_HELP)
 make_parser, parse_args, main = PROGRAM.make_parser, PROGRAM.parse_args, PROGRAM.main

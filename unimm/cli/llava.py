@@ -331,6 +331,59 @@ def translate_llava_argv(argv: Sequence[str]) -> Translation:
     return Translation(argv=out, notes=notes, llava_flags=seen)
 
 
+_WEIGHTS = ("caption_weight", "t2i_weight", "conversation_weight", "text_weight")
+_OTHER_SOURCES = ("code_cache", "text_data")
+
+
+def _option_names(argv: Sequence[str]) -> set[str]:
+    return {_split(arg)[0] for arg in argv if arg.startswith("--")}
+
+
+def conversation_only_weights(translation: Translation, original_argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A LLaVA line trains on its `--data_path` only: when it gave one, and neither the command line nor a YAML file
+    sets a mixture weight or another data source, the mixture becomes conversations only (the programs' own
+    defaults mix caption and text-to-image samples from a code cache). Returns (extra arguments, notes)."""
+    from unimm.utils.config import config_origins
+
+    if "data_path" not in translation.llava_flags:
+        return [], []
+    given = _option_names(translation.argv) | set(config_origins(list(original_argv)))
+    if given & set(_WEIGHTS + _OTHER_SOURCES):
+        return [], []
+    extra = ["--conversation_weight", "1", "--caption_weight", "0", "--t2i_weight", "0", "--text_weight", "0"]
+    return extra, ["--data_path without mixture weights: training on its conversations only "
+                   "(--conversation_weight 1, the caption, t2i and text weights 0)"]
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    # parsing happens before the process group exists: the launcher's environment says which process this is
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) in ("0", "")
+
+
+def translate_training_argv(argv: Sequence[str]) -> list[str]:
+    """What `unimm-pretrain` and `unimm-finetune` parse: `argv` with LLaVA-1.5 flags translated (and the mixture
+    made conversation-only for a bare `--data_path`, see `conversation_only_weights`); each note is printed once,
+    by rank 0, on stderr. A refused flag raises `LlavaFlagError`, reported by `run_main` in one line."""
+    import sys
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        return list(argv)
+    translation = translate_llava_argv(argv)
+    extra, notes = conversation_only_weights(translation, argv)
+    if _is_rank_zero():
+        for note in dict.fromkeys(translation.notes + notes):
+            print(f"note: {note}", file=sys.stderr)
+    return translation.argv + extra
+
+
+LLAVA_HELP = ("LLaVA-1.5 launch flags (scripts/v1_5/pretrain.sh, finetune.sh, finetune_lora.sh) are accepted and "
+              "translated onto these options, e.g. --model_name_or_path, --version, --data_path, --vision_tower, "
+              "--pretrain_mm_mlp_adapter, --tune_mm_mlp_adapter, --lora_enable, --mm_projector_lr; the table of every "
+              "flag is unimm.cli.llava.llava_flag_table() (README, 'Coming from LLaVA').")
+
+
 def llava_flag_table() -> str:
     """The README's table of LLaVA flags, generated from `LLAVA_FLAGS`."""
     rows = ["| LLaVA flag | treatment | in UniMM |", "| --- | --- | --- |"]

@@ -13,9 +13,10 @@ status 2 (`--debug` for the traceback).
 
 from __future__ import annotations
 
+from unimm.cli.llava import LLAVA_HELP, translate_training_argv
 from unimm.cli.llm_training import PRETRAIN_CONFIGS, train
 from unimm.cli.program import ConfigProgram
 
 CONFIG_TYPES = PRETRAIN_CONFIGS
-PROGRAM = ConfigProgram("unimm-pretrain", CONFIG_TYPES, train)
+PROGRAM = ConfigProgram("unimm-pretrain", CONFIG_TYPES, train, translate=translate_training_argv, epilog=LLAVA_HELP)
 make_parser, parse_args, main = PROGRAM.make_parser, PROGRAM.parse_args, PROGRAM.main

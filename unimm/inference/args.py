@@ -22,7 +22,10 @@ class InferenceArguments:
     model_path: str = config_field(None, "A UniMM model directory (pretrain/finetune output, merged LoRA), or a "
                                    "LoRA checkpoint (merged in memory).")
     visual_tokenizer_path: str = config_field(None, "The visual tokenizer the model was trained with (decodes "
-                                              "generated codes / encodes input images).")
+                                              "generated codes / encodes input images); optional for a model with a "
+                                              "vision tower (LLaVA-style), which encodes input images.")
+    vision_tower: str | None = config_field(None, "A model with a vision tower: a local folder replacing the tower "
+                                            "folder recorded in its config.json.")
     device: str = config_field("auto", "cuda, cpu, or auto (cuda when available).")
     dtype: str = config_field("auto", "Weight dtype: auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, "
                               "float16.")
@@ -32,8 +35,8 @@ class InferenceArguments:
         "the model was trained with (recorded in its config.json); warns instead of refusing.")
 
     def __post_init__(self) -> None:
-        if not self.model_path or not self.visual_tokenizer_path:
-            raise ValueError("model_path and visual_tokenizer_path are required")
+        if not self.model_path:
+            raise ValueError("model_path is required")
 
 
 @dataclass

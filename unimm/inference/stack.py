@@ -45,12 +45,22 @@ def load_for_inference(model_path: str | Path, device: torch.device,
 
 
 def load_inference_stack(infer_args: Any) -> InferenceStack:
-    """The stack an `InferenceArguments` (`unimm.inference.args`) names."""
+    """The stack an `InferenceArguments` (`unimm.inference.args`) names. For a model trained with a vision tower
+    (`config.vision_tower`, LLaVA-style) the visual encoder is that tower, rebuilt from its recorded folder (or
+    `vision_tower`); otherwise it is the visual tokenizer, which is then required."""
+    from unimm.cli.errors import ConfigError
+    from unimm.llm.vision_tower import VisionTower
     from unimm.train.llm.build import load_visual_tokenizer
 
     device = resolve_device(infer_args.device)
     model, text_tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)
-    visual = load_visual_tokenizer(infer_args.visual_tokenizer_path)
-    check_visual_tokenizer(model.config, visual, allow_mismatch=infer_args.allow_visual_tokenizer_mismatch)
+    if model.config.vision_tower:
+        visual = VisionTower.from_dict(model.config.vision_tower, path=getattr(infer_args, "vision_tower", None),
+                                       dtype=model.dtype)
+    elif not infer_args.visual_tokenizer_path:
+        raise ConfigError(f"model_path={infer_args.model_path} has no vision tower: set visual_tokenizer_path")
+    else:
+        visual = load_visual_tokenizer(infer_args.visual_tokenizer_path)
+        check_visual_tokenizer(model.config, visual, allow_mismatch=infer_args.allow_visual_tokenizer_mismatch)
     visual = visual.to(device)  # hashed above in the dtype it was saved in
     return InferenceStack(model, text_tokenizer, visual, device)

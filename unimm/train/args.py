@@ -61,10 +61,47 @@ class ModelArguments:
     allow_visual_tokenizer_mismatch: bool = config_field(
         False, "Use visual_tokenizer_path even when its config or weights hash differs from the visual tokenizer "
         "the model was trained with (recorded in its config.json); warns instead of refusing.")
+    vision_tower: str | None = config_field(
+        None, "Local CLIP / SigLIP vision model folder (LLaVA-1.5's --vision_tower): its patch features feed the "
+        "feature projector; a new model then needs no visual_tokenizer_path (no generation codes). For a model_path "
+        "trained with a tower: a folder replacing the recorded one.")
+    vision_select_layer: int = config_field(-2, "Hidden layer of the vision tower whose features are used (LLaVA's "
+                                            "--mm_vision_select_layer; -2: the input of the last layer).")
+    vision_select_feature: str = config_field("patch", "patch (CLIP's CLS token dropped) or cls_patch.")
+    image_aspect: str | None = config_field(
+        None, "Vision tower image handling: None or crop (the processor's own resize), pad (pad to a square of the "
+        "mean colour first, LLaVA's --image_aspect_ratio pad).")
+    projector_type: str = config_field("mlp2x_gelu", "Feature projector of a new model: mlp2x_gelu or linear.")
+    pretrained_projector: str | None = config_field(
+        None, "Projector weights to start from (LLaVA's mm_projector.bin, or a UniMM projector / model file).")
+    save_mm_projector: bool = config_field(
+        False, "Also write the projector alone, in LLaVA's mm_projector.bin layout, into output_dir and each "
+        "checkpoint (LLaVA's --tune_mm_mlp_adapter stage 1 output).")
+    quantization_bits: int | None = config_field(
+        None, "Load the LLM quantized to 4 or 8 bits (QLoRA; needs a CUDA GPU and bitsandbytes).")
+    quantization_double_quant: bool = config_field(True, "4-bit: quantize the quantization constants too.")
+    quantization_type: str = config_field("nf4", "4-bit data type: nf4 or fp4.")
 
     def __post_init__(self) -> None:
-        if self.model_path is None and (self.llm_path is None or self.visual_tokenizer_path is None):
-            raise ValueError("set model_path (an existing UniMM model), or both llm_path and visual_tokenizer_path")
+        if self.model_path is None and (self.llm_path is None or (
+                self.visual_tokenizer_path is None and self.vision_tower is None)):
+            raise ValueError("set model_path (an existing UniMM model), or llm_path with visual_tokenizer_path "
+                             "and/or vision_tower")
+        if self.vision_select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"vision_select_feature must be patch or cls_patch, got {self.vision_select_feature!r}")
+        if self.image_aspect not in (None, "crop", "pad"):
+            raise ValueError(f"image_aspect must be crop or pad, got {self.image_aspect!r}")
+        if self.projector_type not in ("mlp2x_gelu", "linear"):
+            raise ValueError(f"projector_type must be mlp2x_gelu or linear, got {self.projector_type!r}")
+        if self.quantization_bits not in (None, 4, 8):
+            raise ValueError(f"quantization_bits must be 4 or 8, got {self.quantization_bits}")
+        if self.quantization_type not in ("nf4", "fp4"):
+            raise ValueError(f"quantization_type must be nf4 or fp4, got {self.quantization_type!r}")
+
+    @property
+    def tower_aspect_ratio(self) -> str:
+        """`VisionTower`'s image_aspect_ratio for `image_aspect`."""
+        return "pad" if self.image_aspect == "pad" else "square"
 
 
 @dataclass
@@ -102,6 +139,7 @@ class LoraArguments:
     lora_dropout: float = config_field(0.05, "Dropout on the LoRA branch input.")
     lora_target_modules: str = config_field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                             "Comma-separated names of LLM linear modules that get adapters.")
+    lora_bias: str = config_field("none", "Biases trained with LoRA: none, all, lora_only (peft's bias).")
 
     def target_modules(self) -> list[str]:
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
@@ -109,6 +147,8 @@ class LoraArguments:
     def __post_init__(self) -> None:
         if self.use_lora and (self.lora_r <= 0 or not self.target_modules()):
             raise ValueError("use_lora needs lora_r > 0 and at least one lora_target_modules entry")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
 
 
 @dataclass
@@ -127,6 +167,9 @@ class UniMMTrainingArguments(TrainingArguments):
     group_by_modality_length: bool = config_field(
         False, "Batch samples of one task (caption, t2i, conversation, text) and similar length together "
         "(unimm.data.collator.GroupedBatchSampler); every device batch then holds one modality.")
+    projector_learning_rate: float | None = config_field(
+        None, "Learning rate of the feature projector's own parameter group (LLaVA's --mm_projector_lr); default: "
+        "learning_rate.")
 
     def __post_init__(self) -> None:
         # transformers' __post_init__ sets up the devices, which starts the process group; it runs in finalize().

@@ -160,13 +160,16 @@ def config_origins(argv: Sequence[str]) -> dict[str, str]:
     return {key: str(path) for path in yaml_files if Path(path).is_file() for key in load_yaml(path)}
 
 
-def make_config_parser(dataclass_types: Sequence[type], prog: str | None = None) -> HfArgumentParser:
+def make_config_parser(dataclass_types: Sequence[type], prog: str | None = None,
+                       epilog: str | None = None) -> HfArgumentParser:
     """The command-line parser of a program's configs: one option per field, with its help; `--help` also lists
-    the deprecated aliases. `parse_config` adds the YAML files' values as defaults."""
-    return HfArgumentParser(list(dataclass_types), prog=prog, epilog=_alias_epilog(config_aliases(dataclass_types)))
+    the deprecated aliases, then `epilog`. `parse_config` adds the YAML files' values as defaults."""
+    parts = [text for text in (_alias_epilog(config_aliases(dataclass_types)), epilog) if text]
+    return HfArgumentParser(list(dataclass_types), prog=prog, epilog="\n\n".join(parts) or None)
 
 
-def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None) -> tuple[Any, ...]:
+def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
+                 epilog: str | None = None) -> tuple[Any, ...]:
     """Parse YAML files + CLI overrides into instances of `dataclass_types` (in the same order)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     yaml_files, rest = _split_argv(argv)
@@ -187,7 +190,7 @@ def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = N
     if required:
         raise TypeError(f"config fields without a default cannot be set from YAML: {required}; give them a default "
                         "and check them in __post_init__")
-    parser = make_config_parser(dataclass_types)
+    parser = make_config_parser(dataclass_types, epilog=epilog)
     parser.set_defaults(**defaults)
     outputs = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
     return tuple(outputs)

@@ -3,7 +3,9 @@ tokenizer, the training dataset and the collator, from the typed configs of `uni
 
 A model is built either from a plain causal LM plus a visual tokenizer (`llm_path` + `visual_tokenizer_path`: visual
 modules are added and the vocabulary is extended here, before the Trainer/DeepSpeed wraps the model, which
-ZeRO-3 requires) or loaded from an existing UniMM model (`model_path`).
+ZeRO-3 requires), from a plain causal LM plus a CLIP / SigLIP vision tower (`vision_tower`, LLaVA-1.5's model:
+understanding only, optionally with a visual tokenizer too), or loaded from an existing UniMM model
+(`model_path`; a tower recorded in its config is rebuilt).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, check_visual_tokenizer, extend_tokenizer_and_model
+from unimm.llm.projector import load_mm_projector
+from unimm.llm.vision_tower import VisionTower
 from unimm.train.args import DataArguments, ModelArguments, VisualModulesConfig
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
@@ -32,6 +36,13 @@ class BuiltModel:
     visual_tokenizer: Any | None = None
     # Parameters whose gradient is masked to the new token rows; they must not get weight decay either.
     row_masked_params: set[str] = field(default_factory=set)
+    # A plain CLIP / SigLIP tower (LLaVA-style) whose features feed the projector; beside the model, frozen.
+    vision_tower: VisionTower | None = None
+
+    @property
+    def image_encoder(self) -> Any | None:
+        """What turns pixels into projector features: the vision tower, else the visual tokenizer."""
+        return self.vision_tower if self.vision_tower is not None else self.visual_tokenizer
 
 
 def load_visual_tokenizer(path: str | Path) -> Any:
@@ -59,15 +70,19 @@ def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None 
     """The UniMM model, text tokenizer and layout described by `model_args`, with the freeze switches applied.
 
     modules:            a new model's visual-module sizes (preset + fields; default: the `default` preset).
-    use_image_features: give a new model a feature projector (continuous understanding inputs, VQRAE style).
+    use_image_features: give a new model a feature projector (continuous understanding inputs, VQRAE style); a
+                        new model with a `vision_tower` always has one.
     load_visual:        also load the visual tokenizer from `visual_tokenizer_path` (needed to encode pixels on the
                         fly or to check a code cache's hash).
     seed:               seeds the initialisation of new visual modules; the RNG is reset after the LLM is loaded
                         because loading under ZeRO-3 (`zero.Init`) consumes random numbers and plain loading does
                         not, and ZeRO-2 and ZeRO-3 runs must start from the same weights.
+
+    `pretrained_projector` is loaded into the projector before the freeze switches (and any LoRA wrapping).
     """
     visual_tokenizer = load_visual_tokenizer(model_args.visual_tokenizer_path) if (
         model_args.visual_tokenizer_path and load_visual) else None
+    tower = None
     if model_args.model_path is not None:
         model, text_tokenizer = _load_unimm_model(Path(model_args.model_path), dtype)
         if visual_tokenizer is not None:
@@ -75,16 +90,25 @@ def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None 
             # the tokenizer this run trains with is the one recorded (models saved before identities gain one)
             model.config.visual_tokenizer_identity = check_visual_tokenizer(
                 model.config, visual_tokenizer, allow_mismatch=model_args.allow_visual_tokenizer_mismatch)
+        if model.config.vision_tower:
+            tower = VisionTower.from_dict(model.config.vision_tower, path=model_args.vision_tower, dtype=dtype)
         layout = model.config.layout
     else:
-        if visual_tokenizer is None:
+        if visual_tokenizer is None and model_args.visual_tokenizer_path:
             visual_tokenizer = load_visual_tokenizer(model_args.visual_tokenizer_path)
+        if model_args.vision_tower:
+            tower = VisionTower.from_path(model_args.vision_tower, select_layer=model_args.vision_select_layer,
+                                          select_feature=model_args.vision_select_feature,
+                                          image_aspect_ratio=model_args.tower_aspect_ratio, dtype=dtype)
         model, text_tokenizer, layout = _extend_llm(model_args, modules or VisualModulesConfig(), visual_tokenizer,
-                                                    dtype, use_image_features, seed)
+                                                    tower, dtype, use_image_features, seed)
     if text_tokenizer.pad_token_id is None:
         raise ValueError("the text tokenizer has no pad token; set one in its tokenizer_config.json")
+    if model_args.pretrained_projector:
+        load_mm_projector(model, model_args.pretrained_projector)
+        logger.info("loaded the feature projector from %s", model_args.pretrained_projector)
     row_masked = apply_trainable_parts(model, model_args, layout)
-    return BuiltModel(model, text_tokenizer, layout, visual_tokenizer, row_masked)
+    return BuiltModel(model, text_tokenizer, layout, visual_tokenizer, row_masked, tower)
 
 
 def _load_unimm_model(path: Path, dtype: torch.dtype) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase]:
@@ -98,9 +122,12 @@ def _load_unimm_model(path: Path, dtype: torch.dtype) -> tuple[UniMMForCausalLM,
     return model, text_tokenizer
 
 
-def _extend_llm(model_args: ModelArguments, modules: VisualModulesConfig, visual_tokenizer: Any, dtype: torch.dtype,
-                use_image_features: bool, seed: int) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase, VocabLayout]:
-    """A new UniMM model: the plain LLM of `llm_path` with visual modules and an extended vocabulary."""
+def _extend_llm(model_args: ModelArguments, modules: VisualModulesConfig, visual_tokenizer: Any | None,
+                tower: VisionTower | None, dtype: torch.dtype, use_image_features: bool,
+                seed: int) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase, VocabLayout]:
+    """A new UniMM model: the plain LLM of `llm_path` with visual modules (codes of `visual_tokenizer`, a projector
+    from `tower`'s features or the tokenizer's) and an extended vocabulary. Without a visual tokenizer (a LLaVA-style
+    model: a vision tower only) there are no visual codes, so no generation."""
     from transformers import AutoModelForCausalLM, set_seed
 
     from unimm.utils.attention import select_attn_implementation
@@ -111,19 +138,46 @@ def _extend_llm(model_args: ModelArguments, modules: VisualModulesConfig, visual
     with model_folder("llm_path", llm_path, "a causal language model's text tokenizer"):
         text_tokenizer = AutoTokenizer.from_pretrained(llm_path)
     overrides = modules.overrides()
-    overrides.setdefault("num_image_positions", visual_tokenizer.num_positions)
+    if visual_tokenizer is not None:
+        overrides.setdefault("num_image_positions", visual_tokenizer.num_positions)
+    if tower is not None:
+        features = tower.model_config_kwargs(model_args.projector_type)
+    elif use_image_features:
+        features = {"feature_dim": _feature_dim(visual_tokenizer), "feature_projector_type": model_args.projector_type}
+    else:
+        features = {}
     with model_folder("llm_path", llm_path, "a Hugging Face causal language model"):
         llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=(
-            select_attn_implementation(model_args.attn_implementation, dtype)))
+            select_attn_implementation(model_args.attn_implementation, dtype)), **quantization_kwargs(model_args, dtype))
     set_seed(seed)
     model = UniMMForCausalLM.from_llm(
-        llm, visual_tokenizer, flat_codes=model_args.flat_codes,
-        feature_dim=_feature_dim(visual_tokenizer) if use_image_features else None, dtype=dtype,
-        attn_implementation=model_args.attn_implementation, **overrides,
+        llm, visual_tokenizer, flat_codes=model_args.flat_codes, dtype=dtype,
+        attn_implementation=model_args.attn_implementation, **features, **overrides,
     )
-    layout = extend_tokenizer_and_model(text_tokenizer, model, visual_tokenizer.codebook_spec,
-                                        flat_codes=model_args.flat_codes)
+    spec = visual_tokenizer.codebook_spec if visual_tokenizer is not None else {}
+    layout = extend_tokenizer_and_model(text_tokenizer, model, spec, flat_codes=model_args.flat_codes)
     return model, text_tokenizer, layout
+
+
+def quantization_kwargs(model_args: ModelArguments, dtype: torch.dtype) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments that load the LLM quantized (`quantization_bits`, QLoRA) on this
+    process's GPU; none without quantization. Refused without CUDA or bitsandbytes."""
+    import importlib.util
+    import os
+
+    bits = model_args.quantization_bits
+    if bits is None:
+        return {}
+    from unimm.cli.errors import ConfigError
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--bits {bits} (QLoRA) needs a CUDA GPU and bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8, bnb_4bit_compute_dtype=dtype,
+                                bnb_4bit_use_double_quant=model_args.quantization_double_quant,
+                                bnb_4bit_quant_type=model_args.quantization_type)
+    return {"quantization_config": config, "device_map": {"": int(os.environ.get("LOCAL_RANK", "0"))}}
 
 
 def check_unimm_folder(path: Path) -> None:
@@ -219,11 +273,12 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
     factory = SampleFactory(built.text_tokenizer, built.layout, data_args.sample_config(seed))
     mixture = data_args.mixture_config(seed)
     visual = built.visual_tokenizer
+    encoder = built.image_encoder
     pixel_images = None
-    if visual is not None and built.model.feature_projector is not None:
-        transform = ImageTransform.for_tokenizer(visual)
+    if encoder is not None and built.model.feature_projector is not None:
+        transform = ImageTransform.for_tokenizer(encoder)
         pixel_images = PixelImages(data_args.image_folder or _default_image_folder(data_args), transform,
-                                   visual.num_positions, mixture.allow_outside_image_folder)
+                                   encoder.num_positions, mixture.allow_outside_image_folder)
     # Config and weights hashes, taken once: a cache made by a tokenizer with other weights is refused.
     identity = TokenizerIdentity.of(visual) if visual is not None else None
     return build_mixture(mixture, factory, tokenizer_hash=identity, pixel_images=pixel_images)

@@ -52,11 +52,16 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     target_regex = rf"language_model\..*\.({targets})"
     config = LoraConfig(
         r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-        target_modules=target_regex, modules_to_save=modules_to_save(model, model_args), bias="none",
+        target_modules=target_regex, modules_to_save=modules_to_save(model, model_args), bias=lora_args.lora_bias,
     )
     if model_args.train_llm:
         logger.warning("use_lora trains adapters instead of the full LLM; train_llm is ignored")
-    peft_model = get_peft_model(model, config)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # peft upcasts bf16 adapters to float32 by default; ZeRO-3 flattens each param group into one buffer of a
+    # single dtype, so there the adapters keep the model's dtype (as LLaVA's bf16 LoRA does; DeepSpeed's
+    # optimizer holds float32 master weights anyway).
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA: trainable parameters %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / total)

@@ -216,11 +216,58 @@ class UniMMTrainer(TrainSamplerOverride, Trainer):
         return modality_length_sampler(dataset, self.args.per_device_train_batch_size, self.args.seed)
 
     # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The stock optimizer; with `projector_learning_rate` the feature projector's parameters move into their
+        own groups at that rate (LLaVA's `--mm_projector_lr`), before the scheduler records the groups' rates."""
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.args, "projector_learning_rate", None)
+        if lr is not None:
+            opt_model = self.model if model is None else model
+            names = {id(p): n for n, p in opt_model.named_parameters()}
+            moved = split_param_groups(optimizer, lambda p: "feature_projector" in names.get(id(p), ""), lr=lr)
+            if moved == 0:
+                raise ValueError("projector_learning_rate is set but no trainable parameter belongs to the feature "
+                                 "projector (train_projector false, or the model has none)")
+            logger.info("feature projector: %d tensors at learning rate %g", moved, lr)
+        return optimizer
+
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)
         if not self.no_decay_param_names:
             return names
         return [n for n in names if not any(n == skip or n.endswith("." + skip) for skip in self.no_decay_param_names)]
+
+
+def split_param_groups(optimizer: torch.optim.Optimizer, selected: Any, **overrides: Any) -> int:
+    """Move the parameters for which `selected(param)` holds out of each param group into a copy of that group
+    with `overrides` (e.g. its own `lr`), before any step. Returns how many parameters moved."""
+    moved = 0
+    new_groups = []
+    for group in optimizer.param_groups:
+        picked = [p for p in group["params"] if selected(p)]
+        if not picked:
+            continue
+        group["params"] = [p for p in group["params"] if not selected(p)]
+        new_groups.append({**group, "params": picked, **overrides})
+        moved += len(picked)
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    for group in new_groups:
+        optimizer.add_param_group(group)
+    return moved
+
+
+class SaveProjectorCallback(TrainerCallback):
+    """Writes the feature projector in LLaVA's `mm_projector.bin` layout into each checkpoint (every rank calls
+    it: under ZeRO-3 the projector is gathered; rank 0 writes)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def on_save(self, args, state, control, **kwargs):
+        from unimm.llm.projector import LLAVA_PROJECTOR_FILE, save_mm_projector
+
+        save_mm_projector(self.model, Path(args.output_dir) / f"checkpoint-{state.global_step}" / LLAVA_PROJECTOR_FILE)
+        return control
 
 
 def _count_packed_samples(inputs: dict[str, Any]) -> int:
@@ -261,9 +308,10 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     """What `unimm-pretrain` and `unimm-finetune` run, once `training_args` are prepared
     (`unimm.utils.runtime.prepare_training_arguments`): build model + data, train (resuming from the given or
     latest checkpoint), save the final model (HF format; ZeRO-3 weights gathered; a LoRA run saves its adapter,
-    merge it with unimm-merge-lora)."""
+    merge it with unimm-merge-lora) and, with `save_mm_projector`, the projector alone in LLaVA's layout."""
     from transformers import set_seed
 
+    from unimm.llm.projector import LLAVA_PROJECTOR_FILE, save_mm_projector
     from unimm.train.llm.build import build_collator, build_model, build_train_dataset
     from unimm.utils.config import save_resolved_config
     from unimm.utils.distributed import is_main_process
@@ -287,16 +335,21 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     _non_reentrant_checkpointing(training_args)
     train_dataset = build_train_dataset(data_args, built, seed=training_args.seed)
     logger.info("training on %d samples per epoch", len(train_dataset))
+    callbacks: list[TrainerCallback] = [CompleteCheckpointCallback(keep_last)]
+    if model_args.save_mm_projector:
+        callbacks.insert(0, SaveProjectorCallback(built.model))  # written before the checkpoint is marked complete
     trainer = UniMMTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
         data_collator=build_collator(data_args, built.text_tokenizer), processing_class=built.text_tokenizer,
-        no_decay_param_names=built.row_masked_params, visual_tokenizer=built.visual_tokenizer,
-        llm_shape=LLMShape.from_config(built.model.config), callbacks=[CompleteCheckpointCallback(keep_last)],
+        no_decay_param_names=built.row_masked_params, visual_tokenizer=built.image_encoder,
+        llm_shape=LLMShape.from_config(built.model.config), callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
     if getattr(training_args, "save_final_model", True):
         trainer.save_model(str(output_dir))
         trainer.save_state()
+    if model_args.save_mm_projector:
+        save_mm_projector(built.model, output_dir / LLAVA_PROJECTOR_FILE)
     return trainer
 
 
