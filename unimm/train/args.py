@@ -167,9 +167,8 @@ class UniMMTrainingArguments(TrainingArguments):
     group_by_modality_length: bool = config_field(
         False, "Batch samples of one task (caption, t2i, conversation, text) and similar length together "
         "(unimm.data.collator.GroupedBatchSampler); every device batch then holds one modality.")
-    projector_learning_rate: float | None = config_field(
-        None, "Learning rate of the feature projector's own parameter group (LLaVA's --mm_projector_lr); default: "
-        "learning_rate.")
+    # LLaVA's --mm_projector_lr
+    projector_learning_rate: float | None = config_field(None, "The feature projector's own learning rate.")
 
     def __post_init__(self) -> None:
         # transformers' __post_init__ sets up the devices, which starts the process group; it runs in finalize().

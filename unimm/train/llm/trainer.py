@@ -361,12 +361,39 @@ def _wrap_lora(built, model_args, lora_args, output_dir: Path):
     if model_args.model_path is None:
         # Adapter checkpoints must name a base model on disk: write the freshly extended one once.
         base_dir = output_dir / "base_model"
-        if is_main_process() and not (base_dir / "config.json").is_file():
-            model.save_pretrained(base_dir)
-            built.text_tokenizer.save_pretrained(base_dir)
+        if not (base_dir / "config.json").is_file():
+            state_dict = gathered_state_dict(model)  # every rank: ZeRO-3 gathers collectively
+            if is_main_process():
+                model.save_pretrained(base_dir, state_dict=state_dict)
+                built.text_tokenizer.save_pretrained(base_dir)
         barrier()
         model.name_or_path = str(base_dir.resolve())
     return wrap_lora(model, lora_args, model_args)
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """`model.state_dict()` on CPU with ZeRO-3 partitioned parameters gathered one at a time (the whole model never
+    sits gathered on a device). Every rank must call it; rank 0 gets the tensors, the others None. Tied weights stay
+    one tensor, so `save_pretrained` recognises them."""
+    import contextlib
+
+    from unimm.utils.distributed import is_main_process
+
+    main = is_main_process()
+    state: dict[str, torch.Tensor] = {}
+    copies: dict[int, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in copies:
+            if hasattr(tensor, "ds_id"):
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
+            else:
+                gather = contextlib.nullcontext()
+            with gather:
+                copies[id(tensor)] = tensor.detach().cpu().clone() if main else tensor
+        state[name] = copies[id(tensor)]
+    return state if main else None
 
 
 def _non_reentrant_checkpointing(training_args) -> None:
