@@ -179,3 +179,18 @@ def test_finetune_lora_sh_loads_the_projector_resumes_and_exports(stage1, llava_
     assert model.config.vision_tower["path"] == str(llava_assets["tower"])
     assert model.config.vision_tower["image_aspect_ratio"] == "pad"
     assert model.feature_projector is not None and not model.config.codebook_spec  # understanding only
+
+    # inference rebuilds the recorded tower as the image encoder (no visual tokenizer needed)
+    from PIL import Image
+
+    from unimm.inference.args import InferenceArguments
+    from unimm.inference.stack import load_inference_stack
+    from unimm.llm.vision_tower import VisionTower
+
+    stack = load_inference_stack(InferenceArguments(model_path=str(merged_dir), device="cpu", dtype="float32"))
+    assert isinstance(stack.visual_tokenizer, VisionTower) and stack.visual_tokenizer.image_aspect_ratio == "pad"
+    image = Image.open(next((llava_assets["images"] / "images").glob("*.png")))
+    with torch.no_grad():
+        features = stack.visual_tokenizer.encode_features(stack.visual_tokenizer.preprocess(image.resize((48, 32))))
+        projected = stack.model.feature_projector(features.to(stack.model.dtype))
+    assert projected.shape == (1, stack.visual_tokenizer.num_positions, stack.model.config.text_config.hidden_size)
