@@ -127,3 +127,9 @@ def test_every_flag_is_in_the_table_once():
     assert len(names) == len(set(names))
     table = llava_flag_table()
     assert all(f"| `--{name}` |" in table for name in names)
+
+
+def test_readme_lists_the_flag_table():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = readme.split("<!-- llava-flags -->\n", 1)[1].split("\n<!-- /llava-flags -->", 1)[0]
+    assert listed == llava_flag_table()
