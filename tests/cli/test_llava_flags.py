@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from unimm.cli import llava
 from unimm.cli.llava import LLAVA_FLAGS, LlavaFlagError, llava_flag_table, translate_llava_argv
+
+
+@pytest.fixture(autouse=True)
+def _with_cuda(monkeypatch):
+    """Translate as on a GPU machine (no `--use_cpu` added); tests of the CPU behaviour switch it off."""
+    monkeypatch.setattr(llava, "_has_cuda", lambda: True)
 
 
 def _folder(root: Path, name: str, model_type: str) -> Path:
@@ -101,13 +108,20 @@ def test_renamed_trainer_options(monkeypatch):
 
 
 def test_tf32_and_missing_loggers_without_cuda(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(llava, "_has_cuda", lambda: False)
     translation = translate_llava_argv(["--tf32", "True", "--report_to", "unimm_no_such_logger"])
-    assert translation.argv == ["--report_to", "none"]
+    assert translation.argv == ["--report_to", "none", "--use_cpu", "true"]
     assert any("no CUDA device" in note for note in translation.notes)
     assert any("unimm_no_such_logger: not installed" in note for note in translation.notes)
+
+
+def test_a_llava_line_without_cuda_trains_on_cpu(monkeypatch):
+    monkeypatch.setattr(llava, "_has_cuda", lambda: False)
+    translation = translate_llava_argv(["--lora_r", "8", "--bf16", "True"])
+    assert translation.argv == ["--lora_r", "8", "--bf16", "True", "--use_cpu", "true"]
+    assert translate_llava_argv(["--lora_r", "8", "--use_cpu", "false"]).argv == ["--lora_r", "8", "--use_cpu", "false"]
+    monkeypatch.setattr(llava, "_has_cuda", lambda: True)
+    assert translate_llava_argv(["--lora_r", "8"]).argv == ["--lora_r", "8"]
 
 
 def test_other_flags_pass_through_untouched():

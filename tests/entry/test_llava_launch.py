@@ -5,8 +5,8 @@
 - paths: a tiny random LLaMA (SentencePiece-style tokenizer), a tiny random CLIP tower, a LLaVA JSON over shapes
   images, `configs/deepspeed/zero2.json` / `zero3.json` for LLaVA's `./scripts/zero2.json` / `zero3.json`;
 - sizes: `--per_device_train_batch_size 2`, `--max_steps 2` (then 4, to resume), stage 2 `--save_steps 2`;
-- `--use_cpu true`: there is no GPU here, and transformers refuses `--bf16 True` without it (bf16 on CPU then
-  trains as asked).
+- nothing else: without CUDA the translation adds `--use_cpu true` itself (transformers refuses `--bf16 True`
+  without it; bf16 on CPU then trains as asked).
 
 Everything else is LLaVA's, including `--report_to wandb` (dropped with a note when wandb is not installed),
 `--tf32 True` (ignored without CUDA), `--dataloader_num_workers 4` and `--save_total_limit 1`.
@@ -71,7 +71,7 @@ def training_tail(output_dir: Path, save_steps: str, learning_rate: str, max_ste
         "--dataloader_num_workers", "4",
         "--lazy_preprocess", "True",
         "--report_to", "wandb",
-        "--max_steps", str(max_steps), "--use_cpu", "true",
+        "--max_steps", str(max_steps),
     ]
 
 

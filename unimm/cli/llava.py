@@ -185,9 +185,7 @@ def _bits(flag: str, value: str | None) -> tuple[list[str], list[str]]:
 
 
 def _tf32(flag: str, value: str | None) -> tuple[list[str], list[str]]:
-    import torch
-
-    if torch.cuda.is_available():
+    if _has_cuda():
         return ["--tf32", "true" if _bool(flag, value) else "false"], []
     return [], ["--tf32: ignored, there is no CUDA device (TF32 is an NVIDIA Ampere+ math mode)"]
 
@@ -328,7 +326,17 @@ def translate_llava_argv(argv: Sequence[str]) -> Translation:
         notes.extend(flag_notes)
         seen.append(name)
         i += 1
+    if seen and not any(arg == "--use_cpu" or arg.startswith("--use_cpu=") for arg in out) and not _has_cuda():
+        # transformers refuses --bf16 (LLaVA's scripts all pass it) on a machine without CUDA unless use_cpu is set
+        out += ["--use_cpu", "true"]
+        notes.append("no CUDA device: training on CPU (--use_cpu true added)")
     return Translation(argv=out, notes=notes, llava_flags=seen)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 _WEIGHTS = ("caption_weight", "t2i_weight", "conversation_weight", "text_weight")
