@@ -1,15 +1,5 @@
-"""`unimm-quickstart-eval`: the shapes-specific steps of `scripts/quickstart.sh` (`unimm.data.toy.quickstart`).
-
-    python scripts/quickstart_eval.py prepare --out runs/quickstart
-    python scripts/quickstart_eval.py tokenizer --out runs/quickstart --tokenizer_path runs/quickstart/tokenizer/model
-    python scripts/quickstart_eval.py generation --out runs/quickstart --generated_dir runs/quickstart/generated
-    python scripts/quickstart_eval.py qa --out runs/quickstart --answers_json runs/quickstart/answers.json
-    python scripts/quickstart_eval.py cfg --out runs/quickstart --model_path runs/quickstart/finetune \
-        --tokenizer_path runs/quickstart/tokenizer/model
-
-Each scoring command prints `<name> accuracy: <number>` lines (generation: seen captions, then `held-out generation
-accuracy`) and adds its figures to `<out>/scores.json`; `cfg` prints the held-out accuracy by guidance scale.
-"""
+"""`unimm-quickstart-eval`: the shapes-specific steps of `scripts/quickstart.sh` (`prepare`, `tokenizer`,
+`generation`, `qa`, `cfg`); the steps, their commands and what they print are in `unimm.data.toy.quickstart`."""
 
 from __future__ import annotations
 
