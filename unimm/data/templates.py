@@ -70,6 +70,15 @@ def _content_segments(parts: Sequence[str | ImageSlot], supervise: bool) -> list
     return [Text(part, supervise=supervise) if isinstance(part, str) else part for part in parts if part != ""]
 
 
+def _answer_segments(parts: Sequence[str | ImageSlot], eos_token_id: int, before_eos: str = "") -> list[Segment]:
+    """An assistant turn after its role marker: a space, the supervised answer, then the supervised turn end
+    (`before_eos`, if any, and EOS)."""
+    out = [Text(" "), *_content_segments(parts, supervise=True)]
+    if before_eos:
+        out.append(Text(before_eos, supervise=True))
+    return out + [TokenIds([eos_token_id], supervise=True)]
+
+
 class ChatFormat:
     """Base class: `segments(messages, sample_id)` for training, `add_generation_prompt=True` for inference."""
 
@@ -185,9 +194,7 @@ class Llama2Format(ChatFormat):
                 out.extend(_content_segments(message.parts, supervise=False))
                 out.append(Text(" [/INST]"))
             else:
-                out.append(Text(" "))
-                out.extend(_content_segments(message.parts, supervise=True))
-                out.append(TokenIds([tok.eos_token_id], supervise=True))
+                out.extend(_answer_segments(message.parts, tok.eos_token_id))
         return out
 
 
@@ -269,9 +276,7 @@ class VicunaV1Format(_LlavaFormat):
                 out.extend(_content_segments(message.parts, supervise=False))
                 out.append(Text(" ASSISTANT:"))
             else:
-                out.append(Text(" "))
-                out.extend(_content_segments(message.parts, supervise=True))
-                out.append(TokenIds([tok.eos_token_id], supervise=True))
+                out.extend(_answer_segments(message.parts, tok.eos_token_id))
         return out
 
 
@@ -304,10 +309,7 @@ class LlavaLlama2Format(_LlavaFormat):
                 out.extend(_content_segments(message.parts, supervise=False))
                 out.append(Text(" [/INST]"))
             else:
-                out.append(Text(" "))
-                out.extend(_content_segments(message.parts, supervise=True))
-                out.append(Text(" ", supervise=True))
-                out.append(TokenIds([tok.eos_token_id], supervise=True))
+                out.extend(_answer_segments(message.parts, tok.eos_token_id, before_eos=" "))
         return out
 
 
