@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_multi)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def torch_extensions_dir(tmp_path_factory):
+    """DeepSpeed's CPU op is built (once, `unimm.testing.build_deepspeed_comm_op`) in a folder of this test session,
+    so a build lock or half-built op left on the machine by another run cannot stall the launches here. A folder
+    the user set keeps priority."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(tmp_path_factory.mktemp("torch_extensions"))
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer_path(tmp_path_factory):
     from unimm.testing import build_qwen_style_tokenizer

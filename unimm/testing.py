@@ -8,6 +8,10 @@ These are the real `transformers` classes (`Qwen2ForCausalLM`, `LlamaForCausalLM
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -317,3 +321,48 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def run_process_group(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)` with the command in its
+    own session, whose whole process group is killed when it ends or times out. A launcher's ranks and data-loader
+    workers die with it: a hung launch leaves nothing behind to hold CPU, ports or build locks for later tests."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(command, timeout, output=stdout, stderr=stderr) from None
+    finally:
+        _kill_group(proc.pid)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_DEEPSPEED_OPS_READY: set[str] = set()
+
+
+def build_deepspeed_comm_op(env: dict[str, str] | None = None, timeout: float = 900) -> None:
+    """Build DeepSpeed's CPU shared-memory all-reduce op (what every rank of a CPU launch loads first) in one child
+    process, under `env`'s TORCH_EXTENSIONS_DIR, once per process and extensions folder. Launch tests call it before
+    their first launch, so two ranks never race on the first build and no test kills a rank in the middle of one
+    (that leaves torch's build lock behind: see `unimm.utils.hf_compat.check_extension_build_lock`)."""
+    env = dict(os.environ if env is None else env)
+    folder = env.get("TORCH_EXTENSIONS_DIR", "")
+    if folder in _DEEPSPEED_OPS_READY:
+        return
+    code = ("from unimm.utils.hf_compat import check_extension_build_lock; check_extension_build_lock(); "
+            "from deepspeed.comm.torch import build_shm_op; build_shm_op()")
+    proc = run_process_group([sys.executable, "-c", code], timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building DeepSpeed's CPU communication op failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    _DEEPSPEED_OPS_READY.add(folder)

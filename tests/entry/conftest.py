@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from unimm.testing import free_port
+from unimm.testing import build_deepspeed_comm_op, free_port, run_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -62,11 +62,11 @@ def toy(tmp_path_factory, tiny_qwen2_path) -> dict[str, Path]:
 
 def run_script(args: list[str], launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run an entry point as users do (a fresh interpreter, or under the `deepspeed` launcher); raise with its
-    output on failure."""
+    output on failure. The run's whole process group is killed when it ends or times out."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
     command = (launcher or [sys.executable]) + args
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_process_group(command, timeout=timeout, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -74,7 +74,9 @@ def run_script(args: list[str], launcher: list[str] | None = None, timeout: int 
 
 
 def deepspeed_launcher(num_procs: int = 2, master_port: int | None = None) -> list[str]:
-    """The `deepspeed` launcher on a free master port (fixed ports collide when several test runs share a host)."""
+    """The `deepspeed` launcher on a free master port (fixed ports collide when several test runs share a host),
+    with DeepSpeed's CPU op built beforehand."""
+    build_deepspeed_comm_op()
     return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_procs), "--master_port",
             str(master_port or free_port())]
 

@@ -10,12 +10,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.entry.conftest import REPO
+from unimm.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -196,6 +198,22 @@ def test_unwritable_output_directory_as_a_non_root_user(toy):
         assert_user_error(proc, "Permission denied", str(secret))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_stale_deepspeed_build_lock_is_named_instead_of_hanging(toy, tmp_path):
+    """A DeepSpeed op build killed mid-way leaves torch's build lock; a CPU launch would wait on it forever."""
+    extensions = tmp_path / "torch_extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(lock, (an_hour_ago, an_hour_ago))
+    one_rank = {"TORCH_EXTENSIONS_DIR": str(extensions), "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
+                "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = run_program([*pretrain_args(toy, toy["cache"], toy["tokenizer"], tmp_path / "out"), "--deepspeed",
+                        str(REPO / "configs/deepspeed/zero2.json")], env=one_rank, timeout=120)
+    assert_user_error(proc, "pretrain.py: error:", f"{lock} has been there for 60 minutes",
+                      "a build of the deepspeed_shm_comm op was killed")
 
 
 def test_run_main_in_process(capsys):

@@ -15,6 +15,7 @@ reference losses, and end with every step logged once and `checkpoint-4` complet
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -42,8 +43,16 @@ def pretrain_args(toy, output_dir, zero: str) -> list[str]:
 @pytest.fixture(scope="module")
 def zero2_run(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain_zero2")
-    run_script(pretrain_args(toy, out, "zero2"), launcher=deepspeed_launcher())
+    launcher = deepspeed_launcher()
+    run_script(pretrain_args(toy, out, "zero2"), launcher=launcher)
+    assert not shm_buffers(launcher)  # each rank removed its 66 MB shared-memory all-reduce buffer at exit
     return out
+
+
+def shm_buffers(launcher: list[str]) -> list[Path]:
+    """The all-reduce buffers DeepSpeed's CPU ranks of this launch (named by its master port) left in /dev/shm."""
+    port = launcher[launcher.index("--master_port") + 1]
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def losses(output_dir) -> dict[int, float]:
@@ -178,9 +187,11 @@ def test_real_kill_during_checkpoint_save_then_relaunch(zero2_run, toy, tmp_path
     args = pretrain_args(toy, run, "zero2")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1"}
-    state = kill_when_path_appears(deepspeed_launcher() + args, run / "checkpoint-4", REPO, env,
-                                   timeout=600, poll=0.005)
+    killed = deepspeed_launcher()
+    state = kill_when_path_appears(killed + args, run / "checkpoint-4", REPO, env, timeout=600, poll=0.005)
     print(f"checkpoint-4 when killed: {state}", file=sys.stderr)
+    for buffer in shm_buffers(killed):  # a killed rank cannot remove its all-reduce buffer
+        buffer.unlink()
     run_script(args, launcher=deepspeed_launcher())
     reference, after = losses(zero2_run), losses(run)
     assert [entry["step"] for entry in log_history(run)] == list(range(1, STEPS + 1))

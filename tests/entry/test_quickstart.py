@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from unimm.testing import free_port
+from unimm.testing import build_deepspeed_comm_op, free_port, run_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 # The fast tokenizer (100 steps) already keeps every shape in its quadrant: a --fast run measured position accuracy
@@ -26,8 +25,8 @@ POSITION_FLOOR = 0.75
 def test_quickstart_fast_runs_every_stage(tmp_path):
     out = tmp_path / "quickstart"
     env = {**os.environ, "QUICKSTART_OUT": str(out), "QUICKSTART_MASTER_PORT": str(free_port(consecutive=2))}
-    result = subprocess.run(["bash", "scripts/quickstart.sh", "--fast"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=1500)
+    build_deepspeed_comm_op(env)
+    result = run_process_group(["bash", "scripts/quickstart.sh", "--fast"], timeout=1500, cwd=REPO, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
 

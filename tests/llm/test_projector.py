@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import AutoTokenizer
 
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
 from unimm.llm.projector import ProjectorFileError, load_mm_projector, save_mm_projector
-from unimm.testing import free_port
+from unimm.testing import build_deepspeed_comm_op, free_port, run_process_group
 from unimm.utils.imports import is_deepspeed_available
 
 FEATURE_DIM = 24
@@ -179,8 +178,8 @@ def test_zero3_partitioned_projector_saves_gathered_and_loads(tmp_path):
     script = Path(__file__).with_name("zero3_projector.py")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(free_port())], env=env, capture_output=True,
-                          text=True, timeout=600)
+    build_deepspeed_comm_op(env)
+    proc = run_process_group([sys.executable, str(script), str(tmp_path), str(free_port())], timeout=600, env=env)
     assert proc.returncode == 0 and "ZERO3_PROJECTOR_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

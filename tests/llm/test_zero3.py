@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from unimm.llm import UniMMForCausalLM
-from unimm.testing import free_port
+from unimm.testing import build_deepspeed_comm_op, free_port, run_process_group
 from unimm.utils.imports import is_deepspeed_available
 
 SCRIPT = Path(__file__).with_name("zero3_train.py")
@@ -28,7 +27,8 @@ def test_zero3_two_cpu_ranks_train_save_reload(tiny_qwen2_path, tmp_path):
            "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPT),
            "--llm", str(tiny_qwen2_path), "--out", str(out_dir)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    build_deepspeed_comm_op(env)
+    proc = run_process_group(cmd, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     saved = torch.load(out_dir / "logits.pt", weights_only=False)

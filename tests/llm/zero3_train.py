@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.llm.conftest import DUAL_SPEC, HEAD_KWARGS, image_batch  # noqa: E402
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model  # noqa: E402
+from unimm.utils.hf_compat import release_deepspeed_shm_buffer_at_exit  # noqa: E402
 
 
 def main() -> None:
@@ -30,6 +31,7 @@ def main() -> None:
     args = parser.parse_args()
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_deepspeed_shm_buffer_at_exit()
     rank = dist.get_rank()
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.llm)

@@ -8,8 +8,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import inspect
+import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,3 +217,38 @@ def test_zero3_init_disabled_turns_off_zero3_loading_and_restores_it():
 
         unset_hf_deepspeed_config()
         del config
+
+
+def test_extension_build_lock_is_where_torch_builds(tmp_path, monkeypatch):
+    from torch.utils.file_baton import FileBaton
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = hf_compat.extension_build_lock("some_op")
+    assert lock == tmp_path / "some_op" / "lock"
+    hf_compat.check_extension_build_lock("some_op")  # no lock: nothing to say
+    baton = FileBaton(str(lock))  # what torch's extension builder holds while it builds
+    assert baton.try_acquire()
+    hf_compat.check_extension_build_lock("some_op")  # a build in progress is not stale
+    old = time.time() - 2 * hf_compat.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with pytest.raises(hf_compat.StaleBuildLockError, match=f"{lock} has been there for 30 minutes"):
+        hf_compat.check_extension_build_lock("some_op")
+    baton.release()
+    hf_compat.check_extension_build_lock("some_op")
+
+
+def test_deepspeed_shm_buffer_name_is_the_one_deepspeed_creates(monkeypatch):
+    pytest.importorskip("deepspeed")
+    import deepspeed
+
+    source = (Path(deepspeed.__file__).parent / "ops" / "csrc" / "cpu" / "comm" / "shm.cpp").read_text()
+    # shm.cpp: prefix "<SHM_BUFFER_NAME>_<uid>_<MASTER_ADDR>_<MASTER_PORT>", then "<prefix>_<rank>" per rank
+    assert '#define SHM_BUFFER_NAME "deepspeed_allreduce_buffer"' in source
+    assert re.search(r'"%s_%d_%s_%s",\s*SHM_BUFFER_NAME,\s*getuid\(\),\s*addr_string,\s*port_string\)', source)
+    assert 'snprintf(shm_name, NAME_BUF_SIZE, "%s_%d", shm_name_prefix, rank);' in source
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    assert hf_compat.deepspeed_shm_buffer() is None
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29512")
+    monkeypatch.setenv("RANK", "1")
+    assert hf_compat.deepspeed_shm_buffer() == Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29512_1")

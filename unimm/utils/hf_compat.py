@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,16 +23,24 @@ import transformers
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from unimm.utils.errors import UserError
+
 __all__ = [
     "CACHE_NAME",
+    "DEEPSPEED_SHM_OP",
     "CausalLMOutputWithCache",
+    "StaleBuildLockError",
     "SubConfigSpec",
     "TrainSamplerOverride",
     "attn_implementation_of",
     "cache_kwargs",
+    "check_extension_build_lock",
+    "deepspeed_shm_buffer",
+    "extension_build_lock",
     "mark_weights_initialized",
     "output_cache",
     "pop_cache",
+    "release_deepspeed_shm_buffer_at_exit",
     "upstream_error",
     "zero3_init_disabled",
 ]
@@ -165,3 +176,64 @@ def zero3_init_disabled():
         yield
     finally:
         hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+# -- DeepSpeed's CPU communication op ------------------------------------------------------------------------------
+# On a CPU launch every rank of deepspeed (0.14 through 0.19) builds its shared-memory all-reduce op
+# (`deepspeed_shm_comm`) with torch's extension builder, then maps a shared buffer. Two leftovers of that which
+# neither library cleans up:
+# - torch guards a build with a bare lock file, `<build directory>/lock`, removed when the build ends. A rank killed
+#   while it holds the lock (a launcher tearing its ranks down, a `kill -9` during the first build) leaves the file,
+#   and every later launch on the machine then waits on it forever without a word. torch computes the build
+#   directory in a private helper, `torch.utils.cpp_extension._get_build_directory` (torch 1.x through 2.13).
+# - each rank creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>` (66 MB of RAM,
+#   named in deepspeed's csrc/cpu/comm/shm.cpp) and never unlinks it: launch after launch, memory fills up.
+DEEPSPEED_SHM_OP = "deepspeed_shm_comm"
+# The op builds in well under two minutes on two cores; a lock this old belongs to no running build.
+STALE_LOCK_SECONDS = 15 * 60
+
+
+class StaleBuildLockError(UserError, RuntimeError):
+    """A torch extension build lock left by a killed process (see `check_extension_build_lock`)."""
+
+
+def extension_build_lock(name: str = DEEPSPEED_SHM_OP) -> Path:
+    """The lock file torch's extension builder holds while it builds the extension `name`."""
+    from torch.utils import cpp_extension
+
+    if not hasattr(cpp_extension, "_get_build_directory"):
+        raise upstream_error("torch", "torch.utils.cpp_extension has no _get_build_directory")
+    return Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+
+
+def check_extension_build_lock(name: str = DEEPSPEED_SHM_OP, stale_after: float = STALE_LOCK_SECONDS) -> None:
+    """Raise `StaleBuildLockError` naming the file when the build lock of `name` is older than `stale_after`
+    seconds: the launch would otherwise wait on it forever."""
+    lock = extension_build_lock(name)
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > stale_after:
+        raise StaleBuildLockError(f"{lock} has been there for {age / 60:.0f} minutes: a build of the {name} op was killed "
+                     f"before it finished, and every launch would wait on this lock forever. Remove the file (and, "
+                     f"to rebuild from scratch, its folder) when no other build is running.")
+
+
+def deepspeed_shm_buffer(rank: int | None = None) -> Path | None:
+    """The shared-memory file deepspeed's CPU all-reduce creates for `rank` (default: this process's `RANK`) under
+    the current launch's `MASTER_ADDR` / `MASTER_PORT`; None outside a launch."""
+    if "MASTER_PORT" not in os.environ:
+        return None
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    addr = os.environ.get("MASTER_ADDR", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{os.environ['MASTER_PORT']}_{rank}"
+
+
+def release_deepspeed_shm_buffer_at_exit() -> None:
+    """Unlink this rank's all-reduce buffer when the process exits (the other ranks have mapped it long before)."""
+    import atexit
+
+    buffer = deepspeed_shm_buffer()
+    if buffer is not None:
+        atexit.register(lambda: buffer.unlink(missing_ok=True))

@@ -7,7 +7,9 @@ Nothing here runs at import or while a config is parsed; programs call it once t
         (`deepspeed`, `torchrun`, `accelerate launch`) on a machine without CUDA the ranks join one gloo group;
         accelerate alone would treat every rank as its own single-process job there. With CUDA accelerate picks
         its usual backend (NCCL) unless `backend` names one. `deepspeed=True` makes it a DeepSpeed state (also
-        initialises DeepSpeed's communication layer), as the Trainer needs for `--deepspeed` runs.
+        initialises DeepSpeed's communication layer), as the Trainer needs for `--deepspeed` runs. On CPU it first
+        refuses a torch build lock left by a killed DeepSpeed op build (the launch would wait on it forever) and
+        arranges for this rank's shared-memory all-reduce buffer to be removed at exit.
     make_accelerator(mixed_precision="no") -> Accelerator
         `init_distributed()` then an `Accelerator` on the same state (CPU-only machines: gloo ranks).
     prepare_training_arguments(args) -> args
@@ -109,8 +111,20 @@ def init_distributed(backend: str | None = None, deepspeed: bool = False) -> Any
         kwargs = {"cpu": not deepspeed}
         if backend or is_launched():
             kwargs["backend"] = backend or "gloo"
+        if deepspeed:
+            _prepare_deepspeed_cpu_comm()
     with _deepspeed_env(deepspeed):
         return PartialState(**kwargs)
+
+
+def _prepare_deepspeed_cpu_comm() -> None:
+    """DeepSpeed builds and maps its shared-memory all-reduce on CPU launches (`unimm.utils.hf_compat`): fail with
+    the file's name where a killed build left its lock (the launch would hang), and unlink this rank's 66 MB buffer
+    at exit (deepspeed leaves it in /dev/shm)."""
+    from unimm.utils.hf_compat import check_extension_build_lock, release_deepspeed_shm_buffer_at_exit
+
+    check_extension_build_lock()
+    release_deepspeed_shm_buffer_at_exit()
 
 
 def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Any:
