@@ -219,12 +219,12 @@ def cfg_table(args: argparse.Namespace) -> list[dict]:
     _update_scores(out, "cfg_held_out", {"prompts": len(prompts), "samples_per_prompt": args.samples, "rows": rows})
     print(f"held-out generation accuracy by guidance scale ({len(prompts)} held-out captions; sampled: "
           f"{args.samples} images each)")
-    print("| decoding | cfg 1 (none) | " + " | ".join(f"cfg {s:g}" for s in args.scales if s != 1) + " |")
-    print("| --- " * (len(args.scales) + 1) + "|")
+    scales = sorted(dict.fromkeys(args.scales), key=lambda s: (s != 1, s))  # no guidance first
+    print("| decoding | " + " | ".join("cfg 1 (none)" if s == 1 else f"cfg {s:g}" for s in scales) + " |")
+    print("| --- " * (len(scales) + 1) + "|")
     for mode in dict.fromkeys(r["decoding"] for r in rows):
         cells = {r["cfg_scale"]: r["accuracy"] for r in rows if r["decoding"] == mode}
-        print(f"| {mode} | " + " | ".join(f"{cells[s]:.3f}" for s in sorted(cells, key=lambda s: (s != 1, s)))
-              + " |")
+        print(f"| {mode} | " + " | ".join(f"{cells[s]:.3f}" for s in scales) + " |")
     return rows
 
 
