@@ -49,6 +49,20 @@ case "$TOKENIZER" in
   *) echo "--tokenizer must be dualtoken or vqrae, got $TOKENIZER" >&2; exit 2 ;;
 esac
 
+# VQRAE understands images through its continuous features (encode_features -> the LLM's feature projector) and
+# generates through its SimVQ codes: pretraining reads the captions as one-turn conversations from pixels and
+# text-to-image from the code cache, finetuning the questions from pixels, so no conversation code cache is built.
+# DualToken reads both from code caches.
+case "$TOKENIZER" in
+  dualtoken)
+    PREPARE_ARGS=(); PRETRAIN_CFG=configs/quickstart/pretrain.yaml; FINETUNE_CFG=configs/quickstart/finetune.yaml
+    PRETRAIN_DATA=(); FINETUNE_IMAGES=(--conversation_code_cache "$OUT/code_cache_llava") ;;
+  vqrae)
+    PREPARE_ARGS=(--caption_conversations true)
+    PRETRAIN_CFG=configs/quickstart/pretrain_vqrae.yaml; FINETUNE_CFG=configs/quickstart/finetune_vqrae.yaml
+    PRETRAIN_DATA=(--conversation_json "$OUT/data/train/captions_llava.json"); FINETUNE_IMAGES=() ;;
+esac
+
 source scripts/_venv.sh
 export OMP_NUM_THREADS=1  # two ranks share the cores during DeepSpeed stages; set per stage below otherwise
 CORES="$(nproc)"
@@ -77,7 +91,7 @@ mkdir -p "$OUT"
 
 stage "1/7 shapes data and a tiny Qwen2 -> $OUT/data, $OUT/llm"
 python scripts/quickstart_eval.py prepare --out "$OUT" --seed "$SEED" --train_samples "$TRAIN_SAMPLES" \
-  --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS" --held_out_prompts "$HELD_OUT"
+  --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS" --held_out_prompts "$HELD_OUT" "${PREPARE_ARGS[@]}"
 
 stage "2/7 visual tokenizer ($TOKENIZER) -> $OUT/tokenizer"
 OMP_NUM_THREADS="$CORES" python scripts/train_tokenizer.py "configs/quickstart/tokenizer_${TOKENIZER}.yaml" \
@@ -89,18 +103,20 @@ OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT
 stage "3/7 code caches -> $OUT/code_cache, $OUT/code_cache_llava"
 OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/captions.jsonl" \
   --tokenizer_path "$TOK" --output_dir "$OUT/code_cache" --num_workers 0
+if [ "$TOKENIZER" = dualtoken ]; then
 OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/llava.json" --data_format llava \
   --tokenizer_path "$TOK" --output_dir "$OUT/code_cache_llava" --num_workers 0
+fi
 
 stage "4/7 pretraining (text-to-image + captions), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"
 deepspeed --num_gpus 2 --master_port "$PORT" scripts/pretrain.py --deepspeed configs/deepspeed/zero2.json \
-  configs/quickstart/pretrain.yaml --llm_path "$OUT/llm" --visual_tokenizer_path "$TOK" --code_cache "$OUT/code_cache" \
-  --output_dir "$OUT/pretrain" --seed "$SEED" $(steps "$PRE_STEPS")
+  "$PRETRAIN_CFG" --llm_path "$OUT/llm" --visual_tokenizer_path "$TOK" --code_cache "$OUT/code_cache" \
+  "${PRETRAIN_DATA[@]}" --output_dir "$OUT/pretrain" --seed "$SEED" $(steps "$PRE_STEPS")
 
 stage "5/7 LoRA finetuning on shape questions, deepspeed --num_gpus 2 on CPU -> $OUT/finetune"
 deepspeed --num_gpus 2 --master_port "$((PORT + 1))" scripts/finetune.py --deepspeed configs/deepspeed/zero2.json \
-  configs/quickstart/finetune.yaml --model_path "$OUT/pretrain" --visual_tokenizer_path "$TOK" \
-  --conversation_json "$OUT/data/train/llava.json" --conversation_code_cache "$OUT/code_cache_llava" \
+  "$FINETUNE_CFG" --model_path "$OUT/pretrain" --visual_tokenizer_path "$TOK" \
+  --conversation_json "$OUT/data/train/llava.json" "${FINETUNE_IMAGES[@]}" \
   --code_cache "$OUT/code_cache" --output_dir "$OUT/finetune" --seed "$SEED" $(steps "$FT_STEPS")
 
 stage "6/7 generation and question answering with $OUT/finetune"

@@ -29,9 +29,12 @@ def _program_of(path: Path):
         return pretrain, CPU
     if relative.name == "pretrain.yaml":
         return pretrain, ["--llm_path", "llm", "--tokenizer_path", "tok", "--code_cache", "cache", *CPU]
+    if relative.name == "pretrain_vqrae.yaml":
+        return pretrain, ["--llm_path", "llm", "--tokenizer_path", "tok", "--code_cache", "cache",
+                          "--conversation_json", "captions_llava.json", *CPU]
     if relative.parts[0] == "finetune":
         return finetune, CPU
-    if relative.name == "finetune.yaml":
+    if relative.name in ("finetune.yaml", "finetune_vqrae.yaml"):
         return finetune, ["--model_path", "pretrain", "--tokenizer_path", "tok", *CPU]
     raise AssertionError(f"{relative}: no program is known to run this recipe; add it to _program_of")
 

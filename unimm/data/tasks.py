@@ -36,6 +36,7 @@ from unimm.utils.config import config_field
 logger = logging.getLogger(__name__)
 
 TASKS = ("caption", "t2i", "conversation", "text")
+UNDERSTANDING_INPUTS = ("auto", "codes", "features")
 
 
 @dataclass
@@ -289,6 +290,12 @@ class MixtureConfig:
         "Folder that image paths in conversation_json are relative to (default: the JSON file's folder)."))
     conversation_code_cache: str | None = config_field(None, (
         "Code cache of the conversation images (keyed by image path); default: code_cache, or pixels if unset."))
+    understanding_input: str = config_field("auto", (
+        "How conversation images reach the LLM: codes (conversation_code_cache, else code_cache), features (pixels "
+        "from image_folder -> the visual tokenizer's encode_features -> the feature projector, VQRAE's understanding "
+        "path, while text-to-image still reads codes from code_cache; a new model gets a projector), or auto "
+        "(conversation_code_cache, else pixels when the model has a projector, else code_cache; a new model gets "
+        "a projector only when neither cache is set)."))
     text_data: str | None = config_field(None, "Text-only data: .txt (one per line) or jsonl with 'text'.")
     caption_weight: float = config_field(1.0, "Mixture weight of caption samples.")
     t2i_weight: float = config_field(1.0, "Mixture weight of text-to-image samples.")
@@ -308,6 +315,26 @@ class MixtureConfig:
         for name in ("caption_weight", "t2i_weight", "conversation_weight", "text_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.understanding_input not in UNDERSTANDING_INPUTS:
+            raise ValueError(f"understanding_input must be one of {UNDERSTANDING_INPUTS}, got "
+                             f"{self.understanding_input!r}")
+        if self.understanding_input == "features":
+            if self.conversation_code_cache is not None:
+                raise ValueError(f"understanding_input=features reads conversation images as pixels, but "
+                                 f"conversation_code_cache={self.conversation_code_cache} is set: drop one of them")
+            if self.caption_weight > 0:
+                raise ValueError(f"understanding_input=features: caption samples would still read codes from "
+                                 f"code_cache (caption_weight={self.caption_weight}); set caption_weight 0 and give "
+                                 f"the captions as conversations (conversation_json) to read them from pixels")
+
+    @property
+    def new_model_needs_projector(self) -> bool:
+        """Whether a new model must get a feature projector: some conversation images are read as pixels."""
+        if self.conversation_weight <= 0 or self.understanding_input == "codes":
+            return False
+        if self.understanding_input == "features":
+            return True
+        return not (self.conversation_code_cache or self.code_cache)
 
 
 class MixtureDataset(torch.utils.data.Dataset):
@@ -385,15 +412,9 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
         if config.conversation_json is None:
             raise ValueError("conversation_weight > 0 needs conversation_json")
         records = read_llava_json(config.conversation_json)
-        # Explicit conversation cache first, then continuous inputs (VQRAE understanding), then the main cache.
-        images: ImageProvider | None = None
-        if config.conversation_code_cache is not None:
-            images = CodeCacheImages(load_code_cache(config.conversation_code_cache, tokenizer_hash))
-        elif pixel_images is not None:
-            images = pixel_images
-        elif config.code_cache is not None:
-            images = CodeCacheImages(cache if cache is not None else load_code_cache(config.code_cache,
-                                                                                     tokenizer_hash))
+        images = _conversation_images(config, pixel_images, lambda: cache if cache is not None else
+                                      load_code_cache(config.code_cache, tokenizer_hash),
+                                      lambda: load_code_cache(config.conversation_code_cache, tokenizer_hash))
         sources["conversation"] = (conversation_dataset(records, factory, images, tracker("conversation")),
                                    config.conversation_weight)
     if config.text_weight > 0:
@@ -402,3 +423,26 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
         sources["text"] = (text_dataset(read_text_records(config.text_data), factory, tracker("text")),
                            config.text_weight)
     return MixtureDataset(sources, config.num_samples, config.seed)
+
+
+def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None, main_cache: Callable[[], Any],
+                         conversation_cache: Callable[[], Any]) -> ImageProvider | None:
+    """Where conversation images come from (`understanding_input`). auto: the explicit conversation cache first,
+    then continuous inputs (VQRAE understanding) when the model has a projector, then the main cache; features and
+    codes pin one kind, so a run can read text-to-image codes from code_cache and conversations from pixels."""
+    mode = config.understanding_input
+    if mode == "features":
+        if pixel_images is None:
+            raise ValueError("understanding_input=features needs a model with a feature projector (a new model, or a "
+                             "model_path pretrained with understanding_input=features) and a visual tokenizer or "
+                             "vision tower to encode the conversation images")
+        return pixel_images
+    if config.conversation_code_cache is not None:
+        return CodeCacheImages(conversation_cache())
+    if mode == "auto" and pixel_images is not None:
+        return pixel_images
+    if config.code_cache is not None:
+        return CodeCacheImages(main_cache())
+    if mode == "codes":
+        raise ValueError("understanding_input=codes needs conversation_code_cache or code_cache")
+    return None

@@ -34,6 +34,7 @@ from unimm.data.toy.shapes import (
 from unimm.data.toy.shapes_eval import exact_match, reconstruction_scores, score_images
 
 TEST_SEED = 1000  # held-out images use seeds far from the training seed
+CAPTION_CONVERSATIONS = "captions_llava.json"  # written by `prepare --caption_conversations true`
 
 
 def _data_config(args: argparse.Namespace) -> ShapesConfig:
@@ -72,6 +73,16 @@ def _add_partial_captions(path: Path, dataset: ShapesDataset, fraction: float, k
             f.write(json.dumps(record) + "\n")
 
 
+def _write_caption_conversations(dataset: ShapesDataset, path: Path) -> None:
+    """The training captions as one-turn LLaVA conversations ("Describe the image." -> the caption; the images of
+    captions.jsonl), LLaVA's caption-alignment format: pretraining reads understanding samples from pixels (VQRAE's
+    encode_features and the feature projector) only through conversations, while text-to-image reads codes."""
+    records = [{"id": f"{sample.id}-caption", "image": f"images/{sample.id}.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{DESCRIBE_QUESTION}"}, {"from": "gpt", "value": sample.caption}]}
+        for sample in dataset]
+    path.write_text(json.dumps(records, indent=1))
+
+
 def prepare(args: argparse.Namespace) -> None:
     """Shapes data (train: LLaVA JSON + captions jsonl; test: LLaVA JSON, QA chat config, generation prompts) and a
     tiny random Qwen2 with a BPE tokenizer trained on the shapes vocabulary."""
@@ -88,6 +99,8 @@ def prepare(args: argparse.Namespace) -> None:
     captions = write_image_text_jsonl(train, out / "data" / "train", "captions.jsonl")
     if args.partial_captions > 0:
         _add_partial_captions(captions, train, args.partial_captions, args.partial_caption_kinds.split(","))
+    if args.caption_conversations:
+        _write_caption_conversations(train, out / "data" / "train" / CAPTION_CONVERSATIONS)
     # Held-out images for QA and tokenizer fidelity: new seed, every combination.
     test = ShapesDataset(args.test_samples, seed=TEST_SEED + args.seed, config=config, id_prefix="test")
     write_llava_json(test, out / "data" / "test", "llava.json")
@@ -245,6 +258,14 @@ def qa(args: argparse.Namespace) -> float:
     return accuracy
 
 
+def _parse_bool(flag: str, value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{flag} must be true or false, got {value!r}")
+
+
 # (flag, type, default, help): the shapes-data options every command takes, then those of `prepare`.
 COMMON_OPTIONS = (
     ("--seed", int, 0, "Seed of the training data (held-out data derive from it)."),
@@ -266,6 +287,9 @@ PREPARE_OPTIONS = (
                                        "their position or only their colour and shape (0 = none)."),
     ("--partial_caption_kinds", str, "position", "Comma-separated kinds of partial caption, used in turn: "
                                                  "position, pair."),
+    ("--caption_conversations", lambda v: _parse_bool("--caption_conversations", v), False,
+     f"Also write the training captions as one-turn LLaVA conversations (data/train/{CAPTION_CONVERSATIONS}): the "
+     "VQRAE quickstart pretrains understanding on them from pixels."),
     ("--text_vocab_size", int, 300, "BPE vocabulary of the tiny text tokenizer."),
     ("--hidden_size", int, 256, "Tiny Qwen2 width."),
     ("--num_layers", int, 4, "Tiny Qwen2 depth."),

@@ -325,9 +325,7 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
         save_resolved_config(output_dir, model_args, modules, data_args, lora_args, training_args)
     keep_last, training_args.save_total_limit = training_args.save_total_limit, None
     dtype = resolve_dtype(training_args.bf16, training_args.fp16, model_args.torch_dtype)
-    conversation_from_pixels = data_args.conversation_weight > 0 and not (
-        data_args.conversation_code_cache or data_args.code_cache)
-    built = build_model(model_args, modules, dtype=dtype, use_image_features=conversation_from_pixels,
+    built = build_model(model_args, modules, dtype=dtype, use_image_features=data_args.new_model_needs_projector,
                         seed=training_args.seed)
     model = built.model
     if lora_args is not None and lora_args.use_lora:
