@@ -100,7 +100,8 @@ TOK="$OUT/tokenizer/model"
 OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT" --seed "$SEED" \
   --tokenizer_path "$TOK" --test_samples "$TEST_SAMPLES"
 
-stage "3/7 code caches -> $OUT/code_cache, $OUT/code_cache_llava"
+if [ "$TOKENIZER" = dualtoken ]; then CACHES="$OUT/code_cache, $OUT/code_cache_llava"; else CACHES="$OUT/code_cache"; fi
+stage "3/7 code caches -> $CACHES"
 OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/captions.jsonl" \
   --tokenizer_path "$TOK" --output_dir "$OUT/code_cache" --num_workers 0
 if [ "$TOKENIZER" = dualtoken ]; then
@@ -108,7 +109,7 @@ OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/l
   --tokenizer_path "$TOK" --output_dir "$OUT/code_cache_llava" --num_workers 0
 fi
 
-stage "4/7 pretraining (text-to-image + captions), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"
+stage "4/7 pretraining (text-to-image + captions$([ "$TOKENIZER" = vqrae ] && echo " from pixels")), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"
 deepspeed --num_gpus 2 --master_port "$PORT" scripts/pretrain.py --deepspeed configs/deepspeed/zero2.json \
   "$PRETRAIN_CFG" --llm_path "$OUT/llm" --visual_tokenizer_path "$TOK" --code_cache "$OUT/code_cache" \
   "${PRETRAIN_DATA[@]}" --output_dir "$OUT/pretrain" --seed "$SEED" $(steps "$PRE_STEPS")
