@@ -412,9 +412,7 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
         if config.conversation_json is None:
             raise ValueError("conversation_weight > 0 needs conversation_json")
         records = read_llava_json(config.conversation_json)
-        images = _conversation_images(config, pixel_images, lambda: cache if cache is not None else
-                                      load_code_cache(config.code_cache, tokenizer_hash),
-                                      lambda: load_code_cache(config.conversation_code_cache, tokenizer_hash))
+        images = _conversation_images(config, pixel_images, cache, lambda path: load_code_cache(path, tokenizer_hash))
         sources["conversation"] = (conversation_dataset(records, factory, images, tracker("conversation")),
                                    config.conversation_weight)
     if config.text_weight > 0:
@@ -425,11 +423,12 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
     return MixtureDataset(sources, config.num_samples, config.seed)
 
 
-def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None, main_cache: Callable[[], Any],
-                         conversation_cache: Callable[[], Any]) -> ImageProvider | None:
+def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None, cache: Any | None,
+                         load_cache: Callable[[str], Any]) -> ImageProvider | None:
     """Where conversation images come from (`understanding_input`). auto: the explicit conversation cache first,
-    then continuous inputs (VQRAE understanding) when the model has a projector, then the main cache; features and
-    codes pin one kind, so a run can read text-to-image codes from code_cache and conversations from pixels."""
+    then continuous inputs (VQRAE understanding) when the model has a projector, then the main cache (`cache`, when
+    the other tasks loaded it already); features and codes pin one kind, so a run can read text-to-image codes from
+    code_cache and conversations from pixels."""
     mode = config.understanding_input
     if mode == "features":
         if pixel_images is None:
@@ -438,11 +437,11 @@ def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None
                              "vision tower to encode the conversation images")
         return pixel_images
     if config.conversation_code_cache is not None:
-        return CodeCacheImages(conversation_cache())
+        return CodeCacheImages(load_cache(config.conversation_code_cache))
     if mode == "auto" and pixel_images is not None:
         return pixel_images
     if config.code_cache is not None:
-        return CodeCacheImages(main_cache())
+        return CodeCacheImages(cache if cache is not None else load_cache(config.code_cache))
     if mode == "codes":
         raise ValueError("understanding_input=codes needs conversation_code_cache or code_cache")
     return None

@@ -21,6 +21,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from transformers.hf_argparser import string_to_bool
+
 from unimm.data.toy.shapes import (
     DESCRIBE_QUESTION,
     QUESTIONS,
@@ -73,13 +75,15 @@ def _add_partial_captions(path: Path, dataset: ShapesDataset, fraction: float, k
             f.write(json.dumps(record) + "\n")
 
 
-def _write_caption_conversations(dataset: ShapesDataset, path: Path) -> None:
-    """The training captions as one-turn LLaVA conversations ("Describe the image." -> the caption; the images of
-    captions.jsonl), LLaVA's caption-alignment format: pretraining reads understanding samples from pixels (VQRAE's
-    encode_features and the feature projector) only through conversations, while text-to-image reads codes."""
-    records = [{"id": f"{sample.id}-caption", "image": f"images/{sample.id}.png", "conversations": [
-        {"from": "human", "value": f"<image>\n{DESCRIBE_QUESTION}"}, {"from": "gpt", "value": sample.caption}]}
-        for sample in dataset]
+def _write_caption_conversations(captions: Path, path: Path) -> None:
+    """The image-text pairs of `captions` (captions.jsonl) as one-turn LLaVA conversations ("Describe the image." ->
+    the caption, the same image files), LLaVA's caption-alignment format: pretraining reads understanding samples
+    from pixels (VQRAE's encode_features and the feature projector) only through conversations, while text-to-image
+    reads codes."""
+    rows = [json.loads(line) for line in captions.read_text().split("\n") if line]
+    records = [{"id": f"{row['id']}-caption", "image": row["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{DESCRIBE_QUESTION}"}, {"from": "gpt", "value": row["text"]}]}
+        for row in rows]
     path.write_text(json.dumps(records, indent=1))
 
 
@@ -97,10 +101,10 @@ def prepare(args: argparse.Namespace) -> None:
                           id_prefix="train")
     write_llava_json(train, out / "data" / "train", "llava.json")
     captions = write_image_text_jsonl(train, out / "data" / "train", "captions.jsonl")
+    if args.caption_conversations:  # before partial captions are appended: one conversation per training image
+        _write_caption_conversations(captions, out / "data" / "train" / CAPTION_CONVERSATIONS)
     if args.partial_captions > 0:
         _add_partial_captions(captions, train, args.partial_captions, args.partial_caption_kinds.split(","))
-    if args.caption_conversations:
-        _write_caption_conversations(train, out / "data" / "train" / CAPTION_CONVERSATIONS)
     # Held-out images for QA and tokenizer fidelity: new seed, every combination.
     test = ShapesDataset(args.test_samples, seed=TEST_SEED + args.seed, config=config, id_prefix="test")
     write_llava_json(test, out / "data" / "test", "llava.json")
@@ -215,11 +219,12 @@ def cfg_table(args: argparse.Namespace) -> list[dict]:
     model, tokenizer = load_for_inference(args.model_path, device, "float32")
     visual = load_visual_tokenizer(args.tokenizer_path).to(device)
     expected_by_caption = _caption_attributes()
+    scales = sorted(dict.fromkeys(args.scales), key=lambda s: (s != 1, s))  # no guidance first
     rows = []
     for mode in ("greedy", "sampled"):
         repeats = 1 if mode == "greedy" else args.samples
         batch = [p for p in prompts for _ in range(repeats)]
-        for scale in args.scales:
+        for scale in scales:
             codes = generate_images(model, tokenizer, batch, num_positions=visual.num_positions,
                                     cfg_scale=None if scale == 1 else scale,
                                     temperature=0.0 if mode == "greedy" else 1.0,
@@ -232,7 +237,6 @@ def cfg_table(args: argparse.Namespace) -> list[dict]:
     _update_scores(out, "cfg_held_out", {"prompts": len(prompts), "samples_per_prompt": args.samples, "rows": rows})
     print(f"held-out generation accuracy by guidance scale ({len(prompts)} held-out captions; sampled: "
           f"{args.samples} images each)")
-    scales = sorted(dict.fromkeys(args.scales), key=lambda s: (s != 1, s))  # no guidance first
     print("| decoding | " + " | ".join("cfg 1 (none)" if s == 1 else f"cfg {s:g}" for s in scales) + " |")
     print("| --- " * (len(scales) + 1) + "|")
     for mode in dict.fromkeys(r["decoding"] for r in rows):
@@ -258,14 +262,6 @@ def qa(args: argparse.Namespace) -> float:
     return accuracy
 
 
-def _parse_bool(flag: str, value: str) -> bool:
-    if value.lower() in ("true", "1", "yes"):
-        return True
-    if value.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"{flag} must be true or false, got {value!r}")
-
-
 # (flag, type, default, help): the shapes-data options every command takes, then those of `prepare`.
 COMMON_OPTIONS = (
     ("--seed", int, 0, "Seed of the training data (held-out data derive from it)."),
@@ -287,7 +283,7 @@ PREPARE_OPTIONS = (
                                        "their position or only their colour and shape (0 = none)."),
     ("--partial_caption_kinds", str, "position", "Comma-separated kinds of partial caption, used in turn: "
                                                  "position, pair."),
-    ("--caption_conversations", lambda v: _parse_bool("--caption_conversations", v), False,
+    ("--caption_conversations", string_to_bool, False,
      f"Also write the training captions as one-turn LLaVA conversations (data/train/{CAPTION_CONVERSATIONS}): the "
      "VQRAE quickstart pretrains understanding on them from pixels."),
     ("--text_vocab_size", int, 300, "BPE vocabulary of the tiny text tokenizer."),
