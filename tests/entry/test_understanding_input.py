@@ -81,6 +81,8 @@ def test_auto_with_code_caches_keeps_conversations_on_codes(vqrae_toy, tmp_path)
     dataset = trainer.train_dataset
     conversations = [dataset[i] for i in range(len(dataset)) if dataset.task_of(i) == "conversation"]
     assert conversations and all(s.visual_codes and not s.pixel_values for s in conversations)
+    # every image from a code cache: the trainer holds no tokenizer (its weights are freed after the checks)
+    assert trainer.visual_tokenizer is None
 
 
 @pytest.mark.parametrize("mode, fields, needs", [

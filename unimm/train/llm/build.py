@@ -44,6 +44,11 @@ class BuiltModel:
         """What turns pixels into projector features: the vision tower, else the visual tokenizer."""
         return self.vision_tower if self.vision_tower is not None else self.visual_tokenizer
 
+    @property
+    def reads_pixels(self) -> bool:
+        """Whether training reads images as pixels (encoded on the fly for the feature projector)."""
+        return self.image_encoder is not None and self.model.feature_projector is not None
+
 
 def load_visual_tokenizer(path: str | Path) -> Any:
     """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points)."""
@@ -275,7 +280,7 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
     visual = built.visual_tokenizer
     encoder = built.image_encoder
     pixel_images = None
-    if encoder is not None and built.model.feature_projector is not None:
+    if built.reads_pixels:
         transform = ImageTransform.for_tokenizer(encoder)
         pixel_images = PixelImages(data_args.image_folder or _default_image_folder(data_args), transform,
                                    encoder.num_positions, mixture.allow_outside_image_folder)
