@@ -14,15 +14,23 @@ DualToken tokenizer with 16384-code pixel and semantic codebooks of depth 8; a Q
                trunk for LPIPS (the real v0.1 heads come from the lpips wheel; setup);
 - vqrae_stage1: scripts/train_tokenizer.py with configs/tokenizer/vqrae-siglip2-so400m-256-stage1.yaml, 2 steps
                (batch 2: 16384 x 1536 SimVQ, symmetric 27-layer ViT decoder, LPIPS, evaluation and checkpoint);
-- pretokenize: scripts/pretokenize.py over the photos (the code cache);
+- vqrae_stage2: the stage-2 recipe (configs/tokenizer/vqrae-siglip2-so400m-256-stage2.yaml) from stage 1's model,
+               2 steps: the so400m encoder trains too, with self-distillation against its frozen stage-1 copy;
+- dualtoken_train: configs/tokenizer/dualtoken-siglip-so400m-384.yaml, 2 steps, batch 2 (trainable so400m encoder,
+               per-tap attention projections, two 16384-code depth-8 EMA codebooks, CNN decoder, LPIPS);
+- pretokenize: scripts/pretokenize.py over the photos (the code cache), and over a LLaVA JSON of questions about
+               them (`pretokenize_llava`, the conversation code cache);
 - model:       `from_llm` + vocabulary extension saved as a UniMM model (what pretrain saves; setup);
+- pretrain_zero2 / pretrain_zero3: scripts/pretrain.py under `deepspeed --num_gpus 2` (two gloo ranks), 2 steps of
+               text-to-image + captioning at batch 1 per rank, the paper visual-module preset, bf16, ZeRO-2 /
+               ZeRO-3 (two ranks of 520M trainable parameters);
+- finetune_lora: scripts/finetune.py, LoRA, 2 steps on the questions plus text-to-image, one process;
 - chat:        scripts/chat.py, one question about a photo (the image encoded to 729 x (8 + 8) codes);
 - generate:    scripts/generate_t2i.py, one full 729-position image with classifier-free guidance.
 
-Each program runs in its own process under /usr/bin/time; its wall time and peak resident memory are printed as a
-table and written to `<out>/paper_shapes.json`. Not here (yet): VQRAE stage 2 and DualToken training (trainable
-so400m encoder), DeepSpeed pretraining and LoRA finetuning at these shapes, which need more memory than the shared
-2-core development machine has (VQRAE stage 1 alone peaks at ~14 GB). The default test suite never runs this.
+Each program runs in its own process; its wall time and peak resident memory (of all its processes together,
+sampled every 0.2 s, so the two DeepSpeed ranks count together) are printed as a table and written to
+`<out>/paper_shapes.json`. The default test suite never runs this.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("prepare", "prepare_vqrae", "vqrae_stage1", "pretokenize", "model", "chat", "generate")
+STAGES = ("prepare", "prepare_vqrae", "vqrae_stage1", "vqrae_stage2", "dualtoken_train", "pretokenize",
+          "pretokenize_llava", "model", "pretrain_zero2", "pretrain_zero3", "finetune_lora", "chat", "generate")
 QUESTION = "What is in the image?"
 PROMPT = "a cup of coffee on a saucer"
 
@@ -51,6 +60,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of each program.")
     parser.add_argument("--assets", type=Path, default=Path.home() / ".cache" / "unimm-test-assets",
                         help="Cache of the wheels holding the real tokenizer.")
+    parser.add_argument("--master_port", type=int, default=29680, help="First port of the DeepSpeed stages.")
     return parser.parse_args(argv)
 
 
@@ -83,6 +93,9 @@ def prepare(args: argparse.Namespace) -> None:
         image.save(data / f"{name}.png")
         records.append({"id": name, "image": f"{name}.png", "text": f"a photo of {name.replace('_', ' ')}"})
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    conversations = [{"id": f"{r['id']}-qa", "image": r["image"], "conversations": [
+        {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": r["text"]}]} for r in records]
+    (data / "llava.json").write_text(json.dumps(conversations, indent=1))
 
 
 def prepare_vqrae(args: argparse.Namespace) -> None:
@@ -124,21 +137,54 @@ def model(args: argparse.Namespace) -> None:
     tokenizer.save_pretrained(args.out / "unimm")
 
 
+def _tokenizer_run(args: argparse.Namespace, config: str, output: str, *extra: str) -> list[str]:
+    from unimm.testing import LPIPS_WHEEL, wheel_member
+
+    return ["scripts/train_tokenizer.py", config, "--dataset", str(args.out / "data" / "captions.jsonl"),
+            "--output_dir", str(args.out / output), "--max_steps", "2", "--per_device_train_batch_size", "2",
+            "--num_workers", "0", "--lpips_vgg_path", str(args.out / "vgg16_random.pth"),
+            "--lpips_lin_path", str(wheel_member(*LPIPS_WHEEL, args.assets)), "--eval_max_images", "4",
+            "--eval_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "1", *extra]
+
+
+# The LLM stages: batch 1 per rank, 2 steps, no checkpoint before the end, float32 (CPU).
+_LLM_TRAINING = ("--max_steps", "2", "--per_device_train_batch_size", "1", "--logging_steps", "1",
+                 "--save_steps", "100000", "--learning_rate", "1e-4", "--warmup_steps", "0", "--bf16", "false",
+                 "--dataloader_num_workers", "0", "--report_to", "none", "--max_length", "1024")
+
+
 def _program(args: argparse.Namespace, stage: str) -> list[str]:
     out = args.out
     if stage == "vqrae_stage1":
-        from unimm.testing import LPIPS_WHEEL, wheel_member
-
-        return ["scripts/train_tokenizer.py", "configs/tokenizer/vqrae-siglip2-so400m-256-stage1.yaml",
-                "--encoder_path", str(out / "encoder_siglip2"), "--dataset", str(out / "data" / "captions.jsonl"),
-                "--output_dir", str(out / "vqrae_stage1"), "--max_steps", "2",
-                "--per_device_train_batch_size", "2", "--num_workers", "0", "--lpips_vgg_path", str(out / "vgg16_random.pth"),
-                "--lpips_lin_path", str(wheel_member(*LPIPS_WHEEL, args.assets)), "--eval_max_images", "4",
-                "--eval_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "1"]
-    if stage == "pretokenize":
-        return ["scripts/pretokenize.py", "--data", str(out / "data" / "captions.jsonl"), "--tokenizer_path",
-                str(out / "tokenizer"), "--output_dir", str(out / "code_cache"), "--num_workers", "0",
-                "--batch_size", "2"]
+        return _tokenizer_run(args, "configs/tokenizer/vqrae-siglip2-so400m-256-stage1.yaml", "vqrae_stage1",
+                              "--encoder_path", str(out / "encoder_siglip2"))
+    if stage == "vqrae_stage2":
+        return _tokenizer_run(args, "configs/tokenizer/vqrae-siglip2-so400m-256-stage2.yaml", "vqrae_stage2",
+                              "--model_path", str(out / "vqrae_stage1" / "model"))
+    if stage == "dualtoken_train":
+        return _tokenizer_run(args, "configs/tokenizer/dualtoken-siglip-so400m-384.yaml", "dualtoken_train",
+                              "--encoder_path", str(out / "encoder"))
+    if stage in ("pretokenize", "pretokenize_llava"):
+        llava = stage == "pretokenize_llava"
+        data = ["--data", str(out / "data" / "llava.json"), "--data_format", "llava"] if llava else [
+            "--data", str(out / "data" / "captions.jsonl")]
+        return ["scripts/pretokenize.py", *data, "--tokenizer_path", str(out / "tokenizer"), "--output_dir",
+                str(out / ("code_cache_llava" if llava else "code_cache")), "--num_workers", "0", "--batch_size", "2"]
+    if stage in ("pretrain_zero2", "pretrain_zero3"):
+        zero = stage[-5:]
+        port = args.master_port + (0 if zero == "zero2" else 1)
+        return ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),  # `deepspeed`
+                "scripts/pretrain.py", "--deepspeed", f"configs/deepspeed/{zero}.json", "--llm_path",
+                str(out / "llm"), "--visual_tokenizer_path", str(out / "tokenizer"), "--code_cache",
+                str(out / "code_cache"), "--output_dir", str(out / stage), "--model_preset", "paper",
+                "--t2i_weight", "1", "--caption_weight", "1", "--train_llm", "true", *_LLM_TRAINING,
+                "--bf16", "true"]  # the last --bf16 wins: float32 ranks need ~10.6 GB each (RESULTS.md)
+    if stage == "finetune_lora":
+        return ["scripts/finetune.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
+                str(out / "tokenizer"), "--conversation_json", str(out / "data" / "llava.json"),
+                "--conversation_code_cache", str(out / "code_cache_llava"), "--code_cache", str(out / "code_cache"),
+                "--conversation_weight", "1", "--t2i_weight", "1", "--use_lora", "true", "--output_dir",
+                str(out / stage), *_LLM_TRAINING]
     if stage == "chat":
         return ["scripts/chat.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
                 str(out / "tokenizer"),
@@ -151,21 +197,45 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
     raise ValueError(stage)
 
 
+def _tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def run_stage(args: argparse.Namespace, stage: str) -> dict[str, float]:
-    """One stage in its own process under /usr/bin/time: wall seconds and peak resident memory (MiB)."""
+    """One stage in its own process (group): wall seconds and the peak of its processes' summed resident memory."""
     if stage in ("prepare", "prepare_vqrae", "model"):
         command = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--llm_layers",
                    str(args.llm_layers), "--num_photos", str(args.num_photos), "--assets", str(args.assets),
                    "--_inner", stage]
     else:
         command = [sys.executable, *_program(args, stage)]
-    report = args.out / f".{stage}.time"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    if stage.startswith("pretrain_"):
+        env["OMP_NUM_THREADS"] = str(max(1, args.threads // 2))  # two ranks share the cores
     start = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", str(report), *command], cwd=ROOT, env=env, check=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, _tree_rss_bytes(process.pid))
+        time.sleep(0.2)
     wall = time.perf_counter() - start
-    _, max_kib = report.read_text().split()[-2:]
-    return {"wall_s": round(wall, 1), "peak_rss_mib": round(int(max_kib) / 1024)}
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(peak / 2**20)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
