@@ -147,7 +147,7 @@ def _tokenizer_run(args: argparse.Namespace, config: str, output: str, *extra: s
             "--eval_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "1", *extra]
 
 
-# The LLM stages: batch 1 per rank, 2 steps, no checkpoint before the end, float32 (CPU).
+# The LLM stages: batch 1 per rank, 2 steps, no checkpoint before the end, float32 unless the stage adds --bf16.
 _LLM_TRAINING = ("--max_steps", "2", "--per_device_train_batch_size", "1", "--logging_steps", "1",
                  "--save_steps", "100000", "--learning_rate", "1e-4", "--warmup_steps", "0", "--bf16", "false",
                  "--dataloader_num_workers", "0", "--report_to", "none", "--max_length", "1024")
@@ -173,7 +173,7 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
     if stage in ("pretrain_zero2", "pretrain_zero3"):
         zero = stage[-5:]
         port = args.master_port + (0 if zero == "zero2" else 1)
-        return ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),  # `deepspeed`
+        return ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),  # the `deepspeed` command
                 "scripts/pretrain.py", "--deepspeed", f"configs/deepspeed/{zero}.json", "--llm_path",
                 str(out / "llm"), "--visual_tokenizer_path", str(out / "tokenizer"), "--code_cache",
                 str(out / "code_cache"), "--output_dir", str(out / stage), "--model_preset", "paper",
