@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unimm.tokenizer.quantizers.usage import code_counts, perplexity
+
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,22 +112,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(records)} images, {len(keys)} patches ({background_share:.1%} background)")
     print(f"distinct patch contents: {shape_contents} (colour, shape, offset) + background; one code per content: "
           f"{10 * np.log10(1 / within):.1f} dB")
-    probabilities = np.array([len(rows) for rows in by_key.values()], dtype=np.float64) / len(keys)
-    print(f"perplexity of the content distribution: {np.exp(-(probabilities * np.log(probabilities)).sum()):.1f}")
+    content_counts = torch.tensor([len(rows) for rows in by_key.values()], dtype=torch.float64)
+    print(f"perplexity of the content distribution: {float(perplexity(content_counts)):.1f}")
     x = torch.from_numpy(flat)
     for k in args.kmeans:
         print(f"k-means K={k}: {kmeans_psnr(x, k, args.seed):.1f} dB")
     if args.tokenizer_path:
         codes, num_codes = tokenizer_codes(args.tokenizer_path, images)
-        counts = torch.bincount(codes, minlength=num_codes).double()
-        p = counts[counts > 0] / counts.sum()
+        counts = code_counts(codes, num_codes)
         codes_of: dict[tuple, set[int]] = defaultdict(set)
         contents_of: dict[int, set[tuple]] = defaultdict(set)
         for key, code in zip(keys, codes.tolist()):
             codes_of[key].add(code)
             contents_of[code].add(key)
         print(f"tokenizer: {int((counts > 0).sum())} of {num_codes} codes used "
-              f"({float((counts > 0).double().mean()):.3f}), perplexity {float(torch.exp(-(p * p.log()).sum())):.1f}; "
+              f"({float((counts > 0).double().mean()):.3f}), perplexity {float(perplexity(counts)):.1f}; "
               f"codes per content {np.mean([len(v) for v in codes_of.values()]):.2f}, contents per code "
               f"{np.mean([len(v) for v in contents_of.values()]):.2f} (max {max(len(v) for v in contents_of.values())}); "
               f"background codes {len(codes_of.get(('background',), ()))}")
