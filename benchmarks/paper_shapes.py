@@ -17,7 +17,8 @@ DualToken tokenizer with 16384-code pixel and semantic codebooks of depth 8; a Q
 - vqrae_stage2: the stage-2 recipe (configs/tokenizer/vqrae-siglip2-so400m-256-stage2.yaml) from stage 1's model,
                2 steps: the so400m encoder trains too, with self-distillation against its frozen stage-1 copy;
 - dualtoken_train: configs/tokenizer/dualtoken-siglip-so400m-384.yaml, 2 steps, batch 2 (trainable so400m encoder,
-               per-tap attention projections, two 16384-code depth-8 EMA codebooks, CNN decoder, LPIPS);
+               per-tap attention projections, two 16384-code depth-8 EMA codebooks, CNN decoder, LPIPS,
+               activation checkpointing);
 - pretokenize: scripts/pretokenize.py over the photos (the code cache), and over a LLaVA JSON of questions about
                them (`pretokenize_llava`, the conversation code cache);
 - model:       `from_llm` + vocabulary extension saved as a UniMM model (what pretrain saves; setup);
@@ -162,8 +163,10 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
         return _tokenizer_run(args, "configs/tokenizer/vqrae-siglip2-so400m-256-stage2.yaml", "vqrae_stage2",
                               "--model_path", str(out / "vqrae_stage1" / "model"))
     if stage == "dualtoken_train":
+        # Activation checkpointing of the encoder and decoder layers: without it the run needs more than the
+        # 2-core machine's 23.5 GB (killed at 23.9 GB before its first step).
         return _tokenizer_run(args, "configs/tokenizer/dualtoken-siglip-so400m-384.yaml", "dualtoken_train",
-                              "--encoder_path", str(out / "encoder"))
+                              "--encoder_path", str(out / "encoder"), "--gradient_checkpointing", "true")
     if stage in ("pretokenize", "pretokenize_llava"):
         llava = stage == "pretokenize_llava"
         data = ["--data", str(out / "data" / "llava.json"), "--data_format", "llava"] if llava else [

@@ -14,6 +14,7 @@ from unimm.data.toy.shapes import (
     POSITIONS,
     QUESTIONS,
     SHAPES,
+    ShapeScenesDataset,
     ShapesConfig,
     ShapesDataset,
     all_combinations,
@@ -159,3 +160,34 @@ def test_scores_count_each_attribute_and_exact_match_normalises_answers():
     assert exact_match(["Red.", " circle", "top"], ["red", "circle", "top left"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="expected attribute triples"):
         score_images(images, truth[:2])
+
+
+def test_scenes_draw_each_named_shape_in_its_quadrant_from_the_given_combinations_only(tmp_path):
+    from unimm.data.images import read_image_records
+
+    train, held_out = split_combinations(12, seed=1)
+    scenes = ShapeScenesDataset(40, seed=3, config=ShapesConfig(size_range=(0.42, 0.44), position_jitter=0.0),
+                                combinations=train)
+    assert scenes[7].caption == ShapeScenesDataset(40, seed=3, config=scenes.config, combinations=train)[7].caption
+    first_positions = Counter()
+    for scene in scenes:
+        assert len(scene.objects) == 2 and not set(scene.objects) & set(held_out)
+        assert len({o.position for o in scene.objects}) == 2 and len({(o.colour, o.shape) for o in scene.objects}) == 2
+        assert scene.caption == ", ".join(o.caption for o in scene.objects)
+        assert not any(c.caption in scene.caption for c in held_out)
+        first_positions[scene.objects[0].position] += 1
+        pixels = np.asarray(scene.image)
+        for position in POSITIONS:  # each quadrant alone holds its named shape, or nothing
+            row, column = (0 if position.startswith("top") else 16), (0 if position.endswith("left") else 16)
+            quadrant = np.pad(pixels[row:row + 16, column:column + 16], ((8, 8), (8, 8), (0, 0)), mode="edge")
+            found = describe_shape_image(quadrant)
+            named = [o for o in scene.objects if o.position == position]
+            if named:
+                assert found.matches(named[0].colour, named[0].shape), (scene.caption, position, found)
+            else:
+                assert found.colour is None, (scene.caption, position, found)
+    assert len(first_positions) == 4  # the caption order is not the raster order
+    path = write_image_text_jsonl(ShapesDataset(2, seed=6), tmp_path)
+    write_image_text_jsonl(scenes, tmp_path, append=True)
+    rows = read_image_records(path)
+    assert rows["text"][2:] == [s.caption for s in scenes] and len(rows) == 42

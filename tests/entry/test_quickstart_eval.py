@@ -27,7 +27,7 @@ def quickstart_eval():
 def prepared(quickstart_eval, tmp_path_factory):
     out = tmp_path_factory.mktemp("qs")
     quickstart_eval.main(["prepare", "--out", str(out), "--train_samples", "120", "--test_samples", "4",
-                          "--num_prompts", "8", "--partial_captions", "0.5", "--hidden_size", "32",
+                          "--num_prompts", "8", "--partial_captions", "0.5", "--scenes", "0.25", "--hidden_size", "32",
                           "--num_layers", "1", "--num_heads", "2", "--num_kv_heads", "1"])
     return out
 
@@ -39,13 +39,19 @@ def test_held_out_captions_are_in_no_training_file(prepared):
                if line]
     attributes = {c.caption: (c.colour, c.shape, c.position) for c in all_combinations()}
     held_attributes = {attributes[c] for c in held_out}
-    assert not {(r["colour"], r["shape"], r["position"]) for r in records} & held_attributes
-    assert not {r["text"] for r in records} & set(held_out)
+    singles = [r for r in records if "objects" not in r]
+    scenes = [r for r in records if "objects" in r]
+    assert not {(r["colour"], r["shape"], r["position"]) for r in singles} & held_attributes
+    assert not {(o["colour"], o["shape"], o["position"]) for r in scenes for o in r["objects"]} & held_attributes
+    assert not [(caption, r["text"]) for r in records for caption in held_out if caption in r["text"]]
+    # --scenes 0.25: 30 two-shape images of their own.
+    assert len(scenes) == 30 and all(len(r["objects"]) == 2 and ", " in r["text"] for r in scenes)
+    assert all((prepared / "data" / "train" / r["image"]).is_file() for r in scenes)
     for record in json.loads((prepared / "data" / "train" / "llava.json").read_text()):
         assert not {turn["value"] for turn in record["conversations"]} & set(held_out)
     # --partial_captions 0.5: 60 more records naming only the position, on the same image files.
     partial = [r for r in records if r["id"].endswith("-part")]
-    assert len(records) == 180 and len(partial) == 60
+    assert len(records) == 210 and len(partial) == 60
     assert all(r["text"] == r["position"] and r["text"] in POSITIONS for r in partial)
     assert all((prepared / "data" / "train" / r["image"]).is_file() for r in partial)
     # --num_prompts 8: 4 held-out captions first, then 4 seen ones.

@@ -378,3 +378,39 @@ def test_decoder_only_finetune_trains_only_the_decoder(tmp_path):
     before, after = load_file(start / "model.safetensors"), load_file(run / "model" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("decoder.") for k in changed), sorted(changed)[:5]
+
+
+def test_gradient_checkpointing_option_recomputes_layers_and_trains_the_same(tmp_path):
+    """`--gradient_checkpointing true` reaches the encoder's and the decoder's layers (each runs again in backward)
+    and leaves the training itself unchanged: the same weights after 2 steps of DualToken with its encoder trained."""
+    from unimm.train.tokenizer import setup
+
+    flags = dict(dataset="shapes", num_samples=8, eval_max_images=4, max_steps=2, sample_steps=0,
+                 per_device_train_batch_size=4, model_overrides={"train_encoder": True})
+    runs = {}
+    for name in ("plain", "checkpointed"):
+        runs[name] = tmp_path / name
+        train_cli.main(_argv("dualtoken-tiny", output_dir=runs[name], gradient_checkpointing=name == "checkpointed",
+                             **flags))
+    plain = load_file(runs["plain"] / "model" / "model.safetensors")
+    checkpointed = load_file(runs["checkpointed"] / "model" / "model.safetensors")
+    assert plain.keys() == checkpointed.keys()
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    run = setup(*train_cli.parse_args(_argv("dualtoken-tiny", output_dir=tmp_path / "probe",
+                                            gradient_checkpointing=True, **flags)))
+    layer = run.unwrapped.encoder.encoder.layers[0]
+    calls, forward = [], layer.mlp.forward
+
+    def counting_forward(*args, **kwargs):  # (forward hooks do not fire on the recomputation; calls do)
+        calls.append("call")
+        return forward(*args, **kwargs)
+
+    layer.mlp.forward = counting_forward
+    run.unwrapped.train()
+    pixels = torch.stack([run.train_set[i]["pixel_values"] for i in range(2)])
+    out = run.unwrapped(pixels)
+    assert len(calls) == 1  # the teacher's pass runs its own copy of the layer
+    (out.reconstruction.pow(2).mean() + sum(out.losses.values())).backward()
+    assert len(calls) == 2 and layer.mlp.fc1.weight.grad is not None  # recomputed in backward

@@ -26,6 +26,7 @@ from transformers.hf_argparser import string_to_bool
 from unimm.data.toy.shapes import (
     DESCRIBE_QUESTION,
     QUESTIONS,
+    ShapeScenesDataset,
     ShapesConfig,
     ShapesDataset,
     all_combinations,
@@ -105,6 +106,10 @@ def prepare(args: argparse.Namespace) -> None:
         _write_caption_conversations(captions, out / "data" / "train" / CAPTION_CONVERSATIONS)
     if args.partial_captions > 0:
         _add_partial_captions(captions, train, args.partial_captions, args.partial_caption_kinds.split(","))
+    if args.scenes > 0:  # two-shape images, only from training combinations (text-to-image and caption records)
+        scenes = ShapeScenesDataset(int(args.train_samples * args.scenes), seed=args.seed, config=config,
+                                    combinations=train_combos, id_prefix="train-scene")
+        write_image_text_jsonl(scenes, out / "data" / "train", "captions.jsonl", append=True)
     # Held-out images for QA and tokenizer fidelity: new seed, every combination.
     test = ShapesDataset(args.test_samples, seed=TEST_SEED + args.seed, config=config, id_prefix="test")
     write_llava_json(test, out / "data" / "test", "llava.json")
@@ -283,6 +288,9 @@ PREPARE_OPTIONS = (
                                        "their position or only their colour and shape (0 = none)."),
     ("--partial_caption_kinds", str, "position", "Comma-separated kinds of partial caption, used in turn: "
                                                  "position, pair."),
+    ("--scenes", float, 0.0, "Two-shape images to add to the caption records, as a fraction of --train_samples: "
+                              "each shape a training combination, named in a random order, so only the position "
+                              "words tell which pair sits where (0 = none)."),
     ("--caption_conversations", string_to_bool, False,
      f"Also write the training captions as one-turn LLaVA conversations (data/train/{CAPTION_CONVERSATIONS}): the "
      "VQRAE quickstart pretrains understanding on them from pixels."),

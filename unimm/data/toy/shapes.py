@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -190,24 +191,41 @@ def render_shape(
 ) -> Image.Image:
     """Draw one shape. `extent` and `offset` are fractions of the image side; `position` names the quadrant
     whose centre the shape is drawn around (plus `offset`)."""
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; valid: {list(SHAPES)}")
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; valid: {list(POSITIONS)}")
-    rgb = COLOURS[colour] if isinstance(colour, str) else tuple(int(v) for v in colour)
+    return render_shapes([(colour, shape, position, extent, offset)], image_size, background, noise_std, rng)
+
+
+# One shape to draw: (colour name or RGB, shape, position, extent, offset), as `render_shape` takes them.
+ShapeToDraw = tuple[Union[str, tuple[int, int, int]], str, str, float, tuple[float, float]]
+
+
+def render_shapes(
+    shapes: Sequence[ShapeToDraw],
+    image_size: int = 32,
+    background: tuple[int, int, int] = (240, 240, 240),
+    noise_std: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Image.Image:
+    """Draw several shapes on one background (in order; shapes in different quadrants do not overlap at the
+    default extents)."""
     big = image_size * _SUPERSAMPLE
     canvas = Image.new("RGB", (big, big), tuple(int(v) for v in background))
     draw = ImageDraw.Draw(canvas)
-    cx = (0.25 if position.endswith("left") else 0.75) + offset[0]
-    cy = (0.25 if position.startswith("top") else 0.75) + offset[1]
-    cx, cy, size = cx * big, cy * big, extent * big
-    if shape == "circle":
-        draw.ellipse((cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2), fill=rgb)
-    elif shape == "square":
-        side = 0.85 * size  # a square looks larger than a circle of the same extent
-        draw.rectangle((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), fill=rgb)
-    else:
-        draw.polygon(_triangle_points(cx, cy, size), fill=rgb)
+    for colour, shape, position, extent, offset in shapes:
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; valid: {list(SHAPES)}")
+        if position not in POSITIONS:
+            raise ValueError(f"unknown position {position!r}; valid: {list(POSITIONS)}")
+        rgb = COLOURS[colour] if isinstance(colour, str) else tuple(int(v) for v in colour)
+        cx = (0.25 if position.endswith("left") else 0.75) + offset[0]
+        cy = (0.25 if position.startswith("top") else 0.75) + offset[1]
+        cx, cy, size = cx * big, cy * big, extent * big
+        if shape == "circle":
+            draw.ellipse((cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2), fill=rgb)
+        elif shape == "square":
+            side = 0.85 * size  # a square looks larger than a circle of the same extent
+            draw.rectangle((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2), fill=rgb)
+        else:
+            draw.polygon(_triangle_points(cx, cy, size), fill=rgb)
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
     if noise_std > 0:
         rng = rng if rng is not None else np.random.default_rng(0)
@@ -288,6 +306,82 @@ class ShapesDataset:
         )
 
 
+def make_scene_caption(objects: Sequence[Combination]) -> str:
+    """The caption of an image of several shapes: theirs, joined ("top left: a red circle, bottom right: a blue
+    square")."""
+    return ", ".join(c.caption for c in objects)
+
+
+@dataclass
+class SceneSample:
+    """One generated image of several shapes, each one of the dataset's combinations."""
+
+    id: str
+    image: Image.Image
+    objects: tuple[Combination, ...]  # in caption order
+    caption: str
+
+    @property
+    def attributes(self) -> dict[str, list[dict[str, str]]]:
+        return {"objects": [{"colour": c.colour, "shape": c.shape, "position": c.position} for c in self.objects]}
+
+
+class ShapeScenesDataset:
+    """`num_samples` images of `objects_per_image` shapes each, in different quadrants, with distinct colour+shape
+    pairs, every shape one of `combinations` at its position (so scenes built from training combinations never
+    draw a held-out one). The caption names the shapes in a random order, so which pair sits where is told only by
+    the position words in front of it. Sample `i` depends only on `(seed, i)` and the config."""
+
+    def __init__(self, num_samples: int, seed: int = 0, config: ShapesConfig | None = None,
+                 combinations: Sequence[Combination] | None = None, objects_per_image: int = 2,
+                 id_prefix: str = "scene") -> None:
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        self.combinations = list(combinations) if combinations is not None else all_combinations()
+        self.by_position = {p: [c for c in self.combinations if c.position == p] for p in POSITIONS}
+        self.by_position = {p: combos for p, combos in self.by_position.items() if combos}
+        if not 2 <= objects_per_image <= len(self.by_position):
+            raise ValueError(f"objects_per_image must be in [2, {len(self.by_position)}] (positions with a "
+                             f"combination), got {objects_per_image}")
+        self.num_samples, self.seed, self.objects_per_image = num_samples, seed, objects_per_image
+        self.config = config or ShapesConfig()
+        self.id_prefix = id_prefix
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[SceneSample]:
+        for i in range(self.num_samples):
+            yield self[i]
+
+    def __getitem__(self, index: int) -> SceneSample:
+        if index < 0:
+            index += self.num_samples
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        cfg = self.config
+        rng = np.random.default_rng([self.seed, 0x5CE7E, index])
+        positions = list(self.by_position)
+        objects: list[Combination] = []
+        for k in rng.permutation(len(positions))[: self.objects_per_image]:
+            pairs = {(c.colour, c.shape) for c in objects}
+            choices = [c for c in self.by_position[positions[k]] if (c.colour, c.shape) not in pairs]
+            if not choices:
+                raise ValueError(f"no combination at {positions[k]!r} with a colour+shape not already in the scene")
+            objects.append(choices[int(rng.integers(len(choices)))])
+        shapes = []
+        for combo in objects:
+            extent = rng.uniform(*cfg.size_range)
+            offset = tuple(rng.uniform(-cfg.position_jitter, cfg.position_jitter, 2))
+            base = np.array(COLOURS[combo.colour])
+            rgb = tuple(np.clip(base + rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, 3), 0, 255))
+            shapes.append((rgb, combo.shape, combo.position, extent, offset))
+        background = tuple(rng.integers(cfg.background_range[0], cfg.background_range[1] + 1, 3))
+        image = render_shapes(shapes, cfg.image_size, background, cfg.noise_std, rng)
+        return SceneSample(id=f"{self.id_prefix}-{self.seed}-{index:06d}", image=image, objects=tuple(objects),
+                           caption=make_scene_caption(objects))
+
+
 def _save_images(dataset: ShapesDataset, out_dir: Path, image_dir: str) -> list[tuple[ShapeSample, str]]:
     (out_dir / image_dir).mkdir(parents=True, exist_ok=True)
     saved = []
@@ -312,13 +406,15 @@ def write_llava_json(dataset: ShapesDataset, out_dir: str | Path, json_name: str
     return path
 
 
-def write_image_text_jsonl(dataset: ShapesDataset, out_dir: str | Path, jsonl_name: str = "captions.jsonl",
-                           image_dir: str = "images", text_key: str = "text", image_key: str = "image") -> Path:
+def write_image_text_jsonl(dataset: ShapesDataset | ShapeScenesDataset, out_dir: str | Path,
+                           jsonl_name: str = "captions.jsonl", image_dir: str = "images", text_key: str = "text",
+                           image_key: str = "image", append: bool = False) -> Path:
     """Write `dataset` as image-text pairs: one JSON object per line with `id`, `image_key` (path relative to
-    `out_dir`), `text_key` (the caption) and the attributes; PNG files under `out_dir/image_dir`."""
+    `out_dir`), `text_key` (the caption) and the attributes; PNG files under `out_dir/image_dir`. `append` adds
+    the lines to an existing file (e.g. scenes after single shapes)."""
     out_dir = Path(out_dir)
     path = out_dir / jsonl_name
-    with path.open("w") as f:
+    with path.open("a" if append else "w") as f:
         for sample, relative in _save_images(dataset, out_dir, image_dir):
             record = {"id": sample.id, image_key: relative, text_key: sample.caption, **sample.attributes}
             f.write(json.dumps(record) + "\n")

@@ -134,6 +134,11 @@ class TokenizerTrainingArguments:
     max_grad_norm: float = config_field(1.0, "Gradient clipping norm (0 disables).")
     bf16: bool | None = config_field(None, "bf16 autocast; unset: on where CUDA supports bf16, off elsewhere.")
     fp16: bool = config_field(False, "fp16 autocast (with loss scaling).")
+    gradient_checkpointing: bool = config_field(
+        False,
+        "Recompute the encoder's and the decoder's layer activations in backward instead of keeping them "
+        "(`gradient_checkpointing_enable()`): less memory for about one more forward pass of those layers.",
+    )
     ema_decay: float = config_field(0.0, "EMA decay of the weights (0 disables EMA).")
     logging_steps: int = config_field(10, "Log losses and batch metrics every N steps.")
     sample_steps: int = config_field(500, "Write an input|reconstruction PNG grid every N steps (0 = off).")

@@ -138,6 +138,9 @@ def setup(
         save_resolved_config(output_dir, model_args, data_args, loss_args, args)
     check_lpips_weights(loss_args)  # a recipe that needs LPIPS weights fails before any model or data work
     model = build_tokenizer_model(model_args).to(accelerator.device)  # before the EMA copy: same device
+    if args.gradient_checkpointing:  # transformers >= 5.24 names it activation checkpointing
+        enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+        enable()
     loss_module = ReconstructionLoss(loss_args, model.image_mean, model.image_std).to(accelerator.device)
     opt = build_optimisation(model, loss_module, loss_args, args)
     train_set, eval_set = _datasets(model, data_args, args.seed)
