@@ -27,6 +27,7 @@ FAST="${QUICKSTART_FAST:-0}"
 TOKENIZER=dualtoken
 HELD_OUT=12
 SEED=0
+SCENES=0
 PORT="${QUICKSTART_MASTER_PORT:-29650}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,6 +40,8 @@ while [ $# -gt 0 ]; do
     --held_out=*) HELD_OUT="${1#*=}" ;;
     --seed) SEED="$2"; shift ;;
     --seed=*) SEED="${1#*=}" ;;
+    --scenes) SCENES="$2"; shift ;;
+    --scenes=*) SCENES="${1#*=}" ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -91,7 +94,8 @@ mkdir -p "$OUT"
 
 stage "1/7 shapes data and a tiny Qwen2 -> $OUT/data, $OUT/llm"
 python scripts/quickstart_eval.py prepare --out "$OUT" --seed "$SEED" --train_samples "$TRAIN_SAMPLES" \
-  --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS" --held_out_prompts "$HELD_OUT" "${PREPARE_ARGS[@]}"
+  --test_samples "$TEST_SAMPLES" --num_prompts "$NUM_PROMPTS" --held_out_prompts "$HELD_OUT" --scenes "$SCENES" \
+  "${PREPARE_ARGS[@]}"
 
 stage "2/7 visual tokenizer ($TOKENIZER) -> $OUT/tokenizer"
 OMP_NUM_THREADS="$CORES" python scripts/train_tokenizer.py "configs/quickstart/tokenizer_${TOKENIZER}.yaml" \
