@@ -414,3 +414,19 @@ def test_gradient_checkpointing_option_recomputes_layers_and_trains_the_same(tmp
     assert len(calls) == 1  # the teacher's pass runs its own copy of the layer
     (out.reconstruction.pow(2).mean() + sum(out.losses.values())).backward()
     assert len(calls) == 2 and layer.mlp.fc1.weight.grad is not None  # recomputed in backward
+
+
+def test_finish_saves_the_averaged_weights_as_model_ema_and_keeps_the_trained_ones(tmp_path):
+    from unimm.train.tokenizer.loop import finish, fit, setup
+
+    run = setup(*train_cli.parse_args(_argv("vqrae-tiny", output_dir=tmp_path, dataset="shapes", num_samples=8,
+                                            eval_max_images=4, max_steps=2, sample_steps=0, ema_decay=0.5)))
+    summary = finish(run, fit(run))
+    trained = {name: p.detach().clone() for name, p in run.unwrapped.named_parameters()}
+    model, ema_model = (load_file(tmp_path / folder / "model.safetensors") for folder in ("model", "model_ema"))
+    averaged = [name for name in run.opt.ema.shadow if not torch.equal(run.opt.ema.shadow[name], trained[name])]
+    assert averaged  # decay 0.5 over 2 steps: the averages differ from the weights
+    for name, shadow in run.opt.ema.shadow.items():
+        assert torch.equal(ema_model[name], shadow) and torch.equal(model[name], trained[name]), name
+    assert summary["ema_eval"]["psnr"] != summary["final_eval"]["psnr"]
+    assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [0, 2]  # the EMA's evaluation is not logged

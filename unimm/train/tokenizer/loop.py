@@ -15,7 +15,6 @@ sees the same batches in the same order as an uninterrupted one. Only complete c
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -163,9 +162,10 @@ def setup(
     return run
 
 
-def validate(run: TokenizerRun, at_step: int, model: nn.Module | None = None) -> dict[str, Any]:
+def validate(run: TokenizerRun, at_step: int, model: nn.Module | None = None, log: bool | None = None) -> dict[str, Any]:
     """Evaluate (`model`, default the run's) on the evaluation set: PSNR, SSIM, codebook use, and the semantic
-    preservation against the initial encoder when one is known; appended to metrics.jsonl (not for `model`)."""
+    preservation against the initial encoder when one is known; appended to metrics.jsonl and logged when `log`
+    (default: for the run's own model, not for another `model`)."""
     data_args, args = run.data_args, run.args
     model = run.unwrapped if model is None else model
     loader = eval_batches(run.eval_set, args.eval_batch_size, data_args.eval_max_images, data_args.num_workers)
@@ -176,7 +176,7 @@ def validate(run: TokenizerRun, at_step: int, model: nn.Module | None = None) ->
 
             loader = eval_batches(run.eval_set, args.eval_batch_size, data_args.eval_max_images, data_args.num_workers)
             results["semantic"] = evaluate_semantic_preservation(model, loader, run.semantic_reference, run.device)
-    if model is run.unwrapped:
+    if (model is run.unwrapped) if log is None else log:
         record = {"step": at_step, **_flat({k: v for k, v in results.items() if k != "codebooks"})}
         if run.accelerator.is_main_process:
             _append_jsonl(run.metrics_log, record)
@@ -328,12 +328,12 @@ def finish(run: TokenizerRun, summary: dict[str, Any]) -> dict[str, Any]:
         run.unwrapped.save_pretrained(run.output_dir / "model")
         summary["model_path"] = str(run.output_dir / "model")
     if run.opt.ema is not None:
-        ema_model = copy.deepcopy(run.unwrapped)
-        run.opt.ema.copy_to(ema_model)
-        summary["ema_eval"] = validate(run, run.step, model=ema_model)
-        if run.accelerator.is_main_process:
-            ema_model.save_pretrained(run.output_dir / "model_ema")
-            summary["ema_model_path"] = str(run.output_dir / "model_ema")
+        # The averaged weights lent to the model itself: a deep copy would hold a second model (and the teacher).
+        with run.opt.ema.applied(run.unwrapped) as ema_model:
+            summary["ema_eval"] = validate(run, run.step, log=False)
+            if run.accelerator.is_main_process:
+                ema_model.save_pretrained(run.output_dir / "model_ema")
+                summary["ema_model_path"] = str(run.output_dir / "model_ema")
     logger.info("finished: %s", _format(_flat({k: v for k, v in summary["final_eval"].items() if k != "codebooks"})))
     return summary
 
