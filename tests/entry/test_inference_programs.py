@@ -32,6 +32,19 @@ def test_generate_t2i_writes_pngs_grid_and_is_seeded(tiny_unimm, toy, tmp_path):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))  # same seed, same images
 
 
+def test_generate_t2i_negative_prompt_is_the_second_branch_of_guidance(tiny_unimm, toy, tmp_path, capsys):
+    common = ["--model_path", str(tiny_unimm), "--visual_tokenizer_path", str(toy["tokenizer"]), "--prompts",
+              "a red image", "--temperature", "0", "--seed", "5"]
+    plain = generate_t2i.main([*common, "--cfg_scale", "0", "--output_dir", str(tmp_path / "plain")])
+    # The prompt as its own negative cancels the guidance term: scale 6 gives the unguided image.
+    itself = generate_t2i.main([*common, "--cfg_scale", "6", "--negative_prompt", "a red image",
+                                "--output_dir", str(tmp_path / "itself")])
+    assert np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(itself[0])))
+    with pytest.raises(SystemExit) as exit_info:
+        generate_t2i.main([*common, "--cfg_scale", "0", "--negative_prompt", "blue", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "negative_prompt" in capsys.readouterr().err
+
+
 def test_generate_t2i_needs_prompts(tiny_unimm, toy, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate_t2i.main(["--model_path", str(tiny_unimm), "--visual_tokenizer_path", str(toy["tokenizer"]),

@@ -42,6 +42,24 @@ def test_cfg_scale_one_equals_conditional_only(tiny_llama_path):
     assert not all(torch.equal(strong[n], conditional[n]) for n in DUAL_SPEC)
 
 
+def test_negative_prompts_replace_the_unconditional_branch(tiny_llama_path):
+    model, tokenizer, _ = make_unimm(tiny_llama_path, DUAL_SPEC)
+    kwargs = dict(num_positions=5, cfg_scale=8.0, seed=7)
+    conditional = generate_images(model, tokenizer, PROMPTS, num_positions=5, cfg_scale=None, seed=7)
+    unconditional = generate_images(model, tokenizer, PROMPTS, **kwargs)
+    default = generate_images(model, tokenizer, PROMPTS, negative_prompts=[None] * len(PROMPTS), **kwargs)
+    assert all(torch.equal(default[n], unconditional[n]) for n in DUAL_SPEC)
+    # The prompt as its own negative: s * (c - c) vanishes, so scale 8 draws what no guidance draws.
+    itself = generate_images(model, tokenizer, PROMPTS, negative_prompts=list(PROMPTS), **kwargs)
+    assert all(torch.equal(itself[n], conditional[n]) for n in DUAL_SPEC)
+    other = generate_images(model, tokenizer, PROMPTS, negative_prompts=["a blue square"] * len(PROMPTS), **kwargs)
+    assert not all(torch.equal(other[n], unconditional[n]) for n in DUAL_SPEC)
+    with pytest.raises(ValueError, match="set cfg_scale"):
+        generate_images(model, tokenizer, PROMPTS, num_positions=5, cfg_scale=None, negative_prompts=list(PROMPTS))
+    with pytest.raises(ValueError, match="1 negative_prompts for 3 prompts"):
+        generate_images(model, tokenizer, PROMPTS, negative_prompts=["x"], **kwargs)
+
+
 def test_guidance_and_filtering_arithmetic():
     cond, uncond = torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[1.0, 1.0, 1.0]])
     torch.testing.assert_close(guide(torch.cat([cond, uncond]), 3.0), uncond + 3.0 * (cond - uncond))

@@ -3,7 +3,8 @@
     unimm-generate-t2i --model_path runs/pretrain --visual_tokenizer_path runs/tokenizer \
         --prompts "a red circle on the left" "a blue square" --cfg_scale 3 --output_dir samples
 
-Sampling: classifier-free guidance (`--cfg_scale`, 0 = off), `--temperature` (0 = greedy), `--top_k`, `--top_p`,
+Sampling: classifier-free guidance (`--cfg_scale`, 0 = off; `--negative_prompt` in place of the unconditional
+branch), `--temperature` (0 = greedy), `--top_k`, `--top_p`,
 `--seed`, `--batch_size`; prompts from `--prompts` and/or `--prompts_file` (one per line).
 """
 

@@ -47,6 +47,9 @@ class GenerateArguments:
     prompts_file: str | None = config_field(None, "A text file with one prompt per line (added to prompts).")
     output_dir: str = config_field("generated", "Where the PNGs, grid.png and prompts.json are written.")
     cfg_scale: float = config_field(3.0, "Classifier-free guidance scale; 0 disables guidance.")
+    negative_prompt: str | None = config_field(
+        None, "Text of guidance's second branch for every prompt, in place of the unconditional prefix: the images "
+              "move away from it. Needs cfg_scale > 0.")
     temperature: float = config_field(1.0, "Sampling temperature; 0 = greedy.")
     top_k: int | None = config_field(None, "Keep only the k most likely codes per step.")
     top_p: float | None = config_field(None, "Nucleus sampling threshold.")
@@ -67,6 +70,8 @@ class GenerateArguments:
             raise ValueError("batch_size and grid_columns must be positive")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.negative_prompt is not None and not self.cfg_scale:
+            raise ValueError("negative_prompt is guidance's second branch: set cfg_scale > 0")
 
 
 @dataclass

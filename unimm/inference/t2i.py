@@ -37,11 +37,14 @@ def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, see
     visual = stack.visual_tokenizer
     images = []
     batches = range(0, len(prompts), gen_args.batch_size)
+    negative = getattr(gen_args, "negative_prompt", None)
     for batch_index, start in enumerate(tqdm(batches, desc="generating", unit="batch")):
+        batch = prompts[start: start + gen_args.batch_size]
         codes = generate_images(
-            stack.model, stack.text_tokenizer, prompts[start: start + gen_args.batch_size],
+            stack.model, stack.text_tokenizer, batch,
             num_positions=visual.num_positions, cfg_scale=gen_args.cfg_scale or None,
             temperature=gen_args.temperature, top_k=gen_args.top_k, top_p=gen_args.top_p, seed=seed + batch_index,
+            negative_prompts=None if negative is None else [negative] * len(batch),
         )
         with torch.no_grad():
             pixels = visual.decode({name: value.to(stack.device) for name, value in codes.items()})

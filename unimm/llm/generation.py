@@ -112,10 +112,14 @@ def generate_images(
     seed: int = 0,
     batch_size: int | None = None,
     use_cache: bool = True,
+    negative_prompts: list[str | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the codes of one image per prompt: group -> LongTensor `[len(prompts), N, D]`.
 
     cfg_scale:    guidance scale s (`None` = no guidance: the unconditional half is not computed).
+    negative_prompts: one per prompt, the text of guidance's second branch in place of the unconditional prefix
+                  (`logits = negative + s * (prompt - negative)`: the image moves away from what the negative
+                  says); `None` entries keep the unconditional prefix. Needs `cfg_scale`.
     temperature:  0 = greedy. top_k / top_p: filtering applied to the guided logits.
     seed:         sampling is deterministic for a seed (one `torch.Generator` per call).
     batch_size:   prompts per batch (default: all at once).
@@ -128,6 +132,11 @@ def generate_images(
         raise ValueError("num_positions is required (or set UniMMConfig.num_image_positions, the visual tokenizer's N)")
     if not prompts:
         raise ValueError("generate_images needs at least one prompt")
+    if negative_prompts is not None:
+        if cfg_scale is None:
+            raise ValueError("negative_prompts are guidance's second branch: set cfg_scale")
+        if len(negative_prompts) != len(prompts):
+            raise ValueError(f"got {len(negative_prompts)} negative_prompts for {len(prompts)} prompts")
     position_table = model.image_position_embedding
     if position_table is not None and num_positions > position_table.num_embeddings:
         raise ValueError(f"num_positions={num_positions} exceeds the model's image position embedding "
@@ -140,7 +149,8 @@ def generate_images(
     try:
         chunks = [
             _generate_batch(model, text_tokenizer, layout, prompts[i : i + batch_size], num_positions, cfg_scale,
-                            dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), use_cache)
+                            dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), use_cache,
+                            None if negative_prompts is None else negative_prompts[i : i + batch_size])
             for i in range(0, len(prompts), batch_size)
         ]
     finally:
@@ -150,11 +160,11 @@ def generate_images(
 
 def _generate_batch(model: UniMMForCausalLM, text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout,
                     prompts: list[str], num_positions: int, cfg_scale: float | None, sampling: dict,
-                    use_cache: bool) -> dict[str, torch.Tensor]:
+                    use_cache: bool, negative_prompts: list[str | None] | None = None) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     rows = [t2i_prefix_ids(text_tokenizer, layout, p) for p in prompts]
     if cfg_scale is not None:
-        rows += [t2i_prefix_ids(text_tokenizer, layout, None)] * len(prompts)
+        rows += [t2i_prefix_ids(text_tokenizer, layout, n) for n in (negative_prompts or [None] * len(prompts))]
     pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else layout.eoi_token_id
     input_ids, attention_mask = _left_pad(rows, pad_id, device)
     state = _ImageDecoder(model, input_ids, attention_mask, use_cache)
