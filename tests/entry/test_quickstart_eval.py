@@ -78,3 +78,13 @@ def test_generation_scores_seen_and_held_out_captions_apart(quickstart_eval, pre
     assert scores["generation"]["num_images"] == 4 and scores["generation"]["accuracy"] == 1.0
     assert scores["generation_held_out"]["colour_and_shape"] == 1.0
     assert scores["generation_held_out"]["position"] == 0.0
+
+
+
+def test_prepare_writes_the_tiny_llm_with_the_attention_dropout_asked_for(quickstart_eval, prepared, tmp_path):
+    assert json.loads((prepared / "llm" / "config.json").read_text())["attention_dropout"] == 0.0
+    quickstart_eval.main(["prepare", "--out", str(tmp_path), "--train_samples", "72", "--test_samples", "1",
+                          "--num_prompts", "2", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+                          "--num_kv_heads", "1", "--attention_dropout", "0.1"])
+    config = json.loads((tmp_path / "llm" / "config.json").read_text())
+    assert config["attention_dropout"] == 0.1 and config["hidden_size"] == 32

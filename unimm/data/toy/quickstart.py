@@ -138,7 +138,8 @@ def prepare(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(text_dir / "text_tokenizer")
     build_tiny_llm(text_dir, "qwen2", tokenizer, seed=args.seed, hidden_size=args.hidden_size,
                    num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
-                   intermediate_size=2 * args.hidden_size, max_position_embeddings=512)
+                   intermediate_size=2 * args.hidden_size, max_position_embeddings=512,
+                   attention_dropout=args.attention_dropout)
     print(f"wrote {len(train)} training and {len(test)} held-out shapes images under {out / 'data'}, "
           f"{len(prompts)} generation prompts ({len(held)} of the {len(held_out)} held-out captions), "
           f"a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
@@ -299,6 +300,8 @@ PREPARE_OPTIONS = (
     ("--num_layers", int, 4, "Tiny Qwen2 depth."),
     ("--num_heads", int, 4, "Tiny Qwen2 attention heads."),
     ("--num_kv_heads", int, 2, "Tiny Qwen2 key/value heads."),
+    ("--attention_dropout", float, 0.0, "Tiny Qwen2 attention dropout (in training only). 0.1 moved held-out "
+                                        "generation by seed in opposite directions (benchmarks/results/quickstart.md)."),
 )
 
 
