@@ -5,7 +5,8 @@ machine without downloading anything. Each sample carries its attributes (colour
 ("top left: a red circle") and a LLaVA-format conversation of short questions about the image. The
 quickstart trains a tokenizer and an LLM on it; `describe_shape_image` (bottom of this module) reads the
 attributes back from pixels (no learned parts), which is how `unimm.data.toy.shapes_eval` scores
-reconstructed and generated images.
+reconstructed and generated images. `ShapeScenesDataset` draws two or more shapes per image, captioned by
+joining their captions (training text only: the checker reads one shape).
 
 `write_llava_json` and `write_image_text_jsonl` export a dataset to the on-disk formats the real readers and
 scripts consume (LLaVA JSON + image files, image-text jsonl).
