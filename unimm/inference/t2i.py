@@ -37,7 +37,7 @@ def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, see
     visual = stack.visual_tokenizer
     images = []
     batches = range(0, len(prompts), gen_args.batch_size)
-    negative = getattr(gen_args, "negative_prompt", None)
+    negative = gen_args.negative_prompt
     for batch_index, start in enumerate(tqdm(batches, desc="generating", unit="batch")):
         batch = prompts[start: start + gen_args.batch_size]
         codes = generate_images(

@@ -250,7 +250,30 @@ def make_conversation(colour: str, shape: str, position: str, rng: np.random.Gen
     return conversation
 
 
-class ShapesDataset:
+class _GeneratedDataset:
+    """`num_samples` samples made on demand by `_sample(index)`; indexing and iteration shared by the datasets below."""
+
+    num_samples: int
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator:
+        for i in range(self.num_samples):
+            yield self[i]
+
+    def __getitem__(self, index: int):
+        if index < 0:
+            index += self.num_samples
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+        return self._sample(index)
+
+    def _sample(self, index: int):
+        raise NotImplementedError
+
+
+class ShapesDataset(_GeneratedDataset):
     """`num_samples` generated samples; sample `i` depends only on `(seed, i)` and the config.
 
     Samples cycle through `combinations` (default: every colour x shape x position) in a seeded order, so every
@@ -273,18 +296,7 @@ class ShapesDataset:
         self.include_description = include_description
         self._order = np.random.default_rng([seed, 0x5EED]).permutation(len(self.combinations))
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[ShapeSample]:
-        for i in range(self.num_samples):
-            yield self[i]
-
-    def __getitem__(self, index: int) -> ShapeSample:
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+    def _sample(self, index: int) -> ShapeSample:
         cfg = self.config
         combo = self.combinations[self._order[index % len(self.combinations)]]
         rng = np.random.default_rng([self.seed, index])
@@ -327,7 +339,7 @@ class SceneSample:
         return {"objects": [{"colour": c.colour, "shape": c.shape, "position": c.position} for c in self.objects]}
 
 
-class ShapeScenesDataset:
+class ShapeScenesDataset(_GeneratedDataset):
     """`num_samples` images of `objects_per_image` shapes each, in different quadrants, with distinct colour+shape
     pairs, every shape one of `combinations` at its position (so scenes built from training combinations never
     draw a held-out one). The caption names the shapes in a random order, so which pair sits where is told only by
@@ -339,8 +351,8 @@ class ShapeScenesDataset:
         if num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         self.combinations = list(combinations) if combinations is not None else all_combinations()
-        self.by_position = {p: [c for c in self.combinations if c.position == p] for p in POSITIONS}
-        self.by_position = {p: combos for p, combos in self.by_position.items() if combos}
+        self.by_position = {p: [c for c in self.combinations if c.position == p] for p in POSITIONS
+                            if any(c.position == p for c in self.combinations)}
         if not 2 <= objects_per_image <= len(self.by_position):
             raise ValueError(f"objects_per_image must be in [2, {len(self.by_position)}] (positions with a "
                              f"combination), got {objects_per_image}")
@@ -348,18 +360,7 @@ class ShapeScenesDataset:
         self.config = config or ShapesConfig()
         self.id_prefix = id_prefix
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[SceneSample]:
-        for i in range(self.num_samples):
-            yield self[i]
-
-    def __getitem__(self, index: int) -> SceneSample:
-        if index < 0:
-            index += self.num_samples
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for {self.num_samples} samples")
+    def _sample(self, index: int) -> SceneSample:
         cfg = self.config
         rng = np.random.default_rng([self.seed, 0x5CE7E, index])
         positions = list(self.by_position)
