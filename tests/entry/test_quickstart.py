@@ -64,17 +64,17 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert printed["generation"] == pytest.approx(scores["generation"]["accuracy"], abs=1e-3)
     assert printed["held-out generation"] == pytest.approx(scores["generation_held_out"]["accuracy"], abs=1e-3)
     assert scores["generation_held_out"]["num_images"] == sum(p in held_out for p in prompts if p)
-    # The guidance comparison: cfg 1, 1.5, 2, 3, greedy and sampled, on the held-out prompts; one cell per scale.
+    # The guidance comparison: cfg 1, 1.25, 1.5, 2, 3, greedy and sampled, on the held-out prompts; one cell per scale.
     rows = scores["cfg_held_out"]["rows"]
     assert sorted((row["decoding"].split()[0], row["cfg_scale"]) for row in rows) == [
-        (mode, scale) for mode in ("greedy", "sampled") for scale in (1.0, 1.5, 2.0, 3.0)]
-    assert "| decoding | cfg 1 (none) | cfg 1.5 | cfg 2 | cfg 3 |" in result.stdout
+        (mode, scale) for mode in ("greedy", "sampled") for scale in (1.0, 1.25, 1.5, 2.0, 3.0)]
+    assert "| decoding | cfg 1 (none) | cfg 1.25 | cfg 1.5 | cfg 2 | cfg 3 |" in result.stdout
     table = re.findall(r"^\| (greedy|sampled \(temperature 1, top-k \d+\)) \|(.*)\|$", result.stdout, re.M)
     assert [mode.split()[0] for mode, _ in table] == ["greedy", "sampled"], result.stdout[-3000:]
     for mode, cells in table:
         by_scale = {row["cfg_scale"]: row["accuracy"] for row in rows if row["decoding"].startswith(mode.split()[0])}
         assert [float(cell) for cell in cells.split("|")] == pytest.approx(
-            [by_scale[scale] for scale in (1.0, 1.5, 2.0, 3.0)], abs=1e-3)
+            [by_scale[scale] for scale in (1.0, 1.25, 1.5, 2.0, 3.0)], abs=1e-3)
     assert printed["QA"] == pytest.approx(scores["qa"]["accuracy"], abs=1e-3)
     assert all(0.0 <= value <= 1.0 for value in printed.values())
     # Measured: even the fast tokenizer run puts the shape in the right quadrant of its reconstructions.
