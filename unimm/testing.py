@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,10 +69,11 @@ def build_qwen_style_tokenizer(
 
 
 def build_llama_style_tokenizer(
-    save_dir: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 400
+    save_dir: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 400, pad_token: str | None = "unk"
 ) -> PreTrainedTokenizerBase:
     """A sentencepiece BPE tokenizer (byte fallback, <s>/</s>, no chat template), loaded through
-    `LlamaTokenizer` from its `tokenizer.model` and saved to `save_dir`."""
+    `LlamaTokenizer` from its `tokenizer.model` and saved to `save_dir`. `pad_token="unk"` sets pad = unk (as
+    LLaMA-2 fine-tunes do); None leaves it without a pad token, as LLaMA-2 and Vicuna ship."""
     import sentencepiece as spm
 
     save_dir = Path(save_dir)
@@ -85,32 +87,149 @@ def build_llama_style_tokenizer(
             character_coverage=1.0, minloglevel=2,
         )
         tokenizer = LlamaTokenizer.from_pretrained(tmp)
-    tokenizer.pad_token = tokenizer.unk_token
+    if pad_token == "unk":
+        tokenizer.pad_token = tokenizer.unk_token
+    elif pad_token is not None:
+        raise ValueError(f"pad_token must be 'unk' or None, got {pad_token!r}")
     tokenizer.save_pretrained(save_dir)
     return tokenizer
 
 
-def tiny_llm_config(family: str = "qwen2", vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
+@dataclass(frozen=True)
+class LLMFamily:
+    """The structural facts of a real checkpoint family, from its published `config.json` and tokenizer files: what a
+    tiny stand-in must keep when widths and depths shrink (tied or untied LM head, BOS or none, qk-norm, a head_dim that
+    is not hidden/heads, rope settings, the kind of vocabulary)."""
+
+    name: str
+    model_type: str  # the transformers class family: qwen2, qwen3, llama
+    tie_word_embeddings: bool
+    bos: bool  # whether the tokenizer prepends a BOS token
+    vocabulary: str  # "byte-bpe" (Qwen / LLaMA-3 kind) or "sentencepiece" (LLaMA-2 / Vicuna kind)
+    rope_theta: float
+    rms_norm_eps: float
+    chat_template: str | None  # "chatml" (Qwen), None (LLaMA-2/Vicuna base: no template)
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head (built into its attention)
+    head_dim_ratio: float = 1.0  # head_dim / (hidden / heads): Qwen3-0.6B has 128 against 1024 / 16 = 64
+    real_shape: dict = field(default_factory=dict)  # the real checkpoint's widths, for benchmarks at paper shape
+
+
+LLM_FAMILIES: dict[str, LLMFamily] = {f.name: f for f in (
+    # Qwen2.5 up to 3B tie the LM head to the input embedding; none of the Qwen tokenizers adds a BOS.
+    LLMFamily("qwen2.5-0.5b", "qwen2", tie_word_embeddings=True, bos=False, vocabulary="byte-bpe", rope_theta=1e6,
+              rms_norm_eps=1e-6, chat_template="chatml",
+              real_shape=dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                              intermediate_size=4864, max_position_embeddings=32768)),
+    LLMFamily("qwen2.5-1.5b", "qwen2", tie_word_embeddings=True, bos=False, vocabulary="byte-bpe", rope_theta=1e6,
+              rms_norm_eps=1e-6, chat_template="chatml",
+              real_shape=dict(vocab_size=151936, hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                              intermediate_size=8960, max_position_embeddings=32768)),
+    LLMFamily("qwen2.5-7b", "qwen2", tie_word_embeddings=False, bos=False, vocabulary="byte-bpe", rope_theta=1e6,
+              rms_norm_eps=1e-6, chat_template="chatml",
+              real_shape=dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                              intermediate_size=18944, max_position_embeddings=32768)),
+    LLMFamily("qwen3-0.6b", "qwen3", tie_word_embeddings=True, bos=False, vocabulary="byte-bpe", rope_theta=1e6,
+              rms_norm_eps=1e-6, chat_template="chatml", qk_norm=True, head_dim_ratio=2.0,
+              real_shape=dict(vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
+                              intermediate_size=3072, max_position_embeddings=40960, head_dim=128)),
+    # LLaMA-2 / Vicuna-7B: untied, SentencePiece with <s> BOS, no pad token, no chat template in the base model.
+    LLMFamily("llama-2-7b", "llama", tie_word_embeddings=False, bos=True, vocabulary="sentencepiece",
+              rope_theta=1e4, rms_norm_eps=1e-5, chat_template=None,
+              real_shape=dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=32,
+                              intermediate_size=11008, max_position_embeddings=4096)),
+    # LLaMA-3-8B: untied, byte-level BPE with <|begin_of_text|> BOS, GQA.
+    LLMFamily("llama-3-8b", "llama", tie_word_embeddings=False, bos=True, vocabulary="byte-bpe", rope_theta=5e5,
+              rms_norm_eps=1e-5, chat_template=None,
+              real_shape=dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                              intermediate_size=14336, max_position_embeddings=8192)),
+)}
+# The transformers class names stand for their most common small checkpoint: Qwen2 -> Qwen2.5-0.5B (tied, no BOS, the
+# model users most often train small), Qwen3 -> Qwen3-0.6B, LLaMA -> LLaMA-2-7B.
+FAMILY_ALIASES = {"qwen2": "qwen2.5-0.5b", "qwen3": "qwen3-0.6b", "llama": "llama-2-7b"}
+DEFAULT_FAMILY = "qwen2.5-0.5b"
+
+
+def llm_family(name: str) -> LLMFamily:
+    """The `LLMFamily` called `name` (a key of `LLM_FAMILIES`, or a class alias: qwen2, qwen3, llama)."""
+    key = FAMILY_ALIASES.get(name, name)
+    if key not in LLM_FAMILIES:
+        raise ValueError(f"unknown LLM family {name!r}; expected one of {sorted(LLM_FAMILIES)} or "
+                         f"{sorted(FAMILY_ALIASES)}")
+    return LLM_FAMILIES[key]
+
+
+def build_llama3_style_tokenizer(
+    save_dir: str | Path, corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 400
+) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer with LLaMA-3's structure: `<|begin_of_text|>` prepended to every encoding (BOS),
+    `<|end_of_text|>` as EOS, no pad token and no chat template (the base model's), saved to `save_dir`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[bos, eos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(corpus) * 4, trainer=trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bpe.token_to_id(bos))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos)
+    tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
+def build_family_tokenizer(save_dir: str | Path, family: str, corpus: Iterable[str] = DEFAULT_CORPUS,
+                           vocab_size: int = 400) -> PreTrainedTokenizerBase:
+    """A small trained tokenizer of `family`'s kind (BOS or none, byte-level BPE or SentencePiece, chat template or
+    none; no pad token where the real one has none), saved to `save_dir`. For the real vocabularies see
+    `build_qwen2_tokenizer` and `build_sentencepiece_tokenizer`."""
+    spec = llm_family(family)
+    if spec.vocabulary == "sentencepiece":
+        tokenizer = build_llama_style_tokenizer(save_dir, corpus, vocab_size, pad_token=None)
+        tokenizer.add_bos_token = True  # LLaMA-2's tokenizer_config.json: every encoding starts with <s>
+        tokenizer.save_pretrained(save_dir)
+        return tokenizer
+    if spec.bos:
+        return build_llama3_style_tokenizer(save_dir, corpus, vocab_size)
+    return build_qwen_style_tokenizer(save_dir, corpus, vocab_size)
+
+
+def build_family_llm(save_dir: str | Path, family: str, tokenizer: PreTrainedTokenizerBase | None = None,
+                     seed: int = 0, **config_overrides) -> tuple[Path, PreTrainedTokenizerBase]:
+    """A tiny stand-in of `family` with a tokenizer of its kind (`build_family_tokenizer` unless `tokenizer` is
+    given), saved together to `save_dir`. Returns (path, tokenizer)."""
+    save_dir = Path(save_dir)
+    if tokenizer is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = build_family_tokenizer(tmp, family)
+    return build_tiny_llm(save_dir, family, tokenizer, seed=seed, **config_overrides), tokenizer
+
+
+def tiny_llm_config(family: str = DEFAULT_FAMILY, vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2,
                     num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
                     max_position_embeddings: int = 2048, **overrides):
-    """A tiny random config of a real `transformers` causal-LM class (`qwen2`, `qwen3` or `llama`)."""
-    if family not in ("qwen2", "qwen3", "llama"):
-        raise ValueError(f"family must be 'qwen2', 'qwen3' or 'llama', got {family!r}")
+    """A tiny random config of the real `transformers` class of `family` (see `LLM_FAMILIES`; `qwen2`, `qwen3` and
+    `llama` name their most common small checkpoint) with that family's structure: its head tying, rope and norm
+    settings, qk-norm and head_dim ratio. Only widths and depths are tiny; `overrides` may change anything."""
+    spec = llm_family(family)
     kwargs = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size or 2 * hidden_size, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
+        tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=spec.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
     )
-    if family == "qwen3":
-        kwargs["head_dim"] = hidden_size // num_heads
+    if spec.model_type == "qwen3" or spec.head_dim_ratio != 1.0:
+        kwargs["head_dim"] = int(hidden_size // num_heads * spec.head_dim_ratio)
     kwargs.update(overrides)
-    return AutoConfig.for_model(family, **kwargs)
+    return AutoConfig.for_model(spec.model_type, **kwargs)
 
 
-def build_tiny_llm(save_dir: str | Path, family: str = "qwen2", tokenizer: PreTrainedTokenizerBase | None = None,
+def build_tiny_llm(save_dir: str | Path, family: str = DEFAULT_FAMILY, tokenizer: PreTrainedTokenizerBase | None = None,
                    seed: int = 0, **config_overrides) -> Path:
-    """Save a tiny random causal LM (and `tokenizer`, if given) to `save_dir`; returns the path."""
+    """Save a tiny random causal LM of `family` (and `tokenizer`, if given) to `save_dir`; returns the path."""
     vocab_size = len(tokenizer) if tokenizer is not None else config_overrides.pop("vocab_size", 512)
     config = tiny_llm_config(family, vocab_size=vocab_size, **config_overrides)
     if tokenizer is not None:

@@ -1,8 +1,9 @@
 """Collation of `Sample`s into the batch of docs/CONTRACTS.md, with right padding or sequence packing, and a
 sampler that groups batches by task (modality) and length.
 
-Packing puts several samples in one row of at most `max_length` tokens. `position_ids` restart at 0 at each
-sample and the batch has no `attention_mask`; transformers then derives a block-diagonal causal mask from the
+Packing puts several samples in one row of at most `max_length` tokens. Each sample's first label is ignored (it
+would be predicted from the previous sample's last token), `position_ids` restart at 0 at each sample and the batch
+has no `attention_mask`; transformers then derives a block-diagonal causal mask from the
 position ids, so packed samples cannot attend to each other (tested with a real Qwen2). transformers only does
 this when the forward pass has no KV cache: call the model with `use_cache=False` on packed batches (with the
 default `use_cache=True` a cache is created and the packed rows silently attend across samples).
@@ -91,6 +92,10 @@ class UniMMCollator:
                 end = offset + len(sample)
                 input_ids[r, offset:end] = sample.input_ids
                 labels[r, offset:end] = sample.labels
+                # A sample's first label would be predicted from the previous sample's last token (the loss shifts
+                # labels by one across the whole row): a sample starts unsupervised, as it does in its own padded
+                # row. Without a BOS (Qwen) a text sample's first token is supervised and would otherwise be taught.
+                labels[r, offset] = IGNORE_INDEX
                 attention_mask[r, offset:end] = 1
                 position_ids[r, offset:end] = torch.arange(len(sample))
                 for name, codes in (sample.visual_codes or {}).items():

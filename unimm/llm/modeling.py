@@ -59,6 +59,10 @@ class UniMMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = False
     _can_compile_fullgraph = False
+    # No tie of its own, but a mapping (not None): tools that look for heads tied to the input embedding (peft's
+    # trainable tokens, which must give a tied LM head the same new rows) then collect the wrapped LLM's
+    # `_tied_weights_keys`, e.g. Qwen2.5-0.5B's `lm_head.weight -> model.embed_tokens.weight`.
+    _tied_weights_keys: dict[str, str] = {}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

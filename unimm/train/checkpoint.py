@@ -75,9 +75,12 @@ def is_complete(path: str | Path) -> bool:
 
 def mark_complete(path: str | Path, step: int) -> None:
     """Write the `COMPLETE` marker of `path` (atomically: a marker is either absent or whole). Call it on one
-    process, after every rank has finished writing its part of the checkpoint."""
+    process per node, after every rank has finished writing its part of the checkpoint (nodes sharing a filesystem
+    write the same marker: each through its own temporary file)."""
+    import socket
+
     path = Path(path)
-    tmp = path / f".{COMPLETE_MARKER}.tmp"
+    tmp = path / f".{COMPLETE_MARKER}.{socket.gethostname()}.{os.getpid()}.tmp"
     tmp.write_text(str(step))
     os.replace(tmp, path / COMPLETE_MARKER)
 

@@ -9,6 +9,7 @@ there; gloo and mixed backends (`cpu:gloo,cuda:nccl`) take the tensor where it i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,15 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_initialized():
         _run_collective(tensor, lambda t: dist.broadcast(t, src=src))
     return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself without a process group."""
+    if not is_initialized() or get_world_size() == 1:
+        return obj
+    holder = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
 
 
 def barrier() -> None:

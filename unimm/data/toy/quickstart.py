@@ -136,10 +136,13 @@ def prepare(args: argparse.Namespace) -> None:
     text_dir = out / "llm"
     build_qwen_style_tokenizer(text_dir / "text_tokenizer", corpus, vocab_size=args.text_vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(text_dir / "text_tokenizer")
-    build_tiny_llm(text_dir, "qwen2", tokenizer, seed=args.seed, hidden_size=args.hidden_size,
+    # The untied Qwen2 structure (Qwen2.5-7B's kind) at rope theta 1e4: the model every recorded quickstart figure
+    # (benchmarks/results/quickstart*.md) was measured with.
+    build_tiny_llm(text_dir, "qwen2.5-7b", tokenizer, seed=args.seed, hidden_size=args.hidden_size,
                    num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                    intermediate_size=2 * args.hidden_size, max_position_embeddings=512,
-                   attention_dropout=args.attention_dropout)
+                   attention_dropout=args.attention_dropout,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     print(f"wrote {len(train)} training and {len(test)} held-out shapes images under {out / 'data'}, "
           f"{len(prompts)} generation prompts ({len(held)} of the {len(held_out)} held-out captions), "
           f"a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")

@@ -51,10 +51,13 @@ class BuiltModel:
 
 
 def load_visual_tokenizer(path: str | Path) -> Any:
-    """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points)."""
+    """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points). Loaded whole on every
+    rank even under ZeRO-3, like a vision tower: the training step runs it outside the DeepSpeed engine (features
+    for the projector), so partitioned weights would reach it empty."""
     from unimm.tokenizer import load_tokenizer
+    from unimm.utils import hf_compat
 
-    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"):
+    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"), hf_compat.zero3_init_disabled():
         visual_tokenizer = load_tokenizer(path)
     visual_tokenizer.eval()
     visual_tokenizer.requires_grad_(False)

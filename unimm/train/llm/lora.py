@@ -1,9 +1,13 @@
 """LoRA for UniMM models (peft).
 
-Adapters go on the wrapped LLM's linear layers only; the parts a finetune must learn in full — the embedding
-and LM-head tables (they hold the rows of the added visual/special tokens), the visual code embeddings, the
-depth heads and the feature projector — are peft `modules_to_save`, so every checkpoint (`adapter_model.safetensors`
-+ `adapter_config.json`) holds everything that changed and reloads on top of its base UniMM model.
+Adapters go on the wrapped LLM's linear layers only. Next to them train:
+- the rows of the tokens added to the vocabulary (visual and special tokens), as peft trainable tokens on the input
+  embedding and, for an untied model, on the LM head: the original rows stay bit-identical, and a head tied to the
+  embedding (Qwen2.5 up to 3B, the small Qwen3) shares the embedding's new rows in training, in every checkpoint and
+  after merging, exactly as the served model uses them;
+- in full, as peft `modules_to_save`: the visual code embeddings, the depth heads and the feature projector.
+Every checkpoint (`adapter_model.safetensors` + `adapter_config.json`) holds everything that changed and reloads on top
+of its base UniMM model.
 """
 
 from __future__ import annotations
@@ -25,10 +29,6 @@ logger = logging.getLogger(__name__)
 def modules_to_save(model: UniMMForCausalLM, model_args: ModelArguments) -> list[str]:
     """Names (peft suffix matches) of the modules trained in full next to the adapters."""
     names: list[str] = []
-    if model_args.train_new_embeddings:
-        names.append("embed_tokens")
-        if not model.config.tie_word_embeddings:
-            names.append("lm_head")
     if model_args.train_visual_heads:
         if model.visual_embedding is not None:
             names.append("visual_embedding")
@@ -42,6 +42,28 @@ def modules_to_save(model: UniMMForCausalLM, model_args: ModelArguments) -> list
     return names
 
 
+def trainable_token_indices(model: UniMMForCausalLM, model_args: ModelArguments) -> dict[str, list[int]] | None:
+    """peft `trainable_token_indices`: the added vocabulary rows (from the layout's original vocabulary size to the
+    end of the table) on the input embedding, and on the LM head when it is not tied to it (a tied head gets the
+    embedding's rows from peft itself). None when `train_new_embeddings` is off or nothing was added."""
+    layout = model.config.layout
+    if not model_args.train_new_embeddings or layout is None:
+        return None
+    rows = list(range(layout.original_vocab_size, model.get_input_embeddings().weight.shape[0]))
+    if not rows:
+        return None
+    indices = {"embed_tokens": rows}
+    if not model.config.tie_word_embeddings:
+        indices["lm_head"] = rows
+    return indices
+
+
+def token_delta_names(model) -> set[str]:
+    """Names of the trainable-token parameters of a peft model (the new vocabulary rows): kept out of weight decay,
+    like the row-masked tables of a run without LoRA."""
+    return {name for name, _ in model.named_parameters() if "trainable_tokens_delta" in name}
+
+
 def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: ModelArguments):
     """Return a `peft.PeftModel` with LoRA on the LLM's `lora_target_modules` and the visual parts trainable."""
     require(is_peft_available(), "peft", "dev")
@@ -53,6 +75,7 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     config = LoraConfig(
         r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
         target_modules=target_regex, modules_to_save=modules_to_save(model, model_args), bias=lora_args.lora_bias,
+        trainable_token_indices=trainable_token_indices(model, model_args),
     )
     if model_args.train_llm:
         logger.warning("use_lora trains adapters instead of the full LLM; train_llm is ignored")
@@ -62,10 +85,23 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     # single dtype, so there the adapters keep the model's dtype (as LLaVA's bf16 LoRA does; DeepSpeed's
     # optimizer holds float32 master weights anyway).
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    _check_tied_head(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     logger.info("LoRA: trainable parameters %d of %d (%.2f%%)", trainable, total, 100.0 * trainable / total)
     return peft_model
+
+
+def _check_tied_head(peft_model) -> None:
+    """A tied LM head must read the embedding's trainable rows: peft wraps it with an adapter tied to the
+    embedding's. Without that wrapper the head would train nothing while merging folds the embedding's rows into it."""
+    base = peft_model.get_base_model()
+    if not base.config.tie_word_embeddings or not token_delta_names(peft_model):
+        return
+    head = base.get_output_embeddings()
+    if getattr(getattr(head, "token_adapter", None), "tied_adapter", None) is None:
+        raise RuntimeError("peft did not tie the LM head's trainable tokens to the input embedding's (model with "
+                           "tie_word_embeddings); the head would not train the new rows")
 
 
 def is_lora_checkpoint(path: str | Path) -> bool:

@@ -73,7 +73,9 @@ class CompleteCheckpointCallback(TrainerCallback):
         from unimm.utils.distributed import barrier
 
         barrier()  # every rank's model, optimizer shards and RNG state are on disk
-        if args.should_save:
+        # Marked and pruned by the first process of every node: without a shared filesystem each node holds its own
+        # ranks' shards, and judges completeness from its own marker (on a shared one the nodes write the same file).
+        if args.should_save or args.local_process_index == 0:
             run_dir = Path(args.output_dir)
             mark_complete(run_dir / f"checkpoint-{state.global_step}", state.global_step)
             best = state.best_model_checkpoint
@@ -325,12 +327,16 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     if is_main_process():
         save_resolved_config(output_dir, model_args, modules, data_args, lora_args, training_args)
     keep_last, training_args.save_total_limit = training_args.save_total_limit, None
-    dtype = resolve_dtype(training_args.bf16, training_args.fp16, model_args.torch_dtype)
+    dtype = master_weight_dtype(training_args, model_args.torch_dtype)
     built = build_model(model_args, modules, dtype=dtype, use_image_features=data_args.new_model_needs_projector,
                         seed=training_args.seed)
     model = built.model
+    no_decay = set(built.row_masked_params)
     if lora_args is not None and lora_args.use_lora:
+        from unimm.train.llm.lora import token_delta_names
+
         model = _wrap_lora(built, model_args, lora_args, output_dir)
+        no_decay = token_delta_names(model)  # the new rows: peft's parameters replace the row-masked tables
     _non_reentrant_checkpointing(training_args)
     train_dataset = build_train_dataset(data_args, built, seed=training_args.seed)
     logger.info("training on %d samples per epoch", len(train_dataset))
@@ -341,13 +347,14 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
         # the paper DualToken, per process).
         built.visual_tokenizer = None
         gc.collect()
+    check_master_weights(model, training_args, model_args.torch_dtype)
     callbacks: list[TrainerCallback] = [CompleteCheckpointCallback(keep_last)]
     if model_args.save_mm_projector:
         callbacks.insert(0, SaveProjectorCallback(built.model))  # written before the checkpoint is marked complete
     trainer = UniMMTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
         data_collator=build_collator(data_args, built.text_tokenizer), processing_class=built.text_tokenizer,
-        no_decay_param_names=built.row_masked_params, visual_tokenizer=image_encoder,
+        no_decay_param_names=no_decay, visual_tokenizer=image_encoder,
         llm_shape=LLMShape.from_config(built.model.config), callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -357,6 +364,33 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     if model_args.save_mm_projector:
         save_mm_projector(built.model, output_dir / LLAVA_PROJECTOR_FILE)
     return trainer
+
+
+def master_weight_dtype(training_args, torch_dtype: str) -> torch.dtype:
+    """The dtype the model is loaded in. DeepSpeed keeps float32 master weights of half-precision parameters in its
+    optimizer, so there `auto` follows `--bf16`/`--fp16`. Without DeepSpeed (one process, DDP) the optimizer updates
+    the parameters themselves: `auto` loads float32 and `--bf16` computes under autocast, so updates smaller than a
+    bfloat16 step (2^-8 of the weight) are not rounded away."""
+    dtype = resolve_dtype(training_args.bf16, training_args.fp16, torch_dtype)
+    if torch_dtype == "auto" and not training_args.deepspeed and dtype != torch.float32:
+        logger.info("%s without DeepSpeed: weights stay float32 (master weights), compute runs under %s autocast",
+                    "--bf16" if training_args.bf16 else "--fp16", dtype)
+        return torch.float32
+    return dtype
+
+
+def check_master_weights(model: nn.Module, training_args, torch_dtype: str) -> None:
+    """Refuse to train half-precision parameters without a float32 master copy (no DeepSpeed): AdamW would round
+    every small update away. A frozen half-precision base (LoRA) is fine; its trained adapters are float32."""
+    if training_args.deepspeed:
+        return
+    half = sorted({str(p.dtype) for p in model.parameters() if p.requires_grad and p.dtype != torch.float32})
+    if half:
+        from unimm.utils.errors import UserError
+
+        raise UserError(f"torch_dtype={torch_dtype} without DeepSpeed trains {'/'.join(half)} parameters with no "
+                        f"float32 master copy (small updates round away): use --torch_dtype auto or float32 (--bf16 "
+                        f"then computes under autocast), or train with --deepspeed")
 
 
 def _wrap_lora(built, model_args, lora_args, output_dir: Path):
@@ -413,7 +447,42 @@ def _non_reentrant_checkpointing(training_args) -> None:
 def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str | Path,
                            auto_resume: bool) -> str | None:
     """The checkpoint a run starts from: the given one (which must be complete), else with `auto_resume` the
-    newest complete `checkpoint-*` in `output_dir` (warning about newer incomplete ones), else None."""
+    newest complete `checkpoint-*` in `output_dir` (warning about newer incomplete ones), else None.
+
+    Global rank 0 decides, from its view of the filesystem, and every rank takes its decision: nodes without a shared
+    filesystem (each writes checkpoints to its own disk) resume the same step. Each rank then finds that checkpoint
+    under its own `output_dir` (the folder name rank 0 chose) and checks it is complete there, or stops with one line
+    naming its missing copy."""
+    from unimm.utils.distributed import broadcast_object, get_rank, is_main_process
+
+    decision: tuple[str, str | None] | None = None
+    failure: Exception | None = None
+    if is_main_process():
+        try:
+            decision = ("ok", _local_resume_choice(resume_from_checkpoint, output_dir, auto_resume))
+        except Exception as err:  # every rank must learn of it, or the others would wait in the broadcast
+            decision, failure = ("error", f"{type(err).__name__}: {err}"), err
+    status, chosen = broadcast_object(decision)
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise RuntimeError(f"rank 0 could not choose a resume checkpoint: {chosen}")
+    if chosen is None or is_main_process():
+        return chosen
+    given = Path(chosen)
+    local = given if resume_from_checkpoint and given.is_absolute() and given.exists() else (
+        Path(output_dir) / given.name)
+    if not is_complete(local):
+        from unimm.utils.errors import UserError
+
+        raise UserError(f"rank {get_rank()}: rank 0 resumes from {given.name}, but this node's copy {local} is "
+                        f"{'incomplete' if local.exists() else 'missing'}; without a shared filesystem every node "
+                        f"must keep its own checkpoints under output_dir")
+    return str(local)
+
+
+def _local_resume_choice(resume_from_checkpoint: str | None, output_dir: str | Path,
+                         auto_resume: bool) -> str | None:
     if resume_from_checkpoint:
         path = resolve_resume(resume_from_checkpoint, output_dir)
         return str(path) if path is not None else None
