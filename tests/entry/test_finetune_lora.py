@@ -41,10 +41,13 @@ def test_lora_checkpoint_reloads_and_resumes(lora_run, toy, tiny_unimm, tmp_path
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
     assert base_model_path(checkpoint) == tiny_unimm
     model = load_lora_model(checkpoint)
-    # the checkpoint carries the fully trained modules next to the adapter
+    # the checkpoint carries the fully trained modules and the new token rows next to the adapter; the tiny Qwen2.5
+    # ties its head to the embedding, so the head reads the embedding's rows (one tied adapter, not a second copy)
     names = [n for n, _ in model.named_modules()]
-    assert any(n.endswith("embed_tokens.modules_to_save.default") for n in names)
+    assert any(n.endswith("embed_tokens.token_adapter") for n in names)
     assert any(n.endswith("depth_heads.pixel.modules_to_save.default") for n in names)
+    assert model.get_base_model().config.tie_word_embeddings
+    assert model.get_base_model().get_output_embeddings().token_adapter.tied_adapter is not None
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -79,6 +82,20 @@ def test_merged_model_matches_base_plus_adapter(lora_run, tiny_unimm, tmp_path):
     torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-5)
     assert (merged_logits - base_logits).abs().max() > 1e-3  # the finetune changed something
     assert (merged_dir / "tokenizer_config.json").is_file()
+
+    # The served (merged) model is the trained one: the loss of the training path (adapter on the base) equals the
+    # merged model's on a batch whose text targets include the added tokens (read through the tied LM head).
+    labels = ids.clone()
+    with torch.no_grad():
+        trained_loss = adapted(input_ids=ids, visual_codes=codes, labels=labels).loss
+        served_loss = merged(input_ids=ids, visual_codes=codes, labels=labels).loss
+    torch.testing.assert_close(served_loss, trained_loss, rtol=1e-5, atol=1e-6)
+    # tied in the merged model too; only the added rows moved, the text rows are bit-identical
+    embed, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
+    assert merged.config.tie_word_embeddings and embed.data_ptr() == head.data_ptr()
+    rows = layout.original_vocab_size
+    assert torch.equal(embed[:rows], base.get_input_embeddings().weight[:rows])
+    assert (embed[rows:] - base.get_input_embeddings().weight[rows:]).abs().max() > 0
 
 
 def test_frozen_llm_trains_only_new_rows_and_heads(toy, tmp_path):
