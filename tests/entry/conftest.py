@@ -93,6 +93,25 @@ def log_history(output_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def vqrae_toy(toy, tmp_path_factory) -> dict:
+    """The toy images and conversations, with a tiny VQRAE tokenizer and its code cache."""
+    from unimm.data.code_cache import finalize_code_cache, llava_image_records, pretokenize
+    from unimm.data.images import read_image_records
+    from unimm.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("vqrae_toy")
+    tokenizer = build_tokenizer("vqrae-tiny", image_size=16, patch_size=4, encoder_hidden_size=32, num_codes=64)
+    tokenizer.save_pretrained(root / "visual_tokenizer")
+    pretokenize(read_image_records(toy["images"]), tokenizer, root / "code_cache", batch_size=8, show_progress=False)
+    finalize_code_cache(root / "code_cache", tokenizer)
+    pretokenize(llava_image_records(toy["conversations"]), tokenizer, root / "conversation_cache", batch_size=8,
+                show_progress=False)
+    finalize_code_cache(root / "conversation_cache", tokenizer)
+    return {**toy, "tokenizer": root / "visual_tokenizer", "cache": root / "code_cache",
+            "conversation_cache": root / "conversation_cache"}
+
+
+@pytest.fixture(scope="session")
 def tiny_unimm(toy, tmp_path_factory) -> Path:
     """An untrained UniMM model (tiny Qwen2 + the toy tokenizer's codebooks, one depth-head layer) saved to disk."""
     from unimm.train.args import ModelArguments, VisualModulesConfig

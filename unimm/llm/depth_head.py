@@ -182,7 +182,12 @@ class DepthTransformerHead(nn.Module):
             chunk_size = max(1, LOSS_CHUNK_BYTES // (4 * self.depth * self.num_codes))
         depth_scale = torch.full((self.depth,), loss_scale / self.depth,
                                  dtype=torch.promote_types(states.dtype, torch.float32), device=states.device)
-        return ClassifierCrossEntropy.apply(states, self.classifier, codes, depth_scale, int(chunk_size))
+        classifier = self.classifier
+        if classifier.dtype != states.dtype and torch.is_autocast_enabled(states.device.type):
+            # Under autocast (float32 master weights, bf16 compute) the states arrive in the autocast dtype: the
+            # classifier follows them as an autocast linear layer would; its gradient flows back in float32.
+            classifier = classifier.to(states.dtype)
+        return ClassifierCrossEntropy.apply(states, classifier, codes, depth_scale, int(chunk_size))
 
     def next_logits(self, hidden: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         """Logits `[M, K]` of the code at depth `prefix_codes.shape[1] + 1`, given the codes sampled so far.
