@@ -37,6 +37,8 @@ def pretrain_args(toy, output_dir, zero: str) -> list[str]:
         "--output_dir", str(output_dir), "--max_steps", str(STEPS), "--save_steps", "2", "--logging_steps", "1",
         "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--warmup_steps", "0",
         "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "7",
+        # as the shipped pretraining recipes run: packed rows and accumulation > 1 (ZeRO-2, ZeRO-3 and DDP must agree)
+        "--packing", "true", "--gradient_accumulation_steps", "2",
     ]
 
 

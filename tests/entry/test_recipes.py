@@ -285,3 +285,31 @@ def test_llava_full_recipe_under_zero3_with_vqrae_features(vqrae_toy, family_llm
 
     model = UniMMForCausalLM.from_pretrained(out)
     assert model.feature_projector is not None and model.config.tie_word_embeddings
+
+
+def test_accumulation_of_four_equals_one_batch_of_four_with_packing(toy, family_llms, tmp_path):
+    """Packing + gradient accumulation 4 x batch 1 takes the same step as 1 x batch 4 (SGD: the weight change is the
+    gradient): the loss is normalised by the items of the whole accumulated batch, whatever the rows hold."""
+    from unimm.cli import pretrain
+    from unimm.llm import UniMMForCausalLM
+
+    torch.set_num_threads(1)
+    common = ["--llm_path", str(family_llms["qwen2.5-1.5b"]), "--visual_tokenizer_path", str(toy["tokenizer"]),
+              "--code_cache", str(toy["cache"]), "--caption_weight", "1", "--t2i_weight", "1", "--packing", "true",
+              "--max_length", "96", "--num_samples", "8", "--depth_head_layers", "1", "--max_steps", "1",
+              "--optim", "sgd", "--learning_rate", "0.5", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
+              "--weight_decay", "0", "--max_grad_norm", "0", "--save_strategy", "no", "--report_to", "none",
+              "--dataloader_num_workers", "0", "--use_cpu", "true", "--seed", "11"]
+    runs = {}
+    for name, (batch, accumulation) in {"1x4": (4, 1), "4x1": (1, 4)}.items():
+        out = tmp_path / name
+        pretrain.main([*common, "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
+                       str(accumulation), "--output_dir", str(out)])
+        runs[name] = dict(UniMMForCausalLM.from_pretrained(out).named_parameters())
+    for name, value in runs["1x4"].items():
+        torch.testing.assert_close(runs["4x1"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(family_llms["qwen2.5-1.5b"])
+    step = runs["1x4"]["language_model.model.layers.0.mlp.up_proj.weight"] - original.model.layers[0].mlp.up_proj.weight
+    assert step.abs().max() > 1e-4  # the step is large enough for the comparison to mean something
