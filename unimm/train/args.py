@@ -164,6 +164,12 @@ class UniMMTrainingArguments(TrainingArguments):
         True, "Resume from the latest checkpoint-* in output_dir when resume_from_checkpoint is not given.")
     save_final_model: bool = config_field(
         True, "Write the final model (HF format, ZeRO-3 weights gathered) to output_dir after training.")
+    allow_resume_config_change: bool = config_field(
+        False, "Resume a checkpoint whose run fingerprint (config, world size, DeepSpeed and LoRA configs) differs "
+        "from this launch's, with a warning listing the differences (refused otherwise).")
+    save_on_signal: bool = config_field(
+        True, "On SIGTERM / SIGINT (or the launcher's exit) every rank stops at the next step, after saving a "
+        "checkpoint.")
     group_by_modality_length: bool = config_field(
         False, "Batch samples of one task (caption, t2i, conversation, text) and similar length together "
         "(unimm.data.collator.GroupedBatchSampler); every device batch then holds one modality.")

@@ -31,8 +31,19 @@ from unimm.train.checkpoint import (
     prune_checkpoints,
     resolve_resume,
 )
+from unimm.train.llm.guards import (
+    DivergenceError,
+    RunLock,
+    StopOnSignal,
+    all_finite_everywhere,
+    check_resume_fingerprint,
+    check_weights_before_save,
+    run_fingerprint,
+    write_fingerprint,
+)
 from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
 from unimm.utils.distributed import all_reduce_sum, get_world_size
+from unimm.utils.distributed import get_rank as get_rank_safe
 from unimm.utils.hf_compat import TrainSamplerOverride
 from unimm.utils.runtime import resolve_dtype
 
@@ -46,8 +57,9 @@ class CompleteCheckpointCallback(TrainerCallback):
     before the marker could exist, and could delete the last complete checkpoint while the new one is still
     incomplete. A kill at any point of a save therefore leaves the previous complete checkpoint in place."""
 
-    def __init__(self, keep_last: int | None = None) -> None:
+    def __init__(self, keep_last: int | None = None, fingerprint: dict | None = None) -> None:
         self.keep_last = keep_last
+        self.fingerprint = fingerprint
 
     def on_step_end(self, args, state, control, **kwargs):
         """Before a save (the Trainer saves right after this hook), clear a leftover folder of the same step, left
@@ -56,6 +68,9 @@ class CompleteCheckpointCallback(TrainerCallback):
 
         if not control.should_save:
             return control
+        model = kwargs.get("model")
+        if model is not None:  # never a checkpoint of non-finite weights (it would prune the last finite one)
+            check_weights_before_save(model, state.global_step, f"checkpoint-{state.global_step}")
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if args.should_save and path.exists() and not is_complete(path):
             logger.warning("removing %s, left incomplete by an interrupted save, before writing it again", path)
@@ -77,6 +92,8 @@ class CompleteCheckpointCallback(TrainerCallback):
         # ranks' shards, and judges completeness from its own marker (on a shared one the nodes write the same file).
         if args.should_save or args.local_process_index == 0:
             run_dir = Path(args.output_dir)
+            if self.fingerprint is not None:
+                write_fingerprint(run_dir / f"checkpoint-{state.global_step}", self.fingerprint)
             mark_complete(run_dir / f"checkpoint-{state.global_step}", state.global_step)
             best = state.best_model_checkpoint
             prune_checkpoints(run_dir, self.keep_last, protect=(best,) if best else ())
@@ -118,9 +135,7 @@ class UniMMTrainer(TrainSamplerOverride, Trainer):
         for name, value in parts.items():
             if value is None:
                 continue
-            value = float(value.detach().float())
-            if value != value:  # NaN marks "no targets of this kind in the batch"
-                continue
+            value = float(value.detach().float())  # a non-finite part stays: the log shows nan / inf, never 0
             self._part_sums[name] = self._part_sums.get(name, 0.0) + value
             self._part_counts[name] = self._part_counts.get(name, 0) + 1
 
@@ -142,6 +157,16 @@ class UniMMTrainer(TrainSamplerOverride, Trainer):
         if model.training:
             self._record_parts(outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The stock step; a non-finite loss on any rank stops every rank before the optimizer applies it."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not all_finite_everywhere(bool(torch.isfinite(loss.detach()).all())):
+            raise DivergenceError(f"training diverged at step {self.state.global_step + 1}: the loss is "
+                                  f"{float(loss.detach().float())} on rank {get_rank_safe()} (or another rank); no "
+                                  f"checkpoint is written from it, the last complete one is kept (lower the learning "
+                                  f"rate or resume from it)")
+        return loss
 
     def _encode_pixels(self, inputs: dict[str, Any]) -> dict[str, Any]:
         inputs = dict(inputs)
@@ -314,18 +339,36 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     merge it with unimm-merge-lora) and, with `save_mm_projector`, the projector alone in LLaVA's layout."""
     from transformers import set_seed
 
-    from unimm.llm.projector import LLAVA_PROJECTOR_FILE, save_mm_projector
-    from unimm.train.llm.build import build_collator, build_model, build_train_dataset
-    from unimm.utils.config import save_resolved_config
-    from unimm.utils.distributed import is_main_process
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
-    # Decided first, so a bad resume_from_checkpoint fails before any model or data work.
+    lock = RunLock(output_dir)
+    # One run per folder: taken before anything is read or written there (rank 0; every rank learns the outcome).
+    rank0_decides(lambda: lock.acquire().path.name)
+    try:
+        return _train_locked(model_args, modules, data_args, training_args, lora_args, output_dir)
+    finally:
+        lock.release()
+
+
+def _train_locked(model_args, modules, data_args, training_args, lora_args, output_dir: Path) -> UniMMTrainer:
+    from unimm.llm.projector import LLAVA_PROJECTOR_FILE, save_mm_projector
+    from unimm.train.llm.build import build_collator, build_model, build_train_dataset
+    from unimm.utils.config import config_to_dict, save_resolved_config
+    from unimm.utils.distributed import is_main_process
+
+    # Decided first, so a bad resume_from_checkpoint or another run's checkpoint fails before any model or data work.
     resume = find_resume_checkpoint(training_args.resume_from_checkpoint, output_dir,
                                     getattr(training_args, "auto_resume", False))
-    if is_main_process():
+    fingerprint = run_fingerprint(config_to_dict(model_args, modules, data_args, lora_args, training_args),
+                                  get_world_size(), training_args.deepspeed)
+    if resume is not None:
+        allow = getattr(training_args, "allow_resume_config_change", False)
+        rank0_decides(lambda: check_resume_fingerprint(resume, fingerprint, allow))
+    if is_main_process():  # after the checks: a refused launch leaves the run's record alone
         save_resolved_config(output_dir, model_args, modules, data_args, lora_args, training_args)
+        save_resolved_config(output_dir / "launches", model_args, modules, data_args, lora_args, training_args,
+                             name=time.strftime("launch-%Y%m%d-%H%M%S.yaml", time.gmtime()))
     keep_last, training_args.save_total_limit = training_args.save_total_limit, None
     dtype = master_weight_dtype(training_args, model_args.torch_dtype)
     built = build_model(model_args, modules, dtype=dtype, use_image_features=data_args.new_model_needs_projector,
@@ -348,7 +391,8 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
         built.visual_tokenizer = None
         gc.collect()
     check_master_weights(model, training_args, model_args.torch_dtype)
-    callbacks: list[TrainerCallback] = [CompleteCheckpointCallback(keep_last)]
+    stop_on_signal = StopOnSignal(save=getattr(training_args, "save_on_signal", True))
+    callbacks: list[TrainerCallback] = [stop_on_signal, CompleteCheckpointCallback(keep_last, fingerprint)]
     if model_args.save_mm_projector:
         callbacks.insert(0, SaveProjectorCallback(built.model))  # written before the checkpoint is marked complete
     trainer = UniMMTrainer(
@@ -357,13 +401,40 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
         no_decay_param_names=no_decay, visual_tokenizer=image_encoder,
         llm_shape=LLMShape.from_config(built.model.config), callbacks=callbacks,
     )
-    trainer.train(resume_from_checkpoint=resume)
+    stop_on_signal.install()
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stop_on_signal.uninstall()
     if getattr(training_args, "save_final_model", True):
+        check_weights_before_save(trainer.model, trainer.state.global_step, "the final model")
         trainer.save_model(str(output_dir))
         trainer.save_state()
     if model_args.save_mm_projector:
         save_mm_projector(built.model, output_dir / LLAVA_PROJECTOR_FILE)
     return trainer
+
+
+def rank0_decides(decide: Any) -> Any:
+    """Run `decide()` on global rank 0 and give every rank its result; an exception there is raised on every rank
+    (rank 0's own, the others a `UserError` quoting it), so no rank waits for a collective the others left."""
+    from unimm.utils.distributed import broadcast_object, is_main_process
+
+    outcome: tuple[str, Any] | None = None
+    failure: Exception | None = None
+    if is_main_process():
+        try:
+            outcome = ("ok", decide())
+        except Exception as err:  # every rank must learn of it
+            outcome, failure = ("error", str(err)), err
+    status, value = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if status == "error":
+        from unimm.utils.errors import UserError
+
+        raise UserError(f"rank 0 stopped the run: {value}")
+    return value
 
 
 def master_weight_dtype(training_args, torch_dtype: str) -> torch.dtype:
@@ -453,20 +524,9 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str |
     filesystem (each writes checkpoints to its own disk) resume the same step. Each rank then finds that checkpoint
     under its own `output_dir` (the folder name rank 0 chose) and checks it is complete there, or stops with one line
     naming its missing copy."""
-    from unimm.utils.distributed import broadcast_object, get_rank, is_main_process
+    from unimm.utils.distributed import get_rank, is_main_process
 
-    decision: tuple[str, str | None] | None = None
-    failure: Exception | None = None
-    if is_main_process():
-        try:
-            decision = ("ok", _local_resume_choice(resume_from_checkpoint, output_dir, auto_resume))
-        except Exception as err:  # every rank must learn of it, or the others would wait in the broadcast
-            decision, failure = ("error", f"{type(err).__name__}: {err}"), err
-    status, chosen = broadcast_object(decision)
-    if failure is not None:
-        raise failure
-    if status == "error":
-        raise RuntimeError(f"rank 0 could not choose a resume checkpoint: {chosen}")
+    chosen = rank0_decides(lambda: _local_resume_choice(resume_from_checkpoint, output_dir, auto_resume))
     if chosen is None or is_main_process():
         return chosen
     given = Path(chosen)
