@@ -166,3 +166,24 @@ def test_sigterm_to_the_runner_alone_stops_every_rank_after_a_checkpoint(toy, tm
     assert checkpoints, "no complete checkpoint was saved on the signal"
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"
                                           f"_{command[command.index('--master_port') + 1]}_*"))
+
+
+def test_fingerprint_refuses_world_size_engine_and_lora_changes(tmp_path):
+    """The keys a relaunch may not change without becoming another run: a 2-rank DeepSpeed checkpoint resumed by
+    one process without DeepSpeed (world size and engine), a LoRA alpha change (the adapter delta would scale); the
+    step budget and cadence may change."""
+    from unimm.train.llm.guards import check_resume_fingerprint, run_fingerprint, write_fingerprint
+    from unimm.utils.errors import UserError
+
+    resolved = {"learning_rate": 1e-3, "lora_alpha": 32, "max_steps": 30, "save_steps": 10, "output_dir": "a"}
+    zero2 = REPO / "configs/deepspeed/zero2.json"
+    write_fingerprint(tmp_path, run_fingerprint(resolved, 2, str(zero2)))
+    relaunch = {**resolved, "max_steps": 60, "save_steps": 20, "output_dir": "b"}
+    check_resume_fingerprint(tmp_path, run_fingerprint(relaunch, 2, str(zero2)), allow_change=False)
+    with pytest.raises(UserError, match=r"deepspeed: \{.*-> null.*world_size: 2 -> 1"):
+        check_resume_fingerprint(tmp_path, run_fingerprint(relaunch, 1, None), allow_change=False)
+    with pytest.raises(UserError, match="lora_alpha: 32 -> 128"):
+        check_resume_fingerprint(tmp_path, run_fingerprint({**relaunch, "lora_alpha": 128}, 2, str(zero2)),
+                                 allow_change=False)
+    check_resume_fingerprint(tmp_path, run_fingerprint({**relaunch, "lora_alpha": 128}, 2, str(zero2)),
+                             allow_change=True)  # warns, resumes
