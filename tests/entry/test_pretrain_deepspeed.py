@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.entry.conftest import deepspeed_launcher, log_history, run_script, torchrun_launcher
 

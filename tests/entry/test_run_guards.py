@@ -133,9 +133,12 @@ def _rank_processes(output_dir: Path) -> list[int]:
     return found
 
 
-def test_sigterm_to_the_runner_alone_stops_every_rank_after_a_checkpoint(toy, tmp_path):
-    """What a container runtime does to PID 1: SIGTERM to the `deepspeed` runner only. Every rank notices its
-    launcher is gone, saves a complete checkpoint at the next step and exits; none keeps training."""
+@pytest.mark.parametrize("target", ["runner", "group"])
+def test_sigterm_stops_every_rank_after_a_checkpoint(toy, tmp_path, target):
+    """runner: what a container runtime does to PID 1, SIGTERM to the `deepspeed` runner only: every rank notices its
+    launcher is gone, saves a complete checkpoint at the next step and exits; none keeps training as an orphan.
+    group: SIGTERM to the whole process group (Ctrl-C, a scheduler's kill): every rank stops at the same step
+    boundary, after a complete checkpoint, and removes its shared-memory buffer."""
     out = tmp_path / "signal"
     args = _args(toy, out, "--max_steps", "100000", "--save_steps", "100000", "--logging_steps", "1")
     args = [a for a in args if a not in ("--use_cpu", "true")]
@@ -151,7 +154,10 @@ def test_sigterm_to_the_runner_alone_stops_every_rank_after_a_checkpoint(toy, tm
             assert time.monotonic() < deadline, "the run did not start"
             time.sleep(0.5)
         time.sleep(5)  # a few steps in
-        runner.send_signal(signal.SIGTERM)  # the runner only, not its process group
+        if target == "runner":
+            runner.send_signal(signal.SIGTERM)  # the runner only, not its process group
+        else:
+            os.killpg(runner.pid, signal.SIGTERM)
         deadline = time.monotonic() + 180
         while _rank_processes(out):
             assert time.monotonic() < deadline, f"ranks still running after the runner exited: {_rank_processes(out)}"
