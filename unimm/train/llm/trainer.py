@@ -30,6 +30,7 @@ from unimm.train.checkpoint import (
     mark_complete,
     prune_checkpoints,
     resolve_resume,
+    verify_checkpoint_files,
 )
 from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
 from unimm.utils.distributed import all_reduce_sum, get_world_size
@@ -421,5 +422,6 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str |
         return None
     latest = latest_checkpoint(output_dir)
     if latest is not None:
+        verify_checkpoint_files(latest)
         logger.info("resuming from the latest complete checkpoint %s", latest)
     return str(latest) if latest is not None else None
