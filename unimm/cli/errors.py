@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from unimm.utils.errors import UserError
@@ -115,7 +115,16 @@ def _written_path(err: BaseException) -> str | None:
         for value in frame.f_locals.values():
             if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
                 return value.name
+        for name in ("filename", "path", "file", "f", "self"):  # save_file(..., filename), Path.write_text ...
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, PurePath)) and (name != "self" or isinstance(value, PurePath)):
+                return os.fspath(value)
     return None
+
+
+def _is_safetensors_disk_full(err: BaseException) -> bool:
+    """safetensors' own error for a full disk (`I/O error: No space left on device (os error 28)`)."""
+    return type(err).__name__ == "SafetensorError" and f"os error {errno.ENOSPC}" in str(err)
 
 
 def _is_torch_write_failure(err: BaseException) -> bool:
@@ -138,7 +147,7 @@ def is_user_error(err: BaseException) -> bool:
         return True
     if isinstance(err, OSError) and err.errno in _USER_ERRNOS:
         return True
-    if _is_torch_write_failure(err) or _deepspeed_world_size_change(err):
+    if _is_torch_write_failure(err) or _is_safetensors_disk_full(err) or _deepspeed_world_size_change(err):
         return True
     from unimm.data.bad_samples import TooManyBadSamplesError
     from unimm.data.images import ImageLoadError
@@ -160,6 +169,8 @@ def describe_user_error(err: BaseException) -> str:
 
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         message = _no_space(err.filename or _written_path(err), err.strerror or str(err))
+    elif _is_safetensors_disk_full(err):
+        message = _no_space(_written_path(err), "safetensors: " + " ".join(str(err).split()))
     elif _is_torch_write_failure(err):
         path = _written_path(err)
         message = _no_space(path, "torch.save: " + str(err).splitlines()[0][:120])

@@ -84,6 +84,8 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | dict, sample_id
             image = Image.open(io.BytesIO(source))
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
+            if path.is_dir():
+                raise ImageLoadError(f"sample {sample_id}: image path is a folder, not an image file: {path}")
             if not path.is_file():
                 raise ImageLoadError(f"sample {sample_id}: image file not found: {path}")
             image = Image.open(path)
