@@ -25,8 +25,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.entry.conftest import REPO
-from unimm.testing import build_deepspeed_comm_op, free_port
+from tests.entry.conftest import REPO, deepspeed_launcher
+from unimm.testing import build_deepspeed_comm_op, free_port, run_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -206,10 +206,12 @@ def test_a_plain_pickle_and_a_torn_file_are_refused(lora_run, tmp_path):
 
 
 def test_relaunch_refuses_a_planted_deepspeed_file_and_never_reads_training_args(lora_run, deepspeed_checkpoints,
-                                                                                 toy, tiny_unimm, tmp_path):
+                                                                                 toy, tmp_path):
     """The issue's attack end to end: the newest complete checkpoint of a run folder holds DeepSpeed engine state
-    whose `mp_rank_00_model_states.pt` is malicious; relaunching the program (auto-resume is on) stops with one line
-    naming it before anything is built. `training_args.bin` is never unpickled: a malicious one is not even read."""
+    whose `mp_rank_00_model_states.pt` is malicious (DeepSpeed itself unpickles it with `weights_only=False`);
+    relaunching pretraining under the `deepspeed` launcher (auto-resume is on by default) stops with one line naming
+    the file before anything is built, and the payload never runs. `training_args.bin` is never unpickled: a
+    malicious one there is not even read."""
     run = tmp_path / "run"
     checkpoint = run / "checkpoint-2"
     shutil.copytree(lora_run / "checkpoint-2", checkpoint)
@@ -217,10 +219,19 @@ def test_relaunch_refuses_a_planted_deepspeed_file_and_never_reads_training_args
     marker = tmp_path / "payload_ran"
     plant(checkpoint / "global_step2" / "mp_rank_00_model_states.pt", marker)
     plant(checkpoint / "training_args.bin", marker)
-    proc = run_program(["scripts/finetune.py", *finetune_argv(toy, tiny_unimm, run, max_steps=4)])
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    one_error_line(proc.stderr, str(checkpoint / "global_step2" / "mp_rank_00_model_states.pt"), "refused")
+    args = ["scripts/pretrain.py", "--deepspeed", "configs/deepspeed/zero2.json", "--llm_path", str(toy["llm"]),
+            "--visual_tokenizer_path", str(toy["tokenizer"]), "--code_cache", str(toy["cache"]),
+            "--depth_head_layers", "1", "--max_length", "64", "--num_samples", "8", "--output_dir", str(run),
+            "--max_steps", "4", "--save_steps", "2", "--report_to", "none", "--dataloader_num_workers", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("UNIMM_DEBUG", None)
+    proc = run_process_group(deepspeed_launcher(1) + args, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    output = proc.stdout + proc.stderr
     assert not marker.exists()
+    line = one_error_line(output, str(checkpoint / "global_step2" / "mp_rank_00_model_states.pt"), "refused")
+    assert "posix.system" in line
     assert not (run / "resolved_config.yaml").exists()  # stopped before the run's record was touched
 
 
