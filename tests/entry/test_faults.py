@@ -216,6 +216,7 @@ def test_relaunch_refuses_a_planted_deepspeed_file_and_never_reads_training_args
     checkpoint = run / "checkpoint-2"
     shutil.copytree(lora_run / "checkpoint-2", checkpoint)
     shutil.copytree(deepspeed_checkpoints / "zero2_fp32" / "global_step1", checkpoint / "global_step2")
+    (checkpoint / "latest").write_text("global_step2")  # DeepSpeed's tag file, as its save writes it
     marker = tmp_path / "payload_ran"
     plant(checkpoint / "global_step2" / "mp_rank_00_model_states.pt", marker)
     plant(checkpoint / "training_args.bin", marker)
