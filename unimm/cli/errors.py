@@ -184,8 +184,8 @@ def describe_user_error(err: BaseException) -> str:
             message = f"writing {path or 'a checkpoint file'} failed (torch.save: {str(err).splitlines()[0][:120]})"
     elif _deepspeed_world_size_change(err):
         folder = next((frame.f_locals["load_dir"] for frame in _frames(err) if "load_dir" in frame.f_locals), None)
-        message = (f"resume{f' from {folder}' if folder else ''}: {err} (resume with the number of processes that saved the checkpoint, or convert it "
-                   "with DeepSpeed's universal checkpoint)")
+        message = (f"resume{f' from {folder}' if folder else ''}: {err} (resume with the number of processes that "
+                   "saved the checkpoint, or convert it with DeepSpeed's universal checkpoint)")
     elif isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
         mark = err.problem_mark
         problem = " ".join(part for part in (err.context, err.problem) if part)

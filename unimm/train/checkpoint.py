@@ -63,7 +63,8 @@ NEVER_READ_FILES = frozenset({"training_args.bin"})
 # What DeepSpeed, transformers and accelerate genuinely store in the checkpoint files a resume reads, beyond the
 # tensors, containers and dtypes torch's weights-only unpickler accepts anyway. Found by saving real checkpoints
 # (ZeRO-2 and ZeRO-3 on 2 ranks, one process without DeepSpeed, LoRA, the tokenizer trainer) and reading what
-# `weights_only=True` rejects (tests/train/test_safe_resume.py saves them again and checks every file passes):
+# `weights_only=True` rejects; tests/entry/test_faults.py saves genuine ones again (a LoRA Trainer run, the tokenizer
+# trainer, DeepSpeed engines of ZeRO-1/2/3 in float32 and bf16) and checks every file passes:
 #   numpy arrays and dtypes      the NumPy RNG state in `rng_state*.pth` / `random_states_*.pkl`
 #   DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses   `*optim_states.pt` (ZeRO-1/2/3, bf16)
 # Each entry is "module:qualified name" (several names where a class moved between versions).
@@ -106,8 +107,6 @@ def checkpoint_safe_globals(load: bool = False) -> list[Any]:
     """The allow-list for `torch.serialization.safe_globals`: each object of `_SAFE_GLOBAL_NAMES` under every name
     a pickle may give it (its own, plus the names it had in other versions). With `load`, modules not yet imported
     are imported to resolve their names."""
-    import numpy as np
-
     allowed: list[Any] = [type(np.dtype(kind)) for kind in (np.uint32, np.int64, np.float32, np.float64)]
     for names in _SAFE_GLOBAL_NAMES:
         for name in names:

@@ -10,7 +10,8 @@ One checkpoint is `<output_dir>/checkpoint-<step>/`:
 Auto-resume takes the newest checkpoint with its `COMPLETE` marker, so a run killed during a save resumes from the
 previous one. Before anything is read, every pickle-based file of the checkpoint must load with `weights_only=True`
 and the checkpoint allow-list (`unimm.train.checkpoint.verify_checkpoint_files`), and this rank's RNG states must be
-there: accelerate would otherwise carry on with a fresh RNG, noted only at INFO, and the resume would not be exact. Checkpoints in the earlier format (`model.pt`, `optimizer.pt`, ..., `rng_state_<rank>.pt`, written by
+there: accelerate would otherwise carry on with a fresh RNG, noted only at INFO, and the resume would not be exact.
+Checkpoints in the earlier format (`model.pt`, `optimizer.pt`, ..., `rng_state_<rank>.pt`, written by
 `unimm.train.checkpoint.save_checkpoint`) still resume, through `unimm.train.checkpoint.load_checkpoint`.
 """
 
