@@ -434,6 +434,20 @@ def test_non_utf8_byte_in_llava_json_is_named(toy, tiny_unimm, tmp_path, capsys)
     user_error(finetune.main, argv, capsys, f"{bad}:1:", "not UTF-8 (byte 0xff)")
 
 
+def test_non_utf8_byte_in_jsonl_is_a_bad_record_and_in_text_data_is_named(tmp_path):
+    from unimm.data.sources import read_llava_json, read_text_records
+    from unimm.utils.errors import InputFileError
+
+    jsonl = tmp_path / "conversations.jsonl"
+    good = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    jsonl.write_bytes(json.dumps(good).encode() + b'\n{"id": "b\xff"}\n')
+    assert read_llava_json(jsonl)["malformed"] == [None, f"{jsonl}:2:10: not UTF-8 (byte 0xff)"]
+    text = tmp_path / "text.txt"
+    text.write_bytes(b"hello\nwor\xffld\n")
+    with pytest.raises(InputFileError, match=f"{text}:2:4: not UTF-8"):
+        read_text_records(text)
+
+
 def test_finetune_without_code_cache_for_caption_weight(toy, tiny_unimm, tmp_path, capsys):
     from unimm.cli import finetune
 

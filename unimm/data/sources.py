@@ -24,6 +24,18 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def _utf8_text(path: Path) -> str:
+    """The text of `path`, which must be UTF-8: a stray byte is an `InputFileError` naming file, line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise InputFileError(f"{path}:{line}:{column}: not UTF-8 (byte 0x{raw[err.start]:02x}); data files must "
+                             "be UTF-8 encoded") from None
+
+
 def _iter_json_records(path: Path) -> Iterator[Any]:
     if path.suffix.lower() == ".jsonl":
         with path.open("rb") as f:
@@ -40,14 +52,7 @@ def _iter_json_records(path: Path) -> Iterator[Any]:
                     except json.JSONDecodeError as err:
                         yield {"__malformed__": f"{path}:{line_number}:{err.colno}: invalid JSON ({err.msg})"}
         return
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise InputFileError(f"{path}:{line}:{column}: not UTF-8 (byte 0x{raw[err.start]:02x}); JSON files must "
-                             "be UTF-8 encoded") from None
+    text = _utf8_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -119,7 +124,7 @@ def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"text data file not found: {path}")
     if path.suffix.lower() == ".txt":
-        texts = [line.rstrip("\n") for line in path.open() if line.strip()]
+        texts = [line.rstrip("\n") for line in _utf8_text(path).splitlines() if line.strip()]
     else:
         texts = []
         for index, raw in enumerate(_iter_json_records(path)):
