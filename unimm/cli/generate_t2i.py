@@ -14,7 +14,7 @@ from pathlib import Path
 
 from unimm.cli.errors import ConfigError
 from unimm.cli.program import ConfigProgram
-from unimm.inference.args import GenerateArguments, InferenceArguments
+from unimm.inference.args import GenerateArguments, InferenceArguments, check_prompt_lengths, max_positions
 
 
 def generate_t2i(infer_args: InferenceArguments, gen_args: GenerateArguments) -> list[Path]:
@@ -28,6 +28,8 @@ def generate_t2i(infer_args: InferenceArguments, gen_args: GenerateArguments) ->
     except ValueError as err:  # no prompts given: a command-line mistake
         raise ConfigError(str(err)) from err
     stack = load_inference_stack(infer_args)
+    check_prompt_lengths(prompts, stack.text_tokenizer, max_positions(stack.model),
+                         stack.visual_tokenizer.num_positions + 3)  # the image and <|boi|>, <|eoi|>, BOS
     Path(gen_args.output_dir).mkdir(parents=True, exist_ok=True)  # an unwritable directory fails before sampling
     images = generate_pil_images(stack, prompts, gen_args, seed=infer_args.seed)
     files = write_images(images, prompts, gen_args.output_dir, gen_args.grid_columns)

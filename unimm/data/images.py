@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from unimm.data.bad_samples import BadSampleTracker, TooManyBadSamplesError
 
@@ -84,12 +84,18 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | dict, sample_id
             image = Image.open(io.BytesIO(source))
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
+            if path.is_dir():
+                raise ImageLoadError(f"sample {sample_id}: image path is a folder, not an image file: {path}")
             if not path.is_file():
                 raise ImageLoadError(f"sample {sample_id}: image file not found: {path}")
             image = Image.open(path)
         else:
             raise ImageLoadError(f"sample {sample_id}: unsupported image source of type {type(source).__name__}")
         image.load()  # decode everything now: truncated data raises here
+        # Phone photos store their orientation in EXIF: the pixels are sideways until it is applied.
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            image = _to_8bit(image)
         if image.mode != "RGB":
             # Palette/LA images with transparency convert through RGBA so the alpha is dropped, not garbled.
             if image.mode in ("P", "LA", "PA") or (image.mode == "L" and "transparency" in image.info):
@@ -102,6 +108,23 @@ def load_image(source: str | os.PathLike | bytes | Image.Image | dict, sample_id
     if image.width == 0 or image.height == 0:
         raise ImageLoadError(f"sample {sample_id}: image ({what}) has zero size {image.size}")
     return image
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float single-channel image as 8-bit grey, scaled by its range rather than clipped
+    (PIL's own conversion clips every value above 255 to white): 16-bit data by 65535 / 255, integers that fit
+    8 bits as they are, floats in [0, 1] by 255, anything else from its minimum to its maximum."""
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and 255 < high <= 65535):
+        scaled = values / 257.0
+    elif image.mode == "I" and low >= 0 and high <= 255:
+        scaled = values
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 # --------------------------------------------------------------------------------------------------- readers

@@ -93,7 +93,7 @@ def inspect_samples(config: InspectConfig) -> list[str]:
 
     from unimm.data.code_cache import load_code_cache
     from unimm.data.sources import read_llava_json, read_text_records
-    from unimm.data.tasks import SampleConfig, SampleFactory
+    from unimm.data.tasks import CodeCacheImages, SampleConfig, SampleFactory
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     layout = load_layout(config.model)
@@ -128,7 +128,8 @@ def inspect_samples(config: InspectConfig) -> list[str]:
             record = records[i]
 
             def build(record=record) -> Sample:
-                slots = [ImageSlot(codes=cache.codes_for(ref), image_key=ref) if cache is not None else
+                # a reference the cache does not hold (a folder, a typo) is a bad record, shown as training skips it
+                slots = [CodeCacheImages(cache)(ref, record["id"]) if cache is not None else
                          ImageSlot(num_positions=config.num_image_positions, image_key=ref)
                          for ref in record["images"]]
                 return factory.conversation(record, slots)

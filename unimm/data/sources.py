@@ -24,21 +24,39 @@ LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant":
 IMAGE_PLACEHOLDER = "<image>"
 
 
+def _utf8_text(path: Path) -> str:
+    """The text of `path`, which must be UTF-8: a stray byte is an `InputFileError` naming file, line and column."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise InputFileError(f"{path}:{line}:{column}: not UTF-8 (byte 0x{raw[err.start]:02x}); data files must "
+                             "be UTF-8 encoded") from None
+
+
 def _iter_json_records(path: Path) -> Iterator[Any]:
     if path.suffix.lower() == ".jsonl":
-        with path.open() as f:
-            for line_number, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for line_number, raw_line in enumerate(f, start=1):
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as err:  # one bad record, skipped and counted like invalid JSON
+                    yield {"__malformed__": f"{path}:{line_number}:{err.start + 1}: not UTF-8 (byte "
+                                            f"0x{raw_line[err.start]:02x})"}
+                    continue
                 if line.strip():
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError as err:
                         yield {"__malformed__": f"{path}:{line_number}:{err.colno}: invalid JSON ({err.msg})"}
         return
-    with path.open() as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise invalid_json(path, err) from None
+    text = _utf8_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise invalid_json(path, err) from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: a LLaVA JSON file must hold a list of records, got {type(data).__name__}")
     yield from data
@@ -106,7 +124,7 @@ def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"text data file not found: {path}")
     if path.suffix.lower() == ".txt":
-        texts = [line.rstrip("\n") for line in path.open() if line.strip()]
+        texts = [line.rstrip("\n") for line in _utf8_text(path).splitlines() if line.strip()]
     else:
         texts = []
         for index, raw in enumerate(_iter_json_records(path)):
@@ -121,8 +139,9 @@ def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
 def llava_messages(record: dict, image_slots: list[ImageSlot], system_prompt: str | None = None) -> list[ChatMessage]:
     """A normalised LLaVA record -> chat messages, with each `<image>` replaced by the next of `image_slots`.
 
-    Raises `MalformedRecordError` (naming the id) for a malformed record, an unknown speaker, `<image>` in an
-    answer, or a placeholder count that differs from the number of images.
+    Raises `MalformedRecordError` (naming the id) for a malformed record, an unknown speaker, an empty answer (it
+    would train the model to say nothing), `<image>` in an answer, or a placeholder count that differs from the
+    number of images.
     """
     sample_id = record["id"]
     if record.get("malformed"):
@@ -141,6 +160,8 @@ def llava_messages(record: dict, image_slots: list[ImageSlot], system_prompt: st
         if role is None:
             raise MalformedRecordError(sample_id, f"turn {i} is from unknown speaker {turn['from']!r}")
         value = turn["value"]
+        if role == "assistant" and not value.strip():
+            raise MalformedRecordError(sample_id, f"turn {i} ({turn['from']}) is an empty answer")
         if role != "user" and IMAGE_PLACEHOLDER in value:
             raise MalformedRecordError(sample_id, f"turn {i} ({turn['from']}) contains '<image>'; images may only "
                                                   "appear in human turns")

@@ -32,6 +32,7 @@ from unimm.data.sources import llava_messages
 from unimm.data.templates import ChatMessage, get_chat_format
 from unimm.llm.layout import VocabLayout, t2i_prefix_ids
 from unimm.utils.config import config_field
+from unimm.utils.errors import OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
     cache = None
     if config.caption_weight > 0 or config.t2i_weight > 0:
         if config.code_cache is None:
-            raise ValueError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first)")
+            raise OptionError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first)")
         cache = load_code_cache(config.code_cache, tokenizer_hash)
         if config.caption_weight > 0:
             sources["caption"] = (caption_dataset(cache, factory, tracker("caption")), config.caption_weight)
@@ -410,14 +411,14 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
             sources["t2i"] = (t2i_dataset(cache, factory, tracker("t2i")), config.t2i_weight)
     if config.conversation_weight > 0:
         if config.conversation_json is None:
-            raise ValueError("conversation_weight > 0 needs conversation_json")
+            raise OptionError("conversation_weight > 0 needs conversation_json")
         records = read_llava_json(config.conversation_json)
         images = _conversation_images(config, pixel_images, cache, lambda path: load_code_cache(path, tokenizer_hash))
         sources["conversation"] = (conversation_dataset(records, factory, images, tracker("conversation")),
                                    config.conversation_weight)
     if config.text_weight > 0:
         if config.text_data is None:
-            raise ValueError("text_weight > 0 needs text_data")
+            raise OptionError("text_weight > 0 needs text_data")
         sources["text"] = (text_dataset(read_text_records(config.text_data), factory, tracker("text")),
                            config.text_weight)
     return MixtureDataset(sources, config.num_samples, config.seed)
@@ -443,5 +444,5 @@ def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None
     if config.code_cache is not None:
         return CodeCacheImages(cache if cache is not None else load_cache(config.code_cache))
     if mode == "codes":
-        raise ValueError("understanding_input=codes needs conversation_code_cache or code_cache")
+        raise OptionError("understanding_input=codes needs conversation_code_cache or code_cache")
     return None

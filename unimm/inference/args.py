@@ -11,6 +11,40 @@ from dataclasses import dataclass
 from unimm.data.tasks import ChatFormatConfig
 from unimm.train.args import VISUAL_TOKENIZER_ALIAS
 from unimm.utils.config import config_field
+from unimm.utils.errors import OptionError
+
+
+def check_sampling(temperature: float, top_k: int | None = None, top_p: float | None = None,
+                   greedy: bool | None = None) -> None:
+    """Refuse sampling options outside their range, naming the option: `temperature` > 0 (0 means greedy where
+    `greedy` is None; with `greedy` False it must be positive), `top_k` >= 0, 0 < `top_p` <= 1. Out-of-range values
+    would otherwise be silently treated as "off" by the sampler."""
+    if not temperature >= 0 or (greedy is False and not temperature > 0):
+        raise ValueError(f"temperature must be {'> 0 when sampling' if greedy is False else '>= 0 (0 = greedy)'}, "
+                         f"got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or unset = off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or unset = off), got {top_p}")
+
+
+def max_positions(model) -> int | None:
+    """How many positions the wrapped LLM was built for (`max_position_embeddings`), None when it does not say."""
+    return getattr(model.config.text_config, "max_position_embeddings", None)
+
+
+def check_prompt_lengths(prompts: list[str], text_tokenizer, max_positions: int | None, image_positions: int,
+                         option: str = "prompts") -> None:
+    """Refuse a prompt whose tokens plus the `image_positions` it must be followed by (the image, or the longest
+    answer) cannot fit the model's `max_positions` (its `max_position_embeddings`; None = unlimited)."""
+    if not max_positions:
+        return
+    for index, prompt in enumerate(prompts):
+        length = len(text_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length + image_positions > max_positions:
+            raise OptionError(f"{option}[{index}] has {length} tokens; with the {image_positions} positions that "
+                             f"follow it that exceeds the model's {max_positions} positions "
+                             "(max_position_embeddings): shorten it")
 
 
 @dataclass
@@ -57,6 +91,10 @@ class GenerateArguments:
     grid_columns: int = config_field(8, "Images per row of grid.png.")
 
     def all_prompts(self) -> list[str]:
+        for index, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompts[{index}] is empty: an empty prompt gives an unconditional image; write "
+                                 "what to draw")
         prompts = list(self.prompts)
         if self.prompts_file:
             with open(self.prompts_file) as f:
@@ -68,10 +106,14 @@ class GenerateArguments:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.grid_columns <= 0:
             raise ValueError("batch_size and grid_columns must be positive")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if not self.cfg_scale >= 0:  # also refuses NaN
+            raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}: a negative scale "
+                             "steers images away from their prompt")
         if self.negative_prompt is not None and not self.cfg_scale:
             raise ValueError("negative_prompt is guidance's second branch: set cfg_scale > 0")
+        if self.negative_prompt is not None and not self.negative_prompt.strip():
+            raise ValueError("negative_prompt is empty: leave it out to guide against the unconditional prefix")
 
 
 @dataclass
@@ -87,9 +129,17 @@ class ChatArguments(ChatFormatConfig):
     temperature: float = config_field(1.0, "Sampling temperature (with do_sample).")
     top_p: float | None = config_field(None, "Nucleus sampling threshold (with do_sample).")
 
+    def __post_init__(self) -> None:
+        check_sampling(temperature=self.temperature, top_p=self.top_p, greedy=not self.do_sample)
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+
     def pairs(self) -> list[tuple[str | None, str]]:
         if not self.questions:
             raise ValueError("no questions: pass --questions 'what colour is the shape?' ...")
+        for index, question in enumerate(self.questions):
+            if not question.strip():
+                raise ValueError(f"questions[{index}] is empty: ask something")
         if len(self.images) > 1 and len(self.images) != len(self.questions):
             raise ValueError(f"{len(self.images)} images for {len(self.questions)} questions: pass one image, or "
                              "one image per question")

@@ -8,7 +8,9 @@ import torch
 
 from unimm.data.sequence import ImageSlot, Sample
 from unimm.data.tasks import ChatFormatConfig, SampleConfig, SampleFactory
+from unimm.inference.args import max_positions
 from unimm.inference.stack import InferenceStack
+from unimm.utils.errors import OptionError
 
 
 def chat_factory(stack: InferenceStack, chat_format: ChatFormatConfig) -> SampleFactory:
@@ -63,6 +65,10 @@ def answer_questions(stack: InferenceStack, chat_args, seed: int = 0) -> list[di
     results = []
     for i, (image, question) in enumerate(chat_args.pairs()):
         sample = chat_prompt(factory, stack, image, question, f"question{i}")
+        limit = max_positions(stack.model)
+        if limit and len(sample) >= limit:
+            raise OptionError(f"questions[{i}]: its prompt has {len(sample)} positions (with the image), the model "
+                              f"{limit} (max_position_embeddings): no room for an answer; shorten it")
         text = answer(stack, sample, chat_args.max_new_tokens, chat_args.do_sample, chat_args.temperature,
                       chat_args.top_p, seed)
         results.append({"image": image, "question": question, "answer": text})

@@ -156,4 +156,23 @@ class UniMMConfig(PretrainedConfig):
         return codebook_spec_to_dict(codebook_spec_from_dict(out))
 
 
-__all__ = ["UniMMConfig"]
+# Keys every saved UniMM `config.json` holds that fix the architecture and have no safe default: without them a
+# default-sized sub-model (a full-size Qwen2 for `text_config`) or default-depth heads would be built.
+REQUIRED_SAVED_KEYS = ("text_config", "codebook_spec", "vocab_layout", "depth_head_layers")
+
+
+def check_saved_config(config_dict: dict, source: str) -> None:
+    """Raise `ModelFolderError` naming `source` and the keys when a saved UniMM config lacks any of
+    `REQUIRED_SAVED_KEYS` (or its `text_config` names no model type); call before anything is built from it."""
+    from unimm.utils.errors import ModelFolderError
+
+    missing = [key for key in REQUIRED_SAVED_KEYS if key not in config_dict]
+    text_config = config_dict.get("text_config")
+    if "text_config" not in missing and not (isinstance(text_config, dict) and text_config.get("model_type")):
+        missing.append("text_config.model_type")
+    if missing:
+        raise ModelFolderError(f"{source}: UniMM config lacks {', '.join(missing)}; nothing was built (a default "
+                               "would give another model): restore the config.json written with the weights")
+
+
+__all__ = ["REQUIRED_SAVED_KEYS", "UniMMConfig", "check_saved_config"]

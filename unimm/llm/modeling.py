@@ -27,6 +27,22 @@ from unimm.utils import hf_compat
 from unimm.utils.attention import select_attn_implementation
 
 
+def _check_safetensors_files(folder: Path) -> None:
+    """Open the header of every `*.safetensors` file in `folder` and check its size against it: a truncated or
+    damaged weights file is named here, not deep inside loading."""
+    from safetensors import safe_open
+
+    from unimm.utils.errors import ModelFolderError
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError for every defect
+            raise ModelFolderError(f"{file}: damaged weights file ({' '.join(str(err).split())[:160]}); copy or "
+                                   "save it again") from None
+
+
 @dataclass
 class UniMMCausalLMOutput(hf_compat.CausalLMOutputWithCache):
     """`loss` = normalised total; `text_loss` / `visual_losses[group]` / `visual_depth_losses[group] [D]` are
@@ -122,6 +138,36 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         self.post_init()
 
     # -- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_missing: tuple[str, ...] = (), **kwargs):
+        """`PreTrainedModel.from_pretrained`, checked: a local folder's `config.json` must hold the keys that fix the
+        architecture (`check_saved_config`) and its safetensors files must be whole, before anything is built; and
+        every parameter must come from the weights (a "missing key" would be a randomly initialised layer) unless
+        its name starts with one of `allow_missing` (new modules the caller adds on purpose). Each failure is a
+        `ModelFolderError` naming the file or the keys."""
+        import json
+
+        from unimm.llm.configuration import check_saved_config
+        from unimm.utils.errors import ModelFolderError, invalid_json
+
+        folder = Path(pretrained_model_name_or_path) if isinstance(pretrained_model_name_or_path, (str, Path)) else None
+        if folder is not None and (folder / "config.json").is_file() and "config" not in kwargs:
+            try:
+                config_dict = json.loads((folder / "config.json").read_text())
+            except json.JSONDecodeError as err:
+                raise invalid_json(folder / "config.json", err) from None
+            check_saved_config(config_dict, str(folder / "config.json"))
+            _check_safetensors_files(folder)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        missing = [key for key in info.get("missing_keys", ()) if not key.startswith(tuple(allow_missing))]
+        if missing:
+            shown = ", ".join(sorted(missing)[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ModelFolderError(f"{pretrained_model_name_or_path}: the weights lack {len(missing)} parameter(s) "
+                                   f"the config asks for ({shown}): they would be random; the config.json does not "
+                                   "match the weights")
+        return (model, info) if wants_info else model
+
     @classmethod
     def from_llm(
         cls,

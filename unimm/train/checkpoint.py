@@ -7,6 +7,14 @@ Layout of one checkpoint (`<output_dir>/checkpoint-<step>/`):
   `COMPLETE`           written last; checkpoints without it (an interrupted save) are ignored
 Everything is read with `torch.load(weights_only=True)`.
 
+Before any resume reads a checkpoint (ours, the Hugging Face `Trainer`'s with DeepSpeed's engine state under
+`global_step*/`, or accelerate's), `verify_checkpoint_files` unpickles every pickle-based file in it with
+`weights_only=True` and an explicit allow-list of the classes those libraries genuinely store
+(`checkpoint_safe_globals`). DeepSpeed itself loads its files with `weights_only=False`, so a file planted in a run
+folder would otherwise run its code at the next relaunch; a file that needs anything else is refused, by name,
+before any library opens it. `training_args.bin` (a pickled `TrainingArguments`, which builds accelerate state when
+unpickled) is never read: resume does not need it, and nothing here or in the `Trainer` unpickles it.
+
 The completeness rule is shared with the LLM side (`unimm.train.llm.trainer`, whose checkpoints the Hugging Face
 `Trainer` writes): a `checkpoint-<step>` folder counts only once `COMPLETE` exists in it (`mark_complete`, after
 every rank finished writing), auto-resume takes the newest complete one and warns about newer incomplete ones
@@ -19,9 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +39,7 @@ import numpy as np
 import torch
 
 from unimm.utils.distributed import barrier, get_rank, is_main_process
+from unimm.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +51,113 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> Any: ...
+
+
+# ------------------------------------------------------------------------------------------ safe resume
+
+# Files a resume may unpickle (torch.save / pickle formats); safetensors and JSON cannot carry code.
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle")
+# Written by the Trainer next to each checkpoint, read by nothing on resume: never unpickled, so never checked.
+NEVER_READ_FILES = frozenset({"training_args.bin"})
+
+# What DeepSpeed, transformers and accelerate genuinely store in the checkpoint files a resume reads, beyond the
+# tensors, containers and dtypes torch's weights-only unpickler accepts anyway. Found by saving real checkpoints
+# (ZeRO-2 and ZeRO-3 on 2 ranks, one process without DeepSpeed, LoRA, the tokenizer trainer) and reading what
+# `weights_only=True` rejects; tests/entry/test_faults.py saves genuine ones again (a LoRA Trainer run, the tokenizer
+# trainer, DeepSpeed engines of ZeRO-1/2/3 in float32 and bf16) and checks every file passes:
+#   numpy arrays and dtypes      the NumPy RNG state in `rng_state*.pth` / `random_states_*.pkl`
+#   DeepSpeed's loss scaler, ZeRO stage enum and fragment addresses   `*optim_states.pt` (ZeRO-1/2/3, bf16)
+# Each entry is "module:qualified name" (several names where a class moved between versions).
+_SAFE_GLOBAL_NAMES = (
+    ("numpy._core.multiarray:_reconstruct", "numpy.core.multiarray:_reconstruct"),
+    ("numpy:ndarray",),
+    ("numpy:dtype",),
+    ("_codecs:encode",),
+    ("deepspeed.runtime.fp16.loss_scaler:LossScaler",),
+    ("deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",),
+    ("deepspeed.runtime.zero.config:ZeroStageEnum",),
+    ("deepspeed.utils.tensor_fragment:fragment_address",),
+)
+
+
+class UnsafeCheckpointError(UserError):
+    """A checkpoint file that would need arbitrary objects (and so possibly code) to be unpickled, or that is
+    damaged; resume refuses it before any library opens it."""
+
+
+def _resolve(name: str, load: bool) -> Any | None:
+    """The object "module:qualname" names; None when its module is not installed, or (without `load`) not yet
+    imported: DeepSpeed is imported only for a file that names one of its classes."""
+    import importlib
+    import sys
+
+    module_name, _, attribute = name.partition(":")
+    if not load and module_name.split(".")[0] not in sys.modules:
+        return None
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None  # not installed here (or renamed): a file that needs it is refused
+    return obj
+
+
+def checkpoint_safe_globals(load: bool = False) -> list[Any]:
+    """The allow-list for `torch.serialization.safe_globals`: each object of `_SAFE_GLOBAL_NAMES` under every name
+    a pickle may give it (its own, plus the names it had in other versions). With `load`, modules not yet imported
+    are imported to resolve their names."""
+    allowed: list[Any] = [type(np.dtype(kind)) for kind in (np.uint32, np.int64, np.float32, np.float64)]
+    for names in _SAFE_GLOBAL_NAMES:
+        for name in names:
+            obj = _resolve(name, load)
+            if obj is None:
+                continue
+            module, _, qualname = name.partition(":")
+            own = f"{getattr(obj, '__module__', module)}.{getattr(obj, '__qualname__', qualname)}"
+            allowed.append(obj if own == f"{module}.{qualname}" else (obj, f"{module}.{qualname}"))
+    return allowed
+
+
+def _load_weights_only(file: Path, load: bool) -> None:
+    with torch.serialization.safe_globals(checkpoint_safe_globals(load)):
+        torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+
+
+def verify_pickle_file(file: str | Path) -> None:
+    """Unpickle `file` with `weights_only=True` and the checkpoint allow-list (memory-mapped, so tensors are not
+    read); raise `UnsafeCheckpointError` naming it when it needs anything else, or cannot be read at all."""
+    file = Path(file)
+    allowed_names = {name.replace(":", ".") for names in _SAFE_GLOBAL_NAMES for name in names}
+    try:
+        try:
+            _load_weights_only(file, load=False)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err))
+            if found is None or found.group(1) not in allowed_names:
+                raise
+            _load_weights_only(file, load=True)  # an allowed class whose module was not imported yet
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        needs = f"it needs {found.group(1)}, which " if found else "it holds objects that "
+        raise UnsafeCheckpointError(
+            f"{file}: refused to load this checkpoint file: {needs}a checkpoint may not contain (unpickling it "
+            "could run code); if you did not write it, delete this checkpoint and resume from another one") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # unreadable (permissions, I/O): reported as such
+        raise UnsafeCheckpointError(f"{file}: damaged checkpoint file, cannot be read "
+                                    f"({' '.join(str(err).split())[:200]}); resume from another checkpoint") from None
+
+
+def verify_checkpoint_files(path: str | Path) -> Path:
+    """Check every pickle-based file under the checkpoint folder `path` (`verify_pickle_file`) before a resume
+    reads any of them; returns `path`. `training_args.bin` is skipped: no resume reads it."""
+    path = Path(path)
+    for file in sorted(path.rglob("*")):
+        if file.suffix in PICKLE_SUFFIXES and file.name not in NEVER_READ_FILES and file.is_file():
+            verify_pickle_file(file)
+    return path
 
 
 def rng_state() -> dict[str, Any]:
@@ -124,18 +242,20 @@ def latest_checkpoint(output_dir: str | Path, warn: bool = True) -> Path | None:
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """`None`/"" -> no resume; "auto" -> latest complete checkpoint in `output_dir` (None if there is none);
-    otherwise a checkpoint directory that must exist and be complete."""
+    otherwise a checkpoint directory that must exist and be complete. The checkpoint returned has passed
+    `verify_checkpoint_files`."""
     if not resume:
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        latest = latest_checkpoint(output_dir)
+        return verify_checkpoint_files(latest) if latest is not None else None
     path = Path(resume)
     if not path.is_dir():
         raise FileNotFoundError(f"resume: checkpoint directory {path} does not exist")
     if not is_complete(path):
         raise FileNotFoundError(f"resume: {path} is not a complete checkpoint directory (no {COMPLETE_MARKER} "
                                 f"marker: its save was interrupted); pass an older checkpoint or 'auto'")
-    return path
+    return verify_checkpoint_files(path)
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int | None, protect: tuple[str | Path, ...] = ()) -> None:

@@ -24,6 +24,10 @@ def invalid_json(path: str | os.PathLike, err: json.JSONDecodeError, what: str =
     return InputFileError(f"{os.fspath(path)}:{err.lineno}:{err.colno}: invalid {what}: {err.msg}")
 
 
+class OptionError(UserError, ValueError):
+    """Options that cannot work together (e.g. a task weight without the data it needs); the message names them."""
+
+
 class ModelFolderError(UserError, ValueError):
     """A folder given as a model or tokenizer that does not hold one (or holds another kind of model)."""
 

@@ -129,10 +129,94 @@ def load_lora_model(adapter_dir: str | Path, base_path: str | Path | None = None
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
 
 
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the safetensors files of `folder` (headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})
+    return shapes
+
+
+def _check_base_fits_adapter(adapter_dir: Path, base_path: Path) -> None:
+    """Every tensor of the adapter must fit the base it is merged into: LoRA's A (`[r, in]`) and B (`[out, r]`) the
+    base weight `[out, in]`, a fully trained module (`modules_to_save`) the base tensor's shape. Raises
+    `ModelFolderError` naming the first tensor that does not fit, before anything is loaded."""
+    from unimm.utils.errors import ModelFolderError
+
+    base = _tensor_shapes(base_path)
+    for name, shape in _tensor_shapes(adapter_dir).items():
+        key = name.removeprefix("base_model.model.")
+        lora = re.match(r"(.*)\.lora_([AB])(?:\.default)?\.weight$", key)
+        target = f"{lora.group(1)}.weight" if lora else re.sub(r"\.modules_to_save\.default\.", ".", key)
+        if target not in base:
+            continue  # a tensor of a module the base names otherwise (e.g. tied): peft reports it on load
+        want = base[target]
+        fits = (shape[1] == want[1] if lora.group(2) == "A" else shape[0] == want[0]) if lora else shape == want
+        if not fits:
+            raise ModelFolderError(
+                f"base_model_path={base_path}: not the base of the adapter {adapter_dir}: its {target} has shape "
+                f"{list(want)}, the adapter's {name} {list(shape)} (a model of another size)")
+
+
+def _same_model(first: Path, second: Path) -> str | None:
+    """None when the UniMM folders `first` and `second` hold the same architecture and weights (tensor by tensor),
+    else the first difference."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+
+    def architecture(folder: Path) -> dict:
+        config = json.loads((folder / "config.json").read_text())
+        return {key: value for key, value in config.items() if key not in ("_name_or_path", "transformers_version",
+                                                                           "dtype", "torch_dtype")}
+
+    if architecture(first) != architecture(second):
+        return "config.json differs"
+    shapes = _tensor_shapes(first)
+    if shapes != _tensor_shapes(second):
+        return "the weights have other tensors"
+    files: dict[Path, dict[str, Path]] = {first: {}, second: {}}
+    for folder in files:
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as handle:
+                files[folder].update(dict.fromkeys(handle.keys(), file))
+    for name in shapes:
+        with safe_open(str(files[first][name]), framework="pt") as a, safe_open(str(files[second][name]),
+                                                                                framework="pt") as b:
+            if not torch.equal(a.get_tensor(name).float(), b.get_tensor(name).float()):
+                return f"weights differ ({name})"
+    return None
+
+
+def _check_base_identity(adapter_dir: Path, base_path: Path) -> None:
+    """A base other than the one recorded in the adapter config must be that model (same config and weights, e.g.
+    a copy); otherwise the merge would silently produce a model nobody trained."""
+    from unimm.utils.errors import ModelFolderError
+
+    recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded or Path(recorded).resolve() == base_path.resolve():
+        return
+    if not (Path(recorded) / "config.json").is_file():
+        logger.warning("%s was trained on %s, which no longer exists: cannot check that %s is the same model",
+                       adapter_dir, recorded, base_path)
+        return
+    difference = _same_model(Path(recorded), base_path)
+    if difference is not None:
+        raise ModelFolderError(f"base_model_path={base_path}: not the model the adapter {adapter_dir} was trained "
+                               f"on ({recorded}): {difference}; merge onto {recorded}")
+
+
 def merge_lora(adapter_dir: str | Path, output_dir: str | Path, base_path: str | Path | None = None) -> Path:
     """Fold the adapter of `adapter_dir` into its base model and write a plain UniMM model (+ text tokenizer) to
-    `output_dir`, loadable with `UniMMForCausalLM.from_pretrained`."""
+    `output_dir`, loadable with `UniMMForCausalLM.from_pretrained`. The base must fit the adapter (tensor shapes)
+    and, when it is not the base recorded in the adapter config, hold that model's config and weights."""
     base_path = Path(base_path) if base_path is not None else base_model_path(adapter_dir)
+    _check_base_fits_adapter(Path(adapter_dir), base_path)
+    _check_base_identity(Path(adapter_dir), base_path)
     merged = load_lora_model(adapter_dir, base_path).merge_and_unload()
     output_dir = Path(output_dir)
     merged.save_pretrained(output_dir)

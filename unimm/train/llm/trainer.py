@@ -30,6 +30,7 @@ from unimm.train.checkpoint import (
     mark_complete,
     prune_checkpoints,
     resolve_resume,
+    verify_checkpoint_files,
 )
 from unimm.train.llm.guards import (
     DivergenceError,
@@ -550,5 +551,6 @@ def _local_resume_choice(resume_from_checkpoint: str | None, output_dir: str | P
         return None
     latest = latest_checkpoint(output_dir)
     if latest is not None:
+        verify_checkpoint_files(latest)
         logger.info("resuming from the latest complete checkpoint %s", latest)
     return str(latest) if latest is not None else None

@@ -8,7 +8,10 @@ One checkpoint is `<output_dir>/checkpoint-<step>/`:
   `trainer_state.json`                        step, data position (batches consumed), bad-sample counts
   `COMPLETE`                                  written last, after every rank finished (`unimm.train.checkpoint`)
 Auto-resume takes the newest checkpoint with its `COMPLETE` marker, so a run killed during a save resumes from the
-previous one. Checkpoints in the earlier format (`model.pt`, `optimizer.pt`, ..., `rng_state_<rank>.pt`, written by
+previous one. Before anything is read, every pickle-based file of the checkpoint must load with `weights_only=True`
+and the checkpoint allow-list (`unimm.train.checkpoint.verify_checkpoint_files`), and this rank's RNG states must be
+there: accelerate would otherwise carry on with a fresh RNG, noted only at INFO, and the resume would not be exact.
+Checkpoints in the earlier format (`model.pt`, `optimizer.pt`, ..., `rng_state_<rank>.pt`, written by
 `unimm.train.checkpoint.save_checkpoint`) still resume, through `unimm.train.checkpoint.load_checkpoint`.
 """
 
@@ -30,7 +33,9 @@ from unimm.train.checkpoint import (
     mark_complete,
     prune_checkpoints,
     resolve_resume,
+    verify_checkpoint_files,
 )
+from unimm.utils.errors import UserError
 
 if TYPE_CHECKING:
     from unimm.train.tokenizer.args import TokenizerTrainingArguments
@@ -80,9 +85,11 @@ def save(run: TokenizerRun) -> Path:
 
 def load(run: TokenizerRun, path: Path) -> None:
     """Restore every state of `run` (weights, optimisers, schedules, EMA, RNG, data position) from `path`."""
+    verify_checkpoint_files(path)
     if (path / EARLIER_FORMAT_FILE).is_file():
         _load_earlier_format(run, path)
     else:
+        _require_rng_states(path, run.accelerator.process_index)
         run.accelerator.load_state(str(path))
         if run.opt.ema is not None:
             _load_ema(run, path)
@@ -93,6 +100,25 @@ def load(run: TokenizerRun, path: Path) -> None:
     run.tracker.bad_examples = [tuple(x) for x in bad["bad_examples"]]
     run.resumed_from = path
     logger.info("resumed from %s (step %d)", path, run.step)
+
+
+def _require_rng_states(path: Path, process_index: int) -> None:
+    """This rank's RNG states (already checked to be plain data) must exist and hold what accelerate restores."""
+    import torch
+
+    from unimm.train.checkpoint import checkpoint_safe_globals
+
+    file = path / f"random_states_{process_index}.pkl"
+    if not file.is_file():
+        raise UserError(f"{file}: missing: the checkpoint has no RNG states for process {process_index}, so the "
+                        "resume would not be exact; resume from another checkpoint")
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        states = torch.load(file, map_location="cpu", weights_only=True)
+    missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states if isinstance(states, dict)
+                                                                               else ())
+    if missing:
+        raise UserError(f"{file}: not accelerate's RNG states (missing {sorted(missing)}); resume from another "
+                        "checkpoint")
 
 
 def _load_ema(run: TokenizerRun, path: Path) -> None:
