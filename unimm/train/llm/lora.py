@@ -84,7 +84,11 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     # peft upcasts bf16 adapters to float32 by default; ZeRO-3 flattens each param group into one buffer of a
     # single dtype, so there the adapters keep the model's dtype (as LLaVA's bf16 LoRA does; DeepSpeed's
     # optimizer holds float32 master weights anyway).
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    from unimm.utils.hf_compat import gather_trainable_tokens_whole, trainable_tokens_zero3
+
+    with trainable_tokens_zero3(model):
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    gather_trainable_tokens_whole(peft_model)
     _check_tied_head(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
