@@ -55,13 +55,23 @@ class TokenizerModelArguments:
     )
     encoder_path: str | None = config_field(None, "Local path of the pretrained vision encoder.")
     model_overrides: Union[dict, str, None] = config_field(None, _OVERRIDES_HELP)
-    stage: int = config_field(1, "VQRAE stage: 1 = encoder frozen, 2 = encoder trained + distillation.")
+    stage: int = config_field(
+        1,
+        "VQRAE stage: 1 = encoder frozen, 2 = encoder trained + distillation. DualToken stage (the reference's): "
+        "0 = encoder trained above semantic_layer only, 1 = all, 2 = semantic path only (pixel branch frozen).",
+    )
+    teacher_path: str | None = config_field(
+        None,
+        "Local HF checkpoint of the encoder a DualToken with train_encoder takes its semantic targets from (the "
+        "pretrained SigLIP, for stages that continue from a saved tokenizer); default: a copy of the encoder as "
+        "loaded.",
+    )
     decoder_only: bool = config_field(False, "Train only the decoder (clean l-DeTok finetune; set denoising off).")
 
     def __post_init__(self) -> None:
         self.model_overrides = parse_overrides(self.model_overrides)
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {self.stage}")
 
 
 @dataclass
