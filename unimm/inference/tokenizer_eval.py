@@ -3,8 +3,12 @@ torch-fidelity and local Inception weights are available), written as JSON, plus
 reconstruction pairs. "semantic" holds the semantic preservation against the initial encoder
 (`unimm.tokenizer.semantic_eval`): known for a DualToken whose encoder was never trained, otherwise given by
 `reference_encoder` (the pretrained encoder the tokenizer started from); without one it says why it was skipped.
-"zero_shot" (with `zero_shot_model` and a `zero_shot_dataset` of class subfolders) holds the zero-shot top-1 of a
-local SigLIP/CLIP on the original images and on their reconstructions. The program is `unimm.cli.eval_tokenizer`.
+"zero_shot" (with `zero_shot_model` and a `zero_shot_dataset` of class subfolders) holds two zero-shot figures
+(`unimm.tokenizer.semantic_eval`): `top1_original` / `top1_reconstructed`, a local SigLIP/CLIP classifying the
+original images and the tokenizer's reconstructions (the pixel branch); and, for a DualToken whose encoder is that
+SigLIP's vision tower, `top1_quantized_semantic_features`, DualToken's own metric (Table 1): its pooled quantised
+semantic features against the text tower, beside `top1_encoder_features` (codes bypassed). The program is
+`unimm.cli.eval_tokenizer`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,10 @@ class TokenizerEvalArguments:
         None, "Local HF checkpoint of the initial (pretrained) encoder, for the semantic metrics."
     )
     zero_shot_model: str | None = config_field(
-        None, "Local SigLIP/CLIP checkpoint (image and text towers, with its tokenizer) for zero-shot top-1."
+        None,
+        "Local SigLIP/CLIP checkpoint (image and text towers, with its tokenizer) for zero-shot top-1: on the "
+        "original and reconstructed images, and (DualToken, whose encoder is this SigLIP's vision tower) on the "
+        "tokenizer's pooled quantised semantic features against the text tower (DualToken's Table 1 metric).",
     )
     zero_shot_dataset: str | None = config_field(
         None, "Image folder with one subfolder per class (the folder names are the class names), for zero-shot."
@@ -166,7 +173,12 @@ def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, devi
     from transformers import AutoModel, AutoTokenizer
 
     from unimm.tokenizer.encoders import image_processor_settings
-    from unimm.tokenizer.semantic_eval import ZeroShotClassifier, evaluate_zero_shot
+    from unimm.tokenizer.semantic_eval import (
+        ZeroShotClassifier,
+        evaluate_quantized_feature_zero_shot,
+        evaluate_zero_shot,
+        quantized_feature_zero_shot_unavailable,
+    )
 
     with model_folder("zero_shot_model", args.zero_shot_model, "a SigLIP/CLIP model with its tokenizer"):
         contrastive = AutoModel.from_pretrained(args.zero_shot_model).to(device)
@@ -189,4 +201,10 @@ def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, devi
         for batch in eval_batches(dataset, args.batch_size, args.max_images):
             yield {**batch, "labels": [label[str(i).split("/", 1)[0]] for i in batch["ids"]]}
 
-    return {**evaluate_zero_shot(model, labelled(), classifier, device), "class_names": class_names}
+    results = {**evaluate_zero_shot(model, labelled(), classifier, device), "class_names": class_names}
+    reason = quantized_feature_zero_shot_unavailable(model)
+    if reason is None:
+        results.update(evaluate_quantized_feature_zero_shot(model, labelled(), classifier, device))
+    else:
+        results["quantized_semantic_features_skipped"] = reason
+    return results
