@@ -335,3 +335,54 @@ def test_three_dualtoken_stages_chain_through_the_training_program(tmp_path):
                for r in logs[2])
     # Every stage's model evaluates its semantic preservation against the pretrained encoder (the teacher).
     assert all("semantic" in s["final_eval"] and "pooled" in s["final_eval"]["semantic"] for s in summaries)
+
+
+def test_teacher_path_gives_a_continued_stage_the_pretrained_encoders_targets(tmp_path):
+    from unimm.train.tokenizer.args import TokenizerModelArguments
+    from unimm.train.tokenizer.build import build_tokenizer_model
+
+    torch.manual_seed(0)
+    pretrained = SiglipVisionModel(SiglipVisionConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                                      intermediate_size=128, patch_size=4, image_size=32))
+    pretrained.save_pretrained(tmp_path / "siglip")
+    trained = build_tokenizer("dualtoken-tiny", encoder_path=tmp_path / "siglip", train_encoder=True)
+    with torch.no_grad():  # what stage 0 leaves: an encoder that moved away from the pretrained one
+        trained.encoder.encoder.layers[3].mlp.fc2.weight.add_(1.0)
+    trained.save_pretrained(tmp_path / "stage0")
+    args = dict(model_path=str(tmp_path / "stage0"), stage=1)
+    copied = build_tokenizer_model(TokenizerModelArguments(**args))
+    given = build_tokenizer_model(TokenizerModelArguments(**args, teacher_path=str(tmp_path / "siglip")))
+    weight = "encoder.layers.3.mlp.fc2.weight"
+    assert torch.equal(copied.teacher.state_dict()[weight], trained.encoder.state_dict()[weight])
+    assert torch.equal(given.teacher.state_dict()[weight], pretrained.state_dict()[weight])
+    with pytest.raises(ValueError, match="teacher_path is set but"):
+        build_tokenizer_model(TokenizerModelArguments(preset="vqrae-tiny", teacher_path=str(tmp_path / "siglip")))
+
+
+def test_stage_recipes_carry_the_reference_values():
+    """The values of docs/TOKENIZER_FIDELITY.md's recipe rows, as the training program reads them."""
+    parsed = {s: train_cli.parse_args([str(CONFIGS / f"dualtoken-siglip-so400m-384-stage{s}.yaml")]) for s in range(3)}
+    for stage, (model_args, _, loss_args, train_args) in parsed.items():
+        assert model_args.stage == stage and model_args.model_overrides["train_encoder"] is True
+        assert train_args.per_device_train_batch_size == 32 and train_args.weight_decay == 1e-4
+        assert train_args.max_grad_norm == 0.0 and train_args.ema_decay == 0.0 and train_args.min_lr_ratio == 0.0
+        assert train_args.encoder_learning_rate == train_args.learning_rate
+        assert loss_args.l2_weight == (0.0 if stage == 2 else 5.0)
+        assert loss_args.perceptual_weight == (0.0 if stage == 2 else 1.0)
+    s0, s1, s2 = (parsed[s] for s in range(3))
+    assert (s0[3].learning_rate, s0[3].adam_beta1, s0[3].adam_beta2, s0[3].warmup_steps) == (1e-4, 0.9, 0.98, 100000)
+    assert s0[0].preset == "dualtoken-siglip-so400m-384" and s0[2].gan_weight == 0.0
+    assert (s0[0].model_overrides["semantic_weight"], s0[0].model_overrides["semantic_pooled_weight"]) == (0.0, 5.0)
+    for _, _, _, train_args in (s1, s2):
+        assert (train_args.learning_rate, train_args.adam_beta1, train_args.adam_beta2, train_args.warmup_steps) == (
+            7.2e-5, 0.5, 0.9, 10000)
+    loss1 = s1[2]
+    assert (loss1.gan_weight, loss1.gan_start_step, loss1.adaptive_gan_weight, loss1.adaptive_weight_min,
+            loss1.adaptive_weight_max, loss1.adaptive_weight_l2_weight, loss1.disc_loss_weight,
+            loss1.disc_leaky_hinge) == (0.75, 0, True, 0.3, 10.0, 1.0, 0.75, True)
+    assert s1[3].disc_learning_rate == 7.2e-5
+    assert {k: s1[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
+        == {"semantic_weight": 5.0, "semantic_pooled_weight": 1.0, "semantic_layer_loss": "mse_cos"}
+    assert {k: s2[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
+        == {"semantic_weight": 1.0, "semantic_pooled_weight": 5.0, "semantic_layer_loss": "cos"}
+    assert s2[2].gan_weight == 0.0
