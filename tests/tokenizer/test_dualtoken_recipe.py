@@ -6,6 +6,7 @@ stage recipes chained through the training program."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -367,6 +368,7 @@ def test_stage_recipes_carry_the_reference_values():
         assert train_args.per_device_train_batch_size == 32 and train_args.weight_decay == 1e-4
         assert train_args.max_grad_norm == 0.0 and train_args.ema_decay == 0.0 and train_args.min_lr_ratio == 0.0
         assert train_args.encoder_learning_rate == train_args.learning_rate
+        assert train_args.gradient_checkpointing is True and train_args.bf16 is None  # bf16 where CUDA has it
         assert loss_args.l2_weight == (0.0 if stage == 2 else 5.0)
         assert loss_args.perceptual_weight == (0.0 if stage == 2 else 1.0)
     s0, s1, s2 = (parsed[s] for s in range(3))
@@ -386,3 +388,27 @@ def test_stage_recipes_carry_the_reference_values():
     assert {k: s2[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
         == {"semantic_weight": 1.0, "semantic_pooled_weight": 5.0, "semantic_layer_loss": "cos"}
     assert s2[2].gan_weight == 0.0
+
+
+def test_vqrae_recipes_use_the_papers_fixed_gan_weight():
+    """VQRAE's L_rec = L2 + LPIPS + lambda_G x L_G: a fixed weight, not VQGAN's adaptive one."""
+    for stage in (1, 2):
+        _, _, loss_args, _ = train_cli.parse_args([str(CONFIGS / f"vqrae-siglip2-so400m-256-stage{stage}.yaml")])
+        assert loss_args.adaptive_gan_weight is False and loss_args.gan_weight == 0.1
+
+
+def test_every_fidelity_table_row_names_a_test_that_exists():
+    """docs/TOKENIZER_FIDELITY.md: each row's last cell names tests (file::function) found in tests/tokenizer."""
+    short = {"recipe": "test_dualtoken_recipe.py", "arch": "test_dualtoken_architecture.py",
+             "presets": "test_paper_presets.py"}
+    here = Path(__file__).parent
+    rows = [line for line in (REPO / "docs" / "TOKENIZER_FIDELITY.md").read_text().splitlines()
+            if re.match(r"\| [A-Z]\d+ \|", line)]
+    assert len(rows) >= 50
+    for row in rows:
+        cell = row.rstrip(" |").rsplit("|", 1)[-1]
+        names = re.findall(r"([\w.]+)::(test_\w+)", cell)
+        assert names, row
+        for file, name in names:
+            source = (here / short.get(file, file)).read_text()
+            assert f"def {name}(" in source, (file, name)
