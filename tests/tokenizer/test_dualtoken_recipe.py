@@ -225,7 +225,8 @@ def test_reference_gan_weighting_clamps_a_weight_measured_on_unweighted_mse():
     torch.manual_seed(0)
     config = ReconstructionLossConfig(l2_weight=5.0, perceptual_weight=0.0, gan_weight=0.75, adaptive_gan_weight=True,
                                       adaptive_weight_min=0.3, adaptive_weight_max=10.0, adaptive_weight_l2_weight=1.0,
-                                      disc_loss_weight=0.75, disc_leaky_hinge=True, disc_base_channels=8,
+                                      disc_loss_weight=0.75, disc_loss_weight_from_step=10,
+                                      disc_leaky_hinge=True, disc_base_channels=8,
                                       disc_num_layers=2, disc_norm="batch")
     loss = ReconstructionLoss(config, (0.5,) * 3, (0.5,) * 3)
     last_layer = torch.nn.Parameter(torch.randn(3, 3, 1, 1))
@@ -244,19 +245,21 @@ def test_reference_gan_weighting_clamps_a_weight_measured_on_unweighted_mse():
         if scale != 1.0:
             assert float(expected) in (pytest.approx(0.3), pytest.approx(10.0))  # the clamp was exercised
 
-    d_loss, logs = loss.discriminator_loss(inputs, recon)
-    real, fake = logs["logits_real"], logs["logits_fake"]
     with torch.no_grad():
-        expected_d = 0.75 * 0.5 * (F.leaky_relu(1 - loss.discriminator(inputs)).mean()
-                                   + F.leaky_relu(1 + loss.discriminator(recon)).mean())
-    assert float(d_loss.detach()) == pytest.approx(float(expected_d), rel=1e-5)
-    assert real.shape == fake.shape == ()
+        hinge = 0.5 * (F.leaky_relu(1 - loss.discriminator(inputs)).mean()
+                       + F.leaky_relu(1 + loss.discriminator(recon)).mean())
+    first_epoch, _ = loss.discriminator_loss(inputs, recon, step=9)  # before disc_loss_weight_from_step: x 1
+    later, logs = loss.discriminator_loss(inputs, recon, step=10)
+    assert float(first_epoch.detach()) == pytest.approx(float(hinge), rel=1e-5)
+    assert float(later.detach()) == pytest.approx(0.75 * float(hinge), rel=1e-5)
+    assert logs["logits_real"].shape == logs["logits_fake"].shape == ()
 
 
 def test_default_gan_weighting_is_unchanged():
     config = ReconstructionLossConfig()
     assert (config.adaptive_weight_min, config.adaptive_weight_max, config.adaptive_weight_l2_weight,
-            config.disc_loss_weight, config.disc_leaky_hinge) == (0.0, 1e4, None, 1.0, False)
+            config.disc_loss_weight, config.disc_loss_weight_from_step, config.disc_leaky_hinge) == (
+        0.0, 1e4, None, 1.0, 0, False)
 
 
 # ----------------------------------------------------------------------------- presets and old checkpoints
@@ -381,7 +384,8 @@ def test_stage_recipes_carry_the_reference_values():
     loss1 = s1[2]
     assert (loss1.gan_weight, loss1.gan_start_step, loss1.adaptive_gan_weight, loss1.adaptive_weight_min,
             loss1.adaptive_weight_max, loss1.adaptive_weight_l2_weight, loss1.disc_loss_weight,
-            loss1.disc_leaky_hinge) == (0.75, 0, True, 0.3, 10.0, 1.0, 0.75, True)
+            loss1.disc_leaky_hinge, loss1.disc_loss_weight_from_step) == (0.75, 0, True, 0.3, 10.0, 1.0, 0.75, True,
+                                                                          39062)
     assert s1[3].disc_learning_rate == 7.2e-5
     assert {k: s1[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
         == {"semantic_weight": 5.0, "semantic_pooled_weight": 1.0, "semantic_layer_loss": "mse_cos"}

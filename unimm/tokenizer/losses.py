@@ -103,6 +103,11 @@ class ReconstructionLossConfig:
     disc_loss_weight: float = field(
         default=1.0, metadata={"help": "Factor on the discriminator's hinge loss (DualToken reference 0.75)."}
     )
+    disc_loss_weight_from_step: int = field(
+        default=0,
+        metadata={"help": "Step from which disc_loss_weight applies; the factor is 1 before it (the DualToken "
+                          "reference: 1 in the GAN's first epoch, 0.75 after)."},
+    )
     disc_leaky_hinge: bool = field(
         default=False, metadata={"help": "Discriminator hinge with leaky_relu (DualToken reference) instead of relu."}
     )
@@ -189,9 +194,11 @@ class ReconstructionLoss(nn.Module):
         return total, logs
 
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module | None = None
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module | None = None,
+        step: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Hinge loss for the discriminator's update (reconstructions are detached here).
+        """Hinge loss for the discriminator's update (reconstructions are detached here), times `disc_loss_weight`
+        from `disc_loss_weight_from_step` on (`step` None: the weight applies).
 
         `discriminator` may be a distributed wrapper of `self.discriminator` so its gradients are synchronised.
         """
@@ -200,8 +207,10 @@ class ReconstructionLoss(nn.Module):
         discriminator = discriminator if discriminator is not None else self.discriminator
         logits_real = discriminator(inputs.detach().float())
         logits_fake = discriminator(reconstructions.detach().float())
-        loss = self.config.disc_loss_weight * hinge_discriminator_loss(
-            logits_real, logits_fake, leaky=self.config.disc_leaky_hinge
+        cfg = self.config
+        weighted = step is None or step >= cfg.disc_loss_weight_from_step
+        loss = (cfg.disc_loss_weight if weighted else 1.0) * hinge_discriminator_loss(
+            logits_real, logits_fake, leaky=cfg.disc_leaky_hinge
         )
         logs = {
             "gan_d": loss.detach(),
