@@ -386,6 +386,7 @@ def test_stage_recipes_carry_the_reference_values():
             loss1.adaptive_weight_max, loss1.adaptive_weight_l2_weight, loss1.disc_loss_weight,
             loss1.disc_leaky_hinge, loss1.disc_loss_weight_from_step) == (0.75, 0, True, 0.3, 10.0, 1.0, 0.75, True,
                                                                           39062)
+    assert (loss1.disc_arch, loss1.disc_base_channels, loss1.disc_num_layers) == ("residual", 64, 3)
     assert s1[3].disc_learning_rate == 7.2e-5
     assert {k: s1[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
         == {"semantic_weight": 5.0, "semantic_pooled_weight": 1.0, "semantic_layer_loss": "mse_cos"}
@@ -416,3 +417,27 @@ def test_every_fidelity_table_row_names_a_test_that_exists():
         for file, name in names:
             source = (here / short.get(file, file)).read_text()
             assert f"def {name}(" in source, (file, name)
+
+
+def test_residual_discriminator_has_the_reference_layout():
+    from unimm.tokenizer.discriminator import PatchDiscriminator, PatchDiscriminatorConfig, ResidualDown
+
+    disc = PatchDiscriminator(PatchDiscriminatorConfig(base_channels=64, num_layers=3, arch="residual"))
+    blocks = [m for m in disc.net if isinstance(m, ResidualDown)]
+    # Strided 3x3 stem, blocks 64 -> 128 (stride 2) -> 256 (stride 2) -> 512 (stride 1), 3x3 head to one logit.
+    assert [(b.conv.in_channels, b.conv.out_channels, b.conv.stride[0]) for b in blocks] == [
+        (64, 128, 2), (128, 256, 2), (256, 512, 1)]
+    assert all(b.norm.num_groups == 32 and b.conv.kernel_size == (3, 3) for b in blocks)
+    assert disc.net[0].kernel_size == (3, 3) and disc.net[-1].out_channels == 1
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+    logits = disc(images)
+    assert logits.shape == (2, 1, 4, 4)  # 32 / 2 / 2 / 2
+    # The shortcut carries the input past each block's convolution.
+    block, x = blocks[0], torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        block.conv.weight.zero_()
+        block.conv.bias.zero_()
+        resized = F.interpolate(x, size=(4, 4), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(block(x), block.shortcut(resized))
+    with pytest.raises(ValueError, match="arch must be"):
+        PatchDiscriminator(PatchDiscriminatorConfig(arch="stylegan"))

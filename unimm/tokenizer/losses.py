@@ -114,6 +114,11 @@ class ReconstructionLossConfig:
     disc_base_channels: int = field(default=64, metadata={"help": "PatchGAN width of the first layer."})
     disc_num_layers: int = field(default=3, metadata={"help": "PatchGAN number of downsampling layers."})
     disc_norm: str = field(default="group", metadata={"help": "PatchGAN normalisation: group | batch | none."})
+    disc_arch: str = field(
+        default="conv",
+        metadata={"help": "PatchGAN form: 'conv' (pix2pix stack) or 'residual' (the DualToken reference's pre-norm "
+                          "GroupNorm residual blocks; disc_norm does not apply)."},
+    )
 
 
 def check_lpips_weights(config: ReconstructionLossConfig) -> None:
@@ -147,7 +152,8 @@ class ReconstructionLoss(nn.Module):
         if config.gan_weight > 0:
             self.discriminator = PatchDiscriminator(
                 PatchDiscriminatorConfig(
-                    base_channels=config.disc_base_channels, num_layers=config.disc_num_layers, norm=config.disc_norm
+                    base_channels=config.disc_base_channels, num_layers=config.disc_num_layers, norm=config.disc_norm,
+                    arch=config.disc_arch,
                 )
             )
 
