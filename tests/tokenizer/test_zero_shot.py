@@ -201,14 +201,33 @@ def test_eval_tokenizer_reports_both_zero_shot_figures_for_dualtoken(siglip_with
         (labelled / CLASS_NAMES[index % 3]).mkdir(parents=True, exist_ok=True)
         image.save(labelled / CLASS_NAMES[index % 3] / f"{name}.png")
     _dualtoken_from(folder).save_pretrained(tmp_path / "dualtoken")
-    results = eval_tokenizer.main(
-        ["--model_path", str(tmp_path / "dualtoken"), "--dataset", "sample_photos", "--image_size", "32",
-         "--max_images", "8", "--num_grid_images", "0", "--output_json", str(tmp_path / "m.json"),
-         "--zero_shot_model", str(folder / "full"), "--zero_shot_dataset", str(labelled)]
-    )  # fmt: skip
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a {}.\n\na {}.\n")  # averaged per class, as the reference's 80 templates are
+    argv = ["--model_path", str(tmp_path / "dualtoken"), "--dataset", "sample_photos", "--image_size", "32",
+            "--max_images", "8", "--num_grid_images", "0", "--output_json", str(tmp_path / "m.json"),
+            "--zero_shot_model", str(folder / "full"), "--zero_shot_dataset", str(labelled)]
+    results = eval_tokenizer.main([*argv, "--zero_shot_prompt_file", str(prompts)])
     zero_shot = results["zero_shot"]
     assert zero_shot["class_names"] == ["car", "cat", "dog"] and zero_shot["num_images"] == 8
     for key in ("top1_original", "top1_reconstructed", "top1_quantized_semantic_features", "top1_encoder_features"):
         assert 0.0 <= zero_shot[key] <= 1.0, key
     # Codes bypassed, the tokenizer's encoder is the SigLIP vision tower: the same predictions as on the originals.
     assert zero_shot["top1_encoder_features"] == zero_shot["top1_original"]
+
+    prompts.write_text("a photo of a {}.\nno placeholder\n")
+    with pytest.raises(ValueError, match="every line must be a template.*'no placeholder'"):
+        eval_tokenizer.main([*argv, "--zero_shot_prompt_file", str(prompts), "--debug"])
+
+
+def test_several_prompts_average_their_normalised_embeddings(classifier):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(classifier.model.name_or_path)
+    args = (classifier.model, tokenizer, CLASS_NAMES, (0.5,) * 3, (0.5,) * 3)
+    one, two = ZeroShotClassifier(*args, prompt="a photo of a {}."), ZeroShotClassifier(*args, prompt="a {}.")
+    both = ZeroShotClassifier(*args, prompt=["a photo of a {}.", "a {}."])
+    expected = torch.nn.functional.normalize(one.text_embeddings + two.text_embeddings, dim=-1)
+    torch.testing.assert_close(both.text_embeddings, expected)
+    assert not torch.allclose(one.text_embeddings, two.text_embeddings)  # the prompts differ: the mean is a mix
+    with pytest.raises(ValueError, match="must each hold"):
+        ZeroShotClassifier(*args, prompt=["a photo"])

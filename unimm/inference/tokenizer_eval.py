@@ -62,6 +62,12 @@ class TokenizerEvalArguments:
         None, "Image folder with one subfolder per class (the folder names are the class names), for zero-shot."
     )
     zero_shot_prompt: str = config_field("a photo of a {}.", "Prompt of each class name for the text tower.")
+    zero_shot_prompt_file: str | None = config_field(
+        None,
+        "Text file of prompt templates, one per line with '{}' for the class name (e.g. the 80 ImageNet templates "
+        "the DualToken reference averages); each class's embedding is their normalised mean. Replaces "
+        "zero_shot_prompt.",
+    )
     inception_weights: str | None = config_field(
         None, "torch-fidelity Inception weights file; enables rFID ([eval] extra)."
     )
@@ -168,6 +174,20 @@ def semantic_metrics(model: VisualTokenizer, dataset: ImageDataset, args: Tokeni
     return evaluate_semantic_preservation(model, batches, reference, device)
 
 
+def _zero_shot_prompts(args: TokenizerEvalArguments) -> str | list[str]:
+    if not args.zero_shot_prompt_file:
+        return args.zero_shot_prompt
+    path = Path(args.zero_shot_prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"zero_shot_prompt_file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [p for p in prompts if "{}" not in p]
+    if not prompts or bad:
+        raise ValueError(f"zero_shot_prompt_file {path}: every line must be a template with '{{}}' for the class "
+                         f"name; {'it is empty' if not prompts else f'not: {bad[0]!r}'}")
+    return prompts
+
+
 def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, device: torch.device) -> dict[str, Any]:
     """Zero-shot top-1 of `zero_shot_model` on the labelled folder's images and on their reconstructions."""
     from transformers import AutoModel, AutoTokenizer
@@ -194,7 +214,7 @@ def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, devi
     class_names = sorted({record_id.split("/", 1)[0] for record_id in ids})
     dataset = ImageDataset(records, ImageTransform.for_tokenizer(model))
     classifier = ZeroShotClassifier(contrastive, text_tokenizer, class_names, settings.image_mean, settings.image_std,
-                                    prompt=args.zero_shot_prompt)
+                                    prompt=_zero_shot_prompts(args))
     label = {name: index for index, name in enumerate(class_names)}
 
     def labelled() -> Iterator[dict]:

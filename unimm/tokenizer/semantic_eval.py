@@ -171,27 +171,35 @@ def evaluate_semantic_preservation(
 class ZeroShotClassifier:
     """Zero-shot classification with a contrastive image-text model (a `transformers` `SiglipModel` or `CLIPModel`):
     one text embedding per class from `prompt.format(class_name)`, an image is assigned the class whose embedding
-    is most similar to its image embedding. Images come as tokenizer-normalised `pixel_values`; they are resized to
+    is most similar to its image embedding. With several prompts (a sequence), a class's embedding is the
+    normalised mean of its prompts' normalised embeddings (open_clip's `build_zero_shot_classifier`, which the
+    DualToken reference uses with the 80 ImageNet templates). Images come as tokenizer-normalised `pixel_values`; they are resized to
     the contrastive model's size and normalised with its `image_mean` / `image_std`."""
 
     def __init__(
         self, contrastive_model: nn.Module, text_tokenizer: Any, class_names: Sequence[str],
-        image_mean: Sequence[float], image_std: Sequence[float], prompt: str = "a photo of a {}.",
+        image_mean: Sequence[float], image_std: Sequence[float], prompt: str | Sequence[str] = "a photo of a {}.",
     ) -> None:
         if len(class_names) < 2:
             raise ValueError(f"zero-shot classification needs at least two classes, got {list(class_names)}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any("{}" not in p for p in prompts):
+            raise ValueError(f"zero-shot prompts must each hold '{{}}' for the class name, got {prompts}")
         self.model = contrastive_model.eval()
         self.image_size = int(contrastive_model.config.vision_config.image_size)
         self.image_mean = torch.tensor(list(image_mean)).view(1, -1, 1, 1)
         self.image_std = torch.tensor(list(image_std)).view(1, -1, 1, 1)
         parameter = next(contrastive_model.parameters())
-        text = text_tokenizer(
-            [prompt.format(name) for name in class_names], padding="max_length", truncation=True,
-            max_length=contrastive_model.config.text_config.max_position_embeddings, return_tensors="pt",
-        )
-        with torch.no_grad():
-            features = contrastive_model.get_text_features(**text.to(parameter.device))
-        self.text_embeddings = F.normalize(_embedding(features).float(), dim=-1)  # [num_classes, D]
+        per_prompt = []
+        for template in prompts:
+            text = text_tokenizer(
+                [template.format(name) for name in class_names], padding="max_length", truncation=True,
+                max_length=contrastive_model.config.text_config.max_position_embeddings, return_tensors="pt",
+            )
+            with torch.no_grad():
+                features = contrastive_model.get_text_features(**text.to(parameter.device))
+            per_prompt.append(F.normalize(_embedding(features).float(), dim=-1))  # [num_classes, D]
+        self.text_embeddings = F.normalize(torch.stack(per_prompt).mean(dim=0), dim=-1)  # [num_classes, D]
 
     def predict_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Class indices `[B]` of image embeddings `[B, D]` in the text tower's space (normalised here)."""
