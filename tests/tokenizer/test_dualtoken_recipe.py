@@ -387,7 +387,8 @@ def test_stage_recipes_carry_the_reference_values():
             loss1.disc_leaky_hinge, loss1.disc_loss_weight_from_step) == (0.75, 0, True, 0.3, 10.0, 1.0, 0.75, True,
                                                                           39062)
     assert (loss1.disc_arch, loss1.disc_base_channels, loss1.disc_num_layers) == ("residual", 64, 3)
-    assert s1[3].disc_learning_rate == 7.2e-5
+    assert (s1[3].disc_learning_rate, s1[3].disc_warmup_steps) == (7.2e-5, 19531)
+    assert s1[3].disc_learning_rate * s1[3].disc_min_lr_ratio == pytest.approx(4e-5, rel=1e-3)
     assert {k: s1[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
         == {"semantic_weight": 5.0, "semantic_pooled_weight": 1.0, "semantic_layer_loss": "mse_cos"}
     assert {k: s2[0].model_overrides[k] for k in ("semantic_weight", "semantic_pooled_weight", "semantic_layer_loss")} \
@@ -441,3 +442,30 @@ def test_residual_discriminator_has_the_reference_layout():
         torch.testing.assert_close(block(x), block.shortcut(resized))
     with pytest.raises(ValueError, match="arch must be"):
         PatchDiscriminator(PatchDiscriminatorConfig(arch="stylegan"))
+
+
+def test_discriminator_schedule_has_its_own_warm_up_and_floor():
+    from unimm.train.tokenizer.args import TokenizerTrainingArguments
+    from unimm.train.tokenizer.build import build_optimisation
+
+    model = build_tokenizer("dualtoken-tiny")
+    config = ReconstructionLossConfig(perceptual_weight=0.0, gan_weight=0.1, gan_start_step=4, disc_base_channels=8,
+                                      disc_num_layers=2)
+    loss = ReconstructionLoss(config, model.image_mean, model.image_std)
+
+    def disc_lrs(**overrides):
+        args = TokenizerTrainingArguments(output_dir="unused", max_steps=24, warmup_steps=8, min_lr_ratio=0.0,
+                                          disc_learning_rate=1.0, **overrides)
+        opt = build_optimisation(model, loss, config, args)
+        lrs = []
+        for _ in range(24):
+            lrs.append(opt.disc_optimizer.param_groups[0]["lr"])
+            opt.disc_optimizer.step()
+            opt.disc_scheduler.step()
+        return lrs
+
+    shared = disc_lrs()  # the generator's warm-up (8) and floor (0)
+    own = disc_lrs(disc_warmup_steps=2, disc_min_lr_ratio=0.5)
+    assert shared[:4] == own[:4] == [0.0] * 4  # nothing before the GAN starts
+    assert own[6] == pytest.approx(1.0) and shared[6] < 0.5  # peak after 2 warm-up steps, not 8
+    assert own[-1] >= 0.5 and shared[-1] < 0.1  # cosine down to its own floor

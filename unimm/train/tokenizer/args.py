@@ -132,6 +132,12 @@ class TokenizerTrainingArguments:
         1e-5, "Peak LR of the encoder when it is trained (VQRAE stage 2, DualToken); 0 freezes it."
     )
     disc_learning_rate: float = config_field(1e-4, "Peak LR of the discriminator.")
+    disc_warmup_steps: int | None = config_field(
+        None, "Warm-up steps of the discriminator's schedule (from gan_start_step); None = warmup_steps."
+    )
+    disc_min_lr_ratio: float | None = config_field(
+        None, "Cosine floor of the discriminator's schedule as a fraction of its peak LR; None = min_lr_ratio."
+    )
     weight_decay: float = config_field(
         0.05,
         "AdamW weight decay of the weight matrices; vectors (biases, norms), SimVQ's codebook projection W and "

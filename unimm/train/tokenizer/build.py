@@ -106,6 +106,10 @@ def build_optimisation(
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=0.0,
         )
         disc_scheduler = warmup_cosine_schedule(
-            disc_optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio, start_step=loss_args.gan_start_step
+            disc_optimizer,
+            args.warmup_steps if args.disc_warmup_steps is None else args.disc_warmup_steps,
+            args.max_steps,
+            args.min_lr_ratio if args.disc_min_lr_ratio is None else args.disc_min_lr_ratio,
+            start_step=loss_args.gan_start_step,
         )
     return Optimisation(optimizer, scheduler, trainable, ema, disc_optimizer, disc_scheduler)
