@@ -103,3 +103,15 @@ def test_rfid_needs_torch_fidelity_and_local_inception_weights(tmp_path):
             compute_rfid(tmp_path, tmp_path, None)
         with pytest.raises(FileNotFoundError, match="inception.pth"):
             compute_rfid(tmp_path, tmp_path, tmp_path / "inception.pth")
+
+
+def test_edge_energy_ratio_is_one_for_the_input_and_drops_with_blur():
+    from unimm.tokenizer.metrics import edge_energy_ratio
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16)
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    assert torch.allclose(edge_energy_ratio(images, images), torch.ones(2))
+    ratio = edge_energy_ratio(blurred, images)
+    assert (ratio < 0.5).all()
+    assert (edge_energy_ratio(images, blurred) > 2).all()  # sharper than the reference: above 1

@@ -121,7 +121,9 @@ def test_dualtoken_paper_preset_resolves_to_the_reference_recipe(narrow_so400m_l
         pixel_code_dim=32, semantic_code_dim=32, pixel_num_codes=16384, semantic_num_codes=16384,
         pixel_depth=8, semantic_depth=8, image_size=384, per_tap_projection=True, projection_block="attention",
         decoder_type="cnn", semantic_weight=5.0, semantic_pooled_loss=True, semantic_pooled_weight=1.0,
-        quantizer_beta=5.0,
+        quantizer_beta=5.0, pixel_ema_per_depth=True, semantic_ema_per_depth=False, up_projection_causal=True,
+        semantic_layer_target="quantized", semantic_layer_loss="mse_cos",
+        latent_norm=detok,  # the reference has no norm before the decoder; l-DeTok's noise scale needs one
     )
     assert {key: getattr(cfg, key) for key in pinned} == pinned
     expected = DenoisingConfig.paper() if detok else DenoisingConfig()  # the default corrupts nothing
@@ -132,7 +134,8 @@ def test_dualtoken_paper_preset_resolves_to_the_reference_recipe(narrow_so400m_l
 def test_vqrae_paper_preset_resolves_to_the_paper_recipe(tmp_path, detok):
     name = "vqrae-siglip2-so400m-256" + ("-detok" if detok else "")
     cfg = build_tokenizer(name, encoder_path=_naflex_siglip2(tmp_path / "naflex")).config
-    pinned = dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0, image_size=256)
+    pinned = dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0, image_size=256,
+                  latent_norm=detok)
     assert {key: getattr(cfg, key) for key in pinned} == pinned
     expected = DenoisingConfig.paper() if detok else DenoisingConfig()
     assert DenoisingConfig.from_value(cfg.denoising).to_dict() == expected.to_dict()

@@ -41,11 +41,25 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         torch.manual_seed(0)
         no_restart = ResidualVQ(NUM_CODES, DIM, DEPTH, restart_threshold=0.0, shared_codebook=False)
         _train(no_restart, batches)
+        # The EMA step depth by depth (DualToken's pixel codebook): one all-reduce and restart round per depth.
+        torch.manual_seed(0)
+        per_depth = ResidualVQ(NUM_CODES, DIM, DEPTH, restart_threshold=1.0, ema_per_depth=True)
+        with torch.no_grad():
+            per_depth.codebooks[:, 8:] += 100.0
+            per_depth.ema_sum.copy_(per_depth.codebooks)
+        torch.manual_seed(1000 + rank)
+        per_depth_restarts = _train(per_depth, batches)
+        torch.manual_seed(0)
+        per_depth_plain = ResidualVQ(NUM_CODES, DIM, DEPTH, restart_threshold=0.0, ema_per_depth=True)
+        _train(per_depth_plain, batches)
         torch.save(
             {
                 "restart_state": with_restart.state_dict(),
                 "restarts": restarts,
                 "no_restart_state": no_restart.state_dict(),
+                "per_depth_state": per_depth.state_dict(),
+                "per_depth_restarts": per_depth_restarts,
+                "per_depth_plain_state": per_depth_plain.state_dict(),
             },
             Path(out_dir) / f"rank{rank}.pt",
         )
@@ -76,3 +90,13 @@ def test_two_ranks_keep_identical_codebooks(tmp_path):
     alone = ResidualVQ(NUM_CODES, DIM, DEPTH, restart_threshold=0.0, shared_codebook=False)
     _train(alone, _batches(0))
     assert not torch.allclose(alone.codebooks, single.codebooks, atol=1e-3)
+
+    # Depth by depth: restarts and statistics stay in step across ranks, and equal one process on both batches.
+    assert ranks[0]["per_depth_restarts"] > 0 and ranks[0]["per_depth_restarts"] == ranks[1]["per_depth_restarts"]
+    for name in ("codebooks", "ema_count", "ema_sum"):
+        assert torch.equal(ranks[0]["per_depth_state"][name], ranks[1]["per_depth_state"][name]), name
+    torch.manual_seed(0)
+    single_per_depth = ResidualVQ(NUM_CODES, DIM, DEPTH, restart_threshold=0.0, ema_per_depth=True)
+    _train(single_per_depth, [torch.cat(pair) for pair in zip(_batches(0), _batches(1))])
+    torch.testing.assert_close(ranks[0]["per_depth_plain_state"]["codebooks"], single_per_depth.codebooks,
+                               rtol=1e-5, atol=1e-5)

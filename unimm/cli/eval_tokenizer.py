@@ -1,5 +1,7 @@
 """`unimm-eval-tokenizer`: evaluate a trained visual tokenizer (PSNR, SSIM, codebook use, semantic preservation,
-rFID with local Inception weights) and write the metrics as JSON plus an input | reconstruction grid.
+rFID with local Inception weights; with --zero_shot_model/--zero_shot_dataset two zero-shot top-1 figures: a SigLIP
+on the reconstructions, and DualToken's own metric on its pooled quantised semantic features against the SigLIP
+text tower) and write the metrics as JSON plus an input | reconstruction grid.
 
     unimm-eval-tokenizer --model_path runs/vqrae-tiny/model --dataset sample_photos --image_size 32 \
         --output_json runs/vqrae-tiny/eval.json

@@ -1,5 +1,5 @@
-"""`unimm-train-tokenizer`: train a visual tokenizer (VQRAE stage 1/2, DualToken, l-DeTok options, decoder-only
-finetune).
+"""`unimm-train-tokenizer`: train a visual tokenizer (VQRAE stage 1/2, DualToken in one run or the reference's
+stages 0/1/2 chained by --model_path, l-DeTok options, decoder-only finetune).
 
     unimm-train-tokenizer configs/tokenizer/vqrae-tiny.yaml --output_dir runs/vqrae-tiny
     accelerate launch --num_processes 8 scripts/train_tokenizer.py \

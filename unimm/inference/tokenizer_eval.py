@@ -3,8 +3,12 @@ torch-fidelity and local Inception weights are available), written as JSON, plus
 reconstruction pairs. "semantic" holds the semantic preservation against the initial encoder
 (`unimm.tokenizer.semantic_eval`): known for a DualToken whose encoder was never trained, otherwise given by
 `reference_encoder` (the pretrained encoder the tokenizer started from); without one it says why it was skipped.
-"zero_shot" (with `zero_shot_model` and a `zero_shot_dataset` of class subfolders) holds the zero-shot top-1 of a
-local SigLIP/CLIP on the original images and on their reconstructions. The program is `unimm.cli.eval_tokenizer`.
+"zero_shot" (with `zero_shot_model` and a `zero_shot_dataset` of class subfolders) holds two zero-shot figures
+(`unimm.tokenizer.semantic_eval`): `top1_original` / `top1_reconstructed`, a local SigLIP/CLIP classifying the
+original images and the tokenizer's reconstructions (the pixel branch); and, for a DualToken whose encoder is that
+SigLIP's vision tower, `top1_quantized_semantic_features`, DualToken's own metric (Table 1): its pooled quantised
+semantic features against the text tower, beside `top1_encoder_features` (codes bypassed). The program is
+`unimm.cli.eval_tokenizer`.
 """
 
 from __future__ import annotations
@@ -49,12 +53,21 @@ class TokenizerEvalArguments:
         None, "Local HF checkpoint of the initial (pretrained) encoder, for the semantic metrics."
     )
     zero_shot_model: str | None = config_field(
-        None, "Local SigLIP/CLIP checkpoint (image and text towers, with its tokenizer) for zero-shot top-1."
+        None,
+        "Local SigLIP/CLIP checkpoint (image and text towers, with its tokenizer) for zero-shot top-1: on the "
+        "original and reconstructed images, and (DualToken, whose encoder is this SigLIP's vision tower) on the "
+        "tokenizer's pooled quantised semantic features against the text tower (DualToken's Table 1 metric).",
     )
     zero_shot_dataset: str | None = config_field(
         None, "Image folder with one subfolder per class (the folder names are the class names), for zero-shot."
     )
     zero_shot_prompt: str = config_field("a photo of a {}.", "Prompt of each class name for the text tower.")
+    zero_shot_prompt_file: str | None = config_field(
+        None,
+        "Text file of prompt templates, one per line with '{}' for the class name (e.g. the 80 ImageNet templates "
+        "the DualToken reference averages); each class's embedding is their normalised mean. Replaces "
+        "zero_shot_prompt.",
+    )
     inception_weights: str | None = config_field(
         None, "torch-fidelity Inception weights file; enables rFID ([eval] extra)."
     )
@@ -161,12 +174,31 @@ def semantic_metrics(model: VisualTokenizer, dataset: ImageDataset, args: Tokeni
     return evaluate_semantic_preservation(model, batches, reference, device)
 
 
+def _zero_shot_prompts(args: TokenizerEvalArguments) -> str | list[str]:
+    if not args.zero_shot_prompt_file:
+        return args.zero_shot_prompt
+    path = Path(args.zero_shot_prompt_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"zero_shot_prompt_file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [p for p in prompts if "{}" not in p]
+    if not prompts or bad:
+        raise ValueError(f"zero_shot_prompt_file {path}: every line must be a template with '{{}}' for the class "
+                         f"name; {'it is empty' if not prompts else f'not: {bad[0]!r}'}")
+    return prompts
+
+
 def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, device: torch.device) -> dict[str, Any]:
     """Zero-shot top-1 of `zero_shot_model` on the labelled folder's images and on their reconstructions."""
     from transformers import AutoModel, AutoTokenizer
 
     from unimm.tokenizer.encoders import image_processor_settings
-    from unimm.tokenizer.semantic_eval import ZeroShotClassifier, evaluate_zero_shot
+    from unimm.tokenizer.semantic_eval import (
+        ZeroShotClassifier,
+        evaluate_quantized_feature_zero_shot,
+        evaluate_zero_shot,
+        quantized_feature_zero_shot_unavailable,
+    )
 
     with model_folder("zero_shot_model", args.zero_shot_model, "a SigLIP/CLIP model with its tokenizer"):
         contrastive = AutoModel.from_pretrained(args.zero_shot_model).to(device)
@@ -182,11 +214,17 @@ def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, devi
     class_names = sorted({record_id.split("/", 1)[0] for record_id in ids})
     dataset = ImageDataset(records, ImageTransform.for_tokenizer(model))
     classifier = ZeroShotClassifier(contrastive, text_tokenizer, class_names, settings.image_mean, settings.image_std,
-                                    prompt=args.zero_shot_prompt)
+                                    prompt=_zero_shot_prompts(args))
     label = {name: index for index, name in enumerate(class_names)}
 
     def labelled() -> Iterator[dict]:
         for batch in eval_batches(dataset, args.batch_size, args.max_images):
             yield {**batch, "labels": [label[str(i).split("/", 1)[0]] for i in batch["ids"]]}
 
-    return {**evaluate_zero_shot(model, labelled(), classifier, device), "class_names": class_names}
+    results = {**evaluate_zero_shot(model, labelled(), classifier, device), "class_names": class_names}
+    reason = quantized_feature_zero_shot_unavailable(model)
+    if reason is None:
+        results.update(evaluate_quantized_feature_zero_shot(model, labelled(), classifier, device))
+    else:
+        results["quantized_semantic_features_skipped"] = reason
+    return results

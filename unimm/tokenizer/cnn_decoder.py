@@ -79,6 +79,7 @@ class CNNDecoder(nn.Module):
         attn_resolutions: list[int] | tuple[int, ...] = (),
         input_block: str = "linear",
         out_channels: int = 3,
+        input_causal: bool = True,
     ):
         super().__init__()
         channel_mult = [int(m) for m in channel_mult]
@@ -95,8 +96,9 @@ class CNNDecoder(nn.Module):
             )
         self.image_size = image_size
         self.base_grid = image_size // 2**upsamplings
-        # The reference makes the post-quantisation attention block causal (raster order).
-        self.input_proj = build_projection(input_block, latent_dim, input_width, is_causal=True)
+        # The reference's post-quantisation attention block is causal in raster order at HEAD (bidirectional at its
+        # first commit 41be90e); `input_causal` chooses.
+        self.input_proj = build_projection(input_block, latent_dim, input_width, is_causal=input_causal)
         self.post_quant = ResnetBlock(input_width, in_channels, first_kernel=1)
         width = channels * channel_mult[-1]
         self.conv_in = nn.Conv2d(in_channels, width, 3, padding=1)

@@ -91,6 +91,10 @@ TRAINING_ONLY_KEYS = (
     "ema_decay",
     "ema_eps",
     "restart_threshold",
+    "semantic_layer_target",
+    "semantic_layer_loss",
+    "pixel_ema_per_depth",
+    "semantic_ema_per_depth",
 )
 _HF_VOLATILE_KEYS = (
     "transformers_version",
@@ -120,6 +124,7 @@ _LATER_FIELD_DEFAULTS = {
     "cnn_decoder_channel_mult": None,
     "cnn_decoder_num_res_blocks": 2,
     "cnn_decoder_attn_resolutions": None,
+    "up_projection_causal": True,
 }
 
 
@@ -252,6 +257,32 @@ class DualTokenConfig(_TokenizerConfigBase):
     semantic_pooled_weight: float | None = field(
         default=None, metadata={"help": "Weight of the pooled-output term; None = semantic_weight (paper 1)."}
     )
+    semantic_layer_target: str = field(
+        default="quantized",
+        metadata={"help": "What the semantic_layer term compares with the teacher's hidden state there: 'quantized' "
+                          "(the projection back from the semantic codes; reference HEAD train.py) or 'encoder' "
+                          "(the encoder's own pre-quantisation hidden state; reference commit 41be90e stage 1)."},
+    )
+    semantic_layer_loss: str = field(
+        default="mse_cos",
+        metadata={"help": "The semantic_layer term: 'mse_cos' (MSE + 1 - cos) or 'cos' (1 - cos only; the "
+                          "reference's stage 2)."},
+    )
+    pixel_ema_per_depth: bool = field(
+        default=False,
+        metadata={"help": "Pixel ResidualVQ: EMA step depth by depth inside the residual loop (reference 'rq' "
+                          "quantizer) instead of once after all depths."},
+    )
+    semantic_ema_per_depth: bool = field(
+        default=False,
+        metadata={"help": "Semantic ResidualVQ: EMA step depth by depth (the reference's semantic 'rq_ema' "
+                          "quantizer updates once after all depths)."},
+    )
+    up_projection_causal: bool = field(
+        default=True,
+        metadata={"help": "Attention projection blocks from the codes back up (semantic projection out, CNN decoder "
+                          "input) attend causally in raster order (reference HEAD); False: bidirectional (41be90e)."},
+    )
     train_encoder: bool = field(
         default=False, metadata={"help": "Train the SigLIP encoder (a frozen teacher is kept)."}
     )
@@ -287,4 +318,10 @@ class DualTokenConfig(_TokenizerConfigBase):
             raise ValueError(f"projection_block must be 'linear' or 'attention', got {self.projection_block!r}")
         if self.decoder_type not in ("vit", "cnn"):
             raise ValueError(f"decoder_type must be 'vit' or 'cnn', got {self.decoder_type!r}")
+        if self.semantic_layer_target not in ("quantized", "encoder"):
+            raise ValueError(
+                f"semantic_layer_target must be 'quantized' or 'encoder', got {self.semantic_layer_target!r}"
+            )
+        if self.semantic_layer_loss not in ("mse_cos", "cos"):
+            raise ValueError(f"semantic_layer_loss must be 'mse_cos' or 'cos', got {self.semantic_layer_loss!r}")
         super().__post_init__(**kwargs)

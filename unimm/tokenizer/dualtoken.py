@@ -12,6 +12,13 @@
 Projections are `nn.Linear` (`projection_block="linear"`, cheap, for tiny runs) or the reference's LayerNorm-first
 attention blocks (`"attention"`, unimm.tokenizer.projections).
 
+Training stages (`set_stage`, the reference's `--stage` of songweii/DualToken main.py / train.py): 1 (default) trains
+every part the config leaves trainable. With `train_encoder`, stage 0 freezes the embeddings and encoder layers
+1..`semantic_layer` (only the layers above it, the final norm and the head train, reached through the pooled
+loss), and stage 2 freezes the embeddings and the layers up to the shallowest pixel tap plus the whole pixel branch
+(its projections, codebook EMA, decoder) and drops the pixel commitment loss, so only the semantic path trains. The
+loss mix of each stage is the recipe's (configs/tokenizer/dualtoken-siglip-so400m-384-stage*.yaml).
+
 Hidden-state numbering is `output_hidden_states`': 0 = embeddings, i = output of layer i (1-based), so the
 paper's "layer 26 of 27" is `semantic_layer=26` and exactly one encoder layer runs on the quantised features.
 """
@@ -26,13 +33,15 @@ from unimm.tokenizer.cnn_decoder import CNNDecoder
 from unimm.tokenizer.configuration import DenoisingConfig, DualTokenConfig
 from unimm.tokenizer.denoising import LatentDenoiser
 from unimm.tokenizer.encoders import EncoderAccess
-from unimm.tokenizer.losses import semantic_loss
+from unimm.tokenizer.losses import cosine_distance, semantic_loss
 from unimm.tokenizer.projections import build_projection
 from unimm.tokenizer.quantizers import ResidualVQ
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, VisualCodes
 from unimm.utils.logging import get_logger, warn_once
 
 logger = get_logger(__name__)
+
+DUALTOKEN_STAGES = (0, 1, 2)
 
 # The reference decoder's levels (finest first): 128 x [1, 1, 4, 4, 8] channels, 16x upsampling.
 REFERENCE_CNN_CHANNEL_MULT = (1, 1, 4, 4, 8)
@@ -45,6 +54,7 @@ class DualToken(VisualTokenizer):
         super().__init__(config)
         self._validate(config)
         width = self.encoder_hidden_size
+        self.stage = 1
         rvq_kwargs = dict(
             decay=config.ema_decay,
             eps=config.ema_eps,
@@ -60,14 +70,18 @@ class DualToken(VisualTokenizer):
             build_projection(block, width, config.pixel_code_dim) if self._projects_shortcut_apart else None
         )
         self.pixel_quantizer = ResidualVQ(
-            config.pixel_num_codes, config.pixel_code_dim, config.pixel_depth, **rvq_kwargs
+            config.pixel_num_codes, config.pixel_code_dim, config.pixel_depth,
+            ema_per_depth=config.pixel_ema_per_depth, **rvq_kwargs,
         )
         self.semantic_proj_in = build_projection(block, width, config.semantic_code_dim)
         self.semantic_quantizer = ResidualVQ(
-            config.semantic_num_codes, config.semantic_code_dim, config.semantic_depth, **rvq_kwargs
+            config.semantic_num_codes, config.semantic_code_dim, config.semantic_depth,
+            ema_per_depth=config.semantic_ema_per_depth, **rvq_kwargs,
         )
-        # The reference's post-quantisation blocks attend causally (raster order).
-        self.semantic_proj_out = build_projection(block, config.semantic_code_dim, width, is_causal=True)
+        # The reference's post-quantisation blocks attend causally (raster order) at HEAD, bidirectionally at 41be90e.
+        self.semantic_proj_out = build_projection(
+            block, config.semantic_code_dim, width, is_causal=config.up_projection_causal
+        )
         self._build_decoder_path(config.pixel_code_dim)
         self.post_init()
         self._apply_stage_freezing()
@@ -127,6 +141,7 @@ class DualToken(VisualTokenizer):
             num_res_blocks=cfg.cnn_decoder_num_res_blocks,
             attn_resolutions=[base_grid] if attn_resolutions is None else list(attn_resolutions),
             input_block=cfg.projection_block,
+            input_causal=cfg.up_projection_causal,
         )
 
     def _check_denoising(self, denoising: DenoisingConfig) -> None:
@@ -139,6 +154,14 @@ class DualToken(VisualTokenizer):
     def set_train_encoder(self, train_encoder: bool, teacher_encoder: nn.Module | None = None) -> None:
         """Train the encoder (keeping a frozen teacher copy of it, taken now unless given) or freeze it."""
         self.config.train_encoder = train_encoder
+        if teacher_encoder is not None:
+            mine, theirs = self.encoder.config, teacher_encoder.config
+            keys = ("model_type", "hidden_size", "num_hidden_layers")
+            if any(getattr(mine, k, None) != getattr(theirs, k, None) for k in keys):
+                raise ValueError(
+                    "the teacher encoder does not match the tokenizer's encoder: "
+                    + ", ".join(f"{k} {getattr(theirs, k, None)} vs {getattr(mine, k, None)}" for k in keys)
+                )
         if train_encoder:
             self.init_teacher(teacher_encoder)
         else:
@@ -147,17 +170,60 @@ class DualToken(VisualTokenizer):
             self._apply_stage_freezing()
         self.train(self.training)
 
+    def set_stage(self, stage: int) -> None:
+        """The reference's training stage (module docstring): 0, 1 (everything the config trains) or 2."""
+        if stage not in DUALTOKEN_STAGES:
+            raise ValueError(f"DualToken stage must be one of {DUALTOKEN_STAGES}, got {stage}")
+        self.stage = stage
+        if not self._decoder_only:
+            self._apply_stage_freezing()
+        self.train(self.training)
+
+    def _pixel_modules(self) -> list[nn.Module]:
+        """The pixel branch after the encoder: tap projections, quantizer, decoder path."""
+        modules = [self.pixel_proj_in, self.pixel_quantizer, self.latent_norm, self.denoiser, self.decoder]
+        return modules + ([self.shortcut_proj_in] if self.shortcut_proj_in is not None else [])
+
+    @property
+    def _shallowest_pixel_tap(self) -> int:
+        cfg = self.config
+        return min(cfg.pixel_layer, cfg.shortcut_layer) if cfg.shortcut_layer is not None else cfg.pixel_layer
+
     def _apply_stage_freezing(self) -> None:
+        for module in self._pixel_modules():
+            module.requires_grad_(self.stage != 2)
+        for module in (self.semantic_proj_in, self.semantic_proj_out):
+            module.requires_grad_(True)
         self._set_encoder_requires_grad(bool(self.config.train_encoder))
+        if self.config.train_encoder and self.stage in (0, 2):
+            # Reference main.py: stage 0 freezes layers [0, layer_sem), stage 2 layers [0, layer_shortcut).
+            frozen = self.config.semantic_layer if self.stage == 0 else self._shallowest_pixel_tap
+            for module in (self.encoder.embeddings, *self._encoder_access.layers[:frozen]):
+                module.requires_grad_(False)
+
+    def _frozen_submodules(self) -> list[nn.Module]:
+        """Stage 2 also keeps the pixel branch in eval mode: its codebook EMA stands still (reference train.py)."""
+        frozen = super()._frozen_submodules()
+        return frozen + self._pixel_modules() if self.stage == 2 and not self._decoder_only else frozen
+
+    @property
+    def _semantic_pooled_weight(self) -> float:
+        cfg = self.config
+        if not cfg.semantic_pooled_loss:
+            return 0.0
+        return cfg.semantic_weight if cfg.semantic_pooled_weight is None else cfg.semantic_pooled_weight
 
     def _unused_parameters(self) -> list[nn.Parameter]:
         """What no training loss reaches: without the pooled-output loss, the encoder layers above
-        `semantic_layer`, its final norm and head; without any semantic loss, also the projection back."""
+        `semantic_layer`, its final norm and head; when nothing compares the quantised path with the teacher,
+        also the projection back."""
+        cfg = self.config
         unused = super()._unused_parameters()
-        if not (self.config.semantic_pooled_loss and self.config.semantic_weight > 0):
-            top = [*self._encoder_access.layers[self.config.semantic_layer :], self.encoder.post_layernorm]
+        pooled_used = self._semantic_pooled_weight > 0
+        if not pooled_used:
+            top = [*self._encoder_access.layers[cfg.semantic_layer :], self.encoder.post_layernorm]
             unused += [p for module in top for p in module.parameters()] + self._encoder_head_parameters()
-        if self.config.semantic_weight <= 0:
+        if not (pooled_used or (cfg.semantic_weight > 0 and cfg.semantic_layer_target == "quantized")):
             unused += list(self.semantic_proj_out.parameters())
         return unused
 
@@ -266,14 +332,11 @@ class DualToken(VisualTokenizer):
         replaced = self._dequantize_semantic(semantic_out.quantized)
         features, pooled = self._run_top(replaced, access)
 
-        losses = {"quantizer": pixel_out.loss + semantic_out.loss}
-        if self.config.semantic_weight > 0 and not self._decoder_only:
-            cfg = self.config
-            target_hidden, target_pooled = self._semantic_targets(pixel_values, semantic_hidden)
-            semantic = cfg.semantic_weight * semantic_loss(replaced, target_hidden)
-            if cfg.semantic_pooled_loss and pooled is not None and target_pooled is not None:
-                pooled_weight = cfg.semantic_weight if cfg.semantic_pooled_weight is None else cfg.semantic_pooled_weight
-                semantic = semantic + pooled_weight * semantic_loss(pooled, target_pooled)
+        # Stage 2 trains the semantic path alone: the frozen pixel branch's commitment loss would still pull the
+        # encoder layers under its taps (reference train.py stage 2: 5 x quant_loss_semantic only).
+        losses = {"quantizer": semantic_out.loss if self.stage == 2 else pixel_out.loss + semantic_out.loss}
+        semantic = self._semantic_loss(pixel_values, semantic_hidden, replaced, pooled)
+        if semantic is not None:
             losses["semantic"] = semantic
         stats = {**self._group_stats("pixel", pixel_out), **self._group_stats("semantic", semantic_out)}
         return TokenizerOutput(
@@ -283,6 +346,28 @@ class DualToken(VisualTokenizer):
             stats=stats,
             features=features,
         )
+
+    def _semantic_loss(
+        self, pixel_values: torch.Tensor, semantic_hidden: torch.Tensor, replaced: torch.Tensor,
+        pooled: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """semantic_weight x (layer term) + pooled weight x (MSE + 1 - cos on the pooled output), or None when
+        neither is on. The layer term compares the teacher's hidden state at `semantic_layer` with the quantised
+        path's (`semantic_layer_target="quantized"`) or the encoder's own (`"encoder"`), by MSE + 1 - cos or 1 - cos
+        (`semantic_layer_loss`)."""
+        cfg = self.config
+        pooled_weight = self._semantic_pooled_weight if pooled is not None else 0.0
+        if self._decoder_only or (cfg.semantic_weight <= 0 and pooled_weight <= 0):
+            return None
+        target_hidden, target_pooled = self._semantic_targets(pixel_values, semantic_hidden)
+        total = torch.zeros((), device=pixel_values.device)
+        if cfg.semantic_weight > 0:
+            prediction = replaced if cfg.semantic_layer_target == "quantized" else semantic_hidden
+            term = semantic_loss if cfg.semantic_layer_loss == "mse_cos" else cosine_distance
+            total = total + cfg.semantic_weight * term(prediction, target_hidden)
+        if pooled_weight > 0 and target_pooled is not None:
+            total = total + pooled_weight * semantic_loss(pooled, target_pooled)
+        return total
 
     @torch.no_grad()
     def _semantic_targets(

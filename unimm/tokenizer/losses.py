@@ -17,9 +17,11 @@ from unimm.tokenizer.discriminator import PatchDiscriminator, PatchDiscriminator
 from unimm.tokenizer.lpips import LPIPS
 
 
-def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """`0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))))`."""
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, leaky: bool = False) -> torch.Tensor:
+    """`0.5 * (mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat))))`; `leaky` uses leaky_relu (slope 0.01) as the
+    DualToken reference's `hinge_d_loss` does (vqgan/gan_loss.py)."""
+    act = F.leaky_relu if leaky else F.relu
+    return 0.5 * (act(1.0 - logits_real).mean() + act(1.0 + logits_fake).mean())
 
 
 def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
@@ -33,13 +35,15 @@ def adaptive_gan_weight(
     last_layer: torch.Tensor,
     eps: float = 1e-4,
     max_weight: float = 1e4,
+    min_weight: float = 0.0,
 ) -> torch.Tensor:
     """Balance the adversarial gradient against the reconstruction gradient at the decoder's last layer:
-    `||grad(L_rec)|| / (||grad(L_G)|| + eps)`, clamped to `[0, max_weight]` and detached (VQGAN)."""
+    `||grad(L_rec)|| / (||grad(L_G)|| + eps)`, clamped to `[min_weight, max_weight]` and detached (VQGAN:
+    [0, 1e4]; the DualToken reference: [0.3, 10])."""
     rec_grad = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
     gen_grad = torch.autograd.grad(generator_loss, last_layer, retain_graph=True)[0]
     weight = rec_grad.norm() / (gen_grad.norm() + eps)
-    return weight.clamp(0.0, max_weight).detach()
+    return weight.clamp(min_weight, max_weight).detach()
 
 
 def self_distillation_loss(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,11 @@ def semantic_loss(features: torch.Tensor, teacher_features: torch.Tensor) -> tor
     features, teacher_features = features.float(), teacher_features.detach().float()
     cosine = F.cosine_similarity(features, teacher_features, dim=-1).mean()
     return F.mse_loss(features, teacher_features) + (1.0 - cosine)
+
+
+def cosine_distance(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity along the channel dim (mean), against a frozen teacher (DualToken's stage-2 layer term)."""
+    return 1.0 - F.cosine_similarity(features.float(), teacher_features.detach().float(), dim=-1).mean()
 
 
 def to_lpips_range(pixel_values: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -79,9 +88,37 @@ class ReconstructionLossConfig:
     adaptive_gan_weight: bool = field(
         default=True, metadata={"help": "Scale the GAN loss by the grad-norm ratio at the decoder's last layer."}
     )
+    adaptive_weight_min: float = field(
+        default=0.0, metadata={"help": "Lower clamp of the adaptive GAN weight (VQGAN 0; DualToken reference 0.3)."}
+    )
+    adaptive_weight_max: float = field(
+        default=1e4, metadata={"help": "Upper clamp of the adaptive GAN weight (VQGAN 1e4; DualToken reference 10)."}
+    )
+    adaptive_weight_l2_weight: float | None = field(
+        default=None,
+        metadata={"help": "L2 weight inside the reconstruction loss whose gradient the adaptive weight measures; "
+                          "None = l2_weight (the loss as trained). DualToken's reference measures MSE + LPIPS (1) "
+                          "while training on 5 x MSE + LPIPS."},
+    )
+    disc_loss_weight: float = field(
+        default=1.0, metadata={"help": "Factor on the discriminator's hinge loss (DualToken reference 0.75)."}
+    )
+    disc_loss_weight_from_step: int = field(
+        default=0,
+        metadata={"help": "Step from which disc_loss_weight applies; the factor is 1 before it (the DualToken "
+                          "reference: 1 in the GAN's first epoch, 0.75 after)."},
+    )
+    disc_leaky_hinge: bool = field(
+        default=False, metadata={"help": "Discriminator hinge with leaky_relu (DualToken reference) instead of relu."}
+    )
     disc_base_channels: int = field(default=64, metadata={"help": "PatchGAN width of the first layer."})
     disc_num_layers: int = field(default=3, metadata={"help": "PatchGAN number of downsampling layers."})
     disc_norm: str = field(default="group", metadata={"help": "PatchGAN normalisation: group | batch | none."})
+    disc_arch: str = field(
+        default="conv",
+        metadata={"help": "PatchGAN form: 'conv' (pix2pix stack) or 'residual' (the DualToken reference's pre-norm "
+                          "GroupNorm residual blocks; disc_norm does not apply)."},
+    )
 
 
 def check_lpips_weights(config: ReconstructionLossConfig) -> None:
@@ -115,7 +152,8 @@ class ReconstructionLoss(nn.Module):
         if config.gan_weight > 0:
             self.discriminator = PatchDiscriminator(
                 PatchDiscriminatorConfig(
-                    base_channels=config.disc_base_channels, num_layers=config.disc_num_layers, norm=config.disc_norm
+                    base_channels=config.disc_base_channels, num_layers=config.disc_num_layers, norm=config.disc_norm,
+                    arch=config.disc_arch,
                 )
             )
 
@@ -149,16 +187,24 @@ class ReconstructionLoss(nn.Module):
             self.discriminator.requires_grad_(True)
             weight = torch.ones((), device=inputs.device)
             if cfg.adaptive_gan_weight and last_layer is not None and torch.is_grad_enabled():
-                weight = adaptive_gan_weight(total, generator, last_layer)
+                measured = total
+                if cfg.adaptive_weight_l2_weight is not None:
+                    measured = cfg.adaptive_weight_l2_weight * l2
+                    if "lpips" in logs:
+                        measured = measured + cfg.perceptual_weight * perceptual
+                weight = adaptive_gan_weight(measured, generator, last_layer, max_weight=cfg.adaptive_weight_max,
+                                             min_weight=cfg.adaptive_weight_min)
             total = total + cfg.gan_weight * weight * generator
             logs["gan_g"] = generator.detach()
             logs["gan_adaptive_weight"] = weight.detach()
         return total, logs
 
     def discriminator_loss(
-        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module | None = None
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, discriminator: nn.Module | None = None,
+        step: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Hinge loss for the discriminator's update (reconstructions are detached here).
+        """Hinge loss for the discriminator's update (reconstructions are detached here), times `disc_loss_weight`
+        from `disc_loss_weight_from_step` on (`step` None: the weight applies).
 
         `discriminator` may be a distributed wrapper of `self.discriminator` so its gradients are synchronised.
         """
@@ -167,7 +213,11 @@ class ReconstructionLoss(nn.Module):
         discriminator = discriminator if discriminator is not None else self.discriminator
         logits_real = discriminator(inputs.detach().float())
         logits_fake = discriminator(reconstructions.detach().float())
-        loss = hinge_discriminator_loss(logits_real, logits_fake)
+        cfg = self.config
+        weighted = step is None or step >= cfg.disc_loss_weight_from_step
+        loss = (cfg.disc_loss_weight if weighted else 1.0) * hinge_discriminator_loss(
+            logits_real, logits_fake, leaky=cfg.disc_leaky_hinge
+        )
         logs = {
             "gan_d": loss.detach(),
             "logits_real": logits_real.detach().mean(),

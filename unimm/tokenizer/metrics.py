@@ -1,4 +1,5 @@
-"""Reconstruction and codebook metrics: PSNR, SSIM (Gaussian window, as `skimage.metrics` computes it),
+"""Reconstruction and codebook metrics: PSNR, SSIM (Gaussian window, as `skimage.metrics` computes it), the edge
+energy ratio (how sharp reconstructions are against their inputs: what an adversarial loss works on),
 codebook utilisation and perplexity over an evaluation pass, rFID through torch-fidelity (the `[eval]` extra),
 and `evaluate_tokenizer`, the evaluation loop shared by the training and evaluation programs.
 
@@ -30,6 +31,21 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor, data_range: float = 1.0
         raise ValueError(f"psnr: shapes differ {tuple(prediction.shape)} vs {tuple(target.shape)}")
     mse = (prediction.double() - target.double()).pow(2).flatten(1).mean(dim=1)
     return (10.0 * torch.log10(data_range**2 / mse)).float()
+
+
+def edge_energy_ratio(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image `[B]`: the energy of horizontal and vertical finite differences of `prediction` over that of
+    `target` (1 = as much edge detail as the input; a blurred reconstruction scores below 1)."""
+    if prediction.shape != target.shape or prediction.dim() != 4:
+        raise ValueError(f"edge_energy_ratio: expected two [B, C, H, W] tensors of one shape, got "
+                         f"{tuple(prediction.shape)} and {tuple(target.shape)}")
+
+    def energy(images: torch.Tensor) -> torch.Tensor:
+        images = images.double()
+        dx, dy = images[..., :, 1:] - images[..., :, :-1], images[..., 1:, :] - images[..., :-1, :]
+        return dx.pow(2).flatten(1).sum(dim=1) + dy.pow(2).flatten(1).sum(dim=1)
+
+    return (energy(prediction) / energy(target).clamp_min(1e-12)).float()
 
 
 def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
@@ -164,7 +180,8 @@ def evaluate_tokenizer(
     image_writer: Any = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """One evaluation pass: mean PSNR and SSIM of the reconstructions, codebook utilisation/perplexity.
+    """One evaluation pass: mean PSNR, SSIM and edge energy ratio of the reconstructions, codebook
+    utilisation/perplexity.
 
     `batches` yields dicts with `pixel_values` (tokenizer-normalised, as `collate_images` produces) and `ids`.
     `image_writer(ids, inputs01, reconstructions01)` is called per batch when given (e.g. to dump PNGs for
@@ -175,7 +192,7 @@ def evaluate_tokenizer(
     was_training = model.training
     model.eval()
     usage = CodebookUsage(model.codebook_spec)
-    sums = torch.zeros(3, dtype=torch.float64)  # psnr, ssim, count
+    sums = torch.zeros(4, dtype=torch.float64)  # psnr, ssim, count, edge energy ratio
     mean, std = model.image_mean, model.image_std
     for batch in tqdm(batches, desc="eval", disable=not progress, leave=False):
         pixel_values = batch["pixel_values"]
@@ -189,6 +206,7 @@ def evaluate_tokenizer(
         sums[0] += psnr(recon01, inputs01).double().sum().cpu()
         sums[1] += ssim(recon01, inputs01).double().sum().cpu()
         sums[2] += pixel_values.shape[0]
+        sums[3] += edge_energy_ratio(recon01, inputs01).double().sum().cpu()
         if image_writer is not None:
             image_writer(batch.get("ids"), inputs01.cpu(), recon01.cpu())
     model.train(was_training)
@@ -201,6 +219,7 @@ def evaluate_tokenizer(
         "num_images": count,
         "psnr": float(sums[0] / count),
         "ssim": float(sums[1] / count),
+        "edge_energy_ratio": float(sums[3] / count),
         "codebooks": codebooks,
     }
     for name, stats in codebooks.items():

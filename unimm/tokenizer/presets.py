@@ -190,16 +190,21 @@ def dualtoken_depths(num_positions: int) -> dict[str, int]:
     return {"pixel_depth": depth, "semantic_depth": depth}
 
 
-_PAPER_DENOISING = DenoisingConfig.paper().to_dict()
-
 # VQRAE paper: SigLIP2-so400m patch16 @ 256 px, code dim 1536, 16384 codes, symmetric ViT decoder. VQRAE trains
-# without latent denoising; l-DeTok is the separate `-detok` preset.
-VQRAE_PAPER = dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0)
+# without latent denoising; l-DeTok is the separate `-detok` preset. The paper's decoder takes the codes as they
+# are (no normalisation before it, `latent_norm=False`); the `-detok` presets keep UniMM's per-token LayerNorm,
+# which sets the unit scale l-DeTok's noise gamma is defined on. (The authors' code, KlingAIResearch/VQRAE, could
+# not be read for this: the presets follow the paper.)
+VQRAE_PAPER = dict(code_dim=1536, num_codes=16384, quantizer_beta=0.25, distill_weight=1.0, latent_norm=False)
 # DualToken paper and reference (songweii/DualToken): SigLIP-so400m patch14 @ 384 px (27 layers), trained end to
 # end (train_encoder). Pixel codes from layer 6 (+ 0.6 x layer 4), each tap projected on its own by a
 # LayerNorm-first attention block and summed; semantic codes replace layer 26; 32-dim codes, 16384 per codebook,
 # residual depth 8 at 729 positions (4 below); VQGAN-style CNN pixel decoder. Losses: 5 x (MSE + 1 - cos) at the
-# semantic layer, 1 x on the pooled output, commitment 5. No latent denoising (that is the `-detok` preset).
+# semantic layer, 1 x on the pooled output, commitment 5. No latent denoising (that is the `-detok` preset) and no
+# normalisation before the decoder (`latent_norm=False`; the reference's decoder takes the pixel codes as they are).
+# The pixel codebook's EMA step runs depth by depth inside the residual loop (reference `rq` quantizer), the
+# semantic one's once after all depths (`rq_ema`); the up-projections attend causally (reference HEAD).
+# docs/TOKENIZER_FIDELITY.md lists every value with its source.
 # 384 is not a multiple of 14: the encoder sees 27 x 27 patches and decodes are resized from 378 to 384 px.
 DUALTOKEN_PAPER = dict(
     pixel_layer=6,
@@ -217,7 +222,12 @@ DUALTOKEN_PAPER = dict(
     semantic_weight=5.0,
     semantic_pooled_weight=1.0,
     quantizer_beta=5.0,
+    latent_norm=False,
+    pixel_ema_per_depth=True,
+    semantic_ema_per_depth=False,
+    up_projection_causal=True,
 )
+_DETOK_LATENT = dict(denoising=DenoisingConfig.paper().to_dict(), latent_norm=True)
 
 PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
     # Tiny: SigLIP-shaped random encoder, 32 px / patch 4 -> 8x8 = 64 positions; decoder mirrors the encoder.
@@ -247,7 +257,7 @@ PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
         VQRAEConfig, VQRAE, "vqrae-siglip2-so400m-256", VQRAE_PAPER, image_size=256,
     ),
     "vqrae-siglip2-so400m-256-detok": _paper(
-        VQRAEConfig, VQRAE, "vqrae-siglip2-so400m-256-detok", {**VQRAE_PAPER, "denoising": _PAPER_DENOISING},
+        VQRAEConfig, VQRAE, "vqrae-siglip2-so400m-256-detok", {**VQRAE_PAPER, **_DETOK_LATENT},
         image_size=256,
     ),
     "dualtoken-siglip-so400m-384": _paper(
@@ -256,7 +266,7 @@ PRESETS: dict[str, Callable[..., VisualTokenizer]] = {
     ),
     "dualtoken-siglip-so400m-384-detok": _paper(
         DualTokenConfig, DualToken, "dualtoken-siglip-so400m-384-detok",
-        {**DUALTOKEN_PAPER, "denoising": _PAPER_DENOISING}, image_size=384, fields_for_positions=dualtoken_depths,
+        {**DUALTOKEN_PAPER, **_DETOK_LATENT}, image_size=384, fields_for_positions=dualtoken_depths,
     ),
 
 }

@@ -10,8 +10,9 @@ on SigLIP's pre-norm residual stream, whose few outlier channels would otherwise
 The attention works at the smaller of the two widths per head: projecting down (in > out) it has in/out heads of
 dimension `out` whose outputs are averaged; projecting up (in < out) it has out/in heads of dimension `in` whose
 outputs are concatenated. The key projection has no bias (a key bias adds the same score to every key of a query,
-so softmax ignores it). The reference makes the post-quantisation (up) blocks causal in raster order; `is_causal`
-keeps that choice available.
+so softmax ignores it). The reference's post-quantisation (up) blocks attend causally in raster order at its newest
+commit (29e7c84, modeling_rqvaesiglip.py `postquant_sem` / `postquant_pix`, `is_causal=True`) and bidirectionally at
+its first (41be90e); `is_causal` chooses (DualToken's `up_projection_causal`).
 """
 
 from __future__ import annotations

@@ -16,9 +16,16 @@ The initial encoder is the tokenizer's teacher when it has one (training with a 
 tokenizer's own encoder when that was never trained (DualToken with `train_encoder=False`), or given explicitly
 (a trained checkpoint does not carry its initial encoder: pass the pretrained encoder it started from).
 
-Zero-shot top-1 (`ZeroShotClassifier`, `evaluate_zero_shot`): a contrastive image-text model (SigLIP or CLIP, local)
-classifies labelled images from class-name prompts, once on the originals and once on the tokenizer's
-reconstructions; a tokenizer that keeps what that model sees scores the same on both.
+Two zero-shot top-1 figures, which measure different things:
+
+- Reconstruction-based (`evaluate_zero_shot`, UniMM's): a contrastive image-text model (SigLIP or CLIP, local) classifies
+  labelled images from class-name prompts, once on the originals and once on the tokenizer's reconstructions; a
+  tokenizer whose pixels keep what that model sees scores the same on both. It measures the pixel branch.
+- Quantised-feature (`evaluate_quantized_feature_zero_shot`, DualToken's Table 1): the tokenizer's own pooled output
+  computed on its quantised semantic features (semantic codes -> projection back -> the encoder's remaining layers,
+  final norm and attention-pooling head, L2-normalised: the reference's `image_features` in zero_shot.py) against
+  the SigLIP text tower's class embeddings. It measures the semantic codes; no image is reconstructed. The same
+  figure with the codes bypassed (the tokenizer's encoder on its own) is reported beside it.
 """
 
 from __future__ import annotations
@@ -164,27 +171,45 @@ def evaluate_semantic_preservation(
 class ZeroShotClassifier:
     """Zero-shot classification with a contrastive image-text model (a `transformers` `SiglipModel` or `CLIPModel`):
     one text embedding per class from `prompt.format(class_name)`, an image is assigned the class whose embedding
-    is most similar to its image embedding. Images come as tokenizer-normalised `pixel_values`; they are resized to
+    is most similar to its image embedding. With several prompts (a sequence), a class's embedding is the
+    normalised mean of its prompts' normalised embeddings (open_clip's `build_zero_shot_classifier`, which the
+    DualToken reference uses with the 80 ImageNet templates). Images come as tokenizer-normalised `pixel_values`; they are resized to
     the contrastive model's size and normalised with its `image_mean` / `image_std`."""
 
     def __init__(
         self, contrastive_model: nn.Module, text_tokenizer: Any, class_names: Sequence[str],
-        image_mean: Sequence[float], image_std: Sequence[float], prompt: str = "a photo of a {}.",
+        image_mean: Sequence[float], image_std: Sequence[float], prompt: str | Sequence[str] = "a photo of a {}.",
     ) -> None:
         if len(class_names) < 2:
             raise ValueError(f"zero-shot classification needs at least two classes, got {list(class_names)}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or any("{}" not in p for p in prompts):
+            raise ValueError(f"zero-shot prompts must each hold '{{}}' for the class name, got {prompts}")
         self.model = contrastive_model.eval()
         self.image_size = int(contrastive_model.config.vision_config.image_size)
         self.image_mean = torch.tensor(list(image_mean)).view(1, -1, 1, 1)
         self.image_std = torch.tensor(list(image_std)).view(1, -1, 1, 1)
         parameter = next(contrastive_model.parameters())
-        text = text_tokenizer(
-            [prompt.format(name) for name in class_names], padding="max_length", truncation=True,
-            max_length=contrastive_model.config.text_config.max_position_embeddings, return_tensors="pt",
-        )
-        with torch.no_grad():
-            features = contrastive_model.get_text_features(**text.to(parameter.device))
-        self.text_embeddings = F.normalize(_embedding(features).float(), dim=-1)  # [num_classes, D]
+        per_prompt = []
+        for template in prompts:
+            text = text_tokenizer(
+                [template.format(name) for name in class_names], padding="max_length", truncation=True,
+                max_length=contrastive_model.config.text_config.max_position_embeddings, return_tensors="pt",
+            )
+            with torch.no_grad():
+                features = contrastive_model.get_text_features(**text.to(parameter.device))
+            per_prompt.append(F.normalize(_embedding(features).float(), dim=-1))  # [num_classes, D]
+        self.text_embeddings = F.normalize(torch.stack(per_prompt).mean(dim=0), dim=-1)  # [num_classes, D]
+
+    def predict_embeddings(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Class indices `[B]` of image embeddings `[B, D]` in the text tower's space (normalised here)."""
+        if image_embeddings.shape[-1] != self.text_embeddings.shape[-1]:
+            raise ValueError(
+                f"image embeddings have {image_embeddings.shape[-1]} channels but the text tower's have "
+                f"{self.text_embeddings.shape[-1]}: the tokenizer's encoder must be this contrastive model's vision tower"
+            )
+        image_embeddings = F.normalize(image_embeddings.float(), dim=-1)
+        return (image_embeddings @ self.text_embeddings.to(image_embeddings.device).T).argmax(dim=-1)
 
     @torch.no_grad()
     def predict(self, images01: torch.Tensor) -> torch.Tensor:
@@ -194,8 +219,7 @@ class ZeroShotClassifier:
                                align_corners=False, antialias=True)
         images = (images - self.image_mean.to(images.device)) / self.image_std.to(images.device)
         features = self.model.get_image_features(pixel_values=images.to(parameter.device, parameter.dtype))
-        image_embeddings = F.normalize(_embedding(features).float(), dim=-1)  # [B, D]
-        return (image_embeddings @ self.text_embeddings.to(image_embeddings.device).T).argmax(dim=-1)
+        return self.predict_embeddings(_embedding(features))
 
 
 def _embedding(features: Any) -> torch.Tensor:
@@ -232,3 +256,49 @@ def evaluate_zero_shot(
         raise ValueError("evaluate_zero_shot got no images")
     return {"top1_original": int(correct[0]) / count, "top1_reconstructed": int(correct[1]) / count,
             "prediction_agreement": agree / count, "num_images": count}
+
+
+def quantized_feature_zero_shot_unavailable(model: nn.Module) -> str | None:
+    """Why `evaluate_quantized_feature_zero_shot` cannot score `model`, or None when it can."""
+    if not isinstance(model, DualToken):
+        return (f"{type(model).__name__} has no quantised semantic features with a pooling head (DualToken's "
+                "zero-shot metric); only the reconstruction-based figure applies")
+    if not getattr(model.encoder, "use_head", False):
+        return "the DualToken's SigLIP encoder has no attention-pooling head (vision_use_head is off)"
+    return None
+
+
+@torch.no_grad()
+def evaluate_quantized_feature_zero_shot(
+    model: DualToken, batches: Iterable[dict[str, Any]], classifier: ZeroShotClassifier,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """DualToken's zero-shot top-1 (Table 1; see the module docstring): the pooled output on the quantised semantic
+    features against `classifier`'s text embeddings ("top1_quantized_semantic_features"), the same on the encoder's
+    own features with the codes bypassed ("top1_encoder_features"), and how often the two predictions agree.
+    `batches` as for `evaluate_zero_shot`. The tokenizer's encoder must be the vision tower of `classifier`'s model
+    (or trained from it) for the embeddings to share the text tower's space."""
+    reason = quantized_feature_zero_shot_unavailable(model)
+    if reason is not None:
+        raise ValueError(reason)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    parameter = next(model.parameters())
+    correct = torch.zeros(2, dtype=torch.long)  # quantised, encoder
+    agree = count = 0
+    with eval_mode(model):
+        for batch in batches:
+            pixel_values = batch["pixel_values"].to(device=device, dtype=parameter.dtype)
+            labels = torch.as_tensor(batch["labels"]).to(device)
+            if pixel_values.shape[0] == 0:
+                continue
+            quantized = classifier.predict_embeddings(model.semantic_features(pixel_values, quantize=True)[2])
+            encoder = classifier.predict_embeddings(model.semantic_features(pixel_values, quantize=False)[2])
+            quantized, encoder = quantized.to(device), encoder.to(device)
+            correct += torch.stack([(quantized == labels).sum(), (encoder == labels).sum()]).cpu()
+            agree += int((quantized == encoder).sum())
+            count += pixel_values.shape[0]
+    if count == 0:
+        raise ValueError("evaluate_quantized_feature_zero_shot got no images")
+    return {"top1_quantized_semantic_features": int(correct[0]) / count,
+            "top1_encoder_features": int(correct[1]) / count,
+            "quantized_encoder_agreement": agree / count, "num_images": count}

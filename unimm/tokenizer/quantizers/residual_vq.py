@@ -6,6 +6,13 @@ assigned to them (Laplace-smoothed counts), and a code whose EMA count falls bel
 onto a random residual of the current batch (distinct residuals for distinct codes). Under `torch.distributed` the
 per-step counts and sums are all-reduced and the restart vectors come from rank 0, so every rank holds the same
 codebooks.
+
+When the EMA step runs: by default once per forward, after all depths have searched the codebooks as they were at
+its start (the DualToken reference's semantic quantizer, `RQBottleneck_ema`). With `ema_per_depth=True` each depth
+updates the codebook right after its own search (count and sum decay, renormalisation, restarts from that depth's
+residuals), so depth i+1 searches the codebook depth i has just moved (the reference's pixel quantizer,
+`RQBottleneck` of `quantizations.py`, whose `VQEmbedding.forward` updates inside the residual loop). With one
+codebook shared by all depths this is `depth` EMA steps per forward.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class ResidualVQ(Quantizer):
         usage_window: number of recent training steps over which `stats["utilisation"]` counts used codes.
         init_scale: standard deviation of the initial random codebook (codes unused at the first training
             steps are restarted from data anyway).
+        ema_per_depth: run the EMA step inside the residual loop, depth by depth (see the module docstring).
     """
 
     _float32_buffers = ("codebooks", "ema_count", "ema_sum")
@@ -64,6 +72,7 @@ class ResidualVQ(Quantizer):
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         usage_window: int = 100,
         init_scale: float = 1.0,
+        ema_per_depth: bool = False,
     ) -> None:
         super().__init__()
         if num_codes < 1 or dim < 1 or depth < 1:
@@ -81,6 +90,7 @@ class ResidualVQ(Quantizer):
         self.shared_codebook = shared_codebook
         self.beta = beta
         self.memory_budget_bytes = memory_budget_bytes
+        self.ema_per_depth = ema_per_depth
         groups = 1 if shared_codebook else depth
         codebooks = torch.randn(groups, num_codes, dim) * init_scale
         self.register_buffer("codebooks", codebooks)  # [G, K, d]
@@ -107,26 +117,31 @@ class ResidualVQ(Quantizer):
             residual = z_flat.detach()
             approximation = None
             all_indices, residuals, losses = [], [], []
+            per_depth = self.training and self.ema_per_depth
+            searched = self.codebooks.detach()
+            if self.training:
+                searched = searched.clone()  # the EMA update and restarts below change the buffer in place
+            restarts = torch.zeros((), dtype=torch.long, device=z.device)
             for d in range(self.depth):
                 codebook = self.codebook(d)
                 indices = nearest_code(residual, codebook, self.memory_budget_bytes)  # [M]
-                codes = F.embedding(indices, codebook)
+                codes = F.embedding(indices, codebook)  # a copy: the per-depth update below leaves it as searched
                 approximation = codes if approximation is None else approximation + codes
                 losses.append(F.mse_loss(z_flat, approximation))
                 all_indices.append(indices)
                 residuals.append(residual)
+                if per_depth:
+                    restarts = restarts + self._ema_update_depth(d, indices, residual)
                 residual = residual - codes
             indices = torch.stack(all_indices, dim=-1)  # [M, D]
             loss = self.beta * torch.stack(losses).mean()
             # Straight-through: value is exactly the summed codes, gradient is the identity to z.
             quantized = approximation + (z_flat - z_flat.detach())
             counts = self._depth_counts(indices)  # [D, K], local to this rank
-            restarts = torch.zeros((), dtype=torch.long, device=z.device)
-            searched = self.codebooks.detach()
             if self.training:
-                searched = searched.clone()  # the EMA update and restarts below change the buffer in place
                 counts = distributed.all_reduce_sum(counts)
-                restarts = self._ema_update(indices, torch.stack(residuals), counts)
+                if not per_depth:
+                    restarts = self._ema_update(indices, torch.stack(residuals), counts)
         stats = self._stats(counts, restarts)
         quantized = quantized.to(z.dtype).reshape(z.shape)
         return QuantizerOutput(
@@ -163,21 +178,44 @@ class ResidualVQ(Quantizer):
             pooled = residuals  # [D, M, d]
         sums = distributed.all_reduce_sum(sums)
 
-        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        total = self.ema_count.sum(dim=-1, keepdim=True)
-        smoothed = (self.ema_count + self.eps) / (total + num_codes * self.eps) * total
-        self.codebooks.copy_(self.ema_sum / smoothed.unsqueeze(-1))
-
+        self._ema_step(slice(None), counts, sums)
         if self.restart_threshold <= 0:
             return torch.zeros((), dtype=torch.long, device=indices.device)
         return self._restart_dead_codes(pooled)
 
-    def _restart_dead_codes(self, candidates: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _ema_update_depth(self, depth_index: int, indices: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """One EMA step of the codebook of depth `depth_index` from that depth alone: indices [M], residual [M, d]
+        (its input). Counts and sums are summed over ranks. Returns the number of restarted codes."""
+        group = 0 if self.shared_codebook else depth_index
+        counts = torch.bincount(indices, minlength=self.num_codes).float()[None]  # [1, K]
+        sums = torch.zeros(1, self.num_codes, self.dim, device=residual.device)
+        sums[0].index_add_(0, indices, residual)
+        counts, sums = distributed.all_reduce_sum(counts), distributed.all_reduce_sum(sums)
+        self._ema_step(slice(group, group + 1), counts, sums)
+        if self.restart_threshold <= 0:
+            return torch.zeros((), dtype=torch.long, device=indices.device)
+        candidates = residual[None].expand(self.num_codebooks, -1, -1)  # every group draws from this depth
+        return self._restart_dead_codes(candidates, only_group=group)
+
+    def _ema_step(self, groups: slice, counts: torch.Tensor, sums: torch.Tensor) -> None:
+        """Decay the EMA counts [G', K] and sums [G', K, d] of codebook `groups` towards this step's, then set
+        those codebooks to the Laplace-smoothed means."""
+        ema_count, ema_sum = self.ema_count[groups], self.ema_sum[groups]  # views: updated in place
+        ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = ema_count.sum(dim=-1, keepdim=True)
+        smoothed = (ema_count + self.eps) / (total + self.num_codes * self.eps) * total
+        self.codebooks[groups] = ema_sum / smoothed.unsqueeze(-1)
+
+    def _restart_dead_codes(self, candidates: torch.Tensor, only_group: int | None = None) -> torch.Tensor:
         """Move codes whose EMA count is below the threshold onto random candidate vectors ([G, M, d]) of this
         batch, distinct ones within a codebook (two dead codes restarted onto one vector would split its
-        assignments and die again). Rank 0 decides and draws; the other ranks receive its choice."""
+        assignments and die again); `only_group` limits this to one codebook. Rank 0 decides and draws; the
+        other ranks receive its choice."""
         dead = self.ema_count < self.restart_threshold  # [G, K]
+        if only_group is not None:
+            dead[torch.arange(dead.shape[0], device=dead.device) != only_group] = False
         dead = distributed.broadcast(dead.to(torch.uint8), src=0).bool()
         num_dead = int(dead.sum())
         if num_dead == 0:
@@ -240,7 +278,8 @@ class ResidualVQ(Quantizer):
         """Sum of the codes of the first k depths: indices [..., k] (k <= depth) -> float32 [..., d].
 
         With k = depth this reproduces `forward(z).quantized` in eval mode (and in training mode with
-        `codebook=out.codebook`); with k < depth it gives the partial reconstruction after k residual steps."""
+        `codebook=out.codebook`, except with `ema_per_depth`, where depths after the first searched codebooks
+        updated within the forward); with k < depth it gives the partial reconstruction after k residual steps."""
         per_depth = self.embed_codes(indices, codebook)  # [..., k, d]
         total = per_depth[..., 0, :]
         for d in range(1, per_depth.shape[-2]):  # same summation order as forward, so the values match exactly

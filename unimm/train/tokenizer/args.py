@@ -55,13 +55,23 @@ class TokenizerModelArguments:
     )
     encoder_path: str | None = config_field(None, "Local path of the pretrained vision encoder.")
     model_overrides: Union[dict, str, None] = config_field(None, _OVERRIDES_HELP)
-    stage: int = config_field(1, "VQRAE stage: 1 = encoder frozen, 2 = encoder trained + distillation.")
+    stage: int = config_field(
+        1,
+        "VQRAE stage: 1 = encoder frozen, 2 = encoder trained + distillation. DualToken stage (the reference's): "
+        "0 = encoder trained above semantic_layer only, 1 = all, 2 = semantic path only (pixel branch frozen).",
+    )
+    teacher_path: str | None = config_field(
+        None,
+        "Local HF checkpoint of the encoder a DualToken with train_encoder takes its semantic targets from (the "
+        "pretrained SigLIP, for stages that continue from a saved tokenizer); default: a copy of the encoder as "
+        "loaded.",
+    )
     decoder_only: bool = config_field(False, "Train only the decoder (clean l-DeTok finetune; set denoising off).")
 
     def __post_init__(self) -> None:
         self.model_overrides = parse_overrides(self.model_overrides)
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {self.stage}")
 
 
 @dataclass
@@ -122,6 +132,12 @@ class TokenizerTrainingArguments:
         1e-5, "Peak LR of the encoder when it is trained (VQRAE stage 2, DualToken); 0 freezes it."
     )
     disc_learning_rate: float = config_field(1e-4, "Peak LR of the discriminator.")
+    disc_warmup_steps: int | None = config_field(
+        None, "Warm-up steps of the discriminator's schedule (from gan_start_step); None = warmup_steps."
+    )
+    disc_min_lr_ratio: float | None = config_field(
+        None, "Cosine floor of the discriminator's schedule as a fraction of its peak LR; None = min_lr_ratio."
+    )
     weight_decay: float = config_field(
         0.05,
         "AdamW weight decay of the weight matrices; vectors (biases, norms), SimVQ's codebook projection W and "

@@ -35,11 +35,27 @@ def build_tokenizer_model(args: TokenizerModelArguments) -> nn.Module:
     elif args.stage != 1:
         raise ValueError(f"stage={args.stage} applies to VQRAE only; {type(model).__name__} has no training stages")
     if getattr(model.config, "train_encoder", False) and hasattr(model, "set_train_encoder"):
-        # DualToken: take the frozen semantic teacher from the initial encoder now, before any update.
-        model.set_train_encoder(True)
+        # DualToken: take the frozen semantic teacher from the initial encoder now, before any update (or from
+        # teacher_path: a stage that continues from a saved tokenizer keeps the pretrained encoder's targets).
+        model.set_train_encoder(True, teacher_encoder=_load_teacher(args.teacher_path))
+    elif args.teacher_path:
+        raise ValueError("teacher_path is set but the tokenizer does not train its encoder with a teacher "
+                         "(a DualToken with train_encoder: true)")
     if args.decoder_only:
         model.set_decoder_only(True)
     return model
+
+
+def _load_teacher(path: str | None) -> nn.Module | None:
+    if not path:
+        return None
+    from unimm.tokenizer.encoders import load_encoder
+
+    # Building the encoder before its weights load draws random numbers: keep the training's RNG where it was.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())), model_folder(
+        "teacher_path", path, "a Hugging Face vision encoder"
+    ):
+        return load_encoder(path)
 
 
 def trainable_groups(model: nn.Module, args: TokenizerTrainingArguments) -> list[dict[str, Any]]:
@@ -90,6 +106,10 @@ def build_optimisation(
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=0.0,
         )
         disc_scheduler = warmup_cosine_schedule(
-            disc_optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio, start_step=loss_args.gan_start_step
+            disc_optimizer,
+            args.warmup_steps if args.disc_warmup_steps is None else args.disc_warmup_steps,
+            args.max_steps,
+            args.min_lr_ratio if args.disc_min_lr_ratio is None else args.disc_min_lr_ratio,
+            start_step=loss_args.gan_start_step,
         )
     return Optimisation(optimizer, scheduler, trainable, ema, disc_optimizer, disc_scheduler)

@@ -230,7 +230,7 @@ def train_step(run: TokenizerRun, pixel_values: torch.Tensor) -> StepResult:
     if loss_module.gan_active(run.step):
         with accelerator.autocast():
             disc_loss, disc_logs = loss_module.discriminator_loss(
-                pixel_values, output.reconstruction.detach(), discriminator=run.discriminator
+                pixel_values, output.reconstruction.detach(), discriminator=run.discriminator, step=run.step
             )
         accelerator.backward(disc_loss)
         if max_norm > 0:
