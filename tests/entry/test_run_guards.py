@@ -1,4 +1,4 @@
-"""Runs you can trust (`unimm.train.llm.guards`), through the real pretraining program: divergence stops the run
+"""Runs you can trust (`unimm.train.guards`), through the real pretraining program: divergence stops the run
 without writing non-finite weights, a checkpoint of another run is refused, one run per folder, and a SIGTERM to the
 `deepspeed` runner alone stops every rank after a checkpoint instead of leaving them training as orphans."""
 
@@ -101,7 +101,7 @@ def test_resuming_another_runs_checkpoint_is_refused(toy, finished_run, capsys):
 def test_one_run_per_folder(toy, tmp_path, capsys):
     """A live run's lock (this host, a live pid) stops a second run at once; a lock whose process is gone is taken
     over; a finished run leaves no lock behind."""
-    from unimm.train.llm.guards import LOCK_FILE
+    from unimm.train.guards import LOCK_FILE
 
     out = tmp_path / "locked"
     out.mkdir()
@@ -178,7 +178,7 @@ def test_fingerprint_refuses_world_size_engine_and_lora_changes(tmp_path):
     """The keys a relaunch may not change without becoming another run: a 2-rank DeepSpeed checkpoint resumed by
     one process without DeepSpeed (world size and engine), a LoRA alpha change (the adapter delta would scale); the
     step budget and cadence may change."""
-    from unimm.train.llm.guards import check_resume_fingerprint, run_fingerprint, write_fingerprint
+    from unimm.train.guards import check_resume_fingerprint, run_fingerprint, write_fingerprint
     from unimm.utils.errors import UserError
 
     resolved = {"learning_rate": 1e-3, "lora_alpha": 32, "max_steps": 30, "save_steps": 10, "output_dir": "a"}

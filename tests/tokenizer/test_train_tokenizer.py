@@ -4,6 +4,7 @@ bad input, the decoder-only finetune, and every YAML recipe in configs/tokenizer
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -430,3 +431,38 @@ def test_finish_saves_the_averaged_weights_as_model_ema_and_keeps_the_trained_on
         assert torch.equal(ema_model[name], shadow) and torch.equal(model[name], trained[name]), name
     assert summary["ema_eval"]["psnr"] != summary["final_eval"]["psnr"]
     assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [0, 2]  # the EMA's evaluation is not logged
+
+
+@pytest.mark.slow
+def test_tokenizer_trainer_resumes_only_its_own_run_and_one_run_per_folder(uninterrupted_run, tmp_path, capsys):
+    """The LLM programs' rules (`unimm.train.guards`) in the tokenizer trainer: every checkpoint records the run's
+    fingerprint, a relaunch with another learning rate is refused in one line naming it (the run's
+    resolved_config.yaml untouched), and a folder locked by a live run is refused."""
+    import shutil
+    import subprocess
+    import sys
+
+    from unimm.train.guards import FINGERPRINT_FILE, LOCK_FILE
+
+    assert (uninterrupted_run / "checkpoint-4" / FINGERPRINT_FILE).is_file()
+    assert not (uninterrupted_run / LOCK_FILE).exists()  # released when the run ended
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted_run, run)
+    record = (run / "resolved_config.yaml").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        train_cli.main(_argv("vqrae-tiny", output_dir=run, auto_resume="true", learning_rate=3e-4,
+                             **{**KILL_FLAGS, "max_steps": 6}))
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checkpoint-4 belongs to another run" in line and "learning_rate" in line
+    assert (run / "resolved_config.yaml").read_text() == record
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (run / LOCK_FILE).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid}))
+        with pytest.raises(SystemExit):
+            train_cli.main(_argv("vqrae-tiny", output_dir=run, auto_resume="true", **{**KILL_FLAGS, "max_steps": 6}))
+        assert "is in use by another run" in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()

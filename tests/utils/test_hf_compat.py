@@ -253,21 +253,3 @@ def test_deepspeed_shm_buffer_name_is_the_one_deepspeed_creates(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert hf_compat.deepspeed_shm_buffer() == Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29512_1")
 
-
-def test_trainable_tokens_zero3_seam_names_what_it_switches():
-    """`trainable_tokens_zero3` switches peft's module-level `check_deepspeed_zero3_enabled` of the trainable-tokens
-    layer (whose ZeRO-3 row copy is CUDA-only), and `gather_trainable_tokens_whole` marks `TrainableTokensLayer` a
-    ZeRO-3 leaf; both names must exist in the installed releases, and without ZeRO-3 the seam changes nothing."""
-    from deepspeed.utils import set_z3_leaf_modules
-    from peft.tuners.trainable_tokens import layer as token_layer
-
-    where = f"{_installed('peft')}, {_installed('deepspeed')}"
-    assert callable(getattr(token_layer, "check_deepspeed_zero3_enabled", None)), where
-    assert hasattr(token_layer.TrainableTokensLayer, "_collect_token_weights"), where
-    assert callable(set_z3_leaf_modules), where
-    original = token_layer.check_deepspeed_zero3_enabled
-    model = Qwen2ForCausalLM(_tiny_qwen2_config())
-    with hf_compat.trainable_tokens_zero3(model):
-        assert token_layer.check_deepspeed_zero3_enabled is original  # no ZeRO-3 config alive: untouched
-    hf_compat.gather_trainable_tokens_whole(model)
-    assert token_layer.check_deepspeed_zero3_enabled is original

@@ -178,52 +178,6 @@ def zero3_init_disabled():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
-# peft's trainable tokens (the new vocabulary rows a LoRA run trains) under ZeRO-3: peft reads the original rows of a
-# partitioned table through `_collect_token_weights`, which builds its receive buffer on `torch.cuda.current_device()`
-# ("right now, only CUDA is implemented", peft 0.17 through 0.21), so a CPU (gloo) rank fails; and the layer's forward
-# reads `base_layer.weight` without calling the base layer, which ZeRO-3 only gathers for the module it runs.
-# `trainable_tokens_zero3` reads the rows from the gathered table on every rank (peft's non-ZeRO path, switched by the
-# module-level `check_deepspeed_zero3_enabled` of `peft.tuners.trainable_tokens.layer`), and
-# `gather_trainable_tokens_whole` makes the token layers ZeRO-3 leaf modules (DeepSpeed's public
-# `set_z3_leaf_modules`), so their forward gathers everything under them.
-@contextlib.contextmanager
-def trainable_tokens_zero3(model: nn.Module):
-    """Around `get_peft_model` with trainable tokens: under ZeRO-3 the embedding and LM-head tables are gathered on
-    every rank while peft copies their new rows, on any device. A no-op without ZeRO-3."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        yield
-        return
-    import deepspeed
-    from peft.tuners.trainable_tokens import layer as token_layer
-
-    if not hasattr(token_layer, "check_deepspeed_zero3_enabled"):
-        raise upstream_error("peft", "peft.tuners.trainable_tokens.layer has no check_deepspeed_zero3_enabled")
-    tables = list({id(p): p for p in (model.get_input_embeddings().weight,
-                                      model.get_output_embeddings().weight)}.values())
-    original = token_layer.check_deepspeed_zero3_enabled
-    token_layer.check_deepspeed_zero3_enabled = lambda: False
-    try:
-        with deepspeed.zero.GatheredParameters(tables, modifier_rank=None):
-            yield
-    finally:
-        token_layer.check_deepspeed_zero3_enabled = original
-
-
-def gather_trainable_tokens_whole(model: nn.Module) -> None:
-    """Under ZeRO-3, make peft's trainable-token layers leaf modules, so their forward gathers the base table too."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if not is_deepspeed_zero3_enabled():
-        return
-    from deepspeed.utils import set_z3_leaf_modules
-    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
-
-    if any(isinstance(m, TrainableTokensLayer) for m in model.modules()):
-        set_z3_leaf_modules(model, [TrainableTokensLayer])
-
-
 # -- DeepSpeed's CPU communication op ------------------------------------------------------------------------------
 # On a CPU launch every rank of deepspeed (0.14 through 0.19) builds its shared-memory all-reduce op
 # (`deepspeed_shm_comm`) with torch's extension builder, then maps a shared buffer. Two leftovers of that which

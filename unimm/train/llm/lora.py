@@ -68,27 +68,33 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     """Return a `peft.PeftModel` with LoRA on the LLM's `lora_target_modules` and the visual parts trainable."""
     require(is_peft_available(), "peft", "dev")
     from peft import LoraConfig, get_peft_model
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     targets = "|".join(re.escape(name) for name in lora_args.target_modules())
     # Only the LLM's own linear layers (the depth heads may use the same projection names).
     target_regex = rf"language_model\..*\.({targets})"
+    modules, token_rows = modules_to_save(model, model_args), trainable_token_indices(model, model_args)
+    tied = bool(model.config.tie_word_embeddings)
+    if token_rows is not None and is_deepspeed_zero3_enabled():
+        # ZeRO-3 partitions the tables, and peft's trainable tokens read and write them outside the layer that owns
+        # them: the tables train whole instead (a tied head shares its copy through peft's weight tying).
+        logger.warning("ZeRO-3: LoRA cannot restrict the embedding%s to the %d added rows; the whole table%s "
+                       "train (use ZeRO-2 to train only the added rows)", "" if tied else " and LM head",
+                       len(token_rows["embed_tokens"]), "" if tied else "s")
+        modules = ["embed_tokens", *([] if tied else ["lm_head"]), *modules]
+        token_rows = None
     config = LoraConfig(
         r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-        target_modules=target_regex, modules_to_save=modules_to_save(model, model_args), bias=lora_args.lora_bias,
-        trainable_token_indices=trainable_token_indices(model, model_args),
+        target_modules=target_regex, modules_to_save=modules, bias=lora_args.lora_bias,
+        trainable_token_indices=token_rows, ensure_weight_tying=tied and "embed_tokens" in modules,
     )
     if model_args.train_llm:
         logger.warning("use_lora trains adapters instead of the full LLM; train_llm is ignored")
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     # peft upcasts bf16 adapters to float32 by default; ZeRO-3 flattens each param group into one buffer of a
     # single dtype, so there the adapters keep the model's dtype (as LLaVA's bf16 LoRA does; DeepSpeed's
     # optimizer holds float32 master weights anyway).
-    from unimm.utils.hf_compat import gather_trainable_tokens_whole, trainable_tokens_zero3
-
-    with trainable_tokens_zero3(model):
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
-    gather_trainable_tokens_whole(peft_model)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
     _check_tied_head(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
@@ -100,9 +106,18 @@ def _check_tied_head(peft_model) -> None:
     """A tied LM head must read the embedding's trainable rows: peft wraps it with an adapter tied to the
     embedding's. Without that wrapper the head would train nothing while merging folds the embedding's rows into it."""
     base = peft_model.get_base_model()
-    if not base.config.tie_word_embeddings or not token_delta_names(peft_model):
+    if not base.config.tie_word_embeddings:
         return
-    head = base.get_output_embeddings()
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if hasattr(embed, "modules_to_save"):  # tables trained whole (ZeRO-3): the head must wrap the same copy
+        head_copies = getattr(head, "modules_to_save", None)
+        head_copy = head_copies["default"] if head_copies is not None and "default" in head_copies else None
+        if head_copy is None or head_copy.weight is not embed.modules_to_save["default"].weight:
+            raise RuntimeError("peft did not tie the LM head's trained copy to the input embedding's (model with "
+                               "tie_word_embeddings)")
+        return
+    if not token_delta_names(peft_model):
+        return
     if getattr(getattr(head, "token_adapter", None), "tied_adapter", None) is None:
         raise RuntimeError("peft did not tie the LM head's trainable tokens to the input embedding's (model with "
                            "tie_word_embeddings); the head would not train the new rows")

@@ -32,13 +32,14 @@ from unimm.train.checkpoint import (
     resolve_resume,
     verify_checkpoint_files,
 )
-from unimm.train.llm.guards import (
+from unimm.train.guards import (
     DivergenceError,
     RunLock,
     StopOnSignal,
     all_finite_everywhere,
     check_resume_fingerprint,
     check_weights_before_save,
+    rank0_decides,
     run_fingerprint,
     write_fingerprint,
 )
@@ -414,28 +415,6 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
     if model_args.save_mm_projector:
         save_mm_projector(built.model, output_dir / LLAVA_PROJECTOR_FILE)
     return trainer
-
-
-def rank0_decides(decide: Any) -> Any:
-    """Run `decide()` on global rank 0 and give every rank its result; an exception there is raised on every rank
-    (rank 0's own, the others a `UserError` quoting it), so no rank waits for a collective the others left."""
-    from unimm.utils.distributed import broadcast_object, is_main_process
-
-    outcome: tuple[str, Any] | None = None
-    failure: Exception | None = None
-    if is_main_process():
-        try:
-            outcome = ("ok", decide())
-        except Exception as err:  # every rank must learn of it
-            outcome, failure = ("error", str(err)), err
-    status, value = broadcast_object(outcome)
-    if failure is not None:
-        raise failure
-    if status == "error":
-        from unimm.utils.errors import UserError
-
-        raise UserError(f"rank 0 stopped the run: {value}")
-    return value
 
 
 def master_weight_dtype(training_args, torch_dtype: str) -> torch.dtype:

@@ -170,6 +170,10 @@ class TokenizerTrainingArguments:
         "Resume from the newest complete checkpoint-* in output_dir when resume_from_checkpoint is not given (none "
         "there: start fresh).",
     )
+    allow_resume_config_change: bool = config_field(
+        False, "Resume a checkpoint whose run fingerprint (config, world size) differs from this launch's, with a "
+        "warning listing the differences (refused otherwise)."
+    )
     stop_after_step: int = config_field(
         0, "End this run after this step (checkpointed) though the schedule runs to max_steps."
     )

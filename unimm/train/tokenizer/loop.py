@@ -31,11 +31,12 @@ from unimm.data.images import ImageDataset, ImageTransform, collate_images
 from unimm.tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig, check_lpips_weights
 from unimm.tokenizer.metrics import denormalize, evaluate_tokenizer, psnr
 from unimm.train.checkpoint import trim_jsonl_log
+from unimm.train.guards import RunLock, check_resume_fingerprint, rank0_decides, run_fingerprint
 from unimm.train.tokenizer import state
 from unimm.train.tokenizer.args import TokenizerDataArguments, TokenizerModelArguments, TokenizerTrainingArguments
 from unimm.train.tokenizer.build import Optimisation, build_optimisation, build_tokenizer_model
 from unimm.train.tokenizer.data import EpochBatches, comparison_grid, eval_batches, load_records
-from unimm.utils.config import save_resolved_config
+from unimm.utils.config import config_to_dict, save_resolved_config
 from unimm.utils.distributed import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class TokenizerRun:
     tracker: BadSampleTracker
     semantic_reference: nn.Module | None = None
     sample_batch: dict | None = None
+    lock: RunLock | None = None  # this run's hold on output_dir, released when it ends
+    fingerprint: dict | None = None  # recorded in every checkpoint
     step: int = 0
     batches_consumed: int = 0
     resumed_from: Path | None = None
@@ -132,7 +135,13 @@ def setup(
     # The schedules step once per optimiser step, as before accelerate held them (its default: once per process).
     accelerator = make_accelerator(args.mixed_precision_choice, step_scheduler_with_optimizer=False)
     set_seed(args.seed)
-    if accelerator.is_main_process:
+    # One run per folder, resuming only its own checkpoints (the LLM programs' rules, `unimm.train.guards`).
+    lock = RunLock(output_dir)
+    rank0_decides(lambda: lock.acquire().path.name)
+    fingerprint = run_fingerprint(config_to_dict(model_args, data_args, loss_args, args), get_world_size(), None)
+    checkpoint = rank0_decides(lambda: _checked_resume(args, output_dir, fingerprint))
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if accelerator.is_main_process:  # after the checks: a refused launch leaves the run's record alone
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved_config(output_dir, model_args, data_args, loss_args, args)
     check_lpips_weights(loss_args)  # a recipe that needs LPIPS weights fails before any model or data work
@@ -149,7 +158,7 @@ def setup(
     run = TokenizerRun(args, data_args, accelerator, output_dir, prepared, accelerator.unwrap_model(prepared),
                        loss_module, opt, discriminator, train_set, eval_set, sampler, tracker)
     run.semantic_reference = _semantic_reference(run.unwrapped, data_args)
-    checkpoint = state.resume_path(args, output_dir)
+    run.lock, run.fingerprint = lock, fingerprint
     if checkpoint is not None:
         state.load(run, checkpoint)
     if accelerator.is_main_process:
@@ -347,17 +356,29 @@ def train_tokenizer(
     """Run (or resume) one tokenizer training job; returns a summary (also written to `results.json`)."""
     started = time.perf_counter()
     run = setup(model_args, data_args, loss_args, train_args)
-    summary = fit(run)
-    if run.step < train_args.max_steps:
-        summary["status"] = "stopped"
-        logger.info("stopped at step %d of %d (stop_after_step); resume with --auto_resume true", run.step,
-                    train_args.max_steps)
+    try:
+        summary = fit(run)
+        if run.step < train_args.max_steps:
+            summary["status"] = "stopped"
+            logger.info("stopped at step %d of %d (stop_after_step); resume with --auto_resume true", run.step,
+                        train_args.max_steps)
+            return summary
+        summary = finish(run, summary)
+        summary["wall_time_s"] = time.perf_counter() - started
+        if run.accelerator.is_main_process:
+            (run.output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         return summary
-    summary = finish(run, summary)
-    summary["wall_time_s"] = time.perf_counter() - started
-    if run.accelerator.is_main_process:
-        (run.output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _checked_resume(args: TokenizerTrainingArguments, output_dir: Path, fingerprint: dict) -> str | None:
+    """Rank 0: the checkpoint to resume, refused when it records another run's fingerprint."""
+    checkpoint = state.resume_path(args, output_dir)
+    if checkpoint is not None:
+        check_resume_fingerprint(checkpoint, fingerprint, args.allow_resume_config_change)
+    return str(checkpoint) if checkpoint is not None else None
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:

@@ -76,6 +76,10 @@ def save(run: TokenizerRun) -> Path:
         (path / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state(run), indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if run.fingerprint is not None:
+            from unimm.train.guards import write_fingerprint
+
+            write_fingerprint(path, run.fingerprint)
         mark_complete(path, run.step)
         prune_checkpoints(run.output_dir, run.args.save_total_limit)
     accelerator.wait_for_everyone()

@@ -1,4 +1,4 @@
-"""What keeps an LLM training run trustworthy, apart from the training itself:
+"""What keeps a training run trustworthy, apart from the training itself (the LLM programs and the tokenizer trainer):
 
 - `RunLock`: one run per output folder. A lock file (host, pid, start time) is taken before anything is written; a
   second concurrent run stops at once with one line, a lock left by a dead process on this host is taken over.
@@ -41,6 +41,8 @@ RELAUNCH_KEYS = frozenset({
     "dataloader_persistent_workers", "dataloader_pin_memory", "report_to", "save_final_model", "save_on_signal",
     "allow_resume_config_change", "disable_tqdm", "log_level", "log_level_replica", "local_rank", "peak_tflops",
     "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "debug", "ddp_timeout",
+    # the tokenizer trainer's cadence and stop point
+    "stop_after_step", "sample_steps", "num_sample_images",
 })
 
 
@@ -49,6 +51,28 @@ class DivergenceError(UserError):
 
 
 # ---------------------------------------------------------------------------------------------------- lock
+
+
+def rank0_decides(decide: Any) -> Any:
+    """Run `decide()` on global rank 0 and give every rank its result; an exception there is raised on every rank
+    (rank 0's own, the others a `UserError` quoting it), so no rank waits for a collective the others left."""
+    from unimm.utils.distributed import broadcast_object, is_main_process
+
+    outcome: tuple[str, Any] | None = None
+    failure: Exception | None = None
+    if is_main_process():
+        try:
+            outcome = ("ok", decide())
+        except Exception as err:  # every rank must learn of it
+            outcome, failure = ("error", str(err)), err
+    status, value = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise UserError(f"rank 0 stopped the run: {value}")
+    return value
+
+
 
 
 class RunLock:
