@@ -62,3 +62,15 @@ def real_qwen(real_qwen_tokenizer_path):
 def real_llama(real_llama_tokenizer_path):
     tokenizer = AutoTokenizer.from_pretrained(real_llama_tokenizer_path)
     return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
+
+
+@pytest.fixture(scope="session")
+def shipped_llama_tokenizer_path(tmp_path_factory):
+    """Mistral-7B's LLaMA-kind SentencePiece tokenizer exactly as it ships: no pad token, like LLaMA-2 and Vicuna
+    checkpoints (the `real_llama_tokenizer_path` one pads with unk, as their fine-tunes set it)."""
+    from tests.conftest import wheel_asset
+    from unimm.testing import MISTRAL_COMMON_WHEEL, build_sentencepiece_tokenizer
+
+    path = tmp_path_factory.mktemp("shipped_llama_tok")
+    build_sentencepiece_tokenizer(wheel_asset(*MISTRAL_COMMON_WHEEL), path, pad_token=None)
+    return path
