@@ -74,3 +74,14 @@ def shipped_llama_tokenizer_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("shipped_llama_tok")
     build_sentencepiece_tokenizer(wheel_asset(*MISTRAL_COMMON_WHEEL), path, pad_token=None)
     return path
+
+
+@pytest.fixture(scope="session")
+def real_llama_legacy(real_llama_tokenizer_path):
+    """The same SentencePiece model loaded with `legacy=True` (Metaspace `prepend_scheme="always"`): text after a
+    special token gets its own word-start `▁` (`</s>▁What`), as SentencePiece gives every separately encoded
+    piece, where transformers' default continues it (`</s>What`)."""
+    tokenizer = AutoTokenizer.from_pretrained(real_llama_tokenizer_path, legacy=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("</s>What", add_special_tokens=False)["input_ids"]) == [
+        "</s>", "▁What"]
+    return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
