@@ -293,3 +293,32 @@ def test_image_conversation_ids_equal_one_call_tokenisation(style, fmt, request)
            "llava_plain": "\n"}.get(fmt, tokenizer.eos_token)
     space = " " if (style, fmt) == ("real_qwen", "v1") else ""
     assert [tokenizer.decode(run) for run in _runs(sample.labels)] == [space + answer + end for _, answer in pairs]
+
+
+# Mistral-instruct's layout: `[INST]` scaffolding after `</s>`, and each user message right after a special token.
+SPECIAL_EDGED_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ eos_token }}"
+                          "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+                          "{% endfor %}")
+
+
+@pytest.mark.parametrize("style", ["real_llama", "real_llama_legacy"])
+def test_chat_template_scaffolding_ending_in_a_special_token(style, request):
+    """A chat template whose scaffolding ends with a special token right before the message (`[INST]</s>` here,
+    contrived so that every message follows one): the message starts as the tokenizer starts text after a special
+    token, so the ids are still the one-call ids of the rendered text (images as their spans)."""
+    import copy
+
+    tokenizer, layout = request.getfixturevalue(style)
+    tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays as it is
+    tokenizer.chat_template = SPECIAL_EDGED_TEMPLATE
+    pairs = IMAGE_PAIRS[:2]
+    turns = [{"from": who, "value": value} for pair in pairs for who, value in zip(("human", "gpt"), pair)]
+    record = normalise_llava_record({"id": "template", "conversations": turns}, 0, "test")
+    g = torch.Generator().manual_seed(0)
+    images = [ImageSlot(codes={"semantic": torch.randint(0, 32, (NUM_POSITIONS, 1), generator=g)}) for _ in pairs]
+    factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=None, chat_format="chat_template",
+                                                            chat_end_token=tokenizer.eos_token))
+    sample = factory.conversation(record, images)
+    expected = _one_call_ids(tokenizer, "chat_template", pairs)
+    assert tokenizer.convert_ids_to_tokens(sample.input_ids.tolist()) == tokenizer.convert_ids_to_tokens(expected)
+    assert [tokenizer.decode(run) for run in _runs(sample.labels)] == [answer + "</s>" for _, answer in pairs]

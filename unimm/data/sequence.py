@@ -145,9 +145,13 @@ class SequenceBuilder:
         self._special_cache: dict[tuple[str, bool], list[int]] = {}
         self._probe_cache: dict[tuple[str, bool], list[int]] = {}
         self.marks_text_start = self._detect_text_start_mark()
-        self._special_ids = set(tokenizer.all_special_ids) | {layout.boi_token_id, layout.eoi_token_id}
-        self._special_strings = tuple(t for t in tokenizer.all_special_tokens if t)
         self.marks_text_after_special = self._detect_mark_after_special()
+        # what `_ends_with_special` looks for, gathered only where it is asked
+        self._special_ids: set[int] = set()
+        self._special_strings: tuple[str, ...] = ()
+        if self.marks_text_after_special:
+            self._special_ids = set(tokenizer.all_special_ids) | {layout.boi_token_id, layout.eoi_token_id}
+            self._special_strings = tuple(t for t in tokenizer.all_special_tokens if t)
 
     def _detect_text_start_mark(self) -> bool:
         """Whether the tokenizer marks the start of every call's text (SentencePiece's word-boundary `▁`, as in
