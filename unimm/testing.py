@@ -340,10 +340,13 @@ def wheel_member(requirement: str, member: str, cache_dir: str | Path) -> Path:
     return target
 
 
-def build_sentencepiece_tokenizer(model_file: str | Path, save_dir: str | Path) -> PreTrainedTokenizerBase:
-    """A `LlamaTokenizer` on a real SentencePiece model (pad = unk, as LLaMA-2 fine-tunes set it), saved to
-    `save_dir`. It is loaded with `from_pretrained` on a folder holding the model as `tokenizer.model`:
-    `LlamaTokenizer(vocab_file=...)` does not read the pieces in transformers 5."""
+def build_sentencepiece_tokenizer(model_file: str | Path, save_dir: str | Path,
+                                  pad_token: str | None = "<unk>") -> PreTrainedTokenizerBase:
+    """A `LlamaTokenizer` on a real SentencePiece model, saved to `save_dir`. `pad_token` is set as its pad token:
+    by default the unk piece of LLaMA-kind models, `<unk>`, as LLaMA-2 fine-tunes set it; `None` sets none and
+    saves the tokenizer as it ships (LLaMA-2, Vicuna and Mistral checkpoints have no pad token). It is loaded with
+    `from_pretrained` on a folder holding the model as `tokenizer.model`: `LlamaTokenizer(vocab_file=...)` does not
+    read the pieces in transformers 5."""
     import shutil
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,7 +354,8 @@ def build_sentencepiece_tokenizer(model_file: str | Path, save_dir: str | Path) 
         tokenizer = LlamaTokenizer.from_pretrained(tmp)
     if len(tokenizer) < 1000:
         raise ValueError(f"{model_file} gave a {len(tokenizer)}-token vocabulary; not a SentencePiece model")
-    tokenizer.pad_token = tokenizer.unk_token
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
     tokenizer.save_pretrained(save_dir)
     return tokenizer
 

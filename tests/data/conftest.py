@@ -62,3 +62,26 @@ def real_qwen(real_qwen_tokenizer_path):
 def real_llama(real_llama_tokenizer_path):
     tokenizer = AutoTokenizer.from_pretrained(real_llama_tokenizer_path)
     return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
+
+
+@pytest.fixture(scope="session")
+def shipped_llama_tokenizer_path(tmp_path_factory):
+    """Mistral-7B's LLaMA-kind SentencePiece tokenizer exactly as it ships: no pad token, like LLaMA-2 and Vicuna
+    checkpoints (the `real_llama_tokenizer_path` one pads with unk, as their fine-tunes set it)."""
+    from tests.conftest import wheel_asset
+    from unimm.testing import MISTRAL_COMMON_WHEEL, build_sentencepiece_tokenizer
+
+    path = tmp_path_factory.mktemp("shipped_llama_tok")
+    build_sentencepiece_tokenizer(wheel_asset(*MISTRAL_COMMON_WHEEL), path, pad_token=None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_llama_legacy(real_llama_tokenizer_path):
+    """The same SentencePiece model loaded with `legacy=True` (Metaspace `prepend_scheme="always"`): text after a
+    special token gets its own word-start `▁` (`</s>▁What`), as SentencePiece gives every separately encoded
+    piece, where transformers' default continues it (`</s>What`)."""
+    tokenizer = AutoTokenizer.from_pretrained(real_llama_tokenizer_path, legacy=True)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("</s>What", add_special_tokens=False)["input_ids"]) == [
+        "</s>", "▁What"]
+    return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)

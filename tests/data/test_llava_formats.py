@@ -159,7 +159,7 @@ def test_special_strings_in_text_stay_text_and_keep_the_sample(fmt, real_llama):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("style", ["real_llama", "llama"])
+@pytest.mark.parametrize("style", ["real_llama", "real_llama_legacy", "llama"])
 def test_generation_prompt_is_the_training_prefix(fmt, style, request):
     """What inference sends ends where LLaVA's prompt with an empty assistant turn ends (`ASSISTANT:` / `[/INST]`)
     and is exactly what training put before the last answer."""
@@ -211,7 +211,7 @@ def test_image_placement_rule():
     assert llava_image_first([" no image "]) == [" no image "]
 
 
-@pytest.mark.parametrize("style", ["real_llama", "llama"])
+@pytest.mark.parametrize("style", ["real_llama", "real_llama_legacy", "llama"])
 def test_llava_plain_is_image_answer_newline(style, request):
     tokenizer, layout = request.getfixturevalue(style)
     factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=None, chat_format="llava_plain"))

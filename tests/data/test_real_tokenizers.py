@@ -212,3 +212,113 @@ def test_vocabulary_ids_stable_across_save_and_load(style, flat_codes, request, 
     if flat_codes:
         assert reloaded.convert_tokens_to_ids([code_token(k) for k in (0, 299)]) == [
             layout.code_token_offset, layout.code_token_offset + 299]
+
+
+# Images at the start of a message (before a newline), after a space at its end, and a turn after a turn's EOS.
+IMAGE_PAIRS = [("<image>\nWhat colour is the shape?", "The shape is red."), ("And this one? <image>", "It is blue."),
+               ("Which is larger?", "The first.")]
+NUM_POSITIONS = 3
+
+
+def _llava_first(user: str) -> str:
+    """LLaVA's preprocess_multimodal: a message with an image starts with it and a newline, its text stripped."""
+    return ("<image>\n" + user.replace("<image>", "").strip()).strip() if "<image>" in user else user
+
+
+def _one_call_ids(tokenizer, fmt: str, pairs) -> list[int]:
+    """The tokenizer's own ids for the format's text: one call over the whole text (one per turn pair for llama-2,
+    as Meta's reference encodes), BOS as the id the tokenizer's `add_special_tokens` puts first, and every
+    `<image>` written as the span UniMM puts there, `<|boi|> <|image|> x N <|eoi|>`.
+
+    Why the span itself stands for the image: its tokens are special tokens of the extended tokenizer, so each is
+    one piece and the tokenizer splits the text around them as around `</s>`: the text before an image ends there
+    (a space before it stays a lone `▁`: no word follows for it to join), and the text after it starts as this
+    tokenizer starts text after a special token (`</s>What` by default, `</s>▁What` with legacy pre-tokenisation).
+    An ordinary one-piece word as the placeholder would instead take the space before it (`▁word`), which an
+    image span cannot, and would continue into the text after it."""
+    from tests.data.test_llava_formats import LL2_SYSTEM, V1_SYSTEM
+
+    span = "<|boi|>" + "<|image|>" * NUM_POSITIONS + "<|eoi|>"
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token
+    bos_ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text.replace("<image>", span), add_special_tokens=False)["input_ids"])
+
+    if fmt == "llama-2":
+        return [i for user, answer in pairs for i in bos_ids + encode(f"[INST] {user} [/INST] {answer}") + [
+            tokenizer.eos_token_id]]
+    if fmt == "plain":
+        return bos_ids + encode("".join(f"{user}\n{answer}{eos}" for user, answer in pairs))
+    if fmt == "chat_template":
+        messages = [{"role": role, "content": text} for user, answer in pairs
+                    for role, text in (("user", user), ("assistant", answer))]
+        return encode(tokenizer.apply_chat_template(messages, tokenize=False))
+    if fmt == "v1":
+        return bos_ids + encode(V1_SYSTEM + " " + "".join(f"USER: {_llava_first(user)} ASSISTANT: {answer}{eos}"
+                                                          for user, answer in pairs))
+    if fmt == "llava_llama_2":
+        turns = [f"[INST] {_llava_first(user)} [/INST] {answer} {eos}" for user, answer in pairs]
+        return bos_ids + encode(f"[INST] <<SYS>>\n{LL2_SYSTEM}\n<</SYS>>\n\n" + turns[0][len("[INST] "):] +
+                                "".join(bos + turn for turn in turns[1:]))
+    assert fmt == "llava_plain"
+    ((_, answer),) = pairs
+    return bos_ids + encode(f"<image>{answer}\n")
+
+
+@pytest.mark.parametrize(("style", "fmt"), [
+    *[(style, fmt) for style in ("real_llama", "real_llama_legacy")
+      for fmt in ("llama-2", "plain", "v1", "llava_llama_2", "llava_plain")],
+    ("real_qwen", "chat_template"), ("real_qwen", "v1")])
+def test_image_conversation_ids_equal_one_call_tokenisation(style, fmt, request):
+    """Multi-turn conversations with images: the built ids are the tokenizer's one-call ids of the format's text
+    (see `_one_call_ids`), with SentencePiece both as transformers loads it by default and with legacy
+    pre-tokenisation, where text after `</s>` or an image span takes a `▁` (the one the builder used to drop);
+    Qwen's byte-level BPE marks no word start, and its ids are unchanged by that rule."""
+    tokenizer, layout = request.getfixturevalue(style)
+    pairs = IMAGE_PAIRS[:1] if fmt == "llava_plain" else IMAGE_PAIRS
+    turns = [{"from": who, "value": value} for pair in pairs for who, value in zip(("human", "gpt"), pair)]
+    record = normalise_llava_record({"id": "images", "conversations": turns}, 0, "test")
+    g = torch.Generator().manual_seed(0)
+    images = [ImageSlot(codes={"semantic": torch.randint(0, 32, (NUM_POSITIONS, 1), generator=g)})
+              for user, _ in pairs for _ in range(user.count("<image>"))]
+    factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=None, chat_format=fmt))
+    sample = factory.conversation(record, images)
+    assert factory.builder.marks_text_after_special == (style == "real_llama_legacy")
+    expected = _one_call_ids(tokenizer, fmt, pairs)
+    assert tokenizer.convert_ids_to_tokens(sample.input_ids.tolist()) == tokenizer.convert_ids_to_tokens(expected)
+    # the supervised tokens are still exactly the answers and their turn ends, tokenised where they stand (byte-level
+    # BPE decodes the boundary space that its answer's first token carries, `ĠThe`; SentencePiece's decoder drops it)
+    end = {"chat_template": "<|im_end|>", "llava_llama_2": " " + tokenizer.eos_token,
+           "llava_plain": "\n"}.get(fmt, tokenizer.eos_token)
+    space = " " if (style, fmt) == ("real_qwen", "v1") else ""
+    assert [tokenizer.decode(run) for run in _runs(sample.labels)] == [space + answer + end for _, answer in pairs]
+
+
+# Mistral-instruct's layout: `[INST]` scaffolding after `</s>`, and each user message right after a special token.
+SPECIAL_EDGED_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST]{{ eos_token }}"
+                          "{{ m['content'] }} [/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}"
+                          "{% endfor %}")
+
+
+@pytest.mark.parametrize("style", ["real_llama", "real_llama_legacy"])
+def test_chat_template_scaffolding_ending_in_a_special_token(style, request):
+    """A chat template whose scaffolding ends with a special token right before the message (`[INST]</s>` here,
+    contrived so that every message follows one): the message starts as the tokenizer starts text after a special
+    token, so the ids are still the one-call ids of the rendered text (images as their spans)."""
+    import copy
+
+    tokenizer, layout = request.getfixturevalue(style)
+    tokenizer = copy.deepcopy(tokenizer)  # the session fixture stays as it is
+    tokenizer.chat_template = SPECIAL_EDGED_TEMPLATE
+    pairs = IMAGE_PAIRS[:2]
+    turns = [{"from": who, "value": value} for pair in pairs for who, value in zip(("human", "gpt"), pair)]
+    record = normalise_llava_record({"id": "template", "conversations": turns}, 0, "test")
+    g = torch.Generator().manual_seed(0)
+    images = [ImageSlot(codes={"semantic": torch.randint(0, 32, (NUM_POSITIONS, 1), generator=g)}) for _ in pairs]
+    factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=None, chat_format="chat_template",
+                                                            chat_end_token=tokenizer.eos_token))
+    sample = factory.conversation(record, images)
+    expected = _one_call_ids(tokenizer, "chat_template", pairs)
+    assert tokenizer.convert_ids_to_tokens(sample.input_ids.tolist()) == tokenizer.convert_ids_to_tokens(expected)
+    assert [tokenizer.decode(run) for run in _runs(sample.labels)] == [answer + "</s>" for _, answer in pairs]

@@ -2,8 +2,9 @@
 `scripts/v1_5/pretrain.sh` (stage 1: projector only, `mm_projector.bin`) and `scripts/v1_5/finetune_lora.sh`
 (stage 2: LoRA from that projector), under `deepspeed --num_gpus 2`, with only these changes:
 
-- paths: a tiny random LLaMA (SentencePiece-style tokenizer), a tiny random CLIP tower, a LLaVA JSON over shapes
-  images, `configs/deepspeed/zero2.json` / `zero3.json` for LLaVA's `./scripts/zero2.json` / `zero3.json`;
+- paths: a tiny random LLaMA with a real LLaMA-kind SentencePiece tokenizer as it ships (Mistral-7B's, from the
+  mistral-common wheel: 32000 pieces, no pad token, like LLaMA-2 and Vicuna), a tiny random CLIP tower, a LLaVA
+  JSON over shapes images, `configs/deepspeed/zero2.json` / `zero3.json` for LLaVA's `./scripts/zero2.json` / `zero3.json`;
 - sizes: `--per_device_train_batch_size 2`, `--max_steps 2` (then 4, to resume), stage 2 `--save_steps 2`;
 - nothing else: without CUDA the translation adds `--use_cpu true` itself (transformers refuses `--bf16 True`
   without it; bf16 on CPU then trains as asked).
@@ -29,11 +30,20 @@ LLAVA_PROJECTOR_KEYS = {"model.mm_projector.0.weight", "model.mm_projector.0.bia
 
 
 @pytest.fixture(scope="module")
-def llava_assets(tmp_path_factory, tiny_llama_path) -> dict[str, Path]:
+def llava_assets(tmp_path_factory) -> dict[str, Path]:
+    from tests.conftest import wheel_asset
     from unimm.data.toy.shapes import ShapesDataset, write_llava_json
-    from unimm.testing import build_tiny_vision_tower
+    from unimm.testing import (
+        MISTRAL_COMMON_WHEEL,
+        build_sentencepiece_tokenizer,
+        build_tiny_llm,
+        build_tiny_vision_tower,
+    )
 
     root = tmp_path_factory.mktemp("llava_launch")
+    # the LLaMA-kind SentencePiece tokenizer exactly as it ships: no pad token, like LLaMA-2 and Vicuna checkpoints
+    tokenizer = build_sentencepiece_tokenizer(wheel_asset(*MISTRAL_COMMON_WHEEL), root / "tokenizer", pad_token=None)
+    llm = build_tiny_llm(root / "llama-tiny", "llama", tokenizer)
     tower = build_tiny_vision_tower(root / "clip-vit-tiny", "clip")
     data = root / "playground"
     mix = write_llava_json(ShapesDataset(8, seed=0), data, "llava_v1_5_mix.json")
@@ -43,7 +53,7 @@ def llava_assets(tmp_path_factory, tiny_llama_path) -> dict[str, Path]:
         for r in json.loads(mix.read_text())]
     pretrain_json = data / "blip_laion_cc_sbu.json"
     pretrain_json.write_text(json.dumps(captions))
-    return {"root": root, "llm": Path(tiny_llama_path), "tower": tower, "images": data, "mix": mix,
+    return {"root": root, "llm": llm, "tower": tower, "images": data, "mix": mix,
             "pretrain_json": pretrain_json}
 
 
@@ -144,6 +154,27 @@ def test_pretrain_sh_trains_the_projector_only_and_writes_mm_projector_bin(stage
     ours = next(n for n in saved if n.endswith("layers.0.self_attn.q_proj.weight"))
     torch.testing.assert_close(saved[ours], original[name].to(saved[ours].dtype), rtol=0, atol=0)
     assert json.loads((out / "config.json").read_text())["vision_tower"]["path"] == str(llava_assets["tower"])
+
+
+def test_pretrain_sh_pads_the_shipped_tokenizer_with_unk_and_chat_answers(stage1, llava_assets, capsys):
+    """The LLaMA-kind tokenizer as it ships has no pad token: the run pads with its unk token, as LLaVA does, says
+    so once, adds no token for it, and saves it with the tokenizer, so the chat program answers with the result."""
+    from transformers import AutoTokenizer
+
+    from unimm.cli import chat
+
+    out, proc = stage1
+    assert AutoTokenizer.from_pretrained(llava_assets["llm"]).pad_token is None
+    assert proc.stderr.count("the text tokenizer has no pad token: padding with its unk token '<unk>' (id 0), "
+                             "as LLaVA does") == 1
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.pad_token == saved.unk_token == "<unk>" and saved.pad_token_id == 0
+    layout = json.loads((out / "config.json").read_text())["vocab_layout"]
+    assert layout["original_vocab_size"] == 32000 and layout["boi_token_id"] == 32000
+    image = next((llava_assets["images"] / "images").glob("*.png"))
+    results = chat.main(["--model_path", str(out), "--images", str(image), "--questions", "What shape is it?",
+                         "--chat_format", "llava_plain", "--max_new_tokens", "3", "--device", "cpu"])
+    assert len(results) == 1 and f"Q: What shape is it?\nA: {results[0]['answer']}" in capsys.readouterr().out
 
 
 def test_finetune_lora_sh_loads_the_projector_resumes_and_exports(stage1, llava_assets):

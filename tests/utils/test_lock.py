@@ -98,6 +98,9 @@ def test_unknown_mode_is_refused():
     assert result.returncode == 2 and "UNIMM_DEPS must be 'locked' or 'latest'" in result.stderr
 
 
+@pytest.mark.skipif(os.environ.get("UNIMM_DEPS") == "latest",
+                    reason="judges the locked environment: in latest mode the newest releases may need distributions "
+                           "the lock does not pin yet (scripts/refresh_lock.sh adds them after this run passes)")
 def test_lock_pins_every_distribution_the_suite_needs(lock_file):
     pins = _pins()
     missing = sorted(set(map(canonicalize_name, IMPORTED)) - set(pins))

@@ -145,12 +145,42 @@ class SequenceBuilder:
         self._special_cache: dict[tuple[str, bool], list[int]] = {}
         self._probe_cache: dict[tuple[str, bool], list[int]] = {}
         self.marks_text_start = self._detect_text_start_mark()
+        self.marks_text_after_special = self._detect_mark_after_special()
+        # what `_ends_with_special` looks for, gathered only where it is asked
+        self._special_ids: set[int] = set()
+        self._special_strings: tuple[str, ...] = ()
+        if self.marks_text_after_special:
+            self._special_ids = set(tokenizer.all_special_ids) | {layout.boi_token_id, layout.eoi_token_id}
+            self._special_strings = tuple(t for t in tokenizer.all_special_tokens if t)
 
     def _detect_text_start_mark(self) -> bool:
         """Whether the tokenizer marks the start of every call's text (SentencePiece's word-boundary `▁`, as in
         LLaMA and Mistral): then a segment that continues a sequence must not be tokenised on its own, or each
         segment gains a space the format never had (`[INST]  Give`)."""
         return self._encode_continuing(["a"], special=False)[0] != encode_plain_text(self.tokenizer, "a")
+
+    def _detect_mark_after_special(self) -> bool:
+        """Whether the tokenizer also marks the start of text that follows a special token, as it marks a call's
+        start: SentencePiece-kind tokenizers split the text at special tokens and, with legacy pre-tokenisation
+        (Metaspace `prepend_scheme="always"`), give each piece its own `▁` (`</s>▁What`); transformers' default
+        (`"first"`) continues it (`</s>What`). Text after an EOS or an image span (which ends with the special
+        `<|eoi|>`) is tokenised as the tokenizer does it there, so built ids equal one-call tokenisation of the
+        format's text with each image span written as special tokens."""
+        marker = self.tokenizer.eos_token
+        if not self.marks_text_start or not marker:
+            return False
+        marker_ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(marker + "a", add_special_tokens=False)["input_ids"]
+        return list(ids[: len(marker_ids)]) == list(marker_ids) and list(ids[len(marker_ids):]) == list(
+            encode_plain_text(self.tokenizer, "a"))
+
+    def _ends_with_special(self, segment: Segment) -> bool:
+        """Whether a special token ends `segment` (an image span always ends with `<|eoi|>`)."""
+        if isinstance(segment, ImageSlot):
+            return True
+        if isinstance(segment, TokenIds):
+            return bool(segment.ids) and segment.ids[-1] in self._special_ids
+        return segment.special and segment.text.endswith(self._special_strings)
 
     def _encode_continuing(self, texts: list[str], special: bool) -> list[list[int]]:
         """Ids of `texts` as they tokenise in the middle of a sequence: each is tokenised after a probe that takes
@@ -199,14 +229,17 @@ class SequenceBuilder:
 
     def _continues(self, segments: Sequence[Segment]) -> list[bool]:
         """Per segment: whether text or an image precedes it in the same document, so its text continues a string
-        rather than starting one. A BOS starts a new document (LLaMA-2 encodes each turn pair in its own call)."""
+        rather than starting one. A BOS starts a new document (LLaMA-2 encodes each turn pair in its own call);
+        text after a special token starts afresh where the tokenizer marks it so (`marks_text_after_special`)."""
         flags, started = [], False
         bos = self.tokenizer.bos_token_id
         for segment in segments:
             flags.append(started)
-            if isinstance(segment, TokenIds):
-                started = started and not (bos is not None and segment.ids and segment.ids[-1] == bos)
-            else:
+            if isinstance(segment, TokenIds) and bos is not None and segment.ids and segment.ids[-1] == bos:
+                started = False
+            elif self.marks_text_after_special and self._ends_with_special(segment):
+                started = False
+            elif not isinstance(segment, TokenIds):
                 started = True
         return flags
 

@@ -71,6 +71,52 @@ def _mean_init_rows(matrix: torch.Tensor, rows: torch.Tensor, num_reference_rows
     matrix[rows] = (mean + sample).to(matrix.dtype)
 
 
+PAD_TOKEN = "<pad>"
+
+
+def ensure_pad_token(text_tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> str | None:
+    """Give a tokenizer without a pad token one (LLaMA-2, Vicuna and Mistral tokenizers ship none): its unk token
+    where it has one, as LLaVA does for these tokenizers; else a new special token `<pad>`, whose embedding and LM
+    head rows `model` gets (resized if it has no row for the new id, the row initialised like the other new rows,
+    see `_mean_init_rows`). The pad never reaches the loss (the collator's padding is masked), so which token it
+    is changes no training result; it is saved with the tokenizer, so inference pads with the same token.
+
+    Call it before `extend_tokenizer_and_model`, so a new `<pad>` is part of the text vocabulary
+    (`original_vocab_size`) and the visual tokens after it keep one contiguous layout. Returns the note it logs,
+    or None when the tokenizer already had a pad token."""
+    if text_tokenizer.pad_token_id is not None:
+        return None
+    unk = text_tokenizer.unk_token
+    if unk is not None and text_tokenizer.unk_token_id is not None:
+        text_tokenizer.pad_token = unk
+        note = (f"the text tokenizer has no pad token: padding with its unk token {unk!r} "
+                f"(id {text_tokenizer.unk_token_id}), as LLaVA does")
+    else:
+        num_text_rows = len(text_tokenizer)
+        text_tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        pad_id = text_tokenizer.pad_token_id
+        note = (f"the text tokenizer has no pad token and no unk token: added {PAD_TOKEN!r} as its pad token "
+                f"(id {pad_id})")
+        if model is not None and pad_id >= num_text_rows:
+            embeddings = model.get_input_embeddings()
+            with _gathered([embeddings.weight]):
+                old_rows = embeddings.weight.shape[0]
+            if pad_id >= old_rows:
+                model.resize_token_embeddings(pad_id + 1, mean_resizing=False)
+                note += f"; the model's embedding rows grew {old_rows} -> {pad_id + 1}"
+                if getattr(model.config, "vocab_layout", None):  # a UniMM model loaded with its layout
+                    model.config.vocab_layout = {**model.config.vocab_layout, "padded_vocab_size": pad_id + 1}
+            matrices = [model.get_input_embeddings().weight]
+            output = model.get_output_embeddings()
+            if output is not None and output.weight is not matrices[0]:
+                matrices.append(output.weight)
+            with _gathered(matrices):
+                for matrix in matrices:
+                    _mean_init_rows(matrix, torch.tensor([pad_id], device=matrix.device), num_text_rows)
+    logger.info(note)
+    return note
+
+
 def extend_tokenizer_and_model(
     tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel,

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, check_visual_tokenizer, extend_tokenizer_and_model
 from unimm.llm.projector import load_mm_projector
 from unimm.llm.vision_tower import VisionTower
+from unimm.llm.vocab import ensure_pad_token
 from unimm.train.args import DataArguments, ModelArguments, VisualModulesConfig
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
@@ -110,8 +111,7 @@ def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None 
                                           image_aspect_ratio=model_args.tower_aspect_ratio, dtype=dtype)
         model, text_tokenizer, layout = _extend_llm(model_args, modules or VisualModulesConfig(), visual_tokenizer,
                                                     tower, dtype, use_image_features, seed)
-    if text_tokenizer.pad_token_id is None:
-        raise ValueError("the text tokenizer has no pad token; set one in its tokenizer_config.json")
+    ensure_pad_token(text_tokenizer, model)  # a loaded model's tokenizer may lack one (_extend_llm gave a new one)
     if model_args.pretrained_projector:
         load_mm_projector(model, model_args.pretrained_projector)
         logger.info("loaded the feature projector from %s", model_args.pretrained_projector)
@@ -163,6 +163,7 @@ def _extend_llm(model_args: ModelArguments, modules: VisualModulesConfig, visual
         attn_implementation=model_args.attn_implementation, **features, **overrides,
     )
     spec = visual_tokenizer.codebook_spec if visual_tokenizer is not None else {}
+    ensure_pad_token(text_tokenizer, model)  # before the extension: a new pad token is a text token
     layout = extend_tokenizer_and_model(text_tokenizer, model, spec, flat_codes=model_args.flat_codes)
     return model, text_tokenizer, layout
 
