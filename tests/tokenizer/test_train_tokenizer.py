@@ -466,3 +466,16 @@ def test_tokenizer_trainer_resumes_only_its_own_run_and_one_run_per_folder(unint
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.slow
+def test_tokenizer_training_divergence_stops_in_one_line(tmp_path, capsys):
+    """Learning rate 1e20: the loss turns non-finite within a few steps; the run stops with one line naming the
+    step before the update, and writes no model from non-finite weights."""
+    out = tmp_path / "diverged"
+    with pytest.raises(SystemExit) as stopped:
+        train_cli.main(_argv("vqrae-tiny", output_dir=out, learning_rate=1e20, **{**KILL_FLAGS, "max_steps": 8}))
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training diverged at step" in line
+    assert not (out / "model").exists()

@@ -31,7 +31,14 @@ from unimm.data.images import ImageDataset, ImageTransform, collate_images
 from unimm.tokenizer.losses import ReconstructionLoss, ReconstructionLossConfig, check_lpips_weights
 from unimm.tokenizer.metrics import denormalize, evaluate_tokenizer, psnr
 from unimm.train.checkpoint import trim_jsonl_log
-from unimm.train.guards import RunLock, check_resume_fingerprint, rank0_decides, run_fingerprint
+from unimm.train.guards import (
+    DivergenceError,
+    RunLock,
+    all_finite_everywhere,
+    check_resume_fingerprint,
+    rank0_decides,
+    run_fingerprint,
+)
 from unimm.train.tokenizer import state
 from unimm.train.tokenizer.args import TokenizerDataArguments, TokenizerModelArguments, TokenizerTrainingArguments
 from unimm.train.tokenizer.build import Optimisation, build_optimisation, build_tokenizer_model
@@ -231,6 +238,11 @@ def train_step(run: TokenizerRun, pixel_values: torch.Tensor) -> StepResult:
         )
         model_losses = dict(output.losses)
         loss = rec_loss + sum(model_losses.values())
+    if not all_finite_everywhere(bool(torch.isfinite(loss.detach()).all())):
+        # before the update: the weights, the EMA and every checkpoint so far stay finite
+        raise DivergenceError(f"training diverged at step {run.step + 1}: the loss is "
+                              f"{float(loss.detach().float())} on rank {get_rank()} (or another rank); the last "
+                              f"complete checkpoint is kept (lower the learning rate or resume from it)")
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(opt.trainable, max_norm) if max_norm > 0 else None
     opt.optimizer.step()
