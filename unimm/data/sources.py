@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from unimm.data.sequence import ImageSlot, MalformedRecordError
 from unimm.data.templates import ChatMessage
 from unimm.utils.errors import InputFileError, invalid_json
@@ -152,3 +154,51 @@ def llava_messages(record: dict, image_slots: list[ImageSlot], system_prompt: st
                 parts.append(piece)
         messages.append(ChatMessage(role, parts))
     return messages
+
+
+# ------------------------------------------------------------------------------------------------ length metadata
+
+
+def arrow_column(records: Any, name: str) -> Any:
+    """Column `name` of a `datasets.Dataset` as a `pyarrow.ChunkedArray` (memory-mapped when the dataset is: no
+    Python object per record), or None when `records` is not Arrow-backed (a list of dicts)."""
+    import datasets
+    import pyarrow as pa
+
+    if not isinstance(records, datasets.Dataset):
+        return None
+    column = records.with_format("arrow")[name]
+    return column if isinstance(column, pa.ChunkedArray) else pa.chunked_array([column])
+
+
+def text_bytes(records: Any, name: str = "text") -> np.ndarray:
+    """UTF-8 bytes of each record's string column `name` (int64 [N], 0 for a null), read from the Arrow offsets."""
+    import pyarrow.compute as pc
+
+    column = arrow_column(records, name)
+    if column is None:
+        return np.array([len((record[name] or "").encode()) for record in records], dtype=np.int64)
+    return pc.fill_null(pc.binary_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def llava_length_stats(records: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per normalised LLaVA record (`read_llava_json`): UTF-8 bytes of all turn texts, number of turns and number
+    of images (int64 [N] each; 0 for a malformed record), in a few vectorised Arrow passes."""
+    import pyarrow.compute as pc
+
+    conversations = arrow_column(records, "conversations")
+    if conversations is None:
+        turns = [record.get("conversations") or [] for record in records]
+        return (np.array([sum(len(t["value"].encode()) for t in ts) for ts in turns], dtype=np.int64),
+                np.array([len(ts) for ts in turns], dtype=np.int64),
+                np.array([len(record.get("images") or []) for record in records], dtype=np.int64))
+    totals, counts = [], []
+    for chunk in conversations.chunks:
+        parents = pc.list_parent_indices(chunk).to_numpy()
+        value_bytes = pc.fill_null(pc.binary_length(pc.list_flatten(chunk).field("value")), 0)
+        totals.append(np.bincount(parents, weights=value_bytes.to_numpy(zero_copy_only=False), minlength=len(chunk)))
+        counts.append(np.bincount(parents, minlength=len(chunk)))
+    total = np.concatenate(totals).astype(np.int64) if totals else np.zeros(0, np.int64)
+    num_turns = np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, np.int64)
+    images = pc.fill_null(pc.list_value_length(arrow_column(records, "images")), 0)
+    return total, num_turns, images.to_numpy(zero_copy_only=False).astype(np.int64)
