@@ -418,14 +418,14 @@ class CodeCache:
         return self._row(self.dataset[int(index)])
 
     def keys(self) -> list[str]:
-        return list(self.dataset["id"])
+        return self.dataset.with_format("arrow")["id"].to_pylist()  # one Arrow read, not a row-by-row decode
 
     def __contains__(self, key: str) -> bool:
         return key in self._key_index()
 
     def _key_index(self) -> dict[str, int]:
         if self._index is None:
-            self._index = {key: i for i, key in enumerate(self.dataset["id"])}
+            self._index = {key: i for i, key in enumerate(self.keys())}
         return self._index
 
     def codes_for(self, key: str) -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ def read_llava_json(path: str | os.PathLike, streaming: bool = False) -> Any:
     """Read a LLaVA conversation file (`.json` list or `.jsonl`) into a `datasets.Dataset` (an `IterableDataset`
     with `streaming=True`) with columns `id`, `images`, `conversations`, `malformed`."""
     import datasets
+    import pyarrow as pa
 
     path = Path(path)
     if not path.is_file():
@@ -92,12 +93,14 @@ def read_llava_json(path: str | os.PathLike, streaming: bool = False) -> Any:
     })
 
     def generate(file: str) -> Iterator[dict]:
+        name = Path(file).name  # once: a Path per record cost more than the JSON parse
         for index, raw in enumerate(_iter_json_records(Path(file))):
-            yield normalise_llava_record(raw, index, Path(file).name)
+            yield normalise_llava_record(raw, index, name)
 
     if streaming:
         return datasets.IterableDataset.from_generator(generate, features=features, gen_kwargs={"file": str(path)})
-    return datasets.Dataset.from_list(list(generate(str(path))), features=features)
+    # One Arrow conversion of all rows (`Dataset.from_list` encodes row by row: ~10x slower at 10^5 records).
+    return datasets.Dataset(pa.Table.from_pylist(list(generate(str(path))), schema=features.arrow_schema))
 
 
 def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
