@@ -13,7 +13,7 @@ by a `BadSampleTracker`, which stops the run once too many were bad.
 Each map-style task dataset also gives `length_hints()`: an estimated token length per record, computed from metadata
 in a few vectorised passes (the code cache's image shape and caption column, a LLaVA file's turn texts and image
 counts) without building a sample, so grouping batches by length (`--group_by_modality_length`) costs no pass over
-the data at start-up. The estimate counts image positions exactly and text as UTF-8 bytes / `CHARS_PER_TOKEN`; it is
+the data at start-up. The estimate counts image positions exactly and text as UTF-8 bytes / `BYTES_PER_TOKEN`; it is
 off by the tokenizer's deviation from that ratio (and the chat template's exact scaffolding), which is enough for
 grouping: the sampler only sorts samples of one task by length inside a mega-batch, so similar estimates put samples
 of similar lengths together, and an error costs some padding, never a wrong sample.
@@ -45,9 +45,10 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("caption", "t2i", "conversation", "text")
 UNDERSTANDING_INPUTS = ("auto", "codes", "features")
-# Length estimates (see the module doc): UTF-8 bytes per text token of English with the BPE vocabularies UniMM
-# trains (Qwen2, LLaMA), and the template tokens around one chat turn (role header and end-of-turn marker).
-CHARS_PER_TOKEN = 4.0
+# Length estimates (see the module doc): UTF-8 bytes per text token of English prose (measured 4.4-4.6 with
+# Qwen2.5's tokenizer, 3.9-4.3 with Mistral's LLaMA tokenizer), and the template tokens around one chat turn (role
+# header and end-of-turn marker).
+BYTES_PER_TOKEN = 4.0
 TURN_TOKENS = 5
 IMAGE_PLACEHOLDER_BYTES = len("<image>")
 
@@ -288,7 +289,7 @@ def _task_dataset(records: Any, build: Callable[[dict, int], Sample], task: str,
 
 def text_tokens_estimate(num_bytes: np.ndarray) -> np.ndarray:
     """Estimated tokens of texts of `num_bytes` UTF-8 bytes (see the module doc)."""
-    return np.ceil(np.asarray(num_bytes, dtype=np.float64) / CHARS_PER_TOKEN).astype(np.int64)
+    return np.ceil(np.asarray(num_bytes, dtype=np.float64) / BYTES_PER_TOKEN).astype(np.int64)
 
 
 def caption_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | None = None) -> TaskDataset:
