@@ -155,7 +155,7 @@ def _sentence(rng, num_lines: int) -> str:
 
 def test_length_hints_track_real_sample_lengths(visual_tokenizer, real_qwen, tmp_path, one_thread):
     """Every task's estimate against the length of the sample really built, with Qwen2.5's tokenizer and a code
-    cache written by the cache writer: image positions exact, text within the chars-per-token estimate's error."""
+    cache written by the cache writer: image positions exact, text within the bytes-per-token estimate's error."""
     from unimm.data.code_cache import load_code_cache, write_code_cache
     from unimm.data.sources import read_llava_json, read_text_records
     from unimm.data.tasks import (
@@ -214,3 +214,29 @@ def test_write_code_cache_round_trip(visual_tokenizer, tmp_path):
         write_code_cache(tmp_path / "cache", visual_tokenizer, list("abcde"), codes, list("vwxyz"))
     with pytest.raises(ValueError, match=r"codes\['semantic'\] must be \[2, N, D\]"):
         write_code_cache(tmp_path / "other", visual_tokenizer, ["a", "b"], codes)
+
+
+def test_large_llava_file_is_converted_once_and_memory_mapped(tmp_path, monkeypatch):
+    from unimm.data import sources
+
+    records = [{"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nhello"},
+                                                               {"from": "gpt", "value": "hi"}]},
+               7, {"id": "c", "conversations": [{"from": "human", "value": "no image"}]}]
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    parsed = list(sources.read_llava_json(tmp_path / "chat.json"))  # under the size threshold: parsed in memory
+    assert not (tmp_path / "arrow").exists()
+    first = sources.read_llava_json(tmp_path / "chat.json", arrow_dir=tmp_path / "arrow", arrow_min_bytes=0)
+    (converted,) = (tmp_path / "arrow").iterdir()
+    assert list(first) == parsed and first.cache_files[0]["filename"] == str(converted)
+
+    def no_parse(path):
+        raise AssertionError(f"{path} was parsed again")
+
+    monkeypatch.setattr(sources, "_iter_json_records", no_parse)
+    again = sources.read_llava_json(tmp_path / "chat.json", arrow_dir=tmp_path / "arrow", arrow_min_bytes=0)
+    assert list(again) == parsed and sources.llava_length_stats(again)[1].tolist() == [2, 0, 1]
+    monkeypatch.undo()
+    records[0]["conversations"][1]["value"] = "edited"  # another file content: converted anew, never the old one
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    edited = sources.read_llava_json(tmp_path / "chat.json", arrow_dir=tmp_path / "arrow", arrow_min_bytes=0)
+    assert edited[0]["conversations"][1]["value"] == "edited" and len(list((tmp_path / "arrow").iterdir())) == 2

@@ -76,31 +76,95 @@ def normalise_llava_record(raw: Any, index: int, stem: str) -> dict:
     return out
 
 
-def read_llava_json(path: str | os.PathLike, streaming: bool = False) -> Any:
-    """Read a LLaVA conversation file (`.json` list or `.jsonl`) into a `datasets.Dataset` (an `IterableDataset`
-    with `streaming=True`) with columns `id`, `images`, `conversations`, `malformed`."""
-    import datasets
-    import pyarrow as pa
+# A LLaVA file at least this large is converted to Arrow once and memory-mapped on later reads (LLaVA-665k's 1 GB
+# JSON takes minutes and gigabytes per rank to parse; its Arrow file opens in milliseconds and shares pages).
+LLAVA_ARROW_MIN_BYTES = 64 << 20
+_LLAVA_ARROW_VERSION = 1  # bump when normalise_llava_record or the columns change: old conversions are not reused
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LLaVA conversation file not found: {path}")
-    features = datasets.Features({
+
+def _llava_features() -> Any:
+    import datasets
+
+    return datasets.Features({
         "id": datasets.Value("string"),
         "images": datasets.List(datasets.Value("string")),
         "conversations": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")}),
         "malformed": datasets.Value("string"),
     })
 
-    def generate(file: str) -> Iterator[dict]:
-        name = Path(file).name  # once: a Path per record cost more than the JSON parse
-        for index, raw in enumerate(_iter_json_records(Path(file))):
-            yield normalise_llava_record(raw, index, name)
 
+def _normalised_llava_records(path: Path) -> Iterator[dict]:
+    name = path.name  # once: a Path per record cost more than the JSON parse
+    for index, raw in enumerate(_iter_json_records(path)):
+        yield normalise_llava_record(raw, index, name)
+
+
+def read_llava_json(path: str | os.PathLike, streaming: bool = False, arrow_dir: str | os.PathLike | None = None,
+                    arrow_min_bytes: int = LLAVA_ARROW_MIN_BYTES) -> Any:
+    """Read a LLaVA conversation file (`.json` list or `.jsonl`) into a `datasets.Dataset` (an `IterableDataset`
+    with `streaming=True`) with columns `id`, `images`, `conversations`, `malformed`.
+
+    A file of `arrow_min_bytes` or more is converted once into an Arrow file in `arrow_dir` (default: the `datasets`
+    cache, `HF_DATASETS_CACHE/unimm_llava`), named by the xxh3-128 of the JSON's bytes, so an edited file gets a new
+    conversion; later reads (every rank, every run) memory-map it instead of parsing the JSON."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA conversation file not found: {path}")
+    features = _llava_features()
     if streaming:
-        return datasets.IterableDataset.from_generator(generate, features=features, gen_kwargs={"file": str(path)})
-    # One Arrow conversion of all rows (`Dataset.from_list` encodes row by row: ~10x slower at 10^5 records).
-    return datasets.Dataset(pa.Table.from_pylist(list(generate(str(path))), schema=features.arrow_schema))
+        return datasets.IterableDataset.from_generator(
+            lambda file: _normalised_llava_records(Path(file)), features=features, gen_kwargs={"file": str(path)})
+    if path.stat().st_size < arrow_min_bytes:
+        return _llava_dataset(path, features)
+    folder = Path(arrow_dir) if arrow_dir is not None else Path(datasets.config.HF_DATASETS_CACHE) / "unimm_llava"
+    return _llava_arrow(path, folder, features)
+
+
+def _llava_dataset(path: Path, features: Any) -> Any:
+    """The records in memory: one Arrow conversion of all rows (`Dataset.from_list` encodes row by row, ~10x
+    slower at 10^5 records)."""
+    import datasets
+    import pyarrow as pa
+
+    return datasets.Dataset(pa.Table.from_pylist(list(_normalised_llava_records(path)), schema=features.arrow_schema))
+
+
+def _llava_arrow(path: Path, folder: Path, features: Any) -> Any:
+    """The records memory-mapped from their Arrow conversion in `folder`, made now if missing or unreadable (written
+    to a temporary file and renamed, so ranks converting at once never read a partial file)."""
+    import logging
+
+    import datasets
+    import pyarrow as pa
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    # The file name is part of the key: records without an id are named after it.
+    target = folder / f"{path.name}-v{_LLAVA_ARROW_VERSION}-{digest.hexdigest()}.arrow"
+    if target.is_file():
+        try:
+            return datasets.Dataset.from_file(str(target))
+        except (OSError, pa.ArrowException) as err:
+            logging.getLogger(__name__).warning("%s: unreadable (%s); converting %s again", target, err, path)
+    dataset = _llava_dataset(path, features)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        table = dataset.data.table
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=65536)
+        os.replace(tmp, target)
+    except OSError as err:
+        logging.getLogger(__name__).warning("cannot write the Arrow conversion of %s to %s (%s); reading the JSON "
+                                            "each time", path, folder, err)
+        tmp.unlink(missing_ok=True)
+        return dataset
+    return datasets.Dataset.from_file(str(target))
 
 
 def read_text_records(path: str | os.PathLike, text_key: str = "text") -> Any:
