@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,9 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE_POSITIONS = 64  # vqrae-tiny: 32 px images, 64 positions of depth 1
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """`VmRSS` (resident now) or `VmHWM` (peak) of this process. Not `getrusage`'s ru_maxrss: Linux carries it over
+    `execve`, so a child would report the parent's peak (the data generator's) when that was higher."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -125,7 +126,7 @@ def measure(folder: Path, scenario: str, batch_size: int) -> dict:
                                 conversation_weight=1.0, conversation_code_cache=str(folder / "cache"),
                                 understanding_input="codes")
     collator = UniMMCollator(pad_token_id=tokenizer.pad_token_id)
-    rss_before = _rss_mib()
+    rss_before = _status_mib("VmRSS")
     start = time.perf_counter()
     dataset = build_mixture(mixture, factory)
     built = time.perf_counter()
@@ -137,7 +138,7 @@ def measure(folder: Path, scenario: str, batch_size: int) -> dict:
     assert batch["input_ids"].shape[0] == batch_size
     return {"dataset_s": built - start, "sampler_s": sampled - built, "first_batch_s": end - sampled,
             "total_s": end - start, "rss_before_mib": rss_before,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "num_samples": len(dataset)}
+            "peak_rss_mib": _status_mib("VmHWM"), "num_samples": len(dataset)}
 
 
 def _run_measure(code: Path, folder: Path, scenario: str, batch_size: int) -> dict:

@@ -425,7 +425,8 @@ class CodeCache:
 
     def _key_index(self) -> dict[str, int]:
         if self._index is None:
-            self._index = {key: i for i, key in enumerate(self.keys())}
+            keys = self.keys()
+            self._index = dict(zip(keys, range(len(keys))))
         return self._index
 
     def codes_for(self, key: str) -> dict[str, torch.Tensor]:
