@@ -6,7 +6,7 @@ Two mixtures, written in a temporary folder with the current code (nothing is co
   codes of vqrae-tiny's shape [64, 1], captions of 1-4 English sentences);
 - finetune: LLaVA conversations (a `.json` list, 1-3 turn pairs, one image each) whose images come from that cache.
 
-A LLaVA file of 64 MiB or more is converted to Arrow at its first read (`read_llava_json`), so finetune is measured
+A LLaVA file of 8 MiB or more is converted to Arrow at its first read (`read_llava_json`), so finetune is measured
 twice with the current code: the first start (parse + conversion) and the second (memory-mapped conversion).
 
 Each measurement runs in a fresh process: the text tokenizer (Qwen2.5's, from the qwen-agent wheel, with UniMM's

@@ -76,9 +76,10 @@ def normalise_llava_record(raw: Any, index: int, stem: str) -> dict:
     return out
 
 
-# A LLaVA file at least this large is converted to Arrow once and memory-mapped on later reads (LLaVA-665k's 1 GB
-# JSON takes minutes and gigabytes per rank to parse; its Arrow file opens in milliseconds and shares pages).
-LLAVA_ARROW_MIN_BYTES = 64 << 20
+# A LLaVA file at least this large is converted to Arrow once and memory-mapped on later reads: parsing costs ~0.2 s
+# and ~8 MB of memory per MB of JSON per rank (benchmarks/startup.py: 10^6 records, 427 MB, 103 s and 3.4 GB), the
+# Arrow file opens in milliseconds and its pages are shared. Smaller files are parsed each time.
+LLAVA_ARROW_MIN_BYTES = 8 << 20
 _LLAVA_ARROW_VERSION = 1  # bump when normalise_llava_record or the columns change: old conversions are not reused
 
 
