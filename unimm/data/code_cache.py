@@ -198,17 +198,72 @@ def _encode_shard(records: Any, tokenizer: Any, transform: ImageTransform, batch
             tracker.record_ok(len(batch["ids"]))
         if progress is not None:
             progress.update(len(batch["ids"]) + len(batch["skipped"]))
-    columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
+    texts = None
     if has_text:
         kept = set(ids)
         text_by_id = {r["id"]: r["text"] for r in records.select_columns(["id", "text"]) if r["id"] in kept}
-        columns["text"] = pa.array([text_by_id[i] for i in ids], pa.string())
-    for name in _codebook_spec_dict(tokenizer) or groups:
-        flat = np.concatenate(groups[name]) if groups.get(name) else np.zeros((0, 0), np.int32)  # [B, N*D]
+        texts = [text_by_id[i] for i in ids]
+    codes = {name: np.concatenate(groups[name]) if groups.get(name) else np.zeros((0, 0), np.int32)
+             for name in _codebook_spec_dict(tokenizer) or groups}
+    meta = {"num_records": len(records), "num_written": len(ids), "skipped": skipped, "shapes": shapes}
+    return _shard_table(ids, texts, codes), meta
+
+
+def _shard_table(ids: list[str], texts: list[str] | None, codes: dict[str, np.ndarray]) -> pa.Table:
+    """The Arrow table of one shard: `id`, `text` (when given) and `codes_<group>` from int32 [B, N*D] arrays."""
+    columns: dict[str, pa.Array] = {"id": pa.array(ids, pa.string())}
+    if texts is not None:
+        columns["text"] = pa.array(texts, pa.string())
+    for name, flat in codes.items():
         offsets = np.arange(flat.shape[0] + 1, dtype=np.int32) * flat.shape[1]
         columns[f"codes_{name}"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.reshape(-1)))
-    meta = {"num_records": len(records), "num_written": len(ids), "skipped": skipped, "shapes": shapes}
-    return pa.table(columns), meta
+    return pa.table(columns)
+
+
+def _write_shard(out: Path, shard: int, start: int, stop: int, table: pa.Table, meta: dict) -> None:
+    """Shard `shard`'s Arrow file, then its `.json` (the mark that it is finished)."""
+    checksum = _write_arrow_atomic(out / f"{shard_name(shard)}.arrow", table)
+    _write_json_atomic(out / f"{shard_name(shard)}.json",
+                       {"shard": shard, "start": start, "stop": stop, **meta, "checksum": checksum})
+
+
+def _pretokenize_state(tokenizer: Any, weights_hash: str | None, num_records: int, shard_size: int,
+                       source: str | None) -> dict:
+    return {"format_version": CACHE_FORMAT_VERSION, "tokenizer_config_hash": _tokenizer_hash(tokenizer),
+            "tokenizer_weights_hash": weights_hash or tokenizer_weights_hash(tokenizer),
+            "num_records": num_records, "shard_size": shard_size, "source": source}
+
+
+def write_code_cache(out_dir: str | os.PathLike, tokenizer: Any, ids: list[str], codes: dict[str, np.ndarray],
+                     texts: list[str] | None = None, shard_size: int = 1024, source: str | None = None) -> dict:
+    """A finished cache in `out_dir` from codes computed elsewhere (`codes`: group -> int [num_records, N, D], in
+    `tokenizer`'s codebooks): the same shards, checksums and `cache_info.json` as `pretokenize` followed by
+    `finalize_code_cache`, written by the same functions. Returns the info."""
+    out = Path(out_dir)
+    if (out / STATE_FILE).exists() or (out / CACHE_INFO).exists():
+        raise ValueError(f"{out} already holds a code cache; write into a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    num_records = len(ids)
+    spec = _codebook_spec_dict(tokenizer)
+    if sorted(codes) != sorted(spec):
+        raise ValueError(f"codes have groups {sorted(codes)}, the tokenizer's codebooks are {sorted(spec)}")
+    for name, group in codes.items():
+        if group.ndim != 3 or len(group) != num_records:
+            raise ValueError(f"codes[{name!r}] must be [{num_records}, N, D], got {list(group.shape)}")
+    if texts is not None and len(texts) != num_records:
+        raise ValueError(f"{len(texts)} texts for {num_records} records")
+    _write_json_atomic(out / STATE_FILE, _pretokenize_state(tokenizer, None, num_records, shard_size, source))
+    shapes = {name: list(group.shape[1:]) for name, group in codes.items()}
+    for shard in range(max(1, -(-num_records // shard_size))):
+        start, stop = shard * shard_size, min(num_records, (shard + 1) * shard_size)
+        flat = {name: np.ascontiguousarray(codes[name][start:stop], dtype=np.int32).reshape(stop - start, -1)
+                for name in spec}
+        table = _shard_table(ids[start:stop], None if texts is None else texts[start:stop], flat)
+        meta = {"num_records": stop - start, "num_written": stop - start, "skipped": [], "shapes": shapes}
+        _write_shard(out, shard, start, stop, table, meta)
+    return finalize_code_cache(out, tokenizer)
 
 
 def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_size: int = 32,
@@ -233,9 +288,7 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
     num_records = len(records)
-    state = {"format_version": CACHE_FORMAT_VERSION, "tokenizer_config_hash": _tokenizer_hash(tokenizer),
-             "tokenizer_weights_hash": weights_hash or tokenizer_weights_hash(tokenizer),
-             "num_records": num_records, "shard_size": shard_size, "source": source}
+    state = _pretokenize_state(tokenizer, weights_hash, num_records, shard_size, source)
     state_path = out / STATE_FILE
     if state_path.exists():
         previous = json.loads(state_path.read_text())
@@ -259,9 +312,7 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
         start, stop = shard * shard_size, min(num_records, (shard + 1) * shard_size)
         table, meta = _encode_shard(records.select(range(start, stop)), tokenizer, transform, batch_size,
                                     num_workers, device, tracker, progress)
-        checksum = _write_arrow_atomic(out / f"{shard_name(shard)}.arrow", table)
-        _write_json_atomic(out / f"{shard_name(shard)}.json",
-                           {"shard": shard, "start": start, "stop": stop, **meta, "checksum": checksum})
+        _write_shard(out, shard, start, stop, table, meta)
     progress.close()
     tracker.check(final=True)
     return PretokenizeResult(written_shards=todo, skipped_shards=done, num_shards=num_shards)
@@ -341,6 +392,20 @@ class CodeCache:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def image_positions(self) -> int:
+        """LLM positions of one cached image: N of the codes' [N, D] shape (the same for every record and group)."""
+        return int(next(iter(self.shapes.values()))[0]) if self.shapes else 0
+
+    def text_bytes(self) -> np.ndarray:
+        """UTF-8 bytes of every record's caption (int64 [len(self)]), read from the `text` column's Arrow offsets
+        (memory-mapped: the captions themselves are not read)."""
+        from unimm.data.sources import text_bytes
+
+        if not self.has_text:
+            raise ValueError(f"code cache {self.path} has no captions ('text' column)")
+        return text_bytes(self.dataset, "text")
+
     def _row(self, row: dict) -> dict:
         codes = {name: torch.tensor(row[f"codes_{name}"], dtype=torch.long).view(*self.shapes[name])
                  for name in self.group_names}
@@ -353,14 +418,15 @@ class CodeCache:
         return self._row(self.dataset[int(index)])
 
     def keys(self) -> list[str]:
-        return list(self.dataset["id"])
+        return self.dataset.with_format("arrow")["id"].to_pylist()  # one Arrow read, not a row-by-row decode
 
     def __contains__(self, key: str) -> bool:
         return key in self._key_index()
 
     def _key_index(self) -> dict[str, int]:
         if self._index is None:
-            self._index = {key: i for i, key in enumerate(self.dataset["id"])}
+            keys = self.keys()
+            self._index = dict(zip(keys, range(len(keys))))
         return self._index
 
     def codes_for(self, key: str) -> dict[str, torch.Tensor]:

@@ -124,14 +124,19 @@ class UniMMCollator:
 class GroupedBatchSampler(torch.utils.data.Sampler[int]):
     """Orders indices so that each run of `batch_size` consecutive indices has one task (modality) and similar
     lengths: indices are shuffled per task, cut into mega-batches of `batch_size * mega_batch_factor`, sorted by
-    length inside each, split into batches, and the batches shuffled. Deterministic per (seed, epoch)."""
+    length inside each, split into batches (a task's last batch topped up with random indices of that task), and
+    the batches shuffled. Deterministic per (seed, epoch), so every rank computes the same order. `tasks` and
+    `lengths` are per index (arrays: everything runs in numpy, a few passes per task)."""
 
-    def __init__(self, tasks: Sequence[str], lengths: Sequence[int], batch_size: int, seed: int = 0,
-                 mega_batch_factor: int = 16):
-        if len(tasks) != len(lengths):
-            raise ValueError(f"tasks ({len(tasks)}) and lengths ({len(lengths)}) must have the same size")
-        self.tasks = list(tasks)
-        self.lengths = np.asarray(lengths)
+    def __init__(self, tasks: Sequence[str] | np.ndarray, lengths: Sequence[int] | np.ndarray, batch_size: int,
+                 seed: int = 0, mega_batch_factor: int = 16):
+        tasks = np.asarray(tasks)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if tasks.shape != self.lengths.shape or tasks.ndim != 1:
+            raise ValueError(f"tasks ({len(tasks)}) and lengths ({len(self.lengths)}) must have the same size")
+        if len(tasks) == 0:
+            raise ValueError("GroupedBatchSampler needs at least one index")
+        self.task_names, self.task_codes = _factorize(tasks)
         self.batch_size = batch_size
         self.seed = seed
         self.mega = batch_size * mega_batch_factor
@@ -140,25 +145,43 @@ class GroupedBatchSampler(torch.utils.data.Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def batches(self) -> list[list[int]]:
+    def batch_array(self) -> np.ndarray:
+        """The epoch's batches as an int64 array [num_batches, batch_size]."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        batches: list[list[int]] = []
-        for task in sorted(set(self.tasks)):
-            indices = np.array([i for i, t in enumerate(self.tasks) if t == task])
+        parts = []
+        for code in range(len(self.task_names)):  # tasks in name order
+            indices = np.flatnonzero(self.task_codes == code)
             indices = indices[rng.permutation(len(indices))]
-            for start in range(0, len(indices), self.mega):
-                mega = indices[start:start + self.mega]
-                mega = mega[np.argsort(-self.lengths[mega], kind="stable")]
-                batches.extend(mega[i:i + self.batch_size].tolist() for i in range(0, len(mega), self.batch_size))
-            short = self.batch_size - len(batches[-1])
+            # Longest first inside each mega-batch; ties keep the shuffled order (lexsort is stable).
+            ordered = indices[np.lexsort((-self.lengths[indices], np.arange(len(indices)) // self.mega))]
+            short = -len(indices) % self.batch_size
             if short:
-                batches[-1].extend(rng.choice(indices, size=short).tolist())
-        return [batches[i] for i in rng.permutation(len(batches))]
+                ordered = np.concatenate([ordered, rng.choice(indices, size=short)])
+            parts.append(ordered.reshape(-1, self.batch_size))
+        batches = np.concatenate(parts)
+        return batches[rng.permutation(len(batches))]
+
+    def batches(self) -> list[list[int]]:
+        return self.batch_array().tolist()
 
     def __iter__(self) -> Iterator[int]:
-        for batch in self.batches():
-            yield from batch
+        yield from self.batch_array().reshape(-1).tolist()
 
     def __len__(self) -> int:
-        counts = [self.tasks.count(task) for task in set(self.tasks)]
-        return sum(math.ceil(count / self.batch_size) * self.batch_size for count in counts)
+        counts = np.bincount(self.task_codes)
+        return int((-(-counts // self.batch_size) * self.batch_size).sum())
+
+
+def _factorize(labels: np.ndarray) -> tuple[list, np.ndarray]:
+    """`(names, codes)`: the distinct labels in sorted order and each label's index among them; one vectorised
+    comparison per distinct label (a mixture has a handful of tasks), no sort of the labels themselves."""
+    codes = np.full(len(labels), -1, dtype=np.int64)
+    found = []
+    while (todo := np.flatnonzero(codes < 0)).size:
+        label = labels[todo[0]]
+        codes[labels == label] = len(found)
+        found.append(label)
+    order = sorted(range(len(found)), key=lambda i: found[i])
+    rank = np.empty(len(found), dtype=np.int64)
+    rank[order] = np.arange(len(found))
+    return [found[i] for i in order], rank[codes]

@@ -320,15 +320,14 @@ def _gather_names(names: list[str], device: torch.device) -> list[str]:
 
 
 def modality_length_sampler(dataset: Any, batch_size: int, seed: int) -> torch.utils.data.Sampler:
-    """`GroupedBatchSampler` over a task mixture: each run of `batch_size` indices has one task (`dataset.task_of`)
-    and similar lengths. Lengths come from building every sample once (a pass over the data at the start)."""
+    """`GroupedBatchSampler` over a task mixture: each run of `batch_size` indices has one task (`dataset.tasks`)
+    and similar lengths. Lengths are the mixture's `length_hints()`, estimates from metadata (cache shapes, caption
+    and turn byte counts): no sample is built at start-up, and every rank computes the same order."""
     from unimm.data.collator import GroupedBatchSampler
 
-    if not hasattr(dataset, "task_of"):
-        raise ValueError("group_by_modality_length needs a task mixture (a dataset with task_of(index))")
-    tasks = [dataset.task_of(i) for i in range(len(dataset))]
-    lengths = [len(dataset[i]) for i in range(len(dataset))]
-    return GroupedBatchSampler(tasks, lengths, batch_size, seed=seed)
+    if not hasattr(dataset, "length_hints"):
+        raise ValueError("group_by_modality_length needs a task mixture (a dataset with tasks and length_hints())")
+    return GroupedBatchSampler(dataset.tasks, dataset.length_hints(), batch_size, seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------- program body
