@@ -25,6 +25,9 @@ from unimm.demo.backend import OTHER_METRICS, Chat, DemoBackend, GenerateRequest
 logger = logging.getLogger(__name__)
 
 TITLE = "UniMM Studio"
+IMAGE_HEIGHT = 256
+# small generated images are scaled up on the page: keep their pixels sharp
+CSS = "img { image-rendering: pixelated; }"
 
 
 def describe_error(err: BaseException) -> str:
@@ -118,7 +121,8 @@ def _chat_tab(backend: DemoBackend):
     chat_state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=2):
-            image = gr.Image(label="Image", type="filepath", elem_id="chat-image", sources=["upload", "clipboard"])
+            image = gr.Image(label="Image (upload, or select a generated one)", type="filepath", elem_id="chat-image",
+                             sources=["upload", "clipboard"], height=IMAGE_HEIGHT)
             max_tokens = gr.Number(value=32, precision=0, label="Longest answer (tokens)", elem_id="chat-max-tokens")
             sample = gr.Checkbox(value=False, label="Sample (temperature 1) instead of greedy", elem_id="chat-sample")
         with gr.Column(scale=3):
@@ -148,28 +152,33 @@ def _chat_tab(backend: DemoBackend):
 
 def _tokenizer_tab(backend: DemoBackend) -> None:
     view_state = gr.State(None)
-    groups = list(getattr(backend.stack.visual_tokenizer, "codebook_spec", {}) or {})
+    spec = getattr(backend.stack.visual_tokenizer, "codebook_spec", {}) or {}
+    groups = list(spec)
+    depth_steps = max([group.depth for group in spec.values()], default=1)
     with gr.Row():
-        upload = gr.Image(label="Image", type="filepath", elem_id="tok-upload", sources=["upload", "clipboard"])
-        original = gr.Image(label="Input (tokenizer size)", elem_id="tok-input", interactive=False, format="png")
-        reconstruction = gr.Image(label="Reconstruction", elem_id="tok-recon", interactive=False, format="png")
+        upload = gr.Image(label="Image", type="filepath", elem_id="tok-upload", sources=["upload", "clipboard"],
+                          height=IMAGE_HEIGHT)
+        original = gr.Image(label="Input (tokenizer size)", elem_id="tok-input", interactive=False, format="png",
+                            height=IMAGE_HEIGHT)
+        reconstruction = gr.Image(label="Reconstruction", elem_id="tok-recon", interactive=False, format="png",
+                                  height=IMAGE_HEIGHT)
     metrics = gr.Markdown("", elem_id="tok-metrics")
     status = _status("tok-status")
-    depth = gr.Slider(0, 0, value=0, step=1, label="Depth", elem_id="tok-depth")
+    depth = gr.Radio(choices=list(range(depth_steps)), value=0, label="Depth (code level shown in the maps)",
+                     elem_id="tok-depth", interactive=depth_steps > 1)
     with gr.Row():
-        maps = [gr.Image(label=f"Codes: {group}", elem_id=f"tok-map-{group}", interactive=False, format="png")
-                for group in groups]
+        maps = [gr.Image(label=f"Codes: {group} (one colour per code)", elem_id=f"tok-map-{group}",
+                         interactive=False, format="png", height=IMAGE_HEIGHT) for group in groups]
 
     def on_upload(path):
         if path is None:
-            return (None, None, "", gr.Slider(maximum=0, value=0), *[None] * len(groups), None)
+            return (None, None, "", 0, *[None] * len(groups), None)
         view = backend.tokenize(path)
-        return (view.input, view.reconstruction, view.summary(),
-                gr.Slider(minimum=0, maximum=view.depth - 1, value=0, step=1, interactive=view.depth > 1),
+        return (view.input, view.reconstruction, view.summary(), 0,
                 *[view.code_map(group, 0) for group in groups], view)
 
     def on_depth(level, view):
-        if view is None:
+        if view is None or level is None:
             return tuple(gr.skip() for _ in groups)
         return tuple(view.code_map(group, int(level)) for group in groups)
 
@@ -205,4 +214,4 @@ def _runs_tab(backend: DemoBackend) -> None:
 
 
 def launch(app: Any, host: str, port: int, share: bool = False) -> None:
-    app.queue().launch(server_name=host, server_port=port, share=share, show_error=False, inbrowser=False)
+    app.queue().launch(server_name=host, server_port=port, share=share, show_error=False, inbrowser=False, css=CSS)
