@@ -132,7 +132,7 @@ def test_generate_shows_the_grid_and_a_bad_option_shows_a_message(page, screensh
     type_into(page, "#gen-count input", "3")
     type_into(page, "#gen-seed input", "4")
     css(page, "#gen-button").click()
-    images = wait(page, lambda d: len(loaded_images(d, "#gen-gallery img")) == 3 and loaded_images(d, "#gen-gallery img"))
+    images = wait(page, lambda d: len(shown := loaded_images(d, "#gen-gallery img")) == 3 and shown)
     assert [(w, h) for w, h, _ in images] == [(16, 16)] * 3  # the toy tokenizer's 16 px images
     captions = css(page, "#gen-gallery").text
     assert "seed 4" in captions and "seed 6" in captions, captions
@@ -175,7 +175,7 @@ def test_chat_answers_over_two_turns(page, screenshots, toy, demo_runs):
     for turn, question in enumerate(questions, 1):
         type_into(page, "#chat-question textarea", question)
         css(page, "#chat-ask").click()
-        wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='bot']")) == turn)
+        wait(page, lambda d, turn=turn: len(d.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='bot']")) == turn)
     shown = [m.text for m in page.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='bot']")]
     assert shown == answers  # the second answer is conditioned on the first turn, as the backend builds it
     assert [m.text for m in page.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='user']")] == questions

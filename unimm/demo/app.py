@@ -13,6 +13,7 @@ in its tab's status line; any other exception is logged with its traceback on th
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -26,8 +27,12 @@ logger = logging.getLogger(__name__)
 
 TITLE = "UniMM Studio"
 IMAGE_HEIGHT = 256
-# small generated images are scaled up on the page: keep their pixels sharp
-CSS = "img { image-rendering: pixelated; }"
+# small images (the toy tokenizers' 16-32 px) are scaled up to their box on the page, their pixels kept sharp
+CSS = """img { image-rendering: pixelated; }
+.unimm-pixels img { width: 100% !important; height: 100% !important; object-fit: contain; }"""
+PIXELS = {"height": IMAGE_HEIGHT, "elem_classes": ["unimm-pixels"]}
+EMPTY_ANSWER = "(no text: the model ended its answer at once)"
+TRACK_TQDM = gr.Progress(track_tqdm=True)  # a handler's default: Gradio shows the inference layer's tqdm bars
 
 
 def describe_error(err: BaseException) -> str:
@@ -41,6 +46,7 @@ def describe_error(err: BaseException) -> str:
 
 def guarded(handler: Callable[..., tuple], outputs: int) -> Callable[..., tuple]:
     """`handler` returning its outputs and "" as status, or, when it raises, unchanged outputs and the message."""
+    @functools.wraps(handler)  # Gradio reads the handler's signature (its gr.Progress argument) through this
     def run(*args):
         try:
             return (*handler(*args), "")
@@ -74,7 +80,7 @@ def _selected_image(evt: gr.SelectData):
 
 def _stack_line(backend: DemoBackend) -> str:
     stack = backend.stack
-    model = getattr(stack.model.config, "_name_or_path", "") or "model"
+    model = backend.model_path or "model"
     visual = getattr(stack.visual_tokenizer, "name_or_path", "") or type(stack.visual_tokenizer).__name__
     return f"Model `{model}` · visual tokenizer `{visual}` · {stack.device}"
 
@@ -103,7 +109,7 @@ def _generate_tab(backend: DemoBackend):
             gallery = gr.Gallery(label="Images", columns=4, object_fit="contain", elem_id="gen-gallery",
                                  format="png")
 
-    def generate(prompt, negative, cfg, temperature, top_k, top_p, seed, count, progress=gr.Progress(track_tqdm=True)):
+    def generate(prompt, negative, cfg, temperature, top_k, top_p, seed, count, progress=TRACK_TQDM):
         request = GenerateRequest(prompt=prompt or "", negative_prompt=(negative or "").strip(),
                                   cfg_scale=float(cfg or 0), temperature=float(temperature or 0),
                                   top_k=int(top_k or 0), top_p=float(1.0 if top_p is None else top_p),
@@ -122,7 +128,7 @@ def _chat_tab(backend: DemoBackend):
     with gr.Row():
         with gr.Column(scale=2):
             image = gr.Image(label="Image (upload, or select a generated one)", type="filepath", elem_id="chat-image",
-                             sources=["upload", "clipboard"], height=IMAGE_HEIGHT)
+                             elem_classes=["unimm-pixels"], sources=["upload", "clipboard"], height=IMAGE_HEIGHT)
             max_tokens = gr.Number(value=32, precision=0, label="Longest answer (tokens)", elem_id="chat-max-tokens")
             sample = gr.Checkbox(value=False, label="Sample (temperature 1) instead of greedy", elem_id="chat-sample")
         with gr.Column(scale=3):
@@ -139,7 +145,8 @@ def _chat_tab(backend: DemoBackend):
         backend.ask(chat, question_text or "", int(max_new_tokens or 0), bool(do_sample))
         messages = []
         for asked, answered in chat.turns:
-            messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answered}]
+            messages += [{"role": "user", "content": asked},
+                         {"role": "assistant", "content": answered or EMPTY_ANSWER}]
         return messages, chat, ""
 
     ask.click(guarded(on_ask, 3), [image, question, max_tokens, sample, chat_state],
@@ -157,18 +164,18 @@ def _tokenizer_tab(backend: DemoBackend) -> None:
     depth_steps = max([group.depth for group in spec.values()], default=1)
     with gr.Row():
         upload = gr.Image(label="Image", type="filepath", elem_id="tok-upload", sources=["upload", "clipboard"],
-                          height=IMAGE_HEIGHT)
+                          **PIXELS)
         original = gr.Image(label="Input (tokenizer size)", elem_id="tok-input", interactive=False, format="png",
-                            height=IMAGE_HEIGHT)
+                            **PIXELS)
         reconstruction = gr.Image(label="Reconstruction", elem_id="tok-recon", interactive=False, format="png",
-                                  height=IMAGE_HEIGHT)
+                                  **PIXELS)
     metrics = gr.Markdown("", elem_id="tok-metrics")
     status = _status("tok-status")
     depth = gr.Radio(choices=list(range(depth_steps)), value=0, label="Depth (code level shown in the maps)",
                      elem_id="tok-depth", interactive=depth_steps > 1)
     with gr.Row():
-        maps = [gr.Image(label=f"Codes: {group} (one colour per code)", elem_id=f"tok-map-{group}",
-                         interactive=False, format="png", height=IMAGE_HEIGHT) for group in groups]
+        maps = [gr.Image(label=f"Codes: {group} (one colour per code)", elem_id=f"tok-map-{group}", interactive=False,
+                         format="png", **PIXELS) for group in groups]
 
     def on_upload(path):
         if path is None:

@@ -92,7 +92,8 @@ class GenerateRequest:
         """The caption of image `index`: everything needed to sample it again with `unimm-generate-t2i`."""
         negative = f", negative '{self.negative_prompt}'" if self.negative_prompt else ""
         return (f"'{self.prompt}'{negative}, guidance {self.cfg_scale:g}, temperature {self.temperature:g}, "
-                f"top-k {self.top_k or 'off'}, top-p {self.top_p if self.top_p < 1 else 'off'}, seed {self.seed + index}")
+                f"top-k {self.top_k or 'off'}, top-p {self.top_p if self.top_p < 1 else 'off'}, "
+                f"seed {self.seed + index}")
 
 
 @dataclass
@@ -106,8 +107,10 @@ class Chat:
 class DemoBackend:
     """A loaded stack (model, text tokenizer, visual tokenizer) and the folder whose runs the page lists."""
 
-    def __init__(self, stack: Any, runs_root: Path | None, chat_format: Any, max_images: int = 16):
+    def __init__(self, stack: Any, runs_root: Path | None, chat_format: Any, max_images: int = 16,
+                 model_path: str | None = None):
         self.stack = stack
+        self.model_path = model_path or getattr(stack.model.config, "_name_or_path", "")
         self.runs_root = runs_root
         self.chat_format = chat_format
         self.max_images = max_images
@@ -131,7 +134,7 @@ class DemoBackend:
                                         device=device, dtype=dtype,
                                         allow_visual_tokenizer_mismatch=allow_visual_tokenizer_mismatch)
         stack = load_inference_stack(infer_args)
-        return cls(stack, runs_root or Path(model_path).parent, chat_format, max_images)
+        return cls(stack, runs_root or Path(model_path).parent, chat_format, max_images, model_path)
 
     # ---- Generate
 
