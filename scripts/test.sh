@@ -4,12 +4,12 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/llm -x`.
 #
 # Without arguments the suite has two parts: everything but the extras' tests in .venv, then the tests of the
-# extras that fight the lock (EXTRAS_TESTS: the UniMM Studio browser test, lmms-eval) in .venv-extras
+# extras that fight the lock (EXTRAS_TESTS: UniMM Studio and its browser test, lmms-eval) in .venv-extras
 # (unimm[dev,demo,eval], built by scripts/_venv.sh with UNIMM_EXTRAS=1), with Chromium installed through apt when
 # it is missing and the user is root. `UNIMM_EXTRAS=1 bash scripts/test.sh tests/eval -x` runs arguments there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS_TESTS=(tests/demo/test_demo_browser.py tests/eval)
+EXTRAS_TESTS=(tests/demo tests/eval)
 
 install_chromium() {  # the browser test's Chromium and chromedriver (Debian's packages); it skips without them
   if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then return; fi
