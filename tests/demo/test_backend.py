@@ -91,3 +91,16 @@ def test_run_logs_give_losses_learning_rate_and_checkpoints(demo_runs, tmp_path)
         read_run(tmp_path)
     with pytest.raises(DemoInputError, match="no training log there"):
         read_run(tmp_path / "nowhere")
+
+
+def test_demo_program_reports_a_missing_model_in_one_line(tmp_path, capsys):
+    from unimm.cli import demo
+
+    for argv, message in (([], "pass --run_dir (a run folder such as runs/quickstart) or --model_path"),
+                          (["--run_dir", str(tmp_path / "nowhere")], f"run_dir={tmp_path / 'nowhere'}: not a folder"),
+                          (["--run_dir", str(tmp_path)], "holds no UniMM model")):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

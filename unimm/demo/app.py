@@ -4,7 +4,7 @@
   (one step per image); the images as a gallery captioned with their settings, each downloadable.
 - Chat: an uploaded (or a just generated) image and questions over several turns.
 - Tokenizer: an uploaded image beside its reconstruction, PSNR/SSIM, and a map of the codes each position used,
-  per codebook, with a slider over depth.
+  per codebook, with buttons stepping through depth.
 - Runs: a run folder's losses, learning rate, tokens/s and grad norm against steps, and its checkpoints.
 
 Every handler reports a user error (`unimm.cli.errors.is_user_error`, or a ValueError from validation) as a message
