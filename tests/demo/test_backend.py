@@ -104,3 +104,20 @@ def test_demo_program_reports_a_missing_model_in_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_the_quickstart_prints_a_demo_command_that_parses():
+    """The quickstart's last lines name `bash scripts/demo.sh --run_dir $OUT`; its flags are unimm-demo's."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from unimm.cli import demo
+
+    root = Path(__file__).resolve().parents[2]
+    (line,) = [line for line in (root / "scripts/quickstart.sh").read_text().splitlines() if "scripts/demo.sh" in line]
+    command = shlex.split(re.search(r'"[^"]*: (bash scripts/demo\.sh [^"]*)"', line).group(1).replace("$OUT", "runs/x"))
+    assert command[:2] == ["bash", "scripts/demo.sh"] and (root / command[1]).is_file()
+    args, _ = demo.parse_args(command[2:])
+    assert args.run_dir == "runs/x" and args.model_path is None
+    assert "exec python scripts/demo.py" in (root / "scripts/demo.sh").read_text()
