@@ -3,15 +3,28 @@ folder holding a real 4-step pretraining run on it (in process, on CPU), whose m
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-from tests.entry.conftest import tiny_unimm, toy  # noqa: F401 - the entry-point fixtures, shared
+
+def _entry_conftest():
+    """tests/entry/conftest.py, loaded from its file: `import tests.entry` would find the top-level `tests` package
+    that latex2sympy2 and torch-fidelity install into the extras environment (a regular package wins over this
+    repository's namespace folder)."""
+    spec = importlib.util.spec_from_file_location("unimm_tests_entry_conftest",
+                                                  Path(__file__).resolve().parents[1] / "entry" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+toy = _entry_conftest().toy  # the entry-point toy fixture, shared
 
 
 @pytest.fixture(scope="session")
-def demo_runs(toy, tmp_path_factory) -> Path:  # noqa: F811
+def demo_runs(toy, tmp_path_factory) -> Path:
     """`runs/pretrain`: trainer_state.json with text and visual losses, checkpoint-2 and checkpoint-4, the model."""
     from unimm.cli import pretrain
 

@@ -31,6 +31,7 @@ if _missing:
                 "and apt's chromium chromium-driver)", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -100,7 +101,9 @@ def page(browser, demo_url):
 
 
 def wait(driver, condition, timeout: float = WAIT_S):
-    return WebDriverWait(driver, timeout, poll_frequency=0.25).until(condition)
+    """`condition(driver)` once truthy; elements replaced while it looks at them (Gradio re-renders) retry it."""
+    return WebDriverWait(driver, timeout, poll_frequency=0.25,
+                         ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
 def css(driver, selector: str):
@@ -193,15 +196,15 @@ def test_tokenizer_tab_shows_reconstruction_metrics_and_code_maps(page, screensh
     (pixel_map,) = loaded_images(page, "#tok-map-pixel img")
     assert pixel_map[:2] == (96, 96)  # 4 x 4 positions, 24 px each
     page.find_element(By.XPATH, "//*[@id='tok-depth']//label[normalize-space(.)='1']").click()
-    wait(page, lambda d: loaded_images(d, "#tok-map-pixel img") and
-         loaded_images(d, "#tok-map-pixel img")[0][2] != pixel_map[2])  # depth 1's map replaced depth 0's
+    wait(page, lambda d: (shown := loaded_images(d, "#tok-map-pixel img")) and shown[0][2] != pixel_map[2])
+    # depth 1's map replaced depth 0's
     page.save_screenshot(str(screenshots / "tokenizer.png"))
 
 
 def test_runs_tab_plots_the_losses_and_lists_checkpoints(page, screenshots, demo_runs):
     open_tab(page, "Runs")
     css(page, "#runs-folder input").click()
-    options = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "ul[role='listbox'] li"))
+    options = wait(page, lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "ul[role='listbox'] li") if o.text])
     assert [o.text for o in options] == [str(demo_runs / "pretrain")]
     options[0].click()
     css(page, "#runs-show").click()
