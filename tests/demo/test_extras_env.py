@@ -65,7 +65,8 @@ def test_extras_mode_installs_the_three_extras_apart_from_the_lock():
     assert lines[0] == "venv: .venv-extras"
     assert lines[1].endswith(f"-c requirements/lock.txt torch=={_pins(LOCK)['torch']}")
     assert lines[2].endswith("--no-compile -c .venv-extras/.constraints.txt -e .[dev,demo,eval]")
-    assert lines[3] == f"then: python -m pip install --quiet --no-compile --no-deps protobuf=={_pins(LOCK)['protobuf']}"
+    protobuf = _pins(LOCK)["protobuf"]
+    assert lines[3] == f"then: python -m pip install --quiet --no-compile --no-deps protobuf=={protobuf}"
     # the overrides name packages the lock pins too (anything else belongs in the lock)
     assert set(_pins(OVERRIDES)) <= set(_pins(LOCK)) and "protobuf" not in _pins(OVERRIDES)
 
