@@ -138,4 +138,5 @@ python scripts/quickstart_eval.py qa --out "$OUT" --answers_json "$OUT/answers.j
 OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py cfg --out "$OUT" --seed "$SEED" --model_path "$OUT/finetune" \
   --tokenizer_path "$TOK" --scales 1 1.25 1.5 2 3 --samples "$CFG_SAMPLES" --top_k "$GEN_TOP_K"
 echo "scores: $OUT/scores.json; generated images: $OUT/generated (grid.png); answers: $OUT/answers.json"
+echo "open them in UniMM Studio: bash scripts/demo.sh --run_dir $OUT"
 echo "quickstart finished in $(( $(date +%s) - START ))s"
