@@ -98,6 +98,9 @@ def test_classifier_cross_entropy_gradcheck_against_unfused_reference(shared):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
     assert torch.autograd.gradcheck(lambda s, w: ClassifierCrossEntropy.apply(s, w, targets, scale, 2)[0],
                                     (states, weight))
+    # a frozen classifier (e.g. heads not trained): only the states' gradient is formed, and it is the same
+    (frozen,) = torch.autograd.grad(ClassifierCrossEntropy.apply(states, weight.detach(), targets, scale, 1)[0], states)
+    torch.testing.assert_close(frozen, expected[0], rtol=1e-10, atol=1e-12)
 
 
 @contextlib.contextmanager
