@@ -203,7 +203,7 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
                 str(out / stage), *_LLM_TRAINING]
     if stage == "visual_memory":
         return ["benchmarks/visual_loss.py", "--scope", "model", "--model_path", str(out / "unimm"), "--batch", "1",
-                "--dtype", "bfloat16", "--repeats", "1", "--threads", str(args.threads)]
+                "--dtype", "bfloat16", "--repeats", "2", "--threads", str(args.threads)]
     if stage == "chat":
         return ["scripts/chat.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
                 str(out / "tokenizer"),

@@ -22,9 +22,10 @@ Scopes:
     python benchmarks/visual_loss.py --scope model --model_path runs/paper_shapes/unimm --batch 1 --dtype bfloat16
 
 For `loss` / `head` the head is the one UniMM builds for an LLM of width `--llm-hidden` (head width the same, 3 layers).
-Reports per variant the best-of-`--repeats` wall time (runs interleaved), the extra memory still held when forward
-returns (what lives into backward) and the peak extra memory of forward + backward, both above what was live before
-the run (parameters, inputs) and including the gradients the run allocates: on CUDA `torch.cuda.memory_allocated` /
+Reports per variant, each the minimum over `--repeats` runs (interleaved, after a warm-up; allocator and one-time
+effects only add), the forward + backward wall time, the extra memory still held when forward returns (what lives
+into backward) and the peak extra memory of forward + backward, both above what was live before the run
+(parameters, inputs) and including the gradients the run allocates: on CUDA `torch.cuda.memory_allocated` /
 `max_memory_allocated`; on CPU the resident set (Linux VmRSS / VmHWM reset just before the run), with the script
 re-executed under `MALLOC_MMAP_THRESHOLD_=65536` so that resident memory follows the live tensors.
 """
@@ -124,7 +125,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model: a training forward + backward of the UniMM model at --model_path."))
     parser.add_argument("--model_path", default=None, help="Saved UniMM model with its tokenizer (scope model).")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="Weights and inputs.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per variant (best is reported).")
+    parser.add_argument("--repeats", type=int, default=3, help="Measured runs per variant (the minimum is reported).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -146,8 +147,9 @@ def _live_bytes(device: torch.device) -> int:
     return _read_status_kib("VmRSS") * 1024
 
 
-def _measure(forward: Callable[[], torch.Tensor], device: torch.device) -> tuple[int, int]:
-    """(extra bytes held when `forward()` returns, peak extra bytes of forward + backward) above the live ones."""
+def _measure(forward: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, int, int]:
+    """One forward + backward: (seconds, extra bytes held when `forward()` returns, peak extra bytes of forward +
+    backward), the bytes above those live before the run."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -156,15 +158,17 @@ def _measure(forward: Callable[[], torch.Tensor], device: torch.device) -> tuple
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := current RSS
     base = _live_bytes(device)
+    start = time.perf_counter()
     loss = forward()
     _sync(device)
     held = _live_bytes(device) - base
     loss.backward()
     del loss
     _sync(device)
+    seconds = time.perf_counter() - start
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else _read_status_kib("VmHWM") * 1024) - base
-    return held, peak
+    return seconds, held, peak
 
 
 def _set_head_checkpointing(modules, enable: bool) -> None:
@@ -291,19 +295,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for fn in variants.values() if args.scope != "model" else list(variants.values())[:1]:
         reset()
         fn().backward()
-    results = {}
-    for name, fn in variants.items():
-        reset()
-        held, peak = _measure(fn, device)
-        results[name] = {"held_mib": held / MIB, "peak_mib": peak / MIB, "time_s": float("inf")}
+    results = {name: {"time_s": float("inf"), "held_mib": float("inf"), "peak_mib": float("inf")} for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
             reset()
-            _sync(device)
-            start = time.perf_counter()
-            fn().backward()
-            _sync(device)
-            results[name]["time_s"] = min(results[name]["time_s"], time.perf_counter() - start)
+            seconds, held, peak = _measure(fn, device)
+            print(f"{name}: {seconds:.2f} s, held {held / MIB:,.0f} MiB, peak {peak / MIB:,.0f} MiB", flush=True)
+            for key, value in zip(("time_s", "held_mib", "peak_mib"), (seconds, held / MIB, peak / MIB), strict=True):
+                results[name][key] = min(results[name][key], value)
     reset()
     print(f"scope {args.scope}; device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; {shape}")
     print("| variant | time (s) | held from forward to backward | peak extra memory |\n| --- | --- | --- | --- |")
