@@ -4,9 +4,11 @@
     python benchmarks/paper_shapes.py --out runs/paper_shapes --stages chat       # some (prepare's outputs kept)
 
 Shapes kept from the papers: SigLIP so400m patch 14 at 384 px (1152 wide, 27 layers; 729 positions) in a
-DualToken tokenizer with 16384-code pixel and semantic codebooks of depth 8; a Qwen2.5-0.5B-shaped LLM (hidden 896,
-14 heads, 2 KV heads, MLP 4864, vocabulary 151936) with Qwen's real tokenizer (from the qwen-agent wheel) and only
-`--llm_layers` decoder layers. Stages:
+DualToken tokenizer with 16384-code pixel and semantic codebooks of depth 8; an LLM of Qwen2.5-0.5B's structure
+(its public config.json: hidden 896, 14 heads, 2 KV heads, MLP 4864, RoPE theta 1e6, vocabulary 151936, tied
+input and output embeddings, no BOS token) saved in bfloat16 like the released checkpoint, with Qwen's real
+tokenizer (from the qwen-agent wheel) and only `--llm_layers` of its 24 decoder layers. The LLM stages run in bf16
+(`--bf16 true` for training, `--dtype bfloat16` for chat and generation). Stages:
 
 - prepare:     save the random encoder, the LLM + tokenizer, the DualToken tokenizer (what train_tokenizer saves)
                and a few scikit-image photos with captions (setup, timed for context);
@@ -21,11 +23,15 @@ DualToken tokenizer with 16384-code pixel and semantic codebooks of depth 8; a Q
                activation checkpointing);
 - pretokenize: scripts/pretokenize.py over the photos (the code cache), and over a LLaVA JSON of questions about
                them (`pretokenize_llava`, the conversation code cache);
-- model:       `from_llm` + vocabulary extension saved as a UniMM model (what pretrain saves; setup);
+- model:       `from_llm(..., dtype=bfloat16)` + vocabulary extension saved as a UniMM model (what pretrain saves
+               with `--bf16 true`; setup);
 - pretrain_zero2 / pretrain_zero3: scripts/pretrain.py under `deepspeed --num_gpus 2` (two gloo ranks), 2 steps of
                text-to-image + captioning at batch 1 per rank, the paper visual-module preset, bf16, ZeRO-2 /
                ZeRO-3 (two ranks of 520M trainable parameters);
-- finetune_lora: scripts/finetune.py, LoRA, 2 steps on the questions plus text-to-image, one process;
+- finetune_lora: scripts/finetune.py, LoRA, bf16, 2 steps on the questions plus text-to-image, one process;
+- visual_memory: benchmarks/visual_loss.py --scope model on the saved model: one text-to-image training step
+               (729 image positions, bf16) with the depth-head loss of issue 11 (gradients held from forward to
+               backward) and today's, activation checkpointing off and on;
 - chat:        scripts/chat.py, one question about a photo (the image encoded to 729 x (8 + 8) codes);
 - generate:    scripts/generate_t2i.py, one full 729-position image with classifier-free guidance.
 
@@ -47,7 +53,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "prepare_vqrae", "vqrae_stage1", "vqrae_stage2", "dualtoken_train", "pretokenize",
-          "pretokenize_llava", "model", "pretrain_zero2", "pretrain_zero3", "finetune_lora", "chat", "generate")
+          "pretokenize_llava", "model", "pretrain_zero2", "pretrain_zero3", "finetune_lora", "visual_memory", "chat",
+          "generate")
+# Qwen2.5-0.5B's public config.json (24 layers; `--llm_layers` keeps the first few); no BOS token.
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                  vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, hidden_act="silu", bos_token_id=None)
 QUESTION = "What is in the image?"
 PROMPT = "a cup of coffee on a saucer"
 
@@ -56,7 +67,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="Working directory (reused between runs).")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES, help="Stages to run, in order.")
-    parser.add_argument("--llm_layers", type=int, default=2, help="Decoder layers of the Qwen2.5-0.5B-shaped LLM.")
+    parser.add_argument("--llm_layers", type=int, default=2, help="Decoder layers of the Qwen2.5-0.5B-structured LLM "
+                        "(of its 24).")
     parser.add_argument("--num_photos", type=int, default=4, help="scikit-image photos in the data set.")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP_NUM_THREADS of each program.")
     parser.add_argument("--assets", type=Path, default=Path.home() / ".cache" / "unimm-test-assets",
@@ -66,7 +78,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def prepare(args: argparse.Namespace) -> None:
-    """Random so400m encoder, Qwen2.5-0.5B-shaped LLM with the real tokenizer, DualToken tokenizer, photos."""
+    """Random so400m encoder, Qwen2.5-0.5B-structured bf16 LLM with the real tokenizer, DualToken tokenizer, photos."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -79,12 +91,12 @@ def prepare(args: argparse.Namespace) -> None:
                                 num_attention_heads=16, patch_size=14, image_size=384)
     SiglipVisionModel(siglip).save_pretrained(out / "encoder")
     tokenizer = build_qwen2_tokenizer(wheel_member(*QWEN_AGENT_WHEEL, args.assets), out / "llm")
-    config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=args.llm_layers,
-                                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                  max_position_embeddings=32768, tie_word_embeddings=True,
-                                  bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
-    AutoModelForCausalLM.from_config(config).save_pretrained(out / "llm")
+    config = AutoConfig.for_model("qwen2", **QWEN25_05B, num_hidden_layers=args.llm_layers,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    llm = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if llm.get_input_embeddings().weight is not llm.get_output_embeddings().weight:
+        raise RuntimeError("the Qwen2.5-0.5B structure ties the input and output embeddings")
+    llm.save_pretrained(out / "llm")
     visual = build_tokenizer("dualtoken-siglip-so400m-384", encoder_path=out / "encoder")
     visual.save_pretrained(out / "tokenizer")
     data = out / "data"
@@ -124,14 +136,15 @@ def _photos(count: int) -> list[tuple[str, Any]]:
 
 
 def model(args: argparse.Namespace) -> None:
-    """`from_llm` with the visual tokenizer + vocabulary extension, saved like a pretraining run's model."""
+    """`from_llm` with the visual tokenizer + vocabulary extension, saved like a bf16 pretraining run's model."""
+    import torch
     from transformers import AutoTokenizer
 
     from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
     from unimm.tokenizer import load_tokenizer
 
     visual = load_tokenizer(args.out / "tokenizer")
-    unimm = UniMMForCausalLM.from_llm(args.out / "llm", visual)
+    unimm = UniMMForCausalLM.from_llm(args.out / "llm", visual, dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(args.out / "llm")
     extend_tokenizer_and_model(tokenizer, unimm, visual.codebook_spec)
     unimm.save_pretrained(args.out / "unimm")
@@ -148,9 +161,10 @@ def _tokenizer_run(args: argparse.Namespace, config: str, output: str, *extra: s
             "--eval_batch_size", "2", "--logging_steps", "1", "--warmup_steps", "1", *extra]
 
 
-# The LLM stages: batch 1 per rank, 2 steps, no checkpoint before the end, float32 unless the stage adds --bf16.
+# The LLM training stages: batch 1 per rank, 2 steps, no checkpoint before the end, bf16 (float32 ZeRO-3 ranks need
+# ~10.6 GB each, RESULTS.md).
 _LLM_TRAINING = ("--max_steps", "2", "--per_device_train_batch_size", "1", "--logging_steps", "1",
-                 "--save_steps", "100000", "--learning_rate", "1e-4", "--warmup_steps", "0", "--bf16", "false",
+                 "--save_steps", "100000", "--learning_rate", "1e-4", "--warmup_steps", "0", "--bf16", "true",
                  "--dataloader_num_workers", "0", "--report_to", "none", "--max_length", "1024")
 
 
@@ -180,23 +194,25 @@ def _program(args: argparse.Namespace, stage: str) -> list[str]:
                 "scripts/pretrain.py", "--deepspeed", f"configs/deepspeed/{zero}.json", "--llm_path",
                 str(out / "llm"), "--visual_tokenizer_path", str(out / "tokenizer"), "--code_cache",
                 str(out / "code_cache"), "--output_dir", str(out / stage), "--model_preset", "paper",
-                "--t2i_weight", "1", "--caption_weight", "1", "--train_llm", "true", *_LLM_TRAINING,
-                "--bf16", "true"]  # the last --bf16 wins: float32 ranks need ~10.6 GB each (RESULTS.md)
+                "--t2i_weight", "1", "--caption_weight", "1", "--train_llm", "true", *_LLM_TRAINING]
     if stage == "finetune_lora":
         return ["scripts/finetune.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
                 str(out / "tokenizer"), "--conversation_json", str(out / "data" / "llava.json"),
                 "--conversation_code_cache", str(out / "code_cache_llava"), "--code_cache", str(out / "code_cache"),
                 "--conversation_weight", "1", "--t2i_weight", "1", "--use_lora", "true", "--output_dir",
                 str(out / stage), *_LLM_TRAINING]
+    if stage == "visual_memory":
+        return ["benchmarks/visual_loss.py", "--scope", "model", "--model_path", str(out / "unimm"), "--batch", "1",
+                "--dtype", "bfloat16", "--repeats", "2", "--threads", str(args.threads)]
     if stage == "chat":
         return ["scripts/chat.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
                 str(out / "tokenizer"),
                 "--images", str(out / "data" / "coffee.png"), "--questions", QUESTION, "--max_new_tokens", "4",
-                "--output_json", str(out / "answers.json")]
+                "--output_json", str(out / "answers.json"), "--dtype", "bfloat16"]
     if stage == "generate":
         return ["scripts/generate_t2i.py", "--model_path", str(out / "unimm"), "--visual_tokenizer_path",
                 str(out / "tokenizer"), "--prompts", PROMPT, "--cfg_scale", "3.0", "--batch_size", "1",
-                "--output_dir", str(out / "generated"), "--seed", "0"]
+                "--output_dir", str(out / "generated"), "--seed", "0", "--dtype", "bfloat16"]
     raise ValueError(stage)
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from unimm.llm.embedding import CodeEmbedding
 from unimm.tokenizer.types import CodebookGroupSpec
@@ -27,75 +29,91 @@ LOSS_CHUNK_BYTES = 64 * 2**20
 
 
 class ClassifierCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of the per-depth classifiers, fused with their gradient and computed in chunks of positions, so
-    the `[M, D, K]` logits are never all held (forward or backward): each chunk's logits give its loss and, when a
-    gradient is needed, `softmax - onehot` at once, which is folded into the gradients of the states and of the
-    classifier and dropped. Backward only scales those by the incoming gradient: the same arithmetic as logits +
-    `F.cross_entropy`, no recomputation.
+    """Cross-entropy of the per-depth classifiers, computed in chunks of positions so that the `[M, D, K]` logits are
+    never all held, and holding nothing from forward to backward but its inputs and the per-row log-sum-exp `[M, D]`.
 
-    states [M, D, h], weight [D or 1, K, h] (1: shared by all depths), targets [M, D], depth_scale [D]. The
-    gradients live on `ctx` from forward to backward, so a graph through it can be backpropagated once only.
-    Returns the scalar `sum_{m,d} depth_scale[d] * CE[m, d]` and, not differentiable, the per-depth CE sums [D].
+    Forward: each chunk's logits give its rows' log-sum-exp and cross-entropy, and are dropped. Backward: each
+    chunk's logits are recomputed (one extra `[c, h] x [h, K]` GEMM per chunk, a third more classifier arithmetic
+    than logits + `F.cross_entropy`), turned into `scale * (softmax - onehot)` with the saved log-sum-exp and folded
+    into the gradients of the states and of the classifier, which are allocated only then. So the `[D, K, h]`
+    classifier gradient (fp32) and the `[M, D, h]` state gradient do not live through the rest of the forward and
+    backward passes, and the graph can be backpropagated more than once (`retain_graph=True`). Measured on a 2-core
+    CPU (benchmarks/RESULTS.md, issue 23): the loss step alone takes ~1.4x the time of forming the gradients in
+    forward; a bf16 training step of two paper-shape heads holds 896 MiB less into backward and peaks 370 MiB lower.
+
+    states [M, D, h], weight [D or 1, K, h] (1: shared by all depths), targets [M, D], depth_scale [D]. The CE is
+    computed in fp32 (fp64 stays fp64). Returns the scalar `sum_{m,d} depth_scale[d] * CE[m, d]` and, not
+    differentiable, the per-depth CE sums [D].
     """
+
+    @staticmethod
+    def _logits(states: torch.Tensor, weight: torch.Tensor, rows: slice, d: int, exact: torch.dtype):
+        """A chunk's `x [c, h]` and its fp32 (or fp64) logits `[c, K]`. Depth by depth, then rows: every GEMM is a
+        plain `[c, h] x [h, K]` and every row op runs on a contiguous `[c, K]` block."""
+        x = states[rows, d]
+        return x, (x @ weight[0 if weight.shape[0] == 1 else d].t()).to(exact)
 
     @staticmethod
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, depth_scale: torch.Tensor,
                 chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         num, depth, _ = states.shape
-        shared = weight.shape[0] == 1
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        exact = torch.promote_types(states.dtype, torch.float32)  # CE in fp32 (fp64 stays fp64)
-        grad_states = torch.empty_like(states) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if needs_grad else None
+        exact = torch.promote_types(states.dtype, torch.float32)
+        logsumexp = torch.empty((num, depth), dtype=exact, device=states.device)
         ce_sums = torch.zeros(depth, dtype=exact, device=states.device)
-        scales = depth_scale.to(exact)
-        # Depth by depth, then rows: every GEMM is a plain [c, h] x [h, K] and every row op runs on a contiguous
-        # [c, K] block (the chunk budget holds `chunk_size * depth` rows of one depth).
-        rows = chunk_size * depth
+        step = chunk_size * depth  # the chunk budget holds `chunk_size * depth` rows of one depth
         for d in range(depth):
-            w = weight[0 if shared else d]  # [K, h]
-            for start in range(0, num, rows):
-                x = states[start:start + rows, d]  # [c, h]
-                target = targets[start:start + rows, d].unsqueeze(-1)  # [c, 1]
-                logits = (x @ w.t()).to(exact)  # [c, K]
-                target_logit = logits.gather(-1, target)
-                peak = logits.amax(dim=-1, keepdim=True)
-                exp = logits.sub_(peak).exp_()  # in the logits' memory from here on
-                total = exp.sum(dim=-1, keepdim=True)
-                ce_sums[d] += (total.log() + peak - target_logit).sum()
-                if not needs_grad:
-                    continue
-                # d(scale * CE)/d logits = scale * (softmax - onehot)
-                grad_logits = exp.mul_(scales[d] / total)
-                grad_logits.scatter_add_(-1, target, (-scales[d]).expand_as(target).contiguous())
+            for start in range(0, num, step):
+                rows = slice(start, start + step)
+                _, logits = ClassifierCrossEntropy._logits(states, weight, rows, d, exact)
+                target_logit = logits.gather(-1, targets[rows, d].unsqueeze(-1)).squeeze(-1)
+                peak = logits.amax(dim=-1)
+                total = logits.sub_(peak.unsqueeze(-1)).exp_().sum(dim=-1)  # in the logits' memory
+                logsumexp[rows, d] = total.log_().add_(peak)
+                ce_sums[d] += (logsumexp[rows, d] - target_logit).sum()
+        ctx.mark_non_differentiable(ce_sums)
+        ctx.save_for_backward(states, weight, targets, depth_scale, logsumexp)
+        ctx.chunk_size = chunk_size
+        return (ce_sums * depth_scale.to(exact)).sum(), ce_sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor, _grad_ce_sums: torch.Tensor):
+        states, weight, targets, depth_scale, logsumexp = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None
+        num, depth, _ = states.shape
+        exact = logsumexp.dtype
+        shared = weight.shape[0] == 1
+        scales = depth_scale.to(exact) * grad_loss.to(exact)  # d loss / d CE[m, d]
+        grad_states = torch.empty_like(states) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device) if ctx.needs_input_grad[1] else None
+        step = ctx.chunk_size * depth
+        for d in range(depth):
+            for start in range(0, num, step):
+                rows = slice(start, start + step)
+                x, logits = ClassifierCrossEntropy._logits(states, weight, rows, d, exact)
+                target = targets[rows, d].unsqueeze(-1)
+                # scale * (softmax - onehot), in the logits' memory
+                grad_logits = logits.sub_(logsumexp[rows, d].unsqueeze(-1)).exp_().mul_(scales[d])
+                grad_logits.scatter_add_(-1, target, (-scales[d]).expand(target.shape).contiguous())
                 grad_logits = grad_logits.to(weight.dtype)
-                grad_states[start:start + rows, d] = grad_logits @ w
+                if grad_states is not None:
+                    grad_states[rows, d] = grad_logits @ weight[0 if shared else d]
+                if grad_weight is None:
+                    continue
                 # In place (beta = 1): a per-chunk [K, h] temporary plus a sum would double the traffic.
                 if weight.dtype == exact:
                     grad_weight[0 if shared else d].addmm_(grad_logits.t(), x)
                 else:
                     grad_weight[0 if shared else d] += (grad_logits.t() @ x).to(exact)
-        ctx.mark_non_differentiable(ce_sums)
-        # Kept on ctx, not saved tensors, so backward can scale them in place and hand the classifier gradient to
-        # autograd without a copy (it becomes `classifier.grad` when that is empty).
-        ctx.grads = (grad_states, grad_weight) if needs_grad else None
-        ctx.weight_dtype = weight.dtype
-        loss = (ce_sums * depth_scale.to(exact)).sum()
-        return loss, ce_sums
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_ce_sums: torch.Tensor):
-        if ctx.grads is None:
-            raise RuntimeError("ClassifierCrossEntropy: backward through a forward run without gradients, or twice")
-        grad_states, grad_weight = ctx.grads
-        ctx.grads = None
-        grad_states.mul_(grad_loss.to(grad_states.dtype))
-        grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype)).to(ctx.weight_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_states, grad_weight, None, None, None
 
 
-class DepthBlock(nn.Module):
-    """Pre-norm causal self-attention + GELU MLP."""
+class DepthBlock(GradientCheckpointingLayer):
+    """Pre-norm causal self-attention + GELU MLP. A `GradientCheckpointingLayer`: the model's
+    `gradient_checkpointing_enable()` (HF Trainer `gradient_checkpointing`) checkpoints these blocks too."""
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, dropout: float = 0.0):
         super().__init__()

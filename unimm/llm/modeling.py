@@ -64,8 +64,11 @@ class UniMMCausalLMOutput(hf_compat.CausalLMOutputWithCache):
 
 
 class UniMMPreTrainedModel(PreTrainedModel):
-    """Activation (gradient) checkpointing: `activation_checkpointing_enable()` from `PreTrainedModel` reaches the
-    wrapped LLM's decoder layers, the only modules that checkpoint (the visual modules are small)."""
+    """Activation (gradient) checkpointing: `activation_checkpointing_enable()` (or its older name
+    `gradient_checkpointing_enable()`, HF Trainer's `gradient_checkpointing`) from `PreTrainedModel` reaches the
+    wrapped LLM's decoder layers and the depth heads' blocks (`DepthBlock` is a `GradientCheckpointingLayer`): at the
+    paper shape a head's 729 x 8-token transformer holds more activations per image than two LLM layers. Without
+    explicit kwargs the checkpoint is non-reentrant."""
 
     config_class = UniMMConfig
     base_model_prefix = ""
