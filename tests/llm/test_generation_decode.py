@@ -96,6 +96,10 @@ def test_jacobi_sampling_keeps_the_model_distribution(tiny_qwen2_path):
     prompt, cfg, temperature, positions = "a red circle", 2.0, 1.5, 3
     with torch.no_grad():
         start, stop = layout.code_token_range
+        # large code rows in and out: a law far from uniform whose next code depends on the codes before
+        torch.manual_seed(1)
+        model.get_output_embeddings().weight[start:stop].normal_(std=0.3)
+        model.get_input_embeddings().weight[start:stop].normal_(std=3.0)
         prefix_ids, prefix_mask = prefix_batch(tokenizer, layout, [prompt], cfg, None, torch.device("cpu"))
 
         def next_probs(codes: list[int]) -> torch.Tensor:
@@ -119,6 +123,7 @@ def test_jacobi_sampling_keeps_the_model_distribution(tiny_qwen2_path):
     empirical = torch.bincount(flat_index, minlength=27).float() / samples
     total_variation = 0.5 * (empirical - exact.flatten()).abs().sum()
     # sampling noise: E[TV] ~ 0.05 for 1600 draws over 27 outcomes; wrong acceptance rules give 0.15 and more
+    assert exact.max() > 0.1 and exact.min() < 0.01  # the law is not uniform
     assert total_variation < 0.1, (total_variation, exact.flatten(), empirical)
 
 
