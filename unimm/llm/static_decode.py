@@ -30,8 +30,8 @@ RECOMPILE_LIMIT = 64
 # torch.compile backend ("inductor": generated C++ / Triton kernels; "aot_eager" traces the same graphs but runs
 # them with eager kernels, which the tests use because inductor takes minutes to warm up on a 2-core CPU).
 COMPILE_BACKEND = "inductor"
-# The cache length is rounded up to a multiple of this, so that batches whose prompts differ in length (and images of
-# nearby sizes) share one compiled graph instead of compiling one each.
+# Compiled decoding rounds the cache length up to a multiple of this, so that batches whose prompts differ in length
+# (and images of nearby sizes) share one compiled graph instead of compiling one each.
 CACHE_LENGTH_BUCKET = 256
 
 
@@ -84,7 +84,9 @@ class StaticImageDecoder:
         self.decoder = model.get_decoder()
         rows, prefix = input_ids.shape
         self.prefix_length = prefix
-        length = -(-(prefix + capacity) // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
+        length = prefix + capacity
+        if compile:  # eager steps gain nothing from a longer cache: every step attends over its whole length
+            length = -(-length // CACHE_LENGTH_BUCKET) * CACHE_LENGTH_BUCKET
         self.cache = StaticCache(config=model.config.text_config, max_cache_len=length)
         # One mask for the whole run: the positions not yet written are hidden by causality, not by the mask.
         self.attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, length - prefix)], dim=1)
