@@ -17,7 +17,7 @@ With `--variants`, greedy guided decoding of the flat (VQRAE) layout, same model
   `PrefixConstrainedLogitsProcessor` there, which is slower);
 - `eager`: (b) `generate_images` as it was (`decode="eager"`);
 - `static`, `compile`, `jacobi`, `jacobi-compile`: the other `decode` modes (`jacobi_window` = `--window`).
-Time per image, ratios to (a) and (b), LLM forwards per image and the share of codes equal to (b)'s. torch.compile's
+Time per image, ratios to (a) and (b), LLM forwards per batch (prefill included) and the share of codes equal to (b)'s. torch.compile's
 warm-up (the first call of each shape) is run before timing and reported apart.
 `--trained` first trains a smaller flat model (`--train-*`) on synthetic code grids (see `synthetic_grid`), so that
 Jacobi decoding's acceptance is measured on a model that has learnt image structure, not on random weights.
@@ -69,8 +69,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Compare these decode variants (flat layout, greedy) instead of the cache table.")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="Images per batch (--variants).")
     parser.add_argument("--window", type=int, default=16, help="Jacobi window (positions per forward).")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="--variants: 0 = greedy (codes comparable across variants); > 0 samples (no `hf`).")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[0.0],
+                        help="--variants: 0 = greedy (codes comparable across variants); > 0 samples (`hf` is "
+                             "run greedily only).")
     parser.add_argument("--trained", action="store_true", help="Train a flat model on synthetic grids first.")
     parser.add_argument("--train-hidden", type=int, default=128)
     parser.add_argument("--train-layers", type=int, default=4)
@@ -219,9 +220,14 @@ def cache_table(model, tokenizer, args, device) -> None:
 
 
 def variants_table(model, tokenizer, args, device, prompt_pool: list[str]) -> None:
-    variants = list(args.variants)
-    if args.temperature > 0 and "hf" in variants:
-        raise SystemExit("the hf baseline is greedy here: drop it from --variants when sampling")
+    for temperature in args.temperature:
+        variants = [v for v in args.variants if v != "hf" or temperature <= 0]
+        print(f"\ntemperature {temperature} ({'greedy' if temperature <= 0 else 'sampled, seed 0'})")
+        _variants_at(model, tokenizer, args, device, prompt_pool, variants, temperature)
+
+
+def _variants_at(model, tokenizer, args, device, prompt_pool: list[str], variants: list[str],
+                 temperature: float) -> None:
     print("| N | batch | variant | s / image | vs (a) hf | vs (b) eager | LLM forwards per batch | positions / forward "
           "| codes equal to (b) | warm-up (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -239,7 +245,7 @@ def variants_table(model, tokenizer, args, device, prompt_pool: list[str]) -> No
                     return
                 stats: dict = {}
                 codes = generate_images(model, tokenizer, prompts, num_positions=n, cfg_scale=args.cfg_scale,
-                                        temperature=args.temperature, seed=0, decode=variant,
+                                        temperature=temperature, seed=0, decode=variant,
                                         jacobi_window=args.window, stats=stats)
                 outputs[variant] = codes["semantic"][..., 0]
                 forwards[variant] = stats["llm_forwards"]
