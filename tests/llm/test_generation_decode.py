@@ -4,6 +4,8 @@ distribution."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -62,9 +64,16 @@ def test_compiled_decoding_equals_eager_and_falls_back(tiny_qwen2_path, monkeypa
         return run
 
     monkeypatch.setattr(static_decode.torch, "compile", crashing_compile)
+    monkeypatch.setattr(static_decode, "COMPILE_BACKEND", "failing")
+    monkeypatch.setattr(static_decode.MaybeCompiled, "failed_backends", set())
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*InvalidCxxCompiler.*decoding eagerly"):
         fallback = generate_images(model, tokenizer, PROMPTS, decode="compile", **kwargs)
     assert _equal(fallback, eager)
+    assert static_decode.MaybeCompiled.failed_backends == {"failing"}  # later calls go straight to eager
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _equal(generate_images(model, tokenizer, PROMPTS, decode="compile", **kwargs), eager)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
 
 
 @pytest.mark.parametrize("positions", [9, 7], ids=["square", "not-square"])

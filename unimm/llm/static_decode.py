@@ -43,15 +43,20 @@ def _recompile_limit() -> contextlib.AbstractContextManager:
 
 class MaybeCompiled:
     """`fn` through `torch.compile`, or `fn` itself when `enabled` is False or compiling fails. `before_retry` runs
-    before the eager retry of a call whose compiled run failed (it undoes what that attempt may have changed)."""
+    before the eager retry of a call whose compiled run failed (it undoes what that attempt may have changed). After
+    one failure with a backend, later instances in the process do not try that backend again."""
+
+    failed_backends: set[str] = set()
 
     def __init__(self, fn: Callable, enabled: bool, mode: str | None = None,
                  before_retry: Callable[[], None] | None = None):
         self.fn = fn
         self.before_retry = before_retry
-        if enabled and COMPILE_BACKEND != "inductor":
+        self.backend = COMPILE_BACKEND
+        enabled = enabled and self.backend not in self.failed_backends
+        if enabled and self.backend != "inductor":
             mode = None  # modes are inductor's
-        self.compiled = torch.compile(fn, dynamic=False, mode=mode, backend=COMPILE_BACKEND) if enabled else None
+        self.compiled = torch.compile(fn, dynamic=False, mode=mode, backend=self.backend) if enabled else None
 
     @property
     def is_compiled(self) -> bool:
@@ -63,9 +68,11 @@ class MaybeCompiled:
                 with _recompile_limit():
                     return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any compiler failure: fall back, the eager run re-raises model errors
-                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
-                              f"decoding eagerly", RuntimeWarning, stacklevel=2)
+                first_line = (str(error).splitlines() or [""])[0][:200]
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {first_line}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
                 self.compiled = None
+                self.failed_backends.add(self.backend)
                 if self.before_retry is not None:
                     self.before_retry()
         return self.fn(*args)
