@@ -29,7 +29,8 @@ def make_grid(images: list, columns: int):
 
 
 def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, seed: int = 0) -> list:
-    """One PIL image per prompt, sampled `gen_args.batch_size` prompts at a time; batch b is seeded `seed + b`."""
+    """One PIL image per prompt, sampled `gen_args.batch_size` prompts at a time; batch b is seeded `seed + b`.
+    `gen_args.decode` (when set) picks `generate_images`' decode mode."""
     from tqdm.auto import tqdm
 
     from unimm.llm.generation import generate_images
@@ -45,6 +46,7 @@ def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, see
             num_positions=visual.num_positions, cfg_scale=gen_args.cfg_scale or None,
             temperature=gen_args.temperature, top_k=gen_args.top_k, top_p=gen_args.top_p, seed=seed + batch_index,
             negative_prompts=None if negative is None else [negative] * len(batch),
+            decode=getattr(gen_args, "decode", "eager"),  # unimm.llm.generation.DECODE_MODES
         )
         with torch.no_grad():
             pixels = visual.decode({name: value.to(stack.device) for name, value in codes.items()})

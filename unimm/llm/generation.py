@@ -8,6 +8,14 @@ both halves. After N positions generation stops: `<|eoi|>` is never sampled, it 
 The LLM keeps a KV cache (`DynamicCache`); `use_cache=False` recomputes the whole prefix every step (the
 reference for the cache test and the benchmark).
 
+`decode` picks how the positions are decoded (same codes for the same seed under greedy decoding):
+- `eager` (default): one LLM forward per position on a growing `DynamicCache`, plain PyTorch.
+- `static`: a fixed-shape `StaticCache` and a mask of the final length (`unimm.llm.static_decode`), eager.
+- `compile`: `static` with the LLM step and the depth heads' steps through `torch.compile` (eager where compiling
+  fails).
+- `jacobi` / `jacobi-compile` (flat layout): speculative Jacobi decoding (`unimm.llm.jacobi`): each forward verifies
+  a window of drafted positions and keeps the accepted prefix, several positions per forward.
+
 Image -> text (`generate_text`): visual inputs are embedded once, then HF `generate` runs on `inputs_embeds`.
 """
 
@@ -55,6 +63,9 @@ def guide(logits: torch.Tensor, cfg_scale: float | None) -> torch.Tensor:
     return cond + (cfg_scale - 1.0) * (cond - uncond)
 
 
+DECODE_MODES = ("eager", "static", "compile", "jacobi", "jacobi-compile")
+
+
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long, device=device)
@@ -98,6 +109,14 @@ class _ImageDecoder:
             self.inputs_embeds = torch.cat([self.inputs_embeds, embeds], 1)
             self.hidden = self._run(self.inputs_embeds, self.position_ids)
 
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Flat layout: the full LM head, then the code tokens' columns."""
+        start, stop = self.model.config.layout.code_token_range
+        return self.model.get_output_embeddings()(hidden)[..., start:stop]
+
+    def head_logits(self, name: str, hidden: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        return self.model.depth_heads[name].next_logits(hidden, prefix)
+
 
 @torch.no_grad()
 def generate_images(
@@ -113,6 +132,9 @@ def generate_images(
     batch_size: int | None = None,
     use_cache: bool = True,
     negative_prompts: list[str | None] | None = None,
+    decode: str = "eager",
+    jacobi_window: int = 16,
+    stats: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the codes of one image per prompt: group -> LongTensor `[len(prompts), N, D]`.
 
@@ -123,6 +145,8 @@ def generate_images(
     temperature:  0 = greedy. top_k / top_p: filtering applied to the guided logits.
     seed:         sampling is deterministic for a seed (one `torch.Generator` per call).
     batch_size:   prompts per batch (default: all at once).
+    decode:       one of `DECODE_MODES` (see the module docstring); `jacobi_window` positions per Jacobi forward.
+    stats:        if given, receives `llm_forwards` (LLM forwards, prefills included) and `image_positions`.
     """
     layout = model.config.layout
     if layout is None:
@@ -137,6 +161,16 @@ def generate_images(
             raise ValueError("negative_prompts are guidance's second branch: set cfg_scale")
         if len(negative_prompts) != len(prompts):
             raise ValueError(f"got {len(negative_prompts)} negative_prompts for {len(prompts)} prompts")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if decode != "eager" and not use_cache:
+        raise ValueError(f"decode={decode!r} decodes on a KV cache: use_cache=False is only for decode='eager'")
+    if decode.startswith("jacobi"):
+        if not model.config.flat_codes:
+            raise ValueError(f"decode={decode!r} needs the flat layout (one codebook of depth 1); "
+                             "depth-head models decode with 'eager', 'static' or 'compile'")
+        if jacobi_window < 2:
+            raise ValueError(f"jacobi_window must be at least 2, got {jacobi_window}")
     position_table = model.image_position_embedding
     if position_table is not None and num_positions > position_table.num_embeddings:
         raise ValueError(f"num_positions={num_positions} exceeds the model's image position embedding "
@@ -146,36 +180,64 @@ def generate_images(
     batch_size = batch_size or len(prompts)
     was_training = model.training
     model.eval()
+    forwards = 0
     try:
-        chunks = [
-            _generate_batch(model, text_tokenizer, layout, prompts[i : i + batch_size], num_positions, cfg_scale,
-                            dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator), use_cache,
-                            None if negative_prompts is None else negative_prompts[i : i + batch_size])
-            for i in range(0, len(prompts), batch_size)
-        ]
+        chunks = []
+        for i in range(0, len(prompts), batch_size):
+            batch_negatives = None if negative_prompts is None else negative_prompts[i : i + batch_size]
+            input_ids, attention_mask = prefix_batch(text_tokenizer, layout, prompts[i : i + batch_size], cfg_scale,
+                                                     batch_negatives, device)
+            sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if decode.startswith("jacobi"):
+                from unimm.llm.jacobi import jacobi_decode
+
+                codes, used = jacobi_decode(model, input_ids, attention_mask, num_positions, cfg_scale, sampling,
+                                            window=jacobi_window, compile=decode == "jacobi-compile")
+            else:
+                codes, used = _generate_batch(model, input_ids, attention_mask, num_positions, cfg_scale, sampling,
+                                              use_cache, decode)
+            chunks.append(codes)
+            forwards += used
     finally:
         model.train(was_training)
+    if stats is not None:
+        stats["llm_forwards"] = stats.get("llm_forwards", 0) + forwards
+        stats["image_positions"] = stats.get("image_positions", 0) + num_positions * len(chunks)
     return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
 
 
-def _generate_batch(model: UniMMForCausalLM, text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout,
-                    prompts: list[str], num_positions: int, cfg_scale: float | None, sampling: dict,
-                    use_cache: bool, negative_prompts: list[str | None] | None = None) -> dict[str, torch.Tensor]:
-    device = next(model.parameters()).device
+def prefix_batch(text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, prompts: list[str],
+                 cfg_scale: float | None, negative_prompts: list[str | None] | None,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `input_ids, attention_mask` of the t2i prefixes: `[cond]`, or `[cond; uncond]` with guidance
+    (the negative prompts' prefixes in place of the unconditional one where given)."""
     rows = [t2i_prefix_ids(text_tokenizer, layout, p) for p in prompts]
     if cfg_scale is not None:
         rows += [t2i_prefix_ids(text_tokenizer, layout, n) for n in (negative_prompts or [None] * len(prompts))]
     pad_id = text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None else layout.eoi_token_id
-    input_ids, attention_mask = _left_pad(rows, pad_id, device)
-    state = _ImageDecoder(model, input_ids, attention_mask, use_cache)
+    return _left_pad(rows, pad_id, device)
+
+
+def _generate_batch(model: UniMMForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    num_positions: int, cfg_scale: float | None, sampling: dict, use_cache: bool,
+                    decode: str) -> tuple[dict[str, torch.Tensor], int]:
+    """Sequential decoding of one batch: codes `{group: [B, N, D]}` and the number of LLM forwards."""
+    layout = model.config.layout
+    if decode == "eager":
+        state = _ImageDecoder(model, input_ids, attention_mask, use_cache)
+    else:
+        from unimm.llm.static_decode import StaticImageDecoder
+
+        state = StaticImageDecoder(model, input_ids, attention_mask, num_positions, compile=decode == "compile")
+    forwards = 1
     halves = 2 if cfg_scale is not None else 1
+    batch = input_ids.shape[0] // halves
     groups = model.config.groups
     codes: dict[str, list[torch.Tensor]] = {name: [] for name in groups}
     for position in range(num_positions):
         if model.config.flat_codes:
             (name,) = groups
-            start, stop = layout.code_token_range
-            logits = model.get_output_embeddings()(state.hidden)[:, start:stop]  # valid codes only
+            logits = state.code_logits(state.hidden)  # valid codes only
             code = sample_logits(guide(logits.float(), cfg_scale), **sampling)  # [B]
             codes[name].append(code.unsqueeze(-1))
             next_embeds = model.get_input_embeddings()(layout.code_to_token(code).repeat(halves))
@@ -185,15 +247,16 @@ def _generate_batch(model: UniMMForCausalLM, text_tokenizer: PreTrainedTokenizer
             for name, head in model.depth_heads.items():
                 prefix = state.hidden.new_zeros((state.hidden.shape[0], 0), dtype=torch.long)
                 for _ in range(head.depth):
-                    logits = head.next_logits(state.hidden, prefix).float()  # [rows, K]
+                    logits = state.head_logits(name, state.hidden, prefix).float()  # [rows, K]
                     code = sample_logits(guide(logits, cfg_scale), **sampling)  # [B]
                     prefix = torch.cat([prefix, code.repeat(halves).unsqueeze(-1)], dim=1)
                 position_codes[name] = prefix
-                codes[name].append(prefix[: len(prompts)])
+                codes[name].append(prefix[:batch])
             next_embeds = model.add_image_position(model.visual_embedding(position_codes), position)
         if position + 1 < num_positions:
             state.append(next_embeds)
-    return {name: torch.stack(steps, dim=1) for name, steps in codes.items()}  # [B, N, D]
+            forwards += 1
+    return {name: torch.stack(steps, dim=1) for name, steps in codes.items()}, forwards  # [B, N, D]
 
 
 @torch.no_grad()
