@@ -479,3 +479,38 @@ def test_tokenizer_training_divergence_stops_in_one_line(tmp_path, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "training diverged at step" in line
     assert not (out / "model").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_tokenizer_trainer_after_a_checkpoint(tmp_path):
+    """SIGTERM in the middle of a run: the trainer finishes its step, writes a complete checkpoint of it and exits
+    cleanly; the run resumes from there."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "signalled"
+    argv = [sys.executable, str(REPO / "scripts" / "train_tokenizer.py"),
+            *_argv("vqrae-tiny", output_dir=out, **{**KILL_FLAGS, "max_steps": 100000, "save_steps": 100000,
+                                                     "eval_steps": 0})]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        log = out / "train_log.jsonl"
+        while not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no training step logged"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    from unimm.train.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and (checkpoint / "COMPLETE").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert checkpoint.name == f"checkpoint-{steps[-1]}"

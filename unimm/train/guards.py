@@ -243,10 +243,14 @@ class StopOnSignal(TrainerCallback):
     def _launcher_gone(self) -> bool:
         return self.launcher_pid is not None and not _alive(self.launcher_pid)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def should_stop(self) -> bool:
+        """At a step boundary, on every rank (collective): whether any rank was signalled or lost its launcher."""
         if self.signalled is None and self._launcher_gone():
             self.signalled = "launcher exit"
-        if all_finite_everywhere(self.signalled is None):  # no rank was signalled
+        return not all_finite_everywhere(self.signalled is None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.should_stop():
             return control
         logger.warning("rank %d: stopping at step %d (%s on a rank)%s", get_rank(), state.global_step,
                        self.signalled or "a signal", ", saving a checkpoint first" if self.save else "")

@@ -34,6 +34,7 @@ from unimm.train.checkpoint import trim_jsonl_log
 from unimm.train.guards import (
     DivergenceError,
     RunLock,
+    StopOnSignal,
     all_finite_everywhere,
     check_resume_fingerprint,
     rank0_decides,
@@ -316,17 +317,28 @@ def fit(run: TokenizerRun) -> dict[str, Any]:
     run.model.train()
     stop_at = min(args.max_steps, args.stop_after_step or args.max_steps)
     loop_started, first_step = time.perf_counter(), run.step
-    while run.step < stop_at:
-        batch = next(batches)
-        run.batches_consumed += 1
-        for sample_id, reason in batch["skipped"]:
-            run.tracker.record_bad(sample_id, reason)
-        run.tracker.record_ok(len(batch["ids"]))
-        if batch["pixel_values"].shape[0] == 0:
-            continue
-        result = train_step(run, batch["pixel_values"].to(run.device))
-        progress.update(1)
-        _after_step(run, result, stop_at, progress)
+    # SIGTERM / SIGINT, or the launcher gone: every rank stops at the next step, after a checkpoint.
+    stopper = StopOnSignal().install()
+    try:
+        while run.step < stop_at:
+            batch = next(batches)
+            run.batches_consumed += 1
+            for sample_id, reason in batch["skipped"]:
+                run.tracker.record_bad(sample_id, reason)
+            run.tracker.record_ok(len(batch["ids"]))
+            if batch["pixel_values"].shape[0] == 0:
+                continue
+            result = train_step(run, batch["pixel_values"].to(run.device))
+            progress.update(1)
+            _after_step(run, result, stop_at, progress)
+            if run.step < stop_at and stopper.should_stop():
+                logger.warning("stopping at step %d (%s), after a checkpoint; resume with --auto_resume true",
+                               run.step, stopper.signalled or "a signal on another rank")
+                if not (args.save_steps > 0 and run.step % args.save_steps == 0):
+                    state.save(run)
+                break
+    finally:
+        stopper.uninstall()
     progress.close()
     loop_time = time.perf_counter() - loop_started
     summary: dict[str, Any] = {
