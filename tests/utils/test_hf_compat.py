@@ -253,3 +253,14 @@ def test_deepspeed_shm_buffer_name_is_the_one_deepspeed_creates(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     assert hf_compat.deepspeed_shm_buffer() == Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29512_1")
 
+
+
+def test_dynamo_recompile_limit_patches_the_installed_torch():
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    with hf_compat.dynamo_recompile_limit(before + 37):
+        assert getattr(config, name) == before + 37, _installed("torch")
+    assert getattr(config, name) == before

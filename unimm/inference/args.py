@@ -88,6 +88,10 @@ class GenerateArguments:
     top_k: int | None = config_field(None, "Keep only the k most likely codes per step.")
     top_p: float | None = config_field(None, "Nucleus sampling threshold.")
     batch_size: int = config_field(8, "Prompts sampled together (CFG doubles the rows).")
+    decode: str = config_field("eager", (
+        "Decode loop: eager (dynamic KV cache), static (fixed-shape cache), compile (static + torch.compile, eager "
+        "when compiling fails), jacobi / jacobi-compile (speculative Jacobi decoding; flat-code models only). Greedy "
+        "codes are the same in every mode."))
     grid_columns: int = config_field(8, "Images per row of grid.png.")
 
     def all_prompts(self) -> list[str]:
@@ -107,6 +111,10 @@ class GenerateArguments:
         if self.batch_size <= 0 or self.grid_columns <= 0:
             raise ValueError("batch_size and grid_columns must be positive")
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        from unimm.llm.generation import DECODE_MODES
+
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
         if not self.cfg_scale >= 0:  # also refuses NaN
             raise ValueError(f"cfg_scale must be >= 0 (0 = no guidance), got {self.cfg_scale}: a negative scale "
                              "steers images away from their prompt")

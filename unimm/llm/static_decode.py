@@ -36,9 +36,9 @@ CACHE_LENGTH_BUCKET = 256
 
 
 def _recompile_limit() -> contextlib.AbstractContextManager:
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    return config.patch(**{name: RECOMPILE_LIMIT})
+    from unimm.utils.hf_compat import dynamo_recompile_limit
+
+    return dynamo_recompile_limit(RECOMPILE_LIMIT)
 
 
 class MaybeCompiled:

@@ -178,6 +178,18 @@ def zero3_init_disabled():
         hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+# torch.compile gives up on a function after `recompile_limit` graphs (torch 2.6+; `cache_size_limit` before) and
+# runs it eagerly from then on. The static-cache decode step compiles one graph per cache length bucket and batch
+# shape, more than the default 8 in one process; the limit lives in the private `torch._dynamo.config`.
+def dynamo_recompile_limit(limit: int) -> contextlib.AbstractContextManager:
+    """A context raising torch.compile's per-function graph limit to `limit`."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if not hasattr(config, name):
+        raise upstream_error("torch", "torch._dynamo.config has neither recompile_limit nor cache_size_limit")
+    return config.patch(**{name: limit})
+
+
 # -- DeepSpeed's CPU communication op ------------------------------------------------------------------------------
 # On a CPU launch every rank of deepspeed (0.14 through 0.19) builds its shared-memory all-reduce op
 # (`deepspeed_shm_comm`) with torch's extension builder, then maps a shared buffer. Two leftovers of that which
