@@ -43,6 +43,35 @@ def test_generated_images_are_the_inference_layers_for_the_same_seeds(backend):
         backend.generate(GenerateRequest("a red image", num_images=17))
 
 
+def test_generate_reports_progress_per_decoded_position(backend):
+    """The Generate tab's bar: one report per decoded position, counted over all the images, ending at the total;
+    the images are those drawn without it."""
+    calls: list[tuple[int, int]] = []
+    request = GenerateRequest("a red image", cfg_scale=2.0, top_k=8, seed=5, num_images=2)
+    shown = backend.generate(request, progress=lambda done, total: calls.append((done, total)))
+    positions = backend.stack.visual_tokenizer.num_positions  # 16 for the toy tokenizer
+    assert calls == [(k, 2 * positions) for k in range(1, 2 * positions + 1)]
+    plain = backend.generate(request)
+    assert [list(image.getdata()) for image, _ in shown] == [list(image.getdata()) for image, _ in plain]
+
+
+def test_streamed_answer_grows_into_the_answer_of_ask(backend, toy):
+    """`ask_streaming` (the Chat tab's generator): "" once the question is accepted, then the answer so far, each
+    update extending the last, ending with what `ask` answers for the same seed; the turn is recorded once."""
+    image = str(toy["images"] / "red_0.png")
+    for sampling in (dict(), dict(do_sample=True, seed=2)):
+        want = backend.ask(Chat(image=image), "what colour is it?", max_new_tokens=8, **sampling)
+        chat = Chat(image=image)
+        updates = list(backend.ask_streaming(chat, "what colour is it?", max_new_tokens=8, **sampling))
+        assert updates[0] == "" and updates[-1] == want and chat.turns == [("what colour is it?", want)]
+        assert all(later.startswith(earlier) for earlier, later in zip(updates, updates[1:])), updates
+        if sampling:
+            assert len(set(updates)) > 2, updates  # it grew over several updates, not once at the end
+    with pytest.raises(DemoInputError, match="question: type a question"):
+        next(backend.ask_streaming(chat, "  "))
+    assert len(chat.turns) == 1
+
+
 def test_first_turn_is_chat_prompt_and_later_turns_carry_the_history(backend, toy):
     from unimm.inference.chat import chat_prompt
 

@@ -1,8 +1,8 @@
 """UniMM Studio in a real browser: `python scripts/demo.py --run_dir RUNS` is started on the tiny trained stack of
 conftest.py (a 4-step pretraining run) and driven in headless Chromium through Selenium and the system chromedriver
 (Debian's `chromium` and `chromium-driver`; scripts/test.sh installs them as root). Each tab is used as a person
-would: the prompt typed and Generate clicked, an image uploaded and a question asked twice, an image uploaded to the
-tokenizer tab, a run folder picked and shown; a bad option shows a message. Screenshots are saved under the test's
+would: the prompt typed and Generate clicked, an image uploaded and a question asked twice (each answer streams in),
+an image uploaded to the tokenizer tab, a run folder picked and shown; a bad option shows a message. Screenshots are saved under the test's
 tmp folder (the path is printed).
 """
 
@@ -178,11 +178,16 @@ def test_chat_answers_over_two_turns(page, screenshots, toy, demo_runs):
     for turn, question in enumerate(questions, 1):
         type_into(page, "#chat-question textarea", question)
         css(page, "#chat-ask").click()
-        wait(page, lambda d, turn=turn: len(d.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='bot']")) == turn)
-    shown = [m.text for m in page.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='bot']")]
-    assert shown == answers  # the second answer is conditioned on the first turn, as the backend builds it
+        # the answer streams in: wait for the whole of it (the second is conditioned on the first turn, as the
+        # backend builds it)
+        wait(page, lambda d, turn=turn: bot_texts(d) == answers[:turn])
+    assert bot_texts(page) == answers
     assert [m.text for m in page.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='user']")] == questions
     page.save_screenshot(str(screenshots / "chat.png"))
+
+
+def bot_texts(driver) -> list[str]:
+    return [m.text for m in driver.find_elements(By.CSS_SELECTOR, "#chat-log [data-testid='bot']")]
 
 
 def test_tokenizer_tab_shows_reconstruction_metrics_and_code_maps(page, screenshots, toy):

@@ -53,3 +53,33 @@ def test_answer_is_greedy_and_repeatable(stack, toy):
     sample = chat_prompt(factory, stack, str(toy["images"] / "red_0.png"), "what colour is it?", "q0")
     first, second = (answer(stack, sample, max_new_tokens=5) for _ in range(2))
     assert isinstance(first, str) and first == second
+
+
+def test_streamed_pieces_make_the_answer(stack, toy):
+    """`answer(on_text=)`: the pieces, in order, concatenate to the answer returned without streaming (same seed)."""
+    factory = chat_factory(stack, ChatFormatConfig())
+    sample = chat_prompt(factory, stack, str(toy["images"] / "red_0.png"), "what colour is it?", "q0")
+    # this untrained model: greedy writes only newlines (the answer is ""); sampling writes pieces of words and
+    # bytes of unfinished characters (U+FFFD until completed), which must not be sent ahead of the text
+    for sampling in (dict(), dict(do_sample=True, temperature=1.5, seed=3), dict(do_sample=True, seed=1)):
+        pieces: list[str] = []
+        streamed = answer(stack, sample, max_new_tokens=12, on_text=pieces.append, **sampling)
+        assert streamed == answer(stack, sample, max_new_tokens=12, **sampling)
+        assert "".join(pieces) == streamed and all(pieces), (sampling, pieces)
+        assert len(pieces) > 1 or not sampling, pieces  # several parts, not once at the end
+
+
+def test_history_continues_the_conversation(stack, toy):
+    factory = chat_factory(stack, ChatFormatConfig(system_prompt="Be brief."))
+    image = str(toy["images"] / "red_0.png")
+    first = chat_prompt(factory, stack, image, "what colour is it?", "q0")
+    assert torch.equal(chat_prompt(factory, stack, image, "what colour is it?", "q0", history=()).input_ids,
+                       first.input_ids)
+    second = chat_prompt(factory, stack, image, "and its shape?", "q1", history=[("what colour is it?", "red")])
+    text = stack.text_tokenizer.decode(second.input_ids)
+    assert text.index("Be brief.") < text.index("what colour is it?") < text.index("red") < text.index("and its")
+    # the first prompt, up to where its answer starts, is where the second begins (the image with the first question)
+    assert torch.equal(second.input_ids[: len(first)], first.input_ids)
+    for group, codes in first.visual_codes.items():
+        assert torch.equal(second.visual_codes[group][: len(first)], codes)
+        assert bool((second.visual_codes[group][len(first):] == -1).all()), group  # no second image

@@ -172,3 +172,37 @@ def test_image_position_embedding_needs_num_image_positions(tiny_qwen2_path):
                                      image_position_embedding=True)
     with pytest.raises(ValueError, match="num_positions=5 exceeds"):
         generate_images(model, tokenizer, PROMPTS, num_positions=5)
+
+
+@pytest.mark.parametrize("spec, flat", [(DUAL_SPEC, False), (VQRAE_SPEC, True)], ids=["dual", "flat"])
+def test_progress_counts_every_position_of_every_batch_and_leaves_the_codes_alone(tiny_qwen2_path, spec, flat):
+    model, tokenizer, _ = make_unimm(tiny_qwen2_path, spec, flat_codes=flat)
+    calls: list[tuple[int, int]] = []
+
+    def record(done: int, total: int) -> None:
+        calls.append((done, total))
+
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=20, seed=3)):
+        kwargs.update(num_positions=5, cfg_scale=2.5, batch_size=2)  # 3 prompts: batches of 2 and 1
+        calls.clear()
+        reported = generate_images(model, tokenizer, PROMPTS, progress=record, **kwargs)
+        plain = generate_images(model, tokenizer, PROMPTS, **kwargs)
+        assert all(torch.equal(reported[n], plain[n]) for n in spec), kwargs
+        assert calls == [(p, 5) for p in range(1, 6)] * 2
+
+
+def test_generate_text_streams_the_ids_of_the_answer(tiny_qwen2_path):
+    model, tokenizer, layout = make_unimm(tiny_qwen2_path, DUAL_SPEC)
+    batch = image_batch(tokenizer, layout, DUAL_SPEC, ["a red circle"], 3)
+    length = int(batch["attention_mask"].sum())
+    input_ids = batch["input_ids"][:, :length]
+    codes = {k: v[:, :length] for k, v in batch["visual_codes"].items()}
+    for sampling in (dict(), dict(do_sample=True, temperature=1.5, seed=4)):
+        streamed: list[int] = []
+        (text,) = generate_text(model, tokenizer, input_ids, visual_codes=codes, max_new_tokens=6,
+                                on_token=streamed.append, **sampling)
+        assert generate_text(model, tokenizer, input_ids, visual_codes=codes, max_new_tokens=6, **sampling) == [text]
+        assert 1 <= len(streamed) <= 6 and all(isinstance(t, int) for t in streamed)
+        assert tokenizer.decode(streamed, skip_special_tokens=True) == text, sampling
+    with pytest.raises(ValueError, match="on_token streams one answer: got 2 rows"):
+        generate_text(model, tokenizer, input_ids.repeat(2, 1), on_token=streamed.append)

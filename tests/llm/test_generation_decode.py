@@ -147,3 +147,24 @@ def test_decode_mode_errors(tiny_qwen2_path):
     flat, flat_tokenizer, _ = make_unimm(tiny_qwen2_path, VQRAE_SPEC, flat_codes=True)
     with pytest.raises(ValueError, match="jacobi_window must be at least 2"):
         generate_images(flat, flat_tokenizer, PROMPTS, num_positions=2, decode="jacobi", jacobi_window=1)
+
+
+@pytest.mark.parametrize("decode", ["static", "jacobi"])
+def test_progress_reaches_every_position_in_the_cache_modes(tiny_qwen2_path, decode):
+    model, tokenizer, _ = _positional(tiny_qwen2_path, VQRAE_SPEC, True, 9)
+    kwargs = dict(num_positions=9, cfg_scale=2.5, temperature=0.0, batch_size=2, decode=decode, jacobi_window=4)
+    calls: list[tuple[int, int]] = []
+    reported = generate_images(model, tokenizer, PROMPTS, progress=lambda done, total: calls.append((done, total)),
+                               **kwargs)
+    assert _equal(reported, generate_images(model, tokenizer, PROMPTS, **kwargs))
+    batches = [[]]
+    for done, total in calls:
+        assert total == 9
+        if batches[-1] and done <= batches[-1][-1]:
+            batches.append([])
+        batches[-1].append(done)
+    assert len(batches) == 2 and all(b[-1] == 9 and b[0] >= 1 for b in batches), calls
+    if decode == "static":
+        assert batches == [list(range(1, 10))] * 2
+    else:  # several positions per forward: fewer reports than positions, strictly increasing
+        assert len(calls) < 18 and all(b == sorted(set(b)) for b in batches)

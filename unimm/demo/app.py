@@ -1,8 +1,10 @@
 """UniMM Studio: the Gradio page over a `DemoBackend` (`unimm.demo.backend`), with four tabs.
 
 - Generate: prompt, negative prompt, guidance, temperature, top-k/top-p, seed, number of images; a progress bar
-  (one step per image); the images as a gallery captioned with their settings, each downloadable.
-- Chat: an uploaded (or a just generated) image and questions over several turns.
+  counting the decoded positions of all the images; the images as a gallery captioned with their settings, each
+  downloadable.
+- Chat: an uploaded (or a just generated) image and questions over several turns; the answer streams in as its
+  tokens are generated (a Gradio generator handler over `DemoBackend.ask_streaming`).
 - Tokenizer: an uploaded image beside its reconstruction, PSNR/SSIM, and a map of the codes each position used,
   per codebook, with buttons stepping through depth.
 - Runs: a run folder's losses, learning rate, tokens/s and grad norm against steps, and its checkpoints.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ CSS = """img { image-rendering: pixelated; }
 .unimm-pixels img { width: 100% !important; height: 100% !important; object-fit: contain; }"""
 PIXELS = {"height": IMAGE_HEIGHT, "elem_classes": ["unimm-pixels"]}
 EMPTY_ANSWER = "(no text: the model ended its answer at once)"
-TRACK_TQDM = gr.Progress(track_tqdm=True)  # a handler's default: Gradio shows the inference layer's tqdm bars
+PROGRESS = gr.Progress()  # a handler's default: Gradio passes the handler its progress bar
 
 
 def describe_error(err: BaseException) -> str:
@@ -52,6 +54,20 @@ def guarded(handler: Callable[..., tuple], outputs: int) -> Callable[..., tuple]
             return (*handler(*args), "")
         except Exception as err:  # noqa: BLE001 - every failure becomes a message on the page
             return (*[gr.skip()] * outputs, describe_error(err))
+
+    return run
+
+
+def guarded_stream(handler: Callable[..., Iterator[tuple]], outputs: int) -> Callable[..., Iterator[tuple]]:
+    """`guarded` for a generator handler: each of its updates with "" as status, or, when it raises, unchanged outputs
+    and the message."""
+    @functools.wraps(handler)
+    def run(*args):
+        try:
+            for values in handler(*args):
+                yield (*values, "")
+        except Exception as err:  # noqa: BLE001 - every failure becomes a message on the page
+            yield (*[gr.skip()] * outputs, describe_error(err))
 
     return run
 
@@ -109,12 +125,16 @@ def _generate_tab(backend: DemoBackend):
             gallery = gr.Gallery(label="Images", columns=4, object_fit="contain", elem_id="gen-gallery",
                                  format="png")
 
-    def generate(prompt, negative, cfg, temperature, top_k, top_p, seed, count, progress=TRACK_TQDM):
+    def generate(prompt, negative, cfg, temperature, top_k, top_p, seed, count, progress=PROGRESS):
         request = GenerateRequest(prompt=prompt or "", negative_prompt=(negative or "").strip(),
                                   cfg_scale=float(cfg or 0), temperature=float(temperature or 0),
                                   top_k=int(top_k or 0), top_p=float(1.0 if top_p is None else top_p),
                                   seed=int(seed or 0), num_images=int(count or 0))
-        return (backend.generate(request),)
+
+        def on_position(done: int, total: int) -> None:
+            progress((done, total), desc="decoding positions", unit="positions")
+
+        return (backend.generate(request, progress=on_position),)
 
     button.click(guarded(generate, 1), [prompt, negative, cfg, temperature, top_k, top_p, seed, count],
                  [gallery, status])
@@ -142,16 +162,20 @@ def _chat_tab(backend: DemoBackend):
     def on_ask(image_path, question_text, max_new_tokens, do_sample, chat):
         if chat is None or chat.image != image_path:
             chat = Chat(image=image_path)  # a new image starts a new conversation
-        backend.ask(chat, question_text or "", int(max_new_tokens or 0), bool(do_sample))
-        messages = []
+        earlier = []
         for asked, answered in chat.turns:
-            messages += [{"role": "user", "content": asked},
-                         {"role": "assistant", "content": answered or EMPTY_ANSWER}]
-        return messages, chat, ""
+            earlier += [{"role": "user", "content": asked},
+                        {"role": "assistant", "content": answered or EMPTY_ANSWER}]
+        asking = [{"role": "user", "content": question_text or ""}]
+        text = ""
+        for text in backend.ask_streaming(chat, question_text or "", int(max_new_tokens or 0), bool(do_sample)):
+            # the question once accepted, then the answer so far, growing on the page
+            yield earlier + asking + ([{"role": "assistant", "content": text}] if text else []), chat, ""
+        yield earlier + asking + [{"role": "assistant", "content": text or EMPTY_ANSWER}], chat, ""
 
-    ask.click(guarded(on_ask, 3), [image, question, max_tokens, sample, chat_state],
+    ask.click(guarded_stream(on_ask, 3), [image, question, max_tokens, sample, chat_state],
               [chatbot, chat_state, question, status])
-    question.submit(guarded(on_ask, 3), [image, question, max_tokens, sample, chat_state],
+    question.submit(guarded_stream(on_ask, 3), [image, question, max_tokens, sample, chat_state],
                     [chatbot, chat_state, question, status])
     clear.click(lambda: ([], None, ""), None, [chatbot, chat_state, status])
     return image

@@ -12,6 +12,9 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,9 +141,11 @@ class DemoBackend:
 
     # ---- Generate
 
-    def generate(self, request: GenerateRequest) -> list[tuple[Any, str]]:
+    def generate(self, request: GenerateRequest,
+                 progress: Callable[[int, int], None] | None = None) -> list[tuple[Any, str]]:
         """`request.num_images` images of one prompt as (PIL image, settings caption); image i is sampled with seed
-        `seed + i` (one image per batch of `generate_pil_images`, so a progress bar moves once per image)."""
+        `seed + i` (one image per batch of `generate_pil_images`). `progress(done, total)` counts the decoded
+        positions of all the images."""
         from unimm.inference.args import GenerateArguments
         from unimm.inference.t2i import generate_pil_images
 
@@ -156,7 +161,8 @@ class DemoBackend:
             prompts=[request.prompt] * request.num_images, cfg_scale=request.cfg_scale,
             negative_prompt=request.negative_prompt or None, temperature=request.temperature,
             top_k=request.top_k or None, top_p=request.top_p if request.top_p < 1.0 else None, batch_size=1)
-        images = generate_pil_images(self.stack, gen_args.all_prompts(), gen_args, seed=request.seed)
+        images = generate_pil_images(self.stack, gen_args.all_prompts(), gen_args, seed=request.seed,
+                                     progress=progress)
         return [(image, request.settings(i)) for i, image in enumerate(images)]
 
     # ---- Chat
@@ -169,27 +175,15 @@ class DemoBackend:
         return self._factory
 
     def conversation_prompt(self, chat: Chat, question: str):
-        """The prompt of `question` after `chat.turns`: the image and the first question in the first user turn
-        (as `unimm.inference.chat.chat_prompt` builds a single question), earlier answers as assistant turns."""
-        from unimm.data.templates import ChatMessage
-        from unimm.inference.chat import image_slot
+        """The prompt of `question` after `chat.turns` (`chat_prompt` with the turns as history)."""
+        from unimm.inference.chat import chat_prompt
 
-        factory = self.factory()
-        messages = []
-        if factory.config.system_prompt:
-            messages.append(ChatMessage("system", [factory.config.system_prompt]))
-        image_parts = [image_slot(self.stack, chat.image, "chat"), "\n"] if chat.image else []
-        for k, (asked, answered) in enumerate(chat.turns):
-            messages += [ChatMessage("user", (image_parts if k == 0 else []) + [asked]),
-                         ChatMessage("assistant", [answered])]
-        messages.append(ChatMessage("user", (image_parts if not chat.turns else []) + [question]))
-        return factory.generation_prompt(messages, f"chat turn {len(chat.turns) + 1}")
+        return chat_prompt(self.factory(), self.stack, chat.image or None, question,
+                           f"chat turn {len(chat.turns) + 1}", history=chat.turns)
 
-    def ask(self, chat: Chat, question: str, max_new_tokens: int = 64, do_sample: bool = False,
-            temperature: float = 1.0, seed: int = 0) -> str:
-        """The model's answer to `question` in `chat`; the turn is appended to `chat`."""
-        from unimm.inference.chat import answer
-
+    @staticmethod
+    def check_question(chat: Chat, question: str, max_new_tokens: int) -> None:
+        """The errors `ask` reports before generating: an empty question, no answer length, an unreadable image."""
         if not question.strip():
             raise DemoInputError("question: type a question")
         if max_new_tokens < 1:
@@ -198,10 +192,48 @@ class DemoBackend:
             from unimm.data.images import load_image
 
             load_image(chat.image, "chat image")  # an unreadable upload: ImageLoadError naming it
+
+    def ask(self, chat: Chat, question: str, max_new_tokens: int = 64, do_sample: bool = False,
+            temperature: float = 1.0, seed: int = 0, on_text: Callable[[str], None] | None = None) -> str:
+        """The model's answer to `question` in `chat`; the turn is appended to `chat`. `on_text` receives the answer's
+        pieces as they are generated (`unimm.inference.chat.answer`)."""
+        from unimm.inference.chat import answer
+
+        self.check_question(chat, question, max_new_tokens)
         text = answer(self.stack, self.conversation_prompt(chat, question), max_new_tokens, do_sample, temperature,
-                      None, seed)
+                      None, seed, on_text=on_text)
         chat.turns.append((question, text))
         return text
+
+    def ask_streaming(self, chat: Chat, question: str, max_new_tokens: int = 64, do_sample: bool = False,
+                      temperature: float = 1.0, seed: int = 0) -> Iterator[str]:
+        """`ask` on a worker thread, yielding the answer so far: "" once the question is accepted, then the text each
+        time a piece arrives, and the whole answer last (once the turn is in `chat`); its errors are raised here."""
+        self.check_question(chat, question, max_new_tokens)
+        yield ""
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["answer"] = self.ask(chat, question, max_new_tokens, do_sample, temperature, seed,
+                                             on_text=pieces.put)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                outcome["error"] = err
+            finally:
+                pieces.put(done)
+
+        worker = threading.Thread(target=work, name="unimm-demo-answer", daemon=True)
+        worker.start()
+        text = ""
+        while (piece := pieces.get()) is not done:
+            text += piece
+            yield text
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["answer"]
 
     # ---- Tokenizer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,9 +29,11 @@ def make_grid(images: list, columns: int):
     return grid
 
 
-def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, seed: int = 0) -> list:
+def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, seed: int = 0,
+                        progress: Callable[[int, int], None] | None = None) -> list:
     """One PIL image per prompt, sampled `gen_args.batch_size` prompts at a time; batch b is seeded `seed + b`.
-    `gen_args.decode` (when set) picks `generate_images`' decode mode."""
+    `gen_args.decode` (when set) picks `generate_images`' decode mode. `progress(done, total)`, if given, counts
+    decoded positions over the whole call: batch b's position p is `b * N + p` of `total = batches * N`."""
     from tqdm.auto import tqdm
 
     from unimm.llm.generation import generate_images
@@ -39,14 +42,18 @@ def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, see
     images = []
     batches = range(0, len(prompts), gen_args.batch_size)
     negative = gen_args.negative_prompt
+    total = len(batches) * visual.num_positions
     for batch_index, start in enumerate(tqdm(batches, desc="generating", unit="batch")):
         batch = prompts[start: start + gen_args.batch_size]
+        done_before = batch_index * visual.num_positions
+        on_position = None if progress is None else (lambda done, _, before=done_before: progress(before + done, total))
         codes = generate_images(
             stack.model, stack.text_tokenizer, batch,
             num_positions=visual.num_positions, cfg_scale=gen_args.cfg_scale or None,
             temperature=gen_args.temperature, top_k=gen_args.top_k, top_p=gen_args.top_p, seed=seed + batch_index,
             negative_prompts=None if negative is None else [negative] * len(batch),
             decode=getattr(gen_args, "decode", "eager"),  # unimm.llm.generation.DECODE_MODES
+            progress=on_position,
         )
         with torch.no_grad():
             pixels = visual.decode({name: value.to(stack.device) for name, value in codes.items()})

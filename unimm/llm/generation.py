@@ -17,12 +17,19 @@ reference for the cache test and the benchmark).
   a window of drafted positions and keeps the accepted prefix, several positions per forward.
 
 Image -> text (`generate_text`): visual inputs are embedded once, then HF `generate` runs on `inputs_embeds`.
+
+Hooks, both optional and outside the decoded values: `generate_images(progress=)` is called with (positions done,
+N) as each batch's positions are decoded, `generate_text(on_token=)` with each new token id as HF `generate` emits it
+(through a `transformers` streamer).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from unimm.llm.layout import VocabLayout, t2i_prefix_ids
 from unimm.llm.modeling import UniMMForCausalLM
@@ -135,6 +142,7 @@ def generate_images(
     decode: str = "eager",
     jacobi_window: int = 16,
     stats: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the codes of one image per prompt: group -> LongTensor `[len(prompts), N, D]`.
 
@@ -147,6 +155,9 @@ def generate_images(
     batch_size:   prompts per batch (default: all at once).
     decode:       one of `DECODE_MODES` (see the module docstring); `jacobi_window` positions per Jacobi forward.
     stats:        if given, receives `llm_forwards` (LLM forwards, prefills included) and `image_positions`.
+    progress:     if given, called as `progress(done, num_positions)` each time positions of a batch are decoded
+                  (once per position; once per accepted run with Jacobi decoding), ending at
+                  `(num_positions, num_positions)` for every batch. It sees counts only: the codes do not change.
     """
     layout = model.config.layout
     if layout is None:
@@ -192,10 +203,11 @@ def generate_images(
                 from unimm.llm.jacobi import jacobi_decode
 
                 codes, used = jacobi_decode(model, input_ids, attention_mask, num_positions, cfg_scale, sampling,
-                                            window=jacobi_window, compile=decode == "jacobi-compile")
+                                            window=jacobi_window, compile=decode == "jacobi-compile",
+                                            progress=progress)
             else:
                 codes, used = _generate_batch(model, input_ids, attention_mask, num_positions, cfg_scale, sampling,
-                                              use_cache, decode)
+                                              use_cache, decode, progress)
             chunks.append(codes)
             forwards += used
     finally:
@@ -220,8 +232,10 @@ def prefix_batch(text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, p
 
 def _generate_batch(model: UniMMForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     num_positions: int, cfg_scale: float | None, sampling: dict, use_cache: bool,
-                    decode: str) -> tuple[dict[str, torch.Tensor], int]:
-    """Sequential decoding of one batch: codes `{group: [B, N, D]}` and the number of LLM forwards."""
+                    decode: str, progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], int]:
+    """Sequential decoding of one batch: codes `{group: [B, N, D]}` and the number of LLM forwards; `progress(p, N)`
+    after position p's codes are drawn."""
     layout = model.config.layout
     if decode == "eager":
         state = _ImageDecoder(model, input_ids, attention_mask, use_cache)
@@ -253,6 +267,8 @@ def _generate_batch(model: UniMMForCausalLM, input_ids: torch.Tensor, attention_
                 position_codes[name] = prefix
                 codes[name].append(prefix[:batch])
             next_embeds = model.add_image_position(model.visual_embedding(position_codes), position)
+        if progress is not None:
+            progress(position + 1, num_positions)
         if position + 1 < num_positions:
             state.append(next_embeds)
             forwards += 1
@@ -272,9 +288,15 @@ def generate_text(
     temperature: float = 1.0,
     top_p: float | None = None,
     seed: int = 0,
+    on_token: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Answer text for (image +) text inputs (left-padded `input_ids [B, L]` with visual positions as in
-    training); greedy unless `do_sample`. Returns the decoded new text of each row."""
+    training); greedy unless `do_sample`. Returns the decoded new text of each row.
+
+    on_token: called with each new token id as it is generated (one row only; the end-of-sequence token included,
+              as `generate` emits it); the returned text is the same with or without it."""
+    if on_token is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"on_token streams one answer: got {input_ids.shape[0]} rows of input_ids")
     if do_sample:
         torch.manual_seed(seed)
     if model.config.flat_codes and visual_codes:
@@ -289,8 +311,28 @@ def generate_text(
         sampling = dict(temperature=temperature, top_p=top_p) if do_sample else {}
         output_ids = model.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, pad_token_id=text_tokenizer.pad_token_id, eos_token_id=text_tokenizer.eos_token_id, **sampling,
+            do_sample=do_sample, pad_token_id=text_tokenizer.pad_token_id, eos_token_id=text_tokenizer.eos_token_id,
+            streamer=None if on_token is None else _TokenCallback(on_token), **sampling,
         )
     finally:
         model.train(was_training)
     return text_tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+
+
+class _TokenCallback(BaseStreamer):
+    """A `generate` streamer calling `on_token(id)` for each new token of a one-row batch. `generate` first puts the
+    prompt (here the empty `input_ids` beside `inputs_embeds`), which is skipped."""
+
+    def __init__(self, on_token: Callable[[int], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.on_token(int(token))
+
+    def end(self) -> None:
+        pass

@@ -21,6 +21,7 @@ square), else the code before it; those drafts are deterministic (q is a point m
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -49,10 +50,10 @@ def _fill(sequence: torch.Tensor, start: int, stop: int, row_width: int | None) 
 
 @torch.no_grad()
 def jacobi_decode(model: UniMMForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_positions: int,
-                  cfg_scale: float | None, sampling: dict, window: int = 16,
-                  compile: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+                  cfg_scale: float | None, sampling: dict, window: int = 16, compile: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """Codes `{group: [B, N, 1]}` of one batch of flat-layout prefixes (`[cond; uncond]` with guidance) and the
-    number of LLM forwards (the prefill included)."""
+    number of LLM forwards (the prefill included); `progress(committed, N)` after every commit."""
     layout = model.config.layout
     (name,) = model.config.groups
     halves = 2 if cfg_scale is not None else 1
@@ -72,6 +73,8 @@ def jacobi_decode(model: UniMMForCausalLM, input_ids: torch.Tensor, attention_ma
     first_logits = guide(state.code_logits(state.hidden).float(), cfg_scale)
     sequence[:, 0] = sample_logits(first_logits, **sampling)
     committed = 1
+    if progress is not None:
+        progress(committed, num_positions)
     _fill(sequence, 1, 1 + drafts_per_window, row_width)
     num_codes = first_logits.shape[-1]
     # q of each draft (sampling only); the filled drafts' q are point masses
@@ -118,6 +121,8 @@ def jacobi_decode(model: UniMMForCausalLM, input_ids: torch.Tensor, attention_ma
         # keep the cache entries of the inputs that are now committed: the window's first token and `run` drafts
         state.rewind(window - (run + 1))
         committed += run + 1
+        if progress is not None:
+            progress(min(committed, num_positions), num_positions)
         sequence[:, committed : committed + carried.shape[1]] = carried
         _fill(sequence, committed + carried.shape[1], committed + drafts_per_window, row_width)
         if not greedy:
