@@ -140,7 +140,7 @@ def test_sigterm_stops_every_rank_after_a_checkpoint(toy, tmp_path, target):
     group: SIGTERM to the whole process group (Ctrl-C, a scheduler's kill): every rank stops at the same step
     boundary, after a complete checkpoint, and removes its shared-memory buffer."""
     out = tmp_path / "signal"
-    args = _args(toy, out, "--max_steps", "100000", "--save_steps", "100000", "--logging_steps", "1")
+    args = _args(toy, out, "--max_steps", "100000", "--save_steps", "2", "--logging_steps", "1")
     args = [a for a in args if a not in ("--use_cpu", "true")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [*deepspeed_launcher(), str(REPO / "scripts" / "pretrain.py"), "--deepspeed",
@@ -149,11 +149,11 @@ def test_sigterm_stops_every_rank_after_a_checkpoint(toy, tmp_path, target):
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not any(out.glob("launches/*.yaml")) or len(_rank_processes(out)) < 3:
+        # training runs (its signal handlers are in place) once the first periodic checkpoint is complete
+        while not (out / "checkpoint-2" / "COMPLETE").is_file():
             assert runner.poll() is None, "the run ended before it was signalled"
             assert time.monotonic() < deadline, "the run did not start"
-            time.sleep(0.5)
-        time.sleep(5)  # a few steps in
+            time.sleep(0.2)
         if target == "runner":
             runner.send_signal(signal.SIGTERM)  # the runner only, not its process group
         else:
@@ -168,8 +168,11 @@ def test_sigterm_stops_every_rank_after_a_checkpoint(toy, tmp_path, target):
         except ProcessLookupError:
             pass
         runner.wait()
-    checkpoints = [p for p in out.glob("checkpoint-*") if (p / "COMPLETE").is_file()]
-    assert checkpoints, "no complete checkpoint was saved on the signal"
+    from unimm.train.checkpoint import latest_checkpoint
+
+    # the save on the signal: a complete checkpoint after the periodic checkpoint-2
+    newest = latest_checkpoint(out)
+    assert newest is not None and int(newest.name.split("-")[1]) > 2, newest
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"
                                           f"_{command[command.index('--master_port') + 1]}_*"))
 

@@ -233,12 +233,14 @@ class StopOnSignal(TrainerCallback):
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        if self.signalled is not None:  # a second signal: stop now
-            previous = self._previous.get(signum)
-            if callable(previous):
-                previous(signum, frame)
-            raise KeyboardInterrupt
-        self.signalled = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.signalled is not None:
+            # Launchers forward a signal they receive (DeepSpeed's launch.py sends SIGTERM to ranks that the
+            # process-group signal already reached): only a second SIGINT (Ctrl-C twice) means "stop now".
+            if signum == signal.SIGINT and self.signalled == name:
+                raise KeyboardInterrupt
+            return
+        self.signalled = name
 
     def _launcher_gone(self) -> bool:
         return self.launcher_pid is not None and not _alive(self.launcher_pid)
