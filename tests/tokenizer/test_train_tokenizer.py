@@ -243,6 +243,7 @@ def test_checkpoint_in_the_earlier_format_resumes(uninterrupted_run, tmp_path, c
     objects = {"model": run.unwrapped, "optimizer": run.opt.optimizer, "scheduler": run.opt.scheduler}
     save_checkpoint(earlier, 2, objects, {"batches_consumed": run.batches_consumed,
                                           "bad_samples": run.tracker.summary()})
+    run.lock.release()  # this set-up run ends here (train_tokenizer releases it when a run ends)
     assert {"model.pt", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", "COMPLETE"} <= {
         p.name for p in (earlier / "checkpoint-2").iterdir()}
     shutil.copy2(stopped / "train_log.jsonl", earlier / "train_log.jsonl")
