@@ -52,6 +52,18 @@ NEW_ROW_COVARIANCE_SCALE = 1e-9
 
 
 @torch.no_grad()
+def _mean_init_vocab_rows(model: torch.nn.Module, rows: torch.Tensor, num_reference_rows: int) -> None:
+    """`_mean_init_rows` on the input embedding and, when it is a table of its own, the LM head (gathered under
+    ZeRO-3)."""
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight is not matrices[0]:
+        matrices.append(output.weight)
+    with _gathered(matrices):
+        for matrix in matrices:
+            _mean_init_rows(matrix, rows.to(matrix.device), num_reference_rows)
+
+
 def _mean_init_rows(matrix: torch.Tensor, rows: torch.Tensor, num_reference_rows: int) -> None:
     """Initialise `matrix[rows]` as transformers' `resize_token_embeddings(mean_resizing=True)` does: samples of
     N(mean, 1e-9 * covariance) of the first `num_reference_rows` rows (the trained text vocabulary), so new rows sit
@@ -106,13 +118,7 @@ def ensure_pad_token(text_tokenizer: PreTrainedTokenizerBase, model: PreTrainedM
                 note += f"; the model's embedding rows grew {old_rows} -> {pad_id + 1}"
                 if getattr(model.config, "vocab_layout", None):  # a UniMM model loaded with its layout
                     model.config.vocab_layout = {**model.config.vocab_layout, "padded_vocab_size": pad_id + 1}
-            matrices = [model.get_input_embeddings().weight]
-            output = model.get_output_embeddings()
-            if output is not None and output.weight is not matrices[0]:
-                matrices.append(output.weight)
-            with _gathered(matrices):
-                for matrix in matrices:
-                    _mean_init_rows(matrix, torch.tensor([pad_id], device=matrix.device), num_text_rows)
+            _mean_init_vocab_rows(model, torch.tensor([pad_id]), num_text_rows)
     logger.info(note)
     return note
 
@@ -172,14 +178,7 @@ def extend_tokenizer_and_model(
     # rows to initialise: the added tokens (which may land on unused rows a checkpoint already had) + padding
     fresh = sorted(set(range(original_vocab_size, len(tokenizer))) | set(range(old_rows, new_size)))
     if previous is None and fresh:
-        rows = torch.tensor(fresh, dtype=torch.long)
-        matrices = [model.get_input_embeddings().weight]
-        output = model.get_output_embeddings()
-        if output is not None and output.weight is not matrices[0]:
-            matrices.append(output.weight)
-        with _gathered(matrices):
-            for matrix in matrices:
-                _mean_init_rows(matrix, rows.to(matrix.device), original_vocab_size)
+        _mean_init_vocab_rows(model, torch.tensor(fresh, dtype=torch.long), original_vocab_size)
     layout = VocabLayout(
         boi_token_id=boi, eoi_token_id=eoi, image_token_id=image, uncond_token_id=uncond,
         original_vocab_size=original_vocab_size, padded_vocab_size=new_size, codebook_spec=spec,
