@@ -44,8 +44,7 @@ from unimm.train.guards import (
     write_fingerprint,
 )
 from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
-from unimm.utils.distributed import all_reduce_sum, get_world_size
-from unimm.utils.distributed import get_rank as get_rank_safe
+from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size
 from unimm.utils.hf_compat import TrainSamplerOverride
 from unimm.utils.runtime import resolve_dtype
 
@@ -165,7 +164,7 @@ class UniMMTrainer(TrainSamplerOverride, Trainer):
         loss = super().training_step(model, inputs, *args, **kwargs)
         if not all_finite_everywhere(bool(torch.isfinite(loss.detach()).all())):
             raise DivergenceError(f"training diverged at step {self.state.global_step + 1}: the loss is "
-                                  f"{float(loss.detach().float())} on rank {get_rank_safe()} (or another rank); no "
+                                  f"{float(loss.detach().float())} on rank {get_rank()} (or another rank); no "
                                   f"checkpoint is written from it, the last complete one is kept (lower the learning "
                                   f"rate or resume from it)")
         return loss
@@ -339,7 +338,6 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     latest checkpoint), save the final model (HF format; ZeRO-3 weights gathered; a LoRA run saves its adapter,
     merge it with unimm-merge-lora) and, with `save_mm_projector`, the projector alone in LLaVA's layout."""
     from transformers import set_seed
-
 
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
