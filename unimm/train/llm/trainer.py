@@ -501,7 +501,7 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str |
     filesystem (each writes checkpoints to its own disk) resume the same step. Each rank then finds that checkpoint
     under its own `output_dir` (the folder name rank 0 chose) and checks it is complete there, or stops with one line
     naming its missing copy."""
-    from unimm.utils.distributed import get_rank, is_main_process
+    from unimm.utils.distributed import is_main_process
 
     chosen = rank0_decides(lambda: _local_resume_choice(resume_from_checkpoint, output_dir, auto_resume))
     if chosen is None or is_main_process():
