@@ -264,12 +264,17 @@ def test_lmms_eval_cli_scores_a_local_task(tmp_path, unimm_codes_path, visual_to
     local_copy = datasets.load_dataset(str(tmp_path / "tasks" / "local_copy"), split="test")
     for task in benchmarks:
         samples = read_samples(output, task)
-        max_new_tokens = report["configs"][task]["generation_kwargs"]["max_new_tokens"]  # MME 16, POPE 128
+        generation = report["configs"][task]["generation_kwargs"]
+        max_new_tokens = generation["max_new_tokens"]  # MME 16, POPE 128
+        until = generation.get("until") or []
+        until = [until] if isinstance(until, str) else until  # the task's stop strings (lmms-eval's default too)
         assert [s["doc_id"] for s in samples] == list(range(len(local_copy)))
         for sample, row in zip(samples, local_copy):
             assert sample["input"].startswith(row["question"].replace(" Please answer yes or no.", ""))
-            assert sample["filtered_resps"] == reference.answer(row["image"], sample["input"], max_new_tokens,
-                                                                stop=None)
+            expected = reference.answer(row["image"], sample["input"], max_new_tokens, stop=None)
+            for stop in until:  # cut at the first stop string, as generate_until does
+                expected = expected.split(stop)[0] if stop else expected
+            assert sample["filtered_resps"] == expected
     assert 0.0 <= results["mme_local"]["mme_perception_score,none"] <= 200.0
     for metric in ("pope_accuracy", "pope_precision", "pope_recall", "pope_f1_score"):
         assert 0.0 <= results["pope_local"][f"{metric},none"] <= 1.0
