@@ -153,7 +153,7 @@ def _group_depth(name: str, layout) -> int:
     return int(layout.codebook_spec[group]["depth"])
 
 
-def _expected_to_move(kind: str, name: str, model_args, lora: bool, layout) -> bool:
+def _expected_to_move(kind: str, name: str, model_args, lora: bool, layout, full_tables: bool = False) -> bool:
     if ".original_module." in name:  # peft keeps the frozen original beside a modules_to_save copy
         return False
     if ".code_embedding." in name and _group_depth(name, layout) == 1:
@@ -161,7 +161,8 @@ def _expected_to_move(kind: str, name: str, model_args, lora: bool, layout) -> b
     return {
         "adapter": True,
         "token_rows": model_args.train_new_embeddings,
-        "vocab": model_args.train_llm and not lora,
+        # LoRA with lora_embeddings full trains the tables' modules_to_save copies, every row
+        "vocab": (model_args.train_llm and not lora) or (full_tables and ".modules_to_save." in name),
         "projector": model_args.train_projector,
         "visual": model_args.train_visual_heads,
         "llm": model_args.train_llm and not lora,
@@ -187,6 +188,7 @@ def test_shipped_recipe_trains_what_it_says(recipe_file, toy, vqrae_toy, family_
     parsed = program.parse_args(argv)
     model_args = parsed[0]
     lora = recipe.program == "finetune" and parsed[3].use_lora
+    full_tables = lora and parsed[3].lora_embeddings == "full" and model_args.train_new_embeddings
     training_args = parsed[-1]
 
     # Snapshot the live model right before training, through the real program.
@@ -211,7 +213,7 @@ def test_shipped_recipe_trains_what_it_says(recipe_file, toy, vqrae_toy, family_
     for name, value in after.items():
         kind = _classify(name)
         moved = not torch.equal(value.detach(), before[name])
-        should = _expected_to_move(kind, name, model_args, lora, layout)
+        should = _expected_to_move(kind, name, model_args, lora, layout, full_tables)
         if should and any(part in name for part in recipe.idle):
             assert not moved, f"{name} moved although {recipe_file} gives it no gradient (update RECIPES)"
             continue

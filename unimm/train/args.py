@@ -140,6 +140,10 @@ class LoraArguments:
     lora_target_modules: str = config_field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                                             "Comma-separated names of LLM linear modules that get adapters.")
     lora_bias: str = config_field("none", "Biases trained with LoRA: none, all, lora_only (peft's bias).")
+    lora_embeddings: str = config_field("new_rows", (
+        "With train_new_embeddings: new_rows trains only the rows of the added tokens (peft trainable tokens; every "
+        "text row stays bit-identical), full trains the whole embedding table and LM head (peft modules_to_save; a "
+        "tied head stays tied). ZeRO-3 always trains full tables."))
 
     def target_modules(self) -> list[str]:
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
@@ -149,6 +153,8 @@ class LoraArguments:
             raise ValueError("use_lora needs lora_r > 0 and at least one lora_target_modules entry")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"lora_bias must be none, all or lora_only, got {self.lora_bias!r}")
+        if self.lora_embeddings not in ("new_rows", "full"):
+            raise ValueError(f"lora_embeddings must be new_rows or full, got {self.lora_embeddings!r}")
 
 
 @dataclass

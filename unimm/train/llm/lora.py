@@ -75,12 +75,13 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     target_regex = rf"language_model\..*\.({targets})"
     modules, token_rows = modules_to_save(model, model_args), trainable_token_indices(model, model_args)
     tied = bool(model.config.tie_word_embeddings)
-    if token_rows is not None and is_deepspeed_zero3_enabled():
-        # ZeRO-3 partitions the tables, and peft's trainable tokens read and write them outside the layer that owns
-        # them: the tables train whole instead (a tied head shares its copy through peft's weight tying).
-        logger.warning("ZeRO-3: LoRA cannot restrict the embedding%s to the %d added rows; the whole table%s "
-                       "train (use ZeRO-2 to train only the added rows)", "" if tied else " and LM head",
-                       len(token_rows["embed_tokens"]), "" if tied else "s")
+    if token_rows is not None and (lora_args.lora_embeddings == "full" or is_deepspeed_zero3_enabled()):
+        if lora_args.lora_embeddings != "full":
+            # ZeRO-3 partitions the tables, and peft's trainable tokens read and write them outside the layer that
+            # owns them: the tables train whole instead (a tied head shares its copy through peft's weight tying).
+            logger.warning("ZeRO-3: LoRA cannot restrict the embedding%s to the %d added rows; the whole table%s "
+                           "train (use ZeRO-2 to train only the added rows)", "" if tied else " and LM head",
+                           len(token_rows["embed_tokens"]), "" if tied else "s")
         modules = ["embed_tokens", *([] if tied else ["lm_head"]), *modules]
         token_rows = None
     config = LoraConfig(
