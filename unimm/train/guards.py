@@ -50,7 +50,7 @@ class DivergenceError(UserError):
     """Training produced a non-finite loss or weights."""
 
 
-# ---------------------------------------------------------------------------------------------------- lock
+# ------------------------------------------------------------------------------------------- rank 0 decides
 
 
 def rank0_decides(decide: Any) -> Any:
@@ -73,6 +73,7 @@ def rank0_decides(decide: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------------------------------- lock
 
 
 class RunLock:
@@ -114,12 +115,9 @@ class RunLock:
         if holder.get("host") != socket.gethostname():
             return False  # another machine's process cannot be checked from here
         try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, KeyError, TypeError, ValueError):
+            return not _alive(int(holder["pid"]))
+        except (KeyError, TypeError, ValueError):
             return False
-        return False
 
     def release(self) -> None:
         if self.held:
