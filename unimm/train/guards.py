@@ -179,7 +179,7 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------ divergence
 
 
-def all_finite_everywhere(value: bool) -> bool:
+def holds_on_every_rank(value: bool) -> bool:
     """Whether `value` holds on every rank (one all-reduce)."""
     bad = torch.tensor([0.0 if value else 1.0], dtype=torch.float64)
     return float(all_reduce_sum(bad)[0]) == 0.0
@@ -197,7 +197,7 @@ def local_weights_finite(model: torch.nn.Module) -> bool:
 
 def check_weights_before_save(model: torch.nn.Module, step: int, what: str) -> None:
     """Every rank: refuse to write `what` from non-finite weights (collective)."""
-    if not all_finite_everywhere(local_weights_finite(model)):
+    if not holds_on_every_rank(local_weights_finite(model)):
         raise DivergenceError(f"training diverged by step {step}: the weights are not finite; {what} was not "
                               f"written, the last complete checkpoint is kept (lower the learning rate or resume "
                               f"from it)")
@@ -247,7 +247,7 @@ class StopOnSignal(TrainerCallback):
         """At a step boundary, on every rank (collective): whether any rank was signalled or lost its launcher."""
         if self.signalled is None and self._launcher_gone():
             self.signalled = "launcher exit"
-        return not all_finite_everywhere(self.signalled is None)
+        return not holds_on_every_rank(self.signalled is None)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not self.should_stop():

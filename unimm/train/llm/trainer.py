@@ -36,9 +36,9 @@ from unimm.train.guards import (
     DivergenceError,
     RunLock,
     StopOnSignal,
-    all_finite_everywhere,
     check_resume_fingerprint,
     check_weights_before_save,
+    holds_on_every_rank,
     rank0_decides,
     run_fingerprint,
     write_fingerprint,
@@ -162,7 +162,7 @@ class UniMMTrainer(TrainSamplerOverride, Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The stock step; a non-finite loss on any rank stops every rank before the optimizer applies it."""
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if not all_finite_everywhere(bool(torch.isfinite(loss.detach()).all())):
+        if not holds_on_every_rank(bool(torch.isfinite(loss.detach()).all())):
             raise DivergenceError(f"training diverged at step {self.state.global_step + 1}: the loss is "
                                   f"{float(loss.detach().float())} on rank {get_rank()} (or another rank); no "
                                   f"checkpoint is written from it, the last complete one is kept (lower the learning "

@@ -35,8 +35,8 @@ from unimm.train.guards import (
     DivergenceError,
     RunLock,
     StopOnSignal,
-    all_finite_everywhere,
     check_resume_fingerprint,
+    holds_on_every_rank,
     rank0_decides,
     run_fingerprint,
 )
@@ -239,7 +239,7 @@ def train_step(run: TokenizerRun, pixel_values: torch.Tensor) -> StepResult:
         )
         model_losses = dict(output.losses)
         loss = rec_loss + sum(model_losses.values())
-    if not all_finite_everywhere(bool(torch.isfinite(loss.detach()).all())):
+    if not holds_on_every_rank(bool(torch.isfinite(loss.detach()).all())):
         # before the update: the weights, the EMA and every checkpoint so far stay finite
         raise DivergenceError(f"training diverged at step {run.step + 1}: the loss is "
                               f"{float(loss.detach().float())} on rank {get_rank()} (or another rank); the last "
