@@ -103,7 +103,7 @@ OMP_NUM_THREADS="$CORES" python scripts/train_tokenizer.py "configs/quickstart/t
   --dataset "$OUT/data/train/captions.jsonl" --output_dir "$OUT/tokenizer" --seed "$SEED" $(steps "$TOK_STEPS")
 TOK="$OUT/tokenizer/model"
 OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT" --seed "$SEED" \
-  --tokenizer_path "$TOK" --test_samples "$TEST_SAMPLES"
+  --visual_tokenizer_path "$TOK" --test_samples "$TEST_SAMPLES"
 
 if [ "$TOKENIZER" = dualtoken ]; then CACHES="$OUT/code_cache, $OUT/code_cache_llava"; else CACHES="$OUT/code_cache"; fi
 stage "3/7 code caches -> $CACHES"
@@ -136,7 +136,7 @@ stage "7/7 scores"
 python scripts/quickstart_eval.py generation --out "$OUT" --generated_dir "$OUT/generated"
 python scripts/quickstart_eval.py qa --out "$OUT" --answers_json "$OUT/answers.json"
 OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py cfg --out "$OUT" --seed "$SEED" --model_path "$OUT/finetune" \
-  --tokenizer_path "$TOK" --scales 1 1.25 1.5 2 3 --samples "$CFG_SAMPLES" --top_k "$GEN_TOP_K"
+  --visual_tokenizer_path "$TOK" --scales 1 1.25 1.5 2 3 --samples "$CFG_SAMPLES" --top_k "$GEN_TOP_K"
 echo "scores: $OUT/scores.json; generated images: $OUT/generated (grid.png); answers: $OUT/answers.json"
 echo "open them in UniMM Studio: bash scripts/demo.sh --run_dir $OUT"
 echo "quickstart finished in $(( $(date +%s) - START ))s"

@@ -216,8 +216,8 @@ def _other_weights(tokenizer):
 
 
 def test_cache_from_tokenizer_with_other_weights_is_refused(tokenizer, image_folder, tmp_path, one_thread, caplog):
-    from unimm.data.code_cache import TokenizerIdentity, tokenizer_weights_hash, weights_hash_of_folder
     from unimm.tokenizer import load_tokenizer
+    from unimm.tokenizer.identity import TokenizerIdentity, tokenizer_weights_hash, weights_hash_of_folder
 
     tokenizer.save_pretrained(tmp_path / "tok")
     assert tokenizer_weights_hash(load_tokenizer(tmp_path / "tok")) == tokenizer_weights_hash(tokenizer)

@@ -136,8 +136,8 @@ def test_inference_programs_name_missing_inputs(tiny_unimm, toy, tmp_path):
 
 
 def test_cache_from_tokenizer_with_other_weights_is_refused_naming_both_hashes(toy, tmp_path):
-    from unimm.data.code_cache import tokenizer_weights_hash
     from unimm.tokenizer import load_tokenizer
+    from unimm.tokenizer.identity import tokenizer_weights_hash
 
     tokenizer = load_tokenizer(toy["tokenizer"])
     expected = tokenizer_weights_hash(tokenizer)

@@ -1,4 +1,4 @@
-"""`unimm.data.toy.quickstart` (`scripts/quickstart_eval.py`) without training: the held-out captions stay out of
+"""`unimm.cli.quickstart` (`scripts/quickstart_eval.py`) without training: the held-out captions stay out of
 every training file, and the generation scorer reports seen and held-out captions apart (checked on rendered
 ground-truth images)."""
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from unimm.data.toy.quickstart import make_parser
+from unimm.cli.quickstart import make_parser
 from unimm.data.toy.shapes import POSITIONS, all_combinations, render_shape
 
 

@@ -53,8 +53,8 @@ def test_quickstart_vqrae_fast_understands_from_features_and_generates_codes(tmp
 
 
 def test_prepare_writes_the_captions_as_one_turn_conversations(tmp_path):
+    from unimm.cli.quickstart import make_parser
     from unimm.data.sources import read_llava_json
-    from unimm.data.toy.quickstart import make_parser
     from unimm.data.toy.shapes import DESCRIBE_QUESTION
 
     argv = ["prepare", "--out", str(tmp_path), "--train_samples", "40", "--test_samples", "2", "--num_prompts", "4",

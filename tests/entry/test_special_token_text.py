@@ -26,7 +26,7 @@ def _special_counts(ids, tokenizer, layout) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def stack(tiny_unimm, toy):
     from unimm.inference.stack import InferenceStack, load_for_inference
-    from unimm.train.llm.build import load_visual_tokenizer
+    from unimm.tokenizer import load_visual_tokenizer
 
     model, tokenizer = load_for_inference(tiny_unimm, torch.device("cpu"), "float32")
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") != tokenizer.unk_token_id  # a real special token here

@@ -34,7 +34,7 @@ class Reference:
     def __init__(self, model_path: Path, visual_tokenizer_path: Path):
         from unimm.data.tasks import SampleConfig, SampleFactory
         from unimm.inference.stack import load_for_inference
-        from unimm.train.llm.build import load_visual_tokenizer
+        from unimm.tokenizer import load_visual_tokenizer
 
         self.model, self.tokenizer = load_for_inference(model_path, torch.device("cpu"), "float32")
         self.visual = load_visual_tokenizer(visual_tokenizer_path)

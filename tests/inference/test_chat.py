@@ -16,7 +16,7 @@ from unimm.llm.layout import IGNORE_INDEX
 
 @pytest.fixture(scope="module")
 def stack(tiny_unimm, toy) -> InferenceStack:
-    from unimm.train.llm.build import load_visual_tokenizer
+    from unimm.tokenizer import load_visual_tokenizer
 
     model, text_tokenizer = load_for_inference(tiny_unimm, torch.device("cpu"))
     return InferenceStack(model, text_tokenizer, load_visual_tokenizer(toy["tokenizer"]), torch.device("cpu"))

@@ -36,7 +36,7 @@ def test_generate_pil_images_selects_the_decode_mode(tiny_unimm, toy, monkeypatc
     import unimm.llm.generation as generation
     from unimm.inference.stack import InferenceStack, load_for_inference
     from unimm.inference.t2i import generate_pil_images
-    from unimm.train.llm.build import load_visual_tokenizer
+    from unimm.tokenizer import load_visual_tokenizer
 
     model, text_tokenizer = load_for_inference(tiny_unimm, torch.device("cpu"))
     stack = InferenceStack(model, text_tokenizer, load_visual_tokenizer(toy["tokenizer"]), torch.device("cpu"))

@@ -11,29 +11,23 @@ user errors too, with their full traceback.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
-import json
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
-from unimm.utils.errors import UserError
+# The errors and their one-line descriptions live on the utils floor, where library code (the demo app, trainers)
+# can reach them; re-exported here for programs.
+from unimm.utils.errors import ConfigError, UserError, describe_user_error, is_user_error
+
+__all__ = ["ConfigError", "config_errors", "describe_user_error", "is_user_error", "parse_config", "run_main"]
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "UNIMM_DEBUG"
 EXIT_USER_ERROR = 2
-
-# OSErrors that describe the user's files or machine, not a bug: reported in one line.
-_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.ENOENT, errno.ENAMETOOLONG}
-
-
-class ConfigError(UserError, ValueError):
-    """A config key or value that a program's dataclasses (or their validation) reject."""
 
 
 def parse_config(dataclass_types: Sequence[type], argv: Sequence[str] | None = None,
@@ -85,121 +79,6 @@ def _yaml_origin(message: str, argv: Sequence[str]) -> str:
     except Exception:  # the YAML itself is broken: that error is reported on its own
         return ""
     return f" (set in {origin})" if origin else ""
-
-
-# What torch's zip writer (`torch.save`, also inside DeepSpeed's and the Trainer's checkpoint saves) raises when a
-# write fails, e.g. on a full disk: a RuntimeError that names neither the file nor the cause.
-_TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter failed")
-
-
-def _frames(err: BaseException):
-    """The frames of `err`'s traceback, innermost first."""
-    frames = []
-    tb = err.__traceback__
-    while tb is not None:
-        frames.append(tb.tb_frame)
-        tb = tb.tb_next
-    return reversed(frames)
-
-
-def _written_path(err: BaseException) -> str | None:
-    """The file a failed write was writing, read from the traceback: the target of `torch.save` (its `f`), or an
-    open file object in the innermost frame that has one."""
-    for frame in _frames(err):
-        if frame.f_code.co_filename.endswith(os.path.join("torch", "serialization.py")) and "f" in frame.f_locals:
-            target = frame.f_locals["f"]
-            name = target if isinstance(target, (str, os.PathLike)) else getattr(target, "name", None)
-            if isinstance(name, (str, os.PathLike)):
-                return os.fspath(name)
-    for frame in _frames(err):
-        for value in frame.f_locals.values():
-            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
-                return value.name
-        for name in ("filename", "path", "file", "f", "self"):  # save_file(..., filename), Path.write_text ...
-            value = frame.f_locals.get(name)
-            if isinstance(value, (str, PurePath)) and (name != "self" or isinstance(value, PurePath)):
-                return os.fspath(value)
-    return None
-
-
-def _is_safetensors_disk_full(err: BaseException) -> bool:
-    """safetensors' own error for a full disk (`I/O error: No space left on device (os error 28)`)."""
-    return type(err).__name__ == "SafetensorError" and f"os error {errno.ENOSPC}" in str(err)
-
-
-def _is_torch_write_failure(err: BaseException) -> bool:
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in _TORCH_WRITE_FAILURES) and any(
-        frame.f_code.co_filename.endswith(os.path.join("torch", "serialization.py")) for frame in _frames(err))
-
-
-def _deepspeed_world_size_change(err: BaseException) -> bool:
-    """DeepSpeed's refusal to load ZeRO optimizer states saved with another number of ranks."""
-    return type(err).__name__ == "ZeRORuntimeException" and "world size" in str(err).lower()
-
-
-def is_user_error(err: BaseException) -> bool:
-    """Whether `err` is one of the known user errors that programs report in one line."""
-    import yaml
-
-    if isinstance(err, (UserError, json.JSONDecodeError, yaml.YAMLError)):
-        return True
-    if isinstance(err, _USER_OS_ERRORS):
-        return True
-    if isinstance(err, OSError) and err.errno in _USER_ERRNOS:
-        return True
-    if _is_torch_write_failure(err) or _is_safetensors_disk_full(err) or _deepspeed_world_size_change(err):
-        return True
-    from unimm.data.bad_samples import TooManyBadSamplesError
-    from unimm.data.images import ImageLoadError
-    from unimm.llm.identity import VisualTokenizerMismatchError
-
-    # An image a program was pointed at that cannot be read (training skips and counts bad images instead); a visual
-    # tokenizer other than the model's (the message names both and the override).
-    return isinstance(err, (TooManyBadSamplesError, ImageLoadError, VisualTokenizerMismatchError))
-
-
-def _no_space(path: str | None, detail: str) -> str:
-    where = path or "a file"
-    return f"no space left on device while writing {where} ({detail}); free some space or choose another directory"
-
-
-def describe_user_error(err: BaseException) -> str:
-    """One line for a user error: what and where (file, line, column when the error knows them)."""
-    import yaml
-
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        message = _no_space(err.filename or _written_path(err), err.strerror or str(err))
-    elif _is_safetensors_disk_full(err):
-        message = _no_space(_written_path(err), "safetensors: " + " ".join(str(err).split()))
-    elif _is_torch_write_failure(err):
-        path = _written_path(err)
-        message = _no_space(path, "torch.save: " + str(err).splitlines()[0][:120])
-        try:
-            import shutil
-
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path)) if path else ".").free
-        except OSError:
-            free = 0
-        if free > 64 * 2**20:  # not a full disk after all: say what failed, without guessing
-            message = f"writing {path or 'a checkpoint file'} failed (torch.save: {str(err).splitlines()[0][:120]})"
-    elif _deepspeed_world_size_change(err):
-        folder = next((frame.f_locals["load_dir"] for frame in _frames(err) if "load_dir" in frame.f_locals), None)
-        message = (f"resume{f' from {folder}' if folder else ''}: {err} (resume with the number of processes that "
-                   "saved the checkpoint, or convert it with DeepSpeed's universal checkpoint)")
-    elif isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
-        mark = err.problem_mark
-        problem = " ".join(part for part in (err.context, err.problem) if part)
-        message = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
-    elif isinstance(err, json.JSONDecodeError):
-        message = f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-    elif isinstance(err, OSError) and err.filename is not None and err.strerror:
-        target = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
-        message = f"{err.strerror}: {target}"
-        if isinstance(err, PermissionError):
-            message += " (check that this user may write/read there, or choose another directory)"
-    else:
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(message.split()) or type(err).__name__
 
 
 def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None, prog: str | None = None) -> Any:

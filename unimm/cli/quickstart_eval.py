@@ -1,12 +1,12 @@
 """`unimm-quickstart-eval`: the shapes-specific steps of `scripts/quickstart.sh` (`prepare`, `tokenizer`,
-`generation`, `qa`, `cfg`); the steps, their commands and what they print are in `unimm.data.toy.quickstart`."""
+`generation`, `qa`, `cfg`); the steps, their commands and what they print are in `unimm.cli.quickstart`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from unimm.cli.errors import run_main
-from unimm.data.toy.quickstart import make_parser
+from unimm.cli.quickstart import make_parser
 
 __all__ = ["main", "make_parser"]
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 
+from unimm.utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class TooManyBadSamplesError(RuntimeError):
+class TooManyBadSamplesError(UserError, RuntimeError):
     """Raised when the fraction of skipped samples exceeds `max_bad_fraction`."""
 
 

@@ -31,10 +31,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-import xxhash
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
+from unimm.tokenizer.identity import (
+    TokenizerIdentity,
+    file_checksum,
+    tokenizer_weights_hash,
+    weights_hash_of_folder,  # noqa: F401 - re-exported for callers of the old home
+)
 from unimm.utils.config import config_field
 from unimm.utils.errors import UserError, json_source_errors, model_folder, require_path
 from unimm.utils.runtime import DTYPES
@@ -44,7 +49,6 @@ logger = logging.getLogger(__name__)
 CACHE_INFO = "cache_info.json"
 STATE_FILE = "pretokenize_state.json"
 CACHE_FORMAT_VERSION = 2  # 2: tokenizer weights hash and per-shard checksums
-_CHECKSUM_CHUNK = 8 << 20
 
 
 class CodeCacheMismatchError(UserError, ValueError):
@@ -53,71 +57,6 @@ class CodeCacheMismatchError(UserError, ValueError):
 
 class CodeCacheCorruptError(UserError, ValueError):
     """A cache shard is missing, truncated or does not match its recorded checksum."""
-
-
-def file_checksum(path: str | os.PathLike) -> str:
-    """xxh3-128 of a file's bytes, read in chunks. The checksums guard against truncation and bit rot, not
-    against an adversary, and every start verifies them: xxh3 (from `xxhash`, a `datasets` dependency) hashes
-    ~10 GB/s per core, ~12x faster than blake2b and ~40x faster than sha256 measured here."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHECKSUM_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _update_with_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach().to("cpu").contiguous()
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def weights_hash_of_folder(path: str | os.PathLike) -> str | None:
-    """`tokenizer_weights_hash` of the weights saved in the folder `path` (its `*.safetensors` files, read one
-    tensor at a time); None when the folder has none. Equal to the hash of the model they were saved from, whose
-    state dict they hold name for name."""
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        return None
-    handles = [safe_open(str(file), "pt") for file in files]
-    where = {name: handle for handle in handles for name in handle.keys()}
-    digest = xxhash.xxh3_128()
-    for name in sorted(where):
-        _update_with_tensor(digest, name, where[name].get_tensor(name))
-    return digest.hexdigest()
-
-
-def tokenizer_weights_hash(tokenizer: Any) -> str:
-    """xxh3-128 of the tokenizer's state dict (names, dtypes, shapes and raw bytes, in name order): two tokenizers
-    with the same config but other weights (e.g. a few more training steps) get different hashes. Computed from
-    the weights as loaded, so hash before casting the tokenizer to another dtype. Parameters partitioned by
-    DeepSpeed ZeRO-3 (loaded under `zero.Init`, so empty on each rank) are hashed from the files they were loaded
-    from (`name_or_path`)."""
-    if any(getattr(param, "ds_numel", None) is not None for param in tokenizer.parameters()):
-        folder = getattr(tokenizer, "name_or_path", None)
-        folder_hash = weights_hash_of_folder(folder) if folder and Path(folder).is_dir() else None
-        if folder_hash is None:
-            raise ValueError(f"the tokenizer's weights are partitioned (ZeRO-3) and its folder {folder!r} holds no "
-                             f"safetensors files to hash them from")
-        return folder_hash
-    digest = xxhash.xxh3_128()
-    for name, tensor in sorted(tokenizer.state_dict().items()):
-        _update_with_tensor(digest, name, tensor)
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class TokenizerIdentity:
-    """What a code cache is checked against: the tokenizer's config hash and weights hash."""
-
-    config_hash: str
-    weights_hash: str
-
-    @classmethod
-    def of(cls, tokenizer: Any) -> TokenizerIdentity:
-        return cls(str(tokenizer.config_hash()), tokenizer_weights_hash(tokenizer))
 
 
 def shard_name(index: int) -> str:

@@ -21,7 +21,7 @@ from unimm.llm.layout import IGNORE_INDEX, VocabLayout
 
 @dataclass
 class InspectConfig:
-    """Arguments of `python -m unimm.data.inspect`."""
+    """Arguments of `unimm-inspect-data` (`unimm.cli.inspect_data`, the program around `inspect_samples`)."""
 
     model: str = field(default=None, metadata={"help": "UniMM model dir (tokenizer + config.json with vocab_layout)."})
     data: str = field(default=None, metadata={"help": "LLaVA JSON/jsonl, a code cache directory, or a .txt file."})
@@ -140,9 +140,3 @@ def inspect_samples(config: InspectConfig) -> list[str]:
         for i in range(min(config.num_samples, len(records))):
             show(lambda r=records[i]: factory.text(r["id"], r["text"]), records[i]["id"])
     return out
-
-
-if __name__ == "__main__":  # `python -m unimm.data.inspect`, the same program as `unimm-inspect-data`
-    from unimm.cli.inspect_data import main
-
-    main()

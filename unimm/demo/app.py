@@ -9,7 +9,7 @@
   per codebook, with buttons stepping through depth.
 - Runs: a run folder's losses, learning rate, tokens/s and grad norm against steps, and its checkpoints.
 
-Every handler reports a user error (`unimm.cli.errors.is_user_error`, or a ValueError from validation) as a message
+Every handler reports a user error (`unimm.utils.errors.is_user_error`, or a ValueError from validation) as a message
 in its tab's status line; any other exception is logged with its traceback on the server and shown as one line.
 """
 
@@ -38,7 +38,7 @@ PROGRESS = gr.Progress()  # a handler's default: Gradio passes the handler its p
 
 
 def describe_error(err: BaseException) -> str:
-    from unimm.cli.errors import describe_user_error, is_user_error
+    from unimm.utils.errors import describe_user_error, is_user_error
 
     if is_user_error(err) or isinstance(err, ValueError):
         return f"⚠️ {describe_user_error(err)}"

@@ -48,9 +48,9 @@ def load_inference_stack(infer_args: Any) -> InferenceStack:
     """The stack an `InferenceArguments` (`unimm.inference.args`) names. For a model trained with a vision tower
     (`config.vision_tower`, LLaVA-style) the visual encoder is that tower, rebuilt from its recorded folder (or
     `vision_tower`); otherwise it is the visual tokenizer, which is then required."""
-    from unimm.cli.errors import ConfigError
     from unimm.llm.vision_tower import VisionTower
-    from unimm.train.llm.build import load_visual_tokenizer
+    from unimm.tokenizer import load_visual_tokenizer
+    from unimm.utils.errors import ConfigError
 
     device = resolve_device(infer_args.device)
     model, text_tokenizer = load_for_inference(infer_args.model_path, device, infer_args.dtype)

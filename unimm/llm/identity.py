@@ -4,7 +4,7 @@ loaded together.
 The codebook spec alone does not tell tokenizers apart: VQRAE stage 1 and stage 2 share it (and their whole config,
 the stage being a training switch), but stage 2 has trained its encoder, so the same image gets other codes. The
 identity therefore holds the tokenizer's config hash and a hash of its weights, the same two values a code cache
-records (`unimm.data.code_cache.TokenizerIdentity`), plus the folder it was loaded from, for the error message.
+records (`unimm.tokenizer.identity.TokenizerIdentity`), plus the folder it was loaded from, for the error message.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from unimm.tokenizer.identity import TokenizerIdentity  # the code cache's identity: one definition of both hashes
+from unimm.utils.errors import UserError
 from unimm.utils.logging import warn_once
 
 logger = logging.getLogger(__name__)
@@ -20,7 +22,7 @@ logger = logging.getLogger(__name__)
 IDENTITY_KEYS = ("config_hash", "weights_hash")  # what must agree; `path` and `model_type` only explain
 
 
-class VisualTokenizerMismatchError(ValueError):
+class VisualTokenizerMismatchError(UserError, ValueError):
     """The visual tokenizer given is not the one the model was trained with."""
 
 
@@ -37,12 +39,10 @@ def visual_tokenizer_identity(visual_tokenizer: Any) -> dict[str, str | None]:
 
     config_hash:  sha256 of the canonical JSON of its architecture config (`config_hash()`; training-only options
                   such as denoising or the learning stage are left out);
-    weights_hash: xxh3-128 of its state dict (`unimm.data.code_cache.tokenizer_weights_hash`), so two tokenizers
+    weights_hash: xxh3-128 of its state dict (`unimm.tokenizer.identity.tokenizer_weights_hash`), so two tokenizers
                   with one config but other weights differ. Hash before casting the tokenizer to another dtype;
     path:         the absolute folder it was loaded from, None for a tokenizer built in memory.
     """
-    from unimm.data.code_cache import TokenizerIdentity  # the code cache's identity: one definition of both hashes
-
     identity = TokenizerIdentity.of(visual_tokenizer)
     return {"model_type": getattr(visual_tokenizer.config, "model_type", None),
             "config_hash": identity.config_hash, "weights_hash": identity.weights_hash,

@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from unimm.llm.generation import filter_logits, guide, sample_logits
 from unimm.llm.modeling import UniMMForCausalLM
+from unimm.llm.sampling import filter_logits, guide, sample_logits
 from unimm.llm.static_decode import StaticImageDecoder
 
 

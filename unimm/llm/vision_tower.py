@@ -22,18 +22,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 
+from unimm.tokenizer.transform import ImageTransform
 from unimm.utils import hf_compat
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
-
-if TYPE_CHECKING:
-    from unimm.data.images import ImageTransform
 
 __all__ = ["IMAGE_ASPECT_RATIOS", "SELECT_FEATURES", "VisionTower", "vision_tower_family"]
 
@@ -223,8 +221,6 @@ class VisionTower(nn.Module):
     @property
     def image_transform(self) -> ImageTransform:
         """PIL image -> the normalised `pixel_values [3, S, S]` this tower takes (a property, as on tokenizers)."""
-        from unimm.data.images import ImageTransform  # unimm.data imports unimm.llm
-
         return ImageTransform.for_tokenizer(self)
 
     def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:

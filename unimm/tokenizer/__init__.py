@@ -11,6 +11,7 @@ from typing import Any
 _EXPORTS = {
     "build_tokenizer": "unimm.tokenizer.presets",
     "load_tokenizer": "unimm.tokenizer.presets",
+    "load_visual_tokenizer": "unimm.tokenizer.presets",
     "PRESETS": "unimm.tokenizer.presets",
     "tiny_encoder_config": "unimm.tokenizer.presets",
     "VQRAE": "unimm.tokenizer.vqrae",

@@ -14,11 +14,11 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 
-from unimm.data.images import ImageTransform
 from unimm.tokenizer.configuration import DenoisingConfig, _TokenizerConfigBase
 from unimm.tokenizer.denoising import LatentDenoiser, replace_codes
 from unimm.tokenizer.encoders import EncoderAccess, build_encoder, image_processor_settings, patch_size_of
 from unimm.tokenizer.quantizers import Quantizer, ResidualVQ, UsageWindow
+from unimm.tokenizer.transform import ImageTransform
 from unimm.tokenizer.types import CodebookSpec, QuantizerOutput, VisualCodes
 from unimm.tokenizer.vit_decoder import ViTDecoder
 
@@ -330,7 +330,7 @@ class VisualTokenizer(PreTrainedModel):
 
     @property
     def image_transform(self) -> ImageTransform:
-        """The one image transform (unimm.data.images) that every path feeding this tokenizer uses."""
+        """The one image transform (unimm.tokenizer.transform) that every path feeding this tokenizer uses."""
         return ImageTransform.for_tokenizer(self)
 
     def preprocess(self, images: list[Image.Image] | Image.Image) -> torch.Tensor:

@@ -26,6 +26,7 @@ from unimm.tokenizer.encoders import (
     patch_size_of,
 )
 from unimm.tokenizer.vqrae import VQRAE
+from unimm.utils.errors import model_folder
 
 TOKENIZER_CLASSES: dict[str, type[VisualTokenizer]] = {
     VQRAEConfig.model_type: VQRAE,
@@ -297,3 +298,17 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> VisualTokenizer:
             f"expected one of {sorted(TOKENIZER_CLASSES)}"
         )
     return TOKENIZER_CLASSES[model_type].from_pretrained(path, **kwargs)
+
+
+def load_visual_tokenizer(path: str | Path) -> VisualTokenizer:
+    """A frozen visual tokenizer in eval mode, as the LLM programs use it (they never train it): training, chat,
+    generation, evaluation. Loaded whole on every rank even under ZeRO-3, like a vision tower: the training step
+    runs it outside the DeepSpeed engine (features for the projector), so partitioned weights would reach it
+    empty. A folder that holds no tokenizer is a `ModelFolderError` naming `visual_tokenizer_path`."""
+    from unimm.utils import hf_compat
+
+    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"), hf_compat.zero3_init_disabled():
+        visual_tokenizer = load_tokenizer(path)
+    visual_tokenizer.eval()
+    visual_tokenizer.requires_grad_(False)
+    return visual_tokenizer

@@ -22,6 +22,7 @@ from unimm.llm import UniMMConfig, UniMMForCausalLM, VocabLayout, check_visual_t
 from unimm.llm.projector import load_mm_projector
 from unimm.llm.vision_tower import VisionTower
 from unimm.llm.vocab import ensure_pad_token
+from unimm.tokenizer.presets import load_visual_tokenizer  # its home since the floors were drawn; kept importable here
 from unimm.train.args import DataArguments, ModelArguments, VisualModulesConfig
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
 
@@ -49,20 +50,6 @@ class BuiltModel:
     def reads_pixels(self) -> bool:
         """Whether training reads images as pixels (encoded on the fly for the feature projector)."""
         return self.image_encoder is not None and self.model.feature_projector is not None
-
-
-def load_visual_tokenizer(path: str | Path) -> Any:
-    """A frozen visual tokenizer in eval mode (it is never trained by the LLM entry points). Loaded whole on every
-    rank even under ZeRO-3, like a vision tower: the training step runs it outside the DeepSpeed engine (features
-    for the projector), so partitioned weights would reach it empty."""
-    from unimm.tokenizer import load_tokenizer
-    from unimm.utils import hf_compat
-
-    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"), hf_compat.zero3_init_disabled():
-        visual_tokenizer = load_tokenizer(path)
-    visual_tokenizer.eval()
-    visual_tokenizer.requires_grad_(False)
-    return visual_tokenizer
 
 
 def _feature_dim(visual_tokenizer: Any) -> int:
@@ -177,7 +164,7 @@ def quantization_kwargs(model_args: ModelArguments, dtype: torch.dtype) -> dict[
     bits = model_args.quantization_bits
     if bits is None:
         return {}
-    from unimm.cli.errors import ConfigError
+    from unimm.utils.errors import ConfigError
 
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"--bits {bits} (QLoRA) needs a CUDA GPU and bitsandbytes")

@@ -1,0 +1,276 @@
+"""The shapes-specific steps of `scripts/quickstart.sh`, run by `unimm-quickstart-eval` (`scripts/quickstart_eval.py`):
+write the data (`unimm.data.toy.quickstart`) and the tiny starting LLM, then score the tokenizer's reconstructions,
+the generated images and the answers with the pixel checker.
+
+    python scripts/quickstart_eval.py prepare --out runs/quickstart
+    python scripts/quickstart_eval.py tokenizer --out runs/quickstart \
+        --visual_tokenizer_path runs/quickstart/tokenizer/model
+    python scripts/quickstart_eval.py generation --out runs/quickstart --generated_dir runs/quickstart/generated
+    python scripts/quickstart_eval.py qa --out runs/quickstart --answers_json runs/quickstart/answers.json
+    python scripts/quickstart_eval.py cfg --out runs/quickstart --model_path runs/quickstart/finetune \
+        --visual_tokenizer_path runs/quickstart/tokenizer/model
+
+Each scoring command prints `<name> accuracy: <number>` lines (generation: one for the captions seen in training,
+one `held-out generation accuracy` for the captions never trained on) and adds its figures to `<out>/scores.json`.
+`cfg` scores the held-out captions at several guidance scales, greedy and sampled, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from transformers.hf_argparser import string_to_bool
+
+from unimm.data.toy.quickstart import (
+    CAPTION_CONVERSATIONS,
+    TEST_SEED,
+    caption_attributes,
+    held_out_captions,
+    text_corpus,
+    write_quickstart_data,
+)
+from unimm.data.toy.shapes import ShapesConfig, ShapesDataset
+from unimm.data.toy.shapes_eval import exact_match, reconstruction_scores, score_images
+
+__all__ = ["COMMANDS", "make_parser"]
+
+
+def _data_config(args: argparse.Namespace) -> ShapesConfig:
+    # Larger shapes, one background grey, no position jitter and little colour jitter, unlike the library
+    # defaults: at 32 px a 4x4-patch tokenizer trained for a few minutes keeps big shapes' outlines, and every
+    # background tint, sub-patch offset or colour shade multiplies the codes the tiny LLM must learn to place (its
+    # frozen random encoder also makes codes depend on the patch position). Measured: the mean entropy of a
+    # position's first pixel code among images of one caption falls from 0.89 to 0.08 nats.
+    return ShapesConfig(image_size=args.image_size, size_range=(args.size_min, args.size_max),
+                        position_jitter=args.position_jitter, colour_jitter=args.colour_jitter,
+                        background_range=(args.background_min, args.background_max))
+
+
+def _update_scores(out: Path, name: str, values: dict) -> None:
+    path = out / "scores.json"
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    scores[name] = values
+    path.write_text(json.dumps(scores, indent=2))
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Shapes data (train: LLaVA JSON + captions jsonl; test: LLaVA JSON, QA chat config, generation prompts) and a
+    tiny random Qwen2 with a BPE tokenizer trained on the shapes vocabulary."""
+    from transformers import AutoTokenizer
+
+    from unimm.testing import build_qwen_style_tokenizer, build_tiny_llm
+
+    out = Path(args.out)
+    written = write_quickstart_data(
+        out, _data_config(args), seed=args.seed, train_samples=args.train_samples, test_samples=args.test_samples,
+        held_out_prompts=args.held_out_prompts, num_prompts=args.num_prompts, partial_captions=args.partial_captions,
+        partial_caption_kinds=args.partial_caption_kinds.split(","), scenes=args.scenes,
+        caption_conversations=args.caption_conversations)
+    text_dir = out / "llm"
+    build_qwen_style_tokenizer(text_dir / "text_tokenizer", text_corpus(), vocab_size=args.text_vocab_size)
+    text_tokenizer = AutoTokenizer.from_pretrained(text_dir / "text_tokenizer")
+    # The untied Qwen2 structure (Qwen2.5-7B's kind) at rope theta 1e4: the model every recorded quickstart figure
+    # (benchmarks/results/quickstart*.md) was measured with.
+    build_tiny_llm(text_dir, "qwen2.5-7b", text_tokenizer, seed=args.seed, hidden_size=args.hidden_size,
+                   num_layers=args.num_layers, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                   intermediate_size=2 * args.hidden_size, max_position_embeddings=512,
+                   attention_dropout=args.attention_dropout,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    print(f"wrote {written.num_train} training and {written.num_test} held-out shapes images under {out / 'data'}, "
+          f"{written.num_prompts} generation prompts ({written.num_held_out_prompts} of the {written.num_held_out} "
+          f"held-out captions), a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
+
+
+def tokenizer_fidelity(args: argparse.Namespace) -> float:
+    """Checker accuracy on the tokenizer's reconstructions of held-out images."""
+    from unimm.tokenizer import load_tokenizer
+
+    visual_tokenizer = load_tokenizer(args.visual_tokenizer_path)
+    dataset = ShapesDataset(args.test_samples, seed=TEST_SEED + args.seed + 1, config=_data_config(args))
+    scores = reconstruction_scores(visual_tokenizer, dataset)
+    _update_scores(Path(args.out), "tokenizer_reconstruction", scores.to_dict())
+    print(f"tokenizer reconstruction accuracy: {scores.accuracy:.3f} (colour {scores.colour:.3f}, "
+          f"shape {scores.shape:.3f}, position {scores.position:.3f}; {scores.num_images} held-out images)")
+    return scores.accuracy
+
+
+def _describe(scores) -> str:
+    return (f"colour+shape {scores.colour_and_shape:.3f}, colour {scores.colour:.3f}, shape {scores.shape:.3f}, "
+            f"position {scores.position:.3f}; {scores.num_images} images")
+
+
+def generation(args: argparse.Namespace) -> float:
+    """Checker accuracy of the images `scripts/generate_t2i.py` wrote (its prompts.json maps prompt -> file), apart
+    for the captions seen in training and for the held-out ones."""
+    from PIL import Image
+
+    out = Path(args.out)
+    generated = Path(args.generated_dir)
+    index = json.loads((generated / "prompts.json").read_text())
+    expected_by_caption = caption_attributes()
+    unknown = [row["prompt"] for row in index if row["prompt"] not in expected_by_caption]
+    if unknown:
+        raise ValueError(f"{generated / 'prompts.json'}: prompts that are not shapes captions: {unknown[:3]}")
+    held_out = held_out_captions(out)
+    groups: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    for row in index:
+        images, expected = groups[row["prompt"] in held_out]
+        images.append(Image.open(generated / row["file"]).convert("RGB"))
+        expected.append(expected_by_caption[row["prompt"]])
+    seen = score_images(*groups[False]) if groups[False][0] else None
+    held = score_images(*groups[True]) if groups[True][0] else None
+    _update_scores(out, "generation", seen.to_dict() if seen else {"accuracy": None, "num_images": 0})
+    _update_scores(out, "generation_held_out", held.to_dict() if held else {"accuracy": None, "num_images": 0})
+    if seen:
+        print(f"generation accuracy: {seen.accuracy:.3f} (captions seen in training; {_describe(seen)})")
+    else:
+        print("generation accuracy: n/a (no prompt is a training caption)")
+    if held:
+        print(f"held-out generation accuracy: {held.accuracy:.3f} (captions never trained on; {_describe(held)})")
+    else:
+        print("held-out generation accuracy: n/a (no caption held out)")
+    print(f"images in {generated}")
+    return seen.accuracy if seen else 0.0
+
+
+def cfg_table(args: argparse.Namespace) -> list[dict]:
+    """Held-out generation accuracy at each guidance scale (1 = none), greedy and sampled (temperature 1, top-k;
+    `--samples` images per caption)."""
+    import torch
+
+    from unimm.inference.stack import load_for_inference
+    from unimm.llm.generation import generate_images
+    from unimm.tokenizer import load_visual_tokenizer
+
+    out = Path(args.out)
+    prompt_lines = [p for p in (out / "data" / "prompts.txt").read_text().split("\n") if p]
+    held_out = held_out_captions(out)
+    prompts = [p for p in prompt_lines if p in held_out]
+    if not prompts:
+        print("cfg: no held-out caption among the prompts; nothing to compare")
+        return []
+    device = torch.device("cpu")
+    model, text_tokenizer = load_for_inference(args.model_path, device, "float32")
+    visual = load_visual_tokenizer(args.visual_tokenizer_path).to(device)
+    expected_by_caption = caption_attributes()
+    scales = sorted(dict.fromkeys(args.scales), key=lambda s: (s != 1, s))  # no guidance first
+    rows = []
+    for mode in ("greedy", "sampled"):
+        repeats = 1 if mode == "greedy" else args.samples
+        batch = [p for p in prompts for _ in range(repeats)]
+        for scale in scales:
+            codes = generate_images(model, text_tokenizer, batch, num_positions=visual.num_positions,
+                                    cfg_scale=None if scale == 1 else scale,
+                                    temperature=0.0 if mode == "greedy" else 1.0,
+                                    top_k=None if mode == "greedy" else args.top_k, seed=args.seed)
+            with torch.no_grad():
+                images = visual.postprocess(visual.decode(codes))
+            scores = score_images(images, [expected_by_caption[p] for p in batch])
+            rows.append({"decoding": mode if mode == "greedy" else f"sampled (temperature 1, top-k {args.top_k})",
+                         "cfg_scale": scale, **scores.to_dict()})
+    _update_scores(out, "cfg_held_out", {"prompts": len(prompts), "samples_per_prompt": args.samples, "rows": rows})
+    print(f"held-out generation accuracy by guidance scale ({len(prompts)} held-out captions; sampled: "
+          f"{args.samples} images each)")
+    print("| decoding | " + " | ".join("cfg 1 (none)" if s == 1 else f"cfg {s:g}" for s in scales) + " |")
+    print("| --- " * (len(scales) + 1) + "|")
+    for mode in dict.fromkeys(r["decoding"] for r in rows):
+        cells = {r["cfg_scale"]: r["accuracy"] for r in rows if r["decoding"] == mode}
+        print(f"| {mode} | " + " | ".join(f"{cells[s]:.3f}" for s in scales) + " |")
+    return rows
+
+
+def qa(args: argparse.Namespace) -> float:
+    """Exact-match accuracy of `scripts/chat.py`'s answers to the held-out questions."""
+    out = Path(args.out)
+    answers = json.loads((out / "data" / "test" / "qa_answers.json").read_text())
+    results = json.loads(Path(args.answers_json).read_text())
+    predictions = [row["answer"] for row in results]
+    accuracy = exact_match(predictions, answers)
+    per_question: dict[str, list[bool]] = {}
+    for row, answer in zip(results, answers):
+        per_question.setdefault(row["question"], []).append(row["answer"].strip().lower() == answer)
+    by_question = {q: sum(v) / len(v) for q, v in per_question.items()}
+    _update_scores(out, "qa", {"accuracy": accuracy, "num_questions": len(answers), "by_question": by_question})
+    examples = "; ".join(f"{r['question']} -> {r['answer']!r}" for r in results[:3])
+    print(f"QA accuracy: {accuracy:.3f} ({len(answers)} questions on held-out images; e.g. {examples})")
+    return accuracy
+
+
+# (flag, type, default, help): the shapes-data options every command takes, then those of `prepare`.
+COMMON_OPTIONS = (
+    ("--seed", int, 0, "Seed of the training data (held-out data derive from it)."),
+    ("--image_size", int, 32, "Side of the shapes images."),
+    ("--test_samples", int, 72, "Held-out images (QA asks 3 questions each)."),
+    ("--size_min", float, 0.42, "Smallest shape extent (fraction of the side)."),
+    ("--size_max", float, 0.44, "Largest shape extent (fraction of the side)."),
+    ("--position_jitter", float, 0.0, "Shape centre jitter (fraction)."),
+    ("--colour_jitter", int, 4, "Max per-channel jitter of the shape colour."),
+    ("--background_min", int, 240, "Lowest background channel value."),
+    ("--background_max", int, 240, "Highest background channel value."),
+)
+PREPARE_OPTIONS = (
+    ("--train_samples", int, 2048, "Training images."),
+    ("--held_out_prompts", int, 12, "Attribute combinations never shown in training (generation prompts test them "
+                                    "first); 0 = every caption is also a training caption."),
+    ("--num_prompts", int, 72, "Generation prompts written to prompts.txt."),
+    ("--partial_captions", float, 0.0, "Fraction of training images that get a second caption record naming only "
+                                       "their position or only their colour and shape (0 = none)."),
+    ("--partial_caption_kinds", str, "position", "Comma-separated kinds of partial caption, used in turn: "
+                                                 "position, pair."),
+    ("--scenes", float, 0.0, "Two-shape images to add to the caption records, as a fraction of --train_samples: "
+                              "each shape a training combination, named in a random order, so only the position "
+                              "words tell which pair sits where (0 = none)."),
+    ("--caption_conversations", string_to_bool, False,
+     f"Also write the training captions as one-turn LLaVA conversations (data/train/{CAPTION_CONVERSATIONS}): the "
+     "VQRAE quickstart pretrains understanding on them from pixels."),
+    ("--text_vocab_size", int, 300, "BPE vocabulary of the tiny text tokenizer."),
+    ("--hidden_size", int, 256, "Tiny Qwen2 width."),
+    ("--num_layers", int, 4, "Tiny Qwen2 depth."),
+    ("--num_heads", int, 4, "Tiny Qwen2 attention heads."),
+    ("--num_kv_heads", int, 2, "Tiny Qwen2 key/value heads."),
+    ("--attention_dropout", float, 0.0, "Tiny Qwen2 attention dropout (in training only). 0.1 moved held-out "
+                                        "generation by seed in opposite directions (benchmarks/results/quickstart.md)."),
+)
+
+
+# command -> (function, its required path option and that option's help)
+COMMANDS = {
+    "tokenizer": (tokenizer_fidelity, "--visual_tokenizer_path", "Saved visual tokenizer."),
+    "generation": (generation, "--generated_dir", "Output directory of scripts/generate_t2i.py."),
+    "qa": (qa, "--answers_json", "--output_json of scripts/chat.py."),
+}
+
+
+# old spellings still accepted (`--tokenizer_path` named the visual tokenizer before text and visual were told apart)
+_ALIASES = {"--visual_tokenizer_path": ("--tokenizer_path",)}
+
+
+def _add_options(parser: argparse.ArgumentParser, options: tuple) -> None:
+    for flag, kind, default, text in options:
+        parser.add_argument(flag, type=kind, default=default, help=text)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="Quickstart run directory.")
+    _add_options(common, COMMON_OPTIONS)
+    prepare_parser = sub.add_parser("prepare", parents=[common], help=prepare.__doc__)
+    _add_options(prepare_parser, PREPARE_OPTIONS)
+    prepare_parser.set_defaults(func=prepare)
+    for name, (func, path_flag, path_help) in COMMANDS.items():
+        command = sub.add_parser(name, parents=[common], help=func.__doc__)
+        command.add_argument(path_flag, *_ALIASES.get(path_flag, ()), required=True, help=path_help)
+        command.set_defaults(func=func)
+    command = sub.add_parser("cfg", parents=[common], help=cfg_table.__doc__)
+    command.add_argument("--model_path", required=True, help="The trained UniMM model (finetune output).")
+    command.add_argument("--visual_tokenizer_path", *_ALIASES["--visual_tokenizer_path"], required=True,
+                         help="Its visual tokenizer.")
+    command.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0], help="Guidance scales (1 = none).")
+    command.add_argument("--samples", type=int, default=4, help="Sampled images per held-out caption.")
+    command.add_argument("--top_k", type=int, default=8, help="top-k of sampled decoding.")
+    command.set_defaults(func=cfg_table)
+    return parser
