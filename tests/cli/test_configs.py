@@ -3,6 +3,7 @@ their aliases (with one warning each) to the same configs as the new names."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -162,3 +163,85 @@ def test_pretokenize_refuses_an_unknown_dtype():
         pretokenize.parse_args(["--data", "d", "--tokenizer_path", "t", "--output_dir", "o", "--dtype", "float64"])
     (config,) = pretokenize.parse_args(["--data", "d", "--tokenizer_path", "t", "--output_dir", "o"])
     assert config.dtype == "float32"
+
+
+def test_dtype_is_the_one_name_and_torch_dtype_an_alias_that_warns_once(tmp_path, caplog):
+    """Every program names a weight dtype `dtype`; the LLM programs' old `torch_dtype` (YAML or flag) still parses,
+    to the same configs, with one warning."""
+    old = tmp_path / "old.yaml"
+    old.write_text("visual_tokenizer_path: tok\nllm_path: llm\ntorch_dtype: bfloat16\n")
+    with caplog.at_level(logging.WARNING):
+        from_yaml = pretrain.parse_args([str(old), *CPU])
+        from_flag = pretrain.parse_args(["--llm_path", "llm", "--visual_tokenizer_path", "tok", "--torch_dtype",
+                                         "bfloat16", *CPU])
+    new = pretrain.parse_args(["--llm_path", "llm", "--visual_tokenizer_path", "tok", "--dtype", "bfloat16", *CPU])
+    assert from_yaml[0] == from_flag[0] == new[0] and new[0].dtype == "bfloat16"
+    assert new[0].torch_dtype == "bfloat16"  # read by code written before the rename
+    assert "torch_dtype" not in {f.name for f in dataclasses.fields(new[0])}
+    warnings = [r.getMessage() for r in caplog.records if "'torch_dtype' is deprecated; use 'dtype'" in r.getMessage()]
+    assert len(warnings) <= 1  # once per process (another test may have warned first)
+    from unimm.cli import chat, generate_t2i, pretokenize
+
+    for program in (chat, generate_t2i, pretokenize):  # the inference programs and pretokenize: the same name
+        assert any(a.dest == "dtype" for a in program.make_parser()._actions), program.__name__
+
+
+def test_a_checkpoint_fingerprinted_with_torch_dtype_resumes_under_dtype(tmp_path):
+    from unimm.train.guards import check_resume_fingerprint, run_fingerprint, write_fingerprint
+    from unimm.utils.errors import UserError
+
+    write_fingerprint(tmp_path, run_fingerprint({"torch_dtype": "auto", "learning_rate": 1e-3}, 1, None))
+    check_resume_fingerprint(tmp_path, run_fingerprint({"dtype": "auto", "learning_rate": 1e-3}, 1, None), False)
+    with pytest.raises(UserError, match='dtype: "auto" -> "bfloat16"'):
+        check_resume_fingerprint(tmp_path, run_fingerprint({"dtype": "bfloat16", "learning_rate": 1e-3}, 1, None),
+                                 allow_change=False)
+
+
+def test_tokenizer_training_arguments_take_the_trainer_fields_from_transformers():
+    """The fields the tokenizer trainer shares with `transformers.TrainingArguments` are built from transformers'
+    own definitions (same name; transformers' type unless narrowed to whole steps; its help unless replaced), not
+    copied: each is inherited from `SharedTrainingArguments`, and the defaults the tokenizer trainer had stay."""
+    from transformers import TrainingArguments
+
+    from unimm.train.tokenizer.args import SharedTrainingArguments, TokenizerTrainingArguments
+
+    theirs = {f.name: f for f in dataclasses.fields(TrainingArguments)}
+    shared = {f.name for f in dataclasses.fields(SharedTrainingArguments)}
+    ours = {f.name: f for f in dataclasses.fields(TokenizerTrainingArguments)}
+    assert set(ours) & set(theirs) == shared and len(shared) == 18
+    assert issubclass(TokenizerTrainingArguments, SharedTrainingArguments)
+    for name in ("per_device_train_batch_size", "adam_beta1", "adam_beta2", "max_grad_norm", "fp16"):
+        assert ours[name].metadata["help"] == theirs[name].metadata["help"] and ours[name].type == theirs[name].type
+    for name in ("warmup_steps", "logging_steps", "eval_steps", "save_steps"):  # whole steps here, no ratios
+        assert ours[name].type is int and theirs[name].type is not int
+    defaults = {name: ours[name].default for name in shared}
+    assert defaults == {"output_dir": None, "seed": 0, "max_steps": 1000, "per_device_train_batch_size": 8,
+                        "learning_rate": 1e-4, "weight_decay": 0.05, "adam_beta1": 0.9, "adam_beta2": 0.95,
+                        "warmup_steps": 0, "max_grad_norm": 1.0, "bf16": None, "fp16": False,
+                        "gradient_checkpointing": False, "logging_steps": 10, "eval_steps": 0, "save_steps": 1000,
+                        "save_total_limit": 2, "resume_from_checkpoint": None}
+    from unimm.cli import train_tokenizer
+
+    *_, args = train_tokenizer.parse_args(["--preset", "vqrae-tiny", "--output_dir", "o", "--save_steps", "7",
+                                           "--warmup_steps", "3", "--bf16", "false"])
+    assert (args.save_steps, args.warmup_steps, args.bf16) == (7, 3, False) and isinstance(args.save_steps, int)
+
+
+def test_tokenizer_evaluation_embeds_the_image_source_of_the_training_data():
+    """The evaluation's image options are the trainer's (one definition, `ImageSourceArguments`), and its arguments
+    are what the record loader reads: no second copy of the fields, no rebuilt data arguments."""
+    from unimm.cli import eval_tokenizer, train_tokenizer
+    from unimm.inference.tokenizer_eval import TokenizerEvalArguments
+    from unimm.train.tokenizer.args import ImageSourceArguments, TokenizerDataArguments
+
+    source = {f.name for f in dataclasses.fields(ImageSourceArguments)}
+    assert source == {"dataset", "image_key", "split", "image_size", "num_samples", "allow_outside_image_folder",
+                      "max_bad_fraction"}
+    assert issubclass(TokenizerEvalArguments, ImageSourceArguments)
+    assert issubclass(TokenizerDataArguments, ImageSourceArguments)
+    (args,) = eval_tokenizer.parse_args(["--model_path", "m", "--dataset", "shapes", "--output_json", "o.json",
+                                         "--allow_outside_image_folder", "true"])
+    assert args.num_samples == 64 and args.allow_outside_image_folder is True  # the evaluation's smaller default
+    configs = train_tokenizer.parse_args(["--preset", "vqrae-tiny", "--output_dir", "o", "--dataset", "shapes"])
+    (train_data,) = [c for c in configs if isinstance(c, TokenizerDataArguments)]
+    assert train_data.num_samples == 256

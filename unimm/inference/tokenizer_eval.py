@@ -25,7 +25,7 @@ import torch
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.images import ImageDataset, ImageTransform, collate_images
 from unimm.tokenizer.metrics import compute_rfid, denormalize, evaluate_tokenizer
-from unimm.train.tokenizer.args import TokenizerDataArguments
+from unimm.train.tokenizer.args import ImageSourceArguments
 from unimm.train.tokenizer.data import comparison_grid, eval_batches, image_from_tensor, load_records
 from unimm.utils.config import config_field
 from unimm.utils.errors import model_folder
@@ -36,16 +36,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class TokenizerEvalArguments:
+class TokenizerEvalArguments(ImageSourceArguments):
+    """The evaluation's options: the image source the trainer reads too (`ImageSourceArguments`: dataset, image_key,
+    split, image_size, num_samples, allow_outside_image_folder, max_bad_fraction), then its own."""
+
+    num_samples: int = config_field(64, "Number of images of the `shapes` shortcut.")  # fewer than training's
     model_path: str | None = config_field(None, "Saved tokenizer directory (save_pretrained).")
-    dataset: str | None = config_field(None, "Images: folder, jsonl/json/parquet, ... or sample_photos/shapes.")
-    image_key: str = config_field("image", "Column/key holding the image.")
-    split: str = config_field("train", "Split to read from multi-split sources.")
-    image_size: int | None = config_field(None, "Size of the shortcut datasets' images.")
-    num_samples: int = config_field(64, "Number of images of the `shapes` shortcut.")
     max_images: int | None = config_field(None, "Evaluate at most this many images.")
     batch_size: int = config_field(16, "Images per batch.")
-    max_bad_fraction: float = config_field(0.01, "Fail when more than this fraction of images is unreadable.")
     output_json: str | None = config_field(None, "Where to write the metrics (JSON).")
     grid_path: str | None = config_field(None, "PNG grid of input|reconstruction (default: next to the JSON).")
     num_grid_images: int = config_field(16, "Images in the comparison grid.")
@@ -103,10 +101,8 @@ def _counted(batches: Any, tracker: BadSampleTracker) -> Iterator[dict]:
         yield batch
 
 
-def load_eval_dataset(model: VisualTokenizer, args: TokenizerEvalArguments) -> ImageDataset:
-    data_args = TokenizerDataArguments(dataset=args.dataset, image_key=args.image_key, split=args.split,
-                                       image_size=args.image_size, num_samples=args.num_samples)
-    return ImageDataset(load_records(args.dataset, data_args, seed=0), ImageTransform.for_tokenizer(model))
+def load_eval_dataset(model: VisualTokenizer, args: ImageSourceArguments) -> ImageDataset:
+    return ImageDataset(load_records(args.dataset, args, seed=0), ImageTransform.for_tokenizer(model))
 
 
 def evaluate(args: TokenizerEvalArguments) -> dict[str, Any]:
@@ -206,7 +202,7 @@ def zero_shot_metrics(model: VisualTokenizer, args: TokenizerEvalArguments, devi
     vision_config = contrastive.config.vision_config.to_dict()
     settings = image_processor_settings(vision_config, path=args.zero_shot_model,
                                         image_size=vision_config.get("image_size"))
-    data_args = TokenizerDataArguments(dataset=args.zero_shot_dataset, image_key=args.image_key)
+    data_args = ImageSourceArguments(dataset=args.zero_shot_dataset, image_key=args.image_key)
     records = load_records(args.zero_shot_dataset, data_args, seed=0)
     ids = [str(record["id"]) for record in records]
     if not ids or any("/" not in record_id for record_id in ids):

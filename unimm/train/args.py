@@ -10,8 +10,9 @@
   modality-length grouping. Parsing it has no side effect: transformers' device setup (which starts the process
   group) runs in `finalize()`, called by `unimm.utils.runtime.prepare_training_arguments`.
 
-Deprecated aliases (one warning each): `tokenizer_path` -> `visual_tokenizer_path`, `model_config_overrides` (a
-JSON string) -> `model_preset` and the typed visual-module fields.
+Deprecated aliases (one warning each): `tokenizer_path` -> `visual_tokenizer_path`, `torch_dtype` -> `dtype` (the
+one name of a weight dtype in every program, as in `from_pretrained(dtype=...)`), `model_config_overrides` (a JSON
+string) -> `model_preset` and the typed visual-module fields.
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ from unimm.data.tasks import MixtureConfig, SampleConfig
 from unimm.llm.presets import VisualModulesConfig
 from unimm.utils.config import Alias, config_field
 
-__all__ = ["DataArguments", "LoraArguments", "ModelArguments", "UniMMTrainingArguments", "VisualModulesConfig",
-           "VISUAL_TOKENIZER_ALIAS"]
+__all__ = ["DTYPE_ALIAS", "DataArguments", "LoraArguments", "ModelArguments", "UniMMTrainingArguments",
+           "VisualModulesConfig", "VISUAL_TOKENIZER_ALIAS"]
 
 VISUAL_TOKENIZER_ALIAS = Alias("tokenizer_path", "visual_tokenizer_path")
+DTYPE_ALIAS = Alias("torch_dtype", "dtype")
 
 
 @dataclass
 class ModelArguments:
     """Where the UniMM model comes from and which of its parts are trained."""
 
-    config_aliases = (VISUAL_TOKENIZER_ALIAS,)
+    config_aliases = (VISUAL_TOKENIZER_ALIAS, DTYPE_ALIAS)
 
     llm_path: str | None = config_field(
         None, "Local directory of a Hugging Face causal LM (Qwen2/2.5/3, LLaMA) with its text tokenizer; extended "
@@ -50,7 +52,7 @@ class ModelArguments:
     attn_implementation: str = config_field(
         "auto", "Attention kernel: auto (flash_attention_2 when available on GPU, else sdpa), sdpa, eager, "
         "flash_attention_2.")
-    torch_dtype: str = config_field(
+    dtype: str = config_field(
         "auto", "Weight dtype when loading: auto (bfloat16 when --bf16, else float32), float32, bfloat16, float16.")
     train_llm: bool = config_field(True, "Train the LLM transformer body (and its full embedding tables).")
     train_new_embeddings: bool = config_field(
@@ -97,6 +99,11 @@ class ModelArguments:
             raise ValueError(f"quantization_bits must be 4 or 8, got {self.quantization_bits}")
         if self.quantization_type not in ("nf4", "fp4"):
             raise ValueError(f"quantization_type must be nf4 or fp4, got {self.quantization_type!r}")
+
+    @property
+    def torch_dtype(self) -> str:
+        """The old name of `dtype`, read by code written before the rename."""
+        return self.dtype
 
     @property
     def tower_aspect_ratio(self) -> str:

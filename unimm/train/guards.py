@@ -146,6 +146,11 @@ def write_fingerprint(checkpoint: str | Path, fingerprint: dict[str, Any]) -> No
     os.replace(tmp, path)
 
 
+# Config keys renamed since a fingerprint may have been recorded (old -> new): a checkpoint written under the old name
+# still resumes (the value is compared under the new one).
+RENAMED_KEYS = {"torch_dtype": "dtype"}
+
+
 def differing_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
@@ -158,7 +163,7 @@ def check_resume_fingerprint(checkpoint: str | Path, current: dict[str, Any], al
         logger.warning("%s records no run fingerprint (written by an older UniMM): resuming without checking that it "
                        "belongs to this run", checkpoint)
         return
-    recorded = json.loads(path.read_text())
+    recorded = {RENAMED_KEYS.get(key, key): value for key, value in json.loads(path.read_text()).items()}
     keys = differing_keys(recorded, current)
     if not keys:
         return

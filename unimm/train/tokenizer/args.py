@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, Optional, Union
 
 import yaml
 
@@ -75,11 +75,14 @@ class TokenizerModelArguments:
 
 
 @dataclass
-class TokenizerDataArguments:
+class ImageSourceArguments:
+    """Where a tokenizer's images come from and how bad ones are treated: the options the trainer
+    (`TokenizerDataArguments`) and the evaluation (`unimm.inference.tokenizer_eval.TokenizerEvalArguments`) share,
+    read by `unimm.train.tokenizer.data.load_records`."""
+
     dataset: str | None = config_field(
         None, "Image folder, jsonl/json/parquet, save_to_disk dir, tar shards, or sample_photos/shapes."
     )
-    eval_dataset: str | None = config_field(None, "Evaluation images (default: the training set).")
     image_key: str = config_field("image", "Column/key holding the image (path, bytes or image).")
     split: str = config_field("train", "Split to read from multi-split sources.")
     image_size: int | None = config_field(None, "Size of the shortcut datasets' images before the model's transform.")
@@ -90,6 +93,13 @@ class TokenizerDataArguments:
     max_bad_fraction: float = config_field(
         0.01, "Stop with an error once more than this fraction of images is unreadable."
     )
+
+
+@dataclass
+class TokenizerDataArguments(ImageSourceArguments):
+    """The trainer's data: the image source (`ImageSourceArguments`), its evaluation set and loader options."""
+
+    eval_dataset: str | None = config_field(None, "Evaluation images (default: the training set).")
     bad_sample_min_seen: int = config_field(
         100, "Images seen before max_bad_fraction is enforced (always checked at the end)."
     )
@@ -120,14 +130,62 @@ def _resume_options(value: str | None) -> dict[str, Any]:
     return {"auto_resume": True} if value == "auto" else {"resume_from_checkpoint": value}
 
 
+# The fields this trainer shares with `transformers.TrainingArguments` (the LLM programs' arguments): their names,
+# types and help texts are taken from transformers' own field definitions, so a flag means here what it means there
+# and a rename upstream fails at import. A row gives the default this trainer keeps (its own, unchanged), a narrower
+# type where the loop takes whole steps only (transformers also takes a float < 1 as a ratio of the total steps), and
+# a help text only where transformers' would mislead here.
+# (name, default, narrower type or None, help or None)
+_SHARED_FIELDS: tuple[tuple[str, Any, Any, str | None], ...] = (
+    ("output_dir", None, None, "Run directory (config, checkpoints, samples, model)."),
+    ("seed", 0, None, "Random seed (model init, data order, denoising noise)."),
+    ("max_steps", 1000, None, "Total optimisation steps (this trainer counts steps, not epochs)."),
+    ("per_device_train_batch_size", 8, None, None),
+    ("learning_rate", 1e-4, None, "Peak LR of decoder, quantizer and projections."),
+    ("weight_decay", 0.05, None,
+     "AdamW weight decay of the weight matrices; vectors (biases, norms), SimVQ's codebook projection W and "
+     "positional tables get none (unimm.tokenizer.param_groups)."),
+    ("adam_beta1", 0.9, None, None),
+    ("adam_beta2", 0.95, None, None),
+    ("warmup_steps", 0, int, "Linear warm-up steps."),
+    ("max_grad_norm", 1.0, None, None),
+    ("bf16", None, Optional[bool], "bf16 autocast; unset: on where CUDA supports bf16, off elsewhere."),
+    ("fp16", False, None, None),
+    ("gradient_checkpointing", False, bool,
+     "Recompute the encoder's and the decoder's layer activations in backward instead of keeping them "
+     "(`gradient_checkpointing_enable()`): less memory for about one more forward pass of those layers."),
+    ("logging_steps", 10, int, "Log losses and batch metrics every N steps."),
+    ("eval_steps", 0, int, "Evaluate every N steps (0 = only at start and end)."),
+    ("save_steps", 1000, int, "Checkpoint every N steps (0 = only at the end)."),
+    ("save_total_limit", 2, None, "Keep only the newest N checkpoints."),
+    ("resume_from_checkpoint", None, None, "A checkpoint-<step> folder to resume from (it must be complete)."),
+)
+
+
+def _shared_field(name: str, default: Any, narrower: Any, help_text: str | None) -> tuple[str, Any, Any]:
+    """`(name, type, field)` for `dataclasses.make_dataclass`: the `TrainingArguments` field `name`, with this
+    trainer's default (and type or help where the row gives one)."""
+    from transformers import TrainingArguments
+
+    source = next((f for f in dataclasses.fields(TrainingArguments) if f.name == name), None)
+    if source is None:
+        raise TypeError(f"transformers.TrainingArguments has no field {name!r}; update _SHARED_FIELDS")
+    return name, narrower or source.type, config_field(default, help_text or source.metadata.get("help", ""))
+
+
+# The base class of `TokenizerTrainingArguments`: the shared fields, built from the rows above.
+SharedTrainingArguments = dataclasses.make_dataclass(
+    "SharedTrainingArguments", [_shared_field(*row) for row in _SHARED_FIELDS])
+SharedTrainingArguments.__module__ = __name__
+SharedTrainingArguments.__doc__ = "The `transformers.TrainingArguments` fields the tokenizer trainer reads."
+
+
 @dataclass
-class TokenizerTrainingArguments:
-    output_dir: str | None = config_field(None, "Run directory (config, checkpoints, samples, model).")
-    seed: int = config_field(0, "Random seed (model init, data order, denoising noise).")
-    max_steps: int = config_field(1000, "Total optimisation steps.")
-    per_device_train_batch_size: int = config_field(8, "Images per device per step.")
+class TokenizerTrainingArguments(SharedTrainingArguments):
+    """The tokenizer trainer's options: the `TrainingArguments` fields it shares (`SharedTrainingArguments`), then
+    its own (separate learning rates of encoder and discriminator, EMA, sample grids, resume switches)."""
+
     eval_batch_size: int = config_field(16, "Images per device per evaluation batch.")
-    learning_rate: float = config_field(1e-4, "Peak LR of decoder, quantizer and projections.")
     encoder_learning_rate: float = config_field(
         1e-5, "Peak LR of the encoder when it is trained (VQRAE stage 2, DualToken); 0 freezes it."
     )
@@ -138,33 +196,10 @@ class TokenizerTrainingArguments:
     disc_min_lr_ratio: float | None = config_field(
         None, "Cosine floor of the discriminator's schedule as a fraction of its peak LR; None = min_lr_ratio."
     )
-    weight_decay: float = config_field(
-        0.05,
-        "AdamW weight decay of the weight matrices; vectors (biases, norms), SimVQ's codebook projection W and "
-        "positional tables get none (unimm.tokenizer.param_groups).",
-    )
-    adam_beta1: float = config_field(0.9, "AdamW beta1.")
-    adam_beta2: float = config_field(0.95, "AdamW beta2.")
-    warmup_steps: int = config_field(0, "Linear warm-up steps.")
     min_lr_ratio: float = config_field(0.0, "Cosine schedule floor as a fraction of the peak LR.")
-    max_grad_norm: float = config_field(1.0, "Gradient clipping norm (0 disables).")
-    bf16: bool | None = config_field(None, "bf16 autocast; unset: on where CUDA supports bf16, off elsewhere.")
-    fp16: bool = config_field(False, "fp16 autocast (with loss scaling).")
-    gradient_checkpointing: bool = config_field(
-        False,
-        "Recompute the encoder's and the decoder's layer activations in backward instead of keeping them "
-        "(`gradient_checkpointing_enable()`): less memory for about one more forward pass of those layers.",
-    )
     ema_decay: float = config_field(0.0, "EMA decay of the weights (0 disables EMA).")
-    logging_steps: int = config_field(10, "Log losses and batch metrics every N steps.")
     sample_steps: int = config_field(500, "Write an input|reconstruction PNG grid every N steps (0 = off).")
     num_sample_images: int = config_field(8, "Images in each sample grid.")
-    eval_steps: int = config_field(0, "Evaluate every N steps (0 = only at start and end).")
-    save_steps: int = config_field(1000, "Checkpoint every N steps (0 = only at the end).")
-    save_total_limit: int | None = config_field(2, "Keep only the newest N checkpoints.")
-    resume_from_checkpoint: str | None = config_field(
-        None, "A checkpoint-<step> folder to resume from (it must be complete)."
-    )
     auto_resume: bool = config_field(
         False,
         "Resume from the newest complete checkpoint-* in output_dir when resume_from_checkpoint is not given (none "

@@ -12,14 +12,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from unimm.data.images import ImageDataset, collate_images, read_image_records
-from unimm.train.tokenizer.args import TokenizerDataArguments
+from unimm.train.tokenizer.args import ImageSourceArguments
 from unimm.utils.distributed import get_rank, get_world_size
 from unimm.utils.errors import json_source_errors, require_path
 
 DATASET_SHORTCUTS = ("sample_photos", "shapes")
 
 
-def load_records(source: str, data_args: TokenizerDataArguments, seed: int) -> Any:
+def load_records(source: str, data_args: ImageSourceArguments, seed: int) -> Any:
     """Image records (`id`, `image`) from a path or one of the shortcuts `sample_photos` / `shapes`."""
     if source == "sample_photos":
         from unimm.data.toy.sample_photos import load_sample_photos
