@@ -164,3 +164,60 @@ def test_sharded_evaluation_reports_every_ranks_images(tmp_path):
         for place in ("layer", "output", "pooled"):
             assert results[place] == pytest.approx(expected[place], rel=1e-9)
     assert expected["layer"]["cosine"] < 0.999  # the reference differs: the metric measured something
+
+
+def test_a_tokenizer_without_stages_or_encoder_training_goes_through_the_base_defaults(tmp_path):
+    """A third tokenizer that brings no stages, no encoder training and no semantic layer of its own (here VQRAE's
+    building blocks with the base class's switches) is trained and evaluated through the base class's neutral
+    defaults; nothing asks which class it is."""
+    from types import SimpleNamespace
+
+    from unimm.tokenizer.base import VisualTokenizer
+    from unimm.tokenizer.semantic_eval import quantized_feature_zero_shot_unavailable
+    from unimm.tokenizer.vqrae import VQRAE
+    from unimm.train.tokenizer.build import build_tokenizer_model
+
+    class Plain(VQRAE):
+        set_stage = VisualTokenizer.set_stage
+
+    model = Plain(build_tokenizer("vqrae-tiny").config).eval()
+    assert model.stage == 1 and model.train_encoder is False and model.initial_encoder is None
+    with pytest.raises(ValueError, match="Plain has no training stages"):
+        model.set_stage(2)
+    with pytest.raises(ValueError, match="Plain does not train its encoder against a teacher"):
+        model.set_train_encoder(True)
+    model.set_train_encoder(False)
+    with pytest.raises(ValueError, match="initial encoder is unknown"):
+        evaluate_semantic_preservation(model, _batches(1))
+    results = evaluate_semantic_preservation(model, _batches(1), reference_encoder=copy.deepcopy(model.encoder))
+    assert results["semantic_layer"] == model.encoder_num_layers and "layer" not in results
+    assert results["output"]["cosine"] == pytest.approx(1.0)
+    assert "Plain has no quantised semantic features" in quantized_feature_zero_shot_unavailable(model)
+    # the trainer's model setup (a saved Plain, loaded by its class): stage 1 and no teacher pass; another stage or
+    # a teacher is refused
+    import unimm.tokenizer as tokenizer_package
+
+    model.save_pretrained(tmp_path / "plain")
+    args = dict(preset=None, model_path=str(tmp_path / "plain"), encoder_path=None, model_overrides={}, stage=1,
+                teacher_path=None, decoder_only=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer_package, "load_tokenizer", lambda path, **kwargs: Plain.from_pretrained(path))
+        built = build_tokenizer_model(SimpleNamespace(**args))
+        assert type(built) is Plain and built.teacher is None
+        with pytest.raises(ValueError, match="stage=2: Plain has no training stages"):
+            build_tokenizer_model(SimpleNamespace(**{**args, "stage": 2}))
+        with pytest.raises(ValueError, match="teacher_path is set"):
+            build_tokenizer_model(SimpleNamespace(**{**args, "teacher_path": "t"}))
+
+
+def test_dualtoken_and_vqrae_answer_the_base_switches_with_their_own_values():
+    dualtoken = build_tokenizer("dualtoken-tiny")
+    assert dualtoken.semantic_layer == dualtoken.config.semantic_layer < dualtoken.encoder_num_layers
+    assert dualtoken.quantizes_semantic_features and dualtoken.initial_encoder is dualtoken.encoder
+    dualtoken.set_train_encoder(True)
+    assert dualtoken.train_encoder and dualtoken.initial_encoder is dualtoken.teacher is not None
+    vqrae = build_tokenizer("vqrae-tiny")
+    assert vqrae.semantic_layer == vqrae.encoder_num_layers and not vqrae.quantizes_semantic_features
+    assert vqrae.initial_encoder is None
+    vqrae.set_stage(2)
+    assert vqrae.initial_encoder is vqrae.teacher is not None

@@ -62,7 +62,15 @@ def eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 class VisualTokenizer(PreTrainedModel):
     """Base class: subclasses build their quantizers/decoder and implement `encode`, `decode`,
-    `encode_features`, `forward` and `codebook_spec`."""
+    `encode_features`, `forward` and `codebook_spec`.
+
+    Training and evaluation reach every tokenizer through the same switches, which have neutral defaults here, so a
+    new tokenizer overrides only what it has (no code elsewhere asks which class it is):
+    - `set_stage(stage)`: the training stage (which parts train); here one stage, 1 = what the config trains;
+    - `train_encoder` / `set_train_encoder(flag, teacher_encoder)`: train the encoder against a frozen teacher
+      copy; here never (`set_train_encoder(True)` raises);
+    - `semantic_layer`, `semantic_features(...)`, `quantizes_semantic_features`, `initial_encoder`: what semantic
+      evaluation compares with the initial encoder; here the encoder's last layer and output, unquantised."""
 
     config_class = _TokenizerConfigBase
     base_model_prefix = "tokenizer"
@@ -220,6 +228,56 @@ class VisualTokenizer(PreTrainedModel):
     def _encoder_head_parameters(self) -> list[nn.Parameter]:
         head = getattr(self.encoder, "head", None) if getattr(self.encoder, "use_head", False) else None
         return list(head.parameters()) if isinstance(head, nn.Module) else []
+
+    # ----------------------------------------------------------------- stages and encoder training (neutral defaults)
+    stage: int = 1
+
+    def set_stage(self, stage: int) -> None:
+        """Put the tokenizer in training stage `stage`. A tokenizer without stages has one, 1 (train what the config
+        trains); VQRAE (1, 2) and DualToken (0, 1, 2) define theirs."""
+        if stage != 1:
+            raise ValueError(f"stage={stage}: {type(self).__name__} has no training stages (only stage 1)")
+        self.stage = 1
+
+    @property
+    def train_encoder(self) -> bool:
+        """Whether the config asks to train the encoder against a frozen teacher copy of it, taken before training
+        (`set_train_encoder(True, ...)` sets one up). Off unless the tokenizer's config has `train_encoder`."""
+        return bool(getattr(self.config, "train_encoder", False))
+
+    def set_train_encoder(self, train_encoder: bool, teacher_encoder: nn.Module | None = None) -> None:
+        """Train the encoder, keeping a frozen teacher copy (taken now unless `teacher_encoder` is given), or freeze
+        it. A tokenizer that never trains its encoder this way accepts only `False`."""
+        if train_encoder or teacher_encoder is not None:
+            raise ValueError(f"{type(self).__name__} does not train its encoder against a teacher "
+                             "(train_encoder is a DualToken option; VQRAE trains its encoder in stage 2)")
+
+    # ----------------------------------------------------------------- semantics (what semantic evaluation compares)
+    quantizes_semantic_features = False  # True: `semantic_features(quantize=True)` passes through the codes
+
+    @property
+    def semantic_layer(self) -> int:
+        """The encoder layer whose hidden state carries the semantics the codes keep (1-based; the last layer by
+        default: the features a continuous understanding path reads)."""
+        return self.encoder_num_layers
+
+    @property
+    def initial_encoder(self) -> nn.Module | None:
+        """The encoder as it was before tokenizer training, when known: the frozen teacher copy, else the
+        tokenizer's own encoder when its config never trains it; None when a saved tokenizer may have trained it."""
+        return self.teacher
+
+    def semantic_features(
+        self, pixel_values: torch.Tensor, encoder: nn.Module | None = None, quantize: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(hidden state `semantic_layer` [B, N, C] or None, encoder output [B, N, C], pooled [B, C] or None) by
+        `encoder` (default: this tokenizer's). Here the understanding path is the encoder's continuous output, so
+        `quantize` changes nothing and the layer is not reported apart from the output."""
+        self._check_pixels(pixel_values)
+        access = self._encoder_access if encoder is None else EncoderAccess(encoder)
+        hidden = access.run_layers(access.embed(pixel_values), 0, access.num_layers)
+        output, pooled = access.finalize(hidden)
+        return None, output, pooled
 
     def set_denoising(self, denoising: DenoisingConfig | dict | None) -> None:
         """Replace the l-DeTok options (stored in the config, so a saved model records them)."""

@@ -170,6 +170,16 @@ class DualToken(VisualTokenizer):
             self._apply_stage_freezing()
         self.train(self.training)
 
+    quantizes_semantic_features = True
+
+    @property
+    def semantic_layer(self) -> int:
+        return int(self.config.semantic_layer)
+
+    @property
+    def initial_encoder(self) -> nn.Module | None:
+        return self.teacher if self.config.train_encoder else self.encoder  # never trained: the initial encoder
+
     def set_stage(self, stage: int) -> None:
         """The reference's training stage (module docstring): 0, 1 (everything the config trains) or 2."""
         if stage not in DUALTOKEN_STAGES:

@@ -38,8 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from unimm.tokenizer.base import VisualTokenizer, eval_mode
-from unimm.tokenizer.dualtoken import DualToken
-from unimm.tokenizer.encoders import EncoderAccess
 
 FeatureSet = dict[str, torch.Tensor]  # place ("layer", "output", "pooled") -> [B, N, C] or [B, C]
 _PLACES = ("layer", "output", "pooled")  # every place `semantic_feature_pair` can compare, in a fixed order
@@ -77,32 +75,20 @@ def resolve_reference_encoder(model: VisualTokenizer, reference_encoder: nn.Modu
     """The frozen initial encoder to compare with (see the module docstring); ValueError when none is known."""
     if reference_encoder is not None:
         return reference_encoder
-    if model.teacher is not None:
-        return model.teacher
-    if isinstance(model, DualToken) and not model.config.train_encoder:
-        return model.encoder  # never trained: it is the initial encoder
+    if model.initial_encoder is not None:  # the teacher, or an encoder the tokenizer never trains
+        return model.initial_encoder
     raise ValueError(
         f"{type(model).__name__}: the initial encoder is unknown (its encoder may have been trained and a saved "
         "tokenizer does not keep its teacher); pass reference_encoder, e.g. the pretrained encoder it started from"
     )
 
 
-def _encoder_outputs(access: EncoderAccess, pixel_values: torch.Tensor) -> FeatureSet:
-    hidden = access.run_layers(access.embed(pixel_values), 0, access.num_layers)
-    output, pooled = access.finalize(hidden)
-    return {"output": output} if pooled is None else {"output": output, "pooled": pooled}
-
-
 def semantic_feature_pair(
     model: VisualTokenizer, reference_encoder: nn.Module, pixel_values: torch.Tensor
 ) -> tuple[FeatureSet, FeatureSet]:
     """(tokenizer features, initial-encoder features) at each place, for one batch of pixel_values."""
-    if isinstance(model, DualToken):
-        ours = dict(zip(_PLACES, model.semantic_features(pixel_values, quantize=True)))
-        theirs = dict(zip(_PLACES, model.semantic_features(pixel_values, encoder=reference_encoder, quantize=False)))
-    else:  # VQRAE: the understanding path is the continuous encoder output; its semantic layer is the last one
-        ours = _encoder_outputs(model._encoder_access, pixel_values)
-        theirs = _encoder_outputs(EncoderAccess(reference_encoder), pixel_values)
+    ours = dict(zip(_PLACES, model.semantic_features(pixel_values, quantize=True)))
+    theirs = dict(zip(_PLACES, model.semantic_features(pixel_values, encoder=reference_encoder, quantize=False)))
     places = [name for name, value in ours.items() if value is not None and theirs.get(name) is not None]
     return {name: ours[name] for name in places}, {name: theirs[name] for name in places}
 
@@ -162,9 +148,8 @@ def evaluate_semantic_preservation(
     agreements, num_images = _reduce_over_ranks(agreements, num_images)
     if num_images == 0:
         raise ValueError("evaluate_semantic_preservation got no images")
-    semantic_layer = model.config.semantic_layer if isinstance(model, DualToken) else model.encoder_num_layers
     results: dict[str, Any] = {name: agreement.compute() for name, agreement in agreements.items()}
-    results.update(semantic_layer=int(semantic_layer), num_images=num_images)
+    results.update(semantic_layer=int(model.semantic_layer), num_images=num_images)
     return results
 
 
@@ -260,17 +245,17 @@ def evaluate_zero_shot(
 
 def quantized_feature_zero_shot_unavailable(model: nn.Module) -> str | None:
     """Why `evaluate_quantized_feature_zero_shot` cannot score `model`, or None when it can."""
-    if not isinstance(model, DualToken):
+    if not getattr(model, "quantizes_semantic_features", False):
         return (f"{type(model).__name__} has no quantised semantic features with a pooling head (DualToken's "
                 "zero-shot metric); only the reconstruction-based figure applies")
     if not getattr(model.encoder, "use_head", False):
-        return "the DualToken's SigLIP encoder has no attention-pooling head (vision_use_head is off)"
+        return f"the {type(model).__name__}'s SigLIP encoder has no attention-pooling head (vision_use_head is off)"
     return None
 
 
 @torch.no_grad()
 def evaluate_quantized_feature_zero_shot(
-    model: DualToken, batches: Iterable[dict[str, Any]], classifier: ZeroShotClassifier,
+    model: VisualTokenizer, batches: Iterable[dict[str, Any]], classifier: ZeroShotClassifier,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
     """DualToken's zero-shot top-1 (Table 1; see the module docstring): the pooled output on the quantised semantic

@@ -30,13 +30,10 @@ def build_tokenizer_model(args: TokenizerModelArguments) -> nn.Module:
         model = build_tokenizer(args.preset, **overrides)
     else:
         raise ValueError("set either preset (e.g. vqrae-tiny) or model_path (a saved tokenizer)")
-    if hasattr(model, "set_stage"):
-        model.set_stage(args.stage)
-    elif args.stage != 1:
-        raise ValueError(f"stage={args.stage} applies to VQRAE only; {type(model).__name__} has no training stages")
-    if getattr(model.config, "train_encoder", False) and hasattr(model, "set_train_encoder"):
-        # DualToken: take the frozen semantic teacher from the initial encoder now, before any update (or from
-        # teacher_path: a stage that continues from a saved tokenizer keeps the pretrained encoder's targets).
+    model.set_stage(args.stage)  # a tokenizer without stages accepts only 1
+    if model.train_encoder:
+        # Take the frozen teacher from the initial encoder now, before any update (or from teacher_path: a stage
+        # that continues from a saved tokenizer keeps the pretrained encoder's targets).
         model.set_train_encoder(True, teacher_encoder=_load_teacher(args.teacher_path))
     elif args.teacher_path:
         raise ValueError("teacher_path is set but the tokenizer does not train its encoder with a teacher "
