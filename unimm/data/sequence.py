@@ -130,6 +130,23 @@ def attach_boundary_spaces(segments: Sequence[Segment]) -> list[Segment]:
     return [s for s in out if not (isinstance(s, Text) and s.text == "")]
 
 
+@dataclass
+class _Draft:
+    """A sample being built: ids and labels so far, and per image slot its span, boundaries and inputs."""
+
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    code_parts: dict[str, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)  # group -> (start, codes)
+    spans: list[tuple[int, int]] = field(default_factory=list)  # visual positions of each slot
+    boundaries: list[tuple[int, int]] = field(default_factory=list)  # image spans including <|boi|> and <|eoi|>
+    continuous: list[tuple[str, torch.Tensor] | None] = field(default_factory=list)  # ("features"|"pixels", x)
+    keys: list[str | None] = field(default_factory=list)
+
+    def extend(self, ids: Sequence[int], supervise: bool) -> None:
+        self.ids.extend(ids)
+        self.labels.extend(ids if supervise else [IGNORE_INDEX] * len(ids))
+
+
 class SequenceBuilder:
     """Turns segments into a `Sample` for one tokenizer and vocabulary layout.
 
@@ -282,94 +299,106 @@ class SequenceBuilder:
         return lengths.pop()
 
     def build(self, segments: Sequence[Segment], sample_id: str, task: str, require_supervision: bool = True) -> Sample:
-        """`require_supervision=False` for inference prompts; training samples without a target raise."""
-        layout = self.layout
-        ids: list[int] = []
-        labels: list[int] = []
-        code_parts: dict[str, list[tuple[int, torch.Tensor]]] = {name: [] for name in self.group_names}
-        spans: list[tuple[int, int]] = []
-        boundaries: list[tuple[int, int]] = []  # image spans including <|boi|> and <|eoi|>
-        continuous: list[tuple[str, torch.Tensor] | None] = []  # per slot: ("features"|"pixels", tensor) or None
-        keys: list[str | None] = []
-        segments = attach_boundary_spaces(segments)
+        """`require_supervision=False` for inference prompts; training samples without a target raise.
+
+        Three phases: lay the segments out as ids and labels (`_lay_out`), cut to `max_length` (`_truncate`), then
+        turn the draft into tensors (`_assemble`)."""
+        draft = self._lay_out(attach_boundary_spaces(segments), sample_id)
+        self._truncate(draft, sample_id)
+        return self._assemble(draft, sample_id, task, require_supervision)
+
+    # ----------------------------------------------------------------------------------------- build phases
+    def _lay_out(self, segments: list[Segment], sample_id: str) -> _Draft:
+        """Every segment's ids with their labels, in order; image slots also record their span and inputs."""
+        draft = _Draft(code_parts={name: [] for name in self.group_names})
         continues = self._continues(segments)
         plain_ids = iter(self._encode_plain_segments(segments, continues))
         for segment, after_text in zip(segments, continues):
             if isinstance(segment, Text):
                 new = next(plain_ids) if not segment.special else self.encode_text(segment, continues=after_text)
-                ids.extend(new)
-                labels.extend(new if segment.supervise else [IGNORE_INDEX] * len(new))
+                draft.extend(new, segment.supervise)
             elif isinstance(segment, TokenIds):
-                ids.extend(segment.ids)
-                labels.extend(segment.ids if segment.supervise else [IGNORE_INDEX] * len(segment.ids))
+                draft.extend(segment.ids, segment.supervise)
             elif isinstance(segment, ImageSlot):
-                span_start = len(ids)
-                if segment.include_boi:
-                    ids.append(layout.boi_token_id)
-                    labels.append(IGNORE_INDEX)
-                elif not ids or ids[-1] != layout.boi_token_id:
-                    raise SampleError(sample_id, "an image slot without its own <|boi|> must follow <|boi|>")
-                start = len(ids)
-                continuous.append(None)
-                if segment.codes is not None:
-                    count = self._check_codes(segment, sample_id)
-                    if layout.flat_codes:
-                        (group,) = self.group_names
-                        visual_ids = layout.code_to_token(segment.codes[group][:, 0]).tolist()
-                    else:
-                        visual_ids = [layout.image_token_id] * count
-                        for name in self.group_names:
-                            code_parts[name].append((start, segment.codes[name].long()))
-                else:
-                    if segment.supervise:
-                        raise SampleError(sample_id, "a supervised (text-to-image) image slot needs codes")
-                    count = segment.length
-                    if count <= 0:
-                        raise SampleError(sample_id, "an image slot needs codes, features or num_positions")
-                    if segment.features is not None:
-                        continuous[-1] = ("features", segment.features)
-                    elif segment.pixel_values is not None:
-                        continuous[-1] = ("pixels", segment.pixel_values)
-                    visual_ids = [layout.image_token_id] * count
-                ids.extend(visual_ids)
-                labels.extend(visual_ids if segment.supervise else [IGNORE_INDEX] * count)
-                spans.append((start, start + count))
-                ids.append(layout.eoi_token_id)
-                labels.append(layout.eoi_token_id if segment.supervise else IGNORE_INDEX)
-                boundaries.append((span_start if segment.include_boi else start - 1, len(ids)))
-                keys.append(segment.image_key)
+                self._lay_out_image(draft, segment, sample_id)
             else:
                 raise TypeError(f"sample {sample_id}: unknown segment type {type(segment).__name__}")
+        return draft
 
-        if self.max_length is not None and len(ids) > self.max_length:
-            cut = self.max_length
-            inside = [b for b in boundaries if b[0] < cut < b[1]]
-            if inside:
-                raise SampleTooLongError(sample_id, f"{len(ids)} tokens exceed max_length {self.max_length} and the "
-                                                    f"cut at {cut} would split the image span {list(inside[0])}")
-            ids, labels = ids[:cut], labels[:cut]
-            num_kept = sum(1 for b in boundaries if b[1] <= cut)
-            spans, keys, continuous = spans[:num_kept], keys[:num_kept], continuous[:num_kept]
-            for name in self.group_names:
-                code_parts[name] = [(s, c) for s, c in code_parts[name] if s < cut]
+    def _lay_out_image(self, draft: _Draft, segment: ImageSlot, sample_id: str) -> None:
+        """`[<|boi|>] v_1 .. v_N <|eoi|>`: the positions hold the codes' tokens (flat) or `image_token_id`, with the
+        codes, continuous features or pixels recorded for the collator."""
+        layout = self.layout
+        span_start = len(draft.ids)
+        if segment.include_boi:
+            draft.extend([layout.boi_token_id], supervise=False)
+        elif not draft.ids or draft.ids[-1] != layout.boi_token_id:
+            raise SampleError(sample_id, "an image slot without its own <|boi|> must follow <|boi|>")
+        start = len(draft.ids)
+        continuous: tuple[str, torch.Tensor] | None = None
+        if segment.codes is not None:
+            count = self._check_codes(segment, sample_id)
+            if layout.flat_codes:
+                (group,) = self.group_names
+                visual_ids = layout.code_to_token(segment.codes[group][:, 0]).tolist()
+            else:
+                visual_ids = [layout.image_token_id] * count
+                for name in self.group_names:
+                    draft.code_parts[name].append((start, segment.codes[name].long()))
+        else:
+            if segment.supervise:
+                raise SampleError(sample_id, "a supervised (text-to-image) image slot needs codes")
+            count = segment.length
+            if count <= 0:
+                raise SampleError(sample_id, "an image slot needs codes, features or num_positions")
+            if segment.features is not None:
+                continuous = ("features", segment.features)
+            elif segment.pixel_values is not None:
+                continuous = ("pixels", segment.pixel_values)
+            visual_ids = [layout.image_token_id] * count
+        draft.extend(visual_ids, segment.supervise)
+        draft.spans.append((start, start + count))
+        draft.ids.append(layout.eoi_token_id)
+        draft.labels.append(layout.eoi_token_id if segment.supervise else IGNORE_INDEX)
+        draft.boundaries.append((span_start if segment.include_boi else start - 1, len(draft.ids)))
+        draft.continuous.append(continuous)
+        draft.keys.append(segment.image_key)
 
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        label_tensor = torch.tensor(labels, dtype=torch.long)
+    def _truncate(self, draft: _Draft, sample_id: str) -> None:
+        """Cut at `max_length` when the cut falls in text; a cut through an image span raises."""
+        if self.max_length is None or len(draft.ids) <= self.max_length:
+            return
+        cut = self.max_length
+        inside = [b for b in draft.boundaries if b[0] < cut < b[1]]
+        if inside:
+            raise SampleTooLongError(sample_id, f"{len(draft.ids)} tokens exceed max_length {self.max_length} and "
+                                                f"the cut at {cut} would split the image span {list(inside[0])}")
+        draft.ids, draft.labels = draft.ids[:cut], draft.labels[:cut]
+        num_kept = sum(1 for b in draft.boundaries if b[1] <= cut)
+        draft.spans, draft.keys = draft.spans[:num_kept], draft.keys[:num_kept]
+        draft.continuous = draft.continuous[:num_kept]
+        for name in self.group_names:
+            draft.code_parts[name] = [(s, c) for s, c in draft.code_parts[name] if s < cut]
+
+    def _assemble(self, draft: _Draft, sample_id: str, task: str, require_supervision: bool) -> Sample:
+        """The draft as tensors: ids, labels, the per-position code grid `[L, D]` of each group (-1 off images)."""
+        input_ids = torch.tensor(draft.ids, dtype=torch.long)
+        label_tensor = torch.tensor(draft.labels, dtype=torch.long)
         if require_supervision and not bool((label_tensor != IGNORE_INDEX).any()):
-            error = SampleTooLongError if self.max_length is not None and len(ids) == self.max_length else SampleError
-            raise error(sample_id, "no supervised token (nothing to train on)")
+            cut = self.max_length is not None and len(draft.ids) == self.max_length
+            raise (SampleTooLongError if cut else SampleError)(sample_id, "no supervised token (nothing to train on)")
         visual_codes = None
-        if not layout.flat_codes and any(code_parts.values()):
+        if not self.layout.flat_codes and any(draft.code_parts.values()):
             visual_codes = {}
             for name in self.group_names:
                 depth = self.layout.codebook_spec[name]["depth"]
-                full = torch.full((len(ids), depth), -1, dtype=torch.long)  # [L, D]
-                for start, codes in code_parts[name]:
+                full = torch.full((len(draft.ids), depth), -1, dtype=torch.long)  # [L, D]
+                for start, codes in draft.code_parts[name]:
                     full[start:start + codes.shape[0]] = codes
                 visual_codes[name] = full
-        features = [tensor for kind, tensor in filter(None, continuous) if kind == "features"]
-        pixels = [tensor for kind, tensor in filter(None, continuous) if kind == "pixels"]
+        features = [tensor for kind, tensor in filter(None, draft.continuous) if kind == "features"]
+        pixels = [tensor for kind, tensor in filter(None, draft.continuous) if kind == "pixels"]
         return Sample(sample_id=sample_id, task=task, input_ids=input_ids, labels=label_tensor,
-                      visual_codes=visual_codes, image_spans=spans, image_features=features, pixel_values=pixels,
-                      image_keys=keys)
+                      visual_codes=visual_codes, image_spans=draft.spans, image_features=features,
+                      pixel_values=pixels, image_keys=draft.keys)
 
