@@ -98,3 +98,31 @@ def test_new_rows_sample_the_text_rows_distribution_like_mean_resizing(tiny_qwen
     correlation = torch.corrcoef(torch.stack([reference.flatten(), sampled.flatten()]))[0, 1]
     assert correlation > 0.9
     assert 0.8 < float(sampled.diagonal().sum() / reference.diagonal().sum()) < 1.25
+
+
+def test_text_tokenizer_is_the_keyword_and_tokenizer_a_deprecated_one(tiny_llm_path, caplog):
+    """The text tokenizer is `text_tokenizer=` in the public functions that take one; the old `tokenizer=` still
+    works, to the same result, with one warning per function."""
+    import logging
+
+    import pytest
+
+    from unimm.data.templates import get_chat_format
+    from unimm.llm.layout import t2i_prefix_ids
+
+    old_tokenizer, new_tokenizer = (AutoTokenizer.from_pretrained(tiny_llm_path) for _ in range(2))
+    with caplog.at_level(logging.WARNING):
+        layouts = []
+        for keyword, text_tokenizer in (("tokenizer", old_tokenizer), ("text_tokenizer", new_tokenizer)):
+            model = UniMMForCausalLM.from_llm(tiny_llm_path, VQRAE_SPEC)
+            layouts.append(extend_tokenizer_and_model(model=model, codebook_spec=VQRAE_SPEC,
+                                                      **{keyword: text_tokenizer}))
+        assert layouts[0] == layouts[1]
+        assert encode_plain_text(tokenizer=old_tokenizer, text=TEXT) == encode_plain_text(new_tokenizer, TEXT)
+        assert t2i_prefix_ids(tokenizer=old_tokenizer, layout=layouts[0], prompt="a") == t2i_prefix_ids(
+            text_tokenizer=new_tokenizer, layout=layouts[1], prompt="a")
+        assert type(get_chat_format(tokenizer=old_tokenizer)) is type(get_chat_format(text_tokenizer=new_tokenizer))
+    warned = [r.getMessage() for r in caplog.records if "(tokenizer=...) is deprecated" in r.getMessage()]
+    assert all("use text_tokenizer=" in message for message in warned)
+    with pytest.raises(TypeError, match="pass text_tokenizer= only"):
+        encode_plain_text(tokenizer=old_tokenizer, text_tokenizer=new_tokenizer, text=TEXT)

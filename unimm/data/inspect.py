@@ -53,7 +53,7 @@ def load_layout(model_dir: str | Path) -> VocabLayout:
     return VocabLayout.from_dict(config["vocab_layout"])
 
 
-def format_sample(sample: Sample, tokenizer, layout: VocabLayout) -> str:
+def format_sample(sample: Sample, text_tokenizer, layout: VocabLayout) -> str:
     """One line per token (`S` = supervised target), one line per image slot's visual positions."""
     lines = [f"=== sample {sample.sample_id} ({sample.task}): {len(sample)} tokens, {sample.num_supervised} "
              f"supervised, {len(sample.image_spans)} image slot(s) ==="]
@@ -76,14 +76,14 @@ def format_sample(sample: Sample, tokenizer, layout: VocabLayout) -> str:
                          f"{', ' + key if key else ''}; {supervised} supervised]")
             position = stop
             continue
-        token = tokenizer.convert_ids_to_tokens(ids[position])
-        text = tokenizer.decode([ids[position]])
+        token = text_tokenizer.convert_ids_to_tokens(ids[position])
+        text = text_tokenizer.decode([ids[position]])
         mark = "S" if labels[position] != IGNORE_INDEX else "."
         lines.append(f"{position:6d} {mark} {ids[position]:>7d} {token!s:<20} {text!r}")
         position += 1
     targets = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX and i != layout.image_token_id and not (
         layout.flat_codes and layout.code_token_offset is not None and i >= layout.code_token_offset)]
-    lines.append(f"supervised text: {tokenizer.decode(targets)!r}")
+    lines.append(f"supervised text: {text_tokenizer.decode(targets)!r}")
     return "\n".join(lines)
 
 
@@ -95,9 +95,9 @@ def inspect_samples(config: InspectConfig) -> list[str]:
     from unimm.data.sources import read_llava_json, read_text_records
     from unimm.data.tasks import CodeCacheImages, SampleConfig, SampleFactory
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    text_tokenizer = AutoTokenizer.from_pretrained(config.model)
     layout = load_layout(config.model)
-    factory = SampleFactory(tokenizer, layout, SampleConfig(
+    factory = SampleFactory(text_tokenizer, layout, SampleConfig(
         max_length=config.max_length, uncond_prob=config.uncond_prob, chat_format=config.chat_format,
         system_prompt=config.system_prompt))
     data = Path(config.data)
@@ -108,7 +108,7 @@ def inspect_samples(config: InspectConfig) -> list[str]:
 
     def show(build, sample_id: str) -> None:
         try:
-            out.append(format_sample(build(), tokenizer, layout))
+            out.append(format_sample(build(), text_tokenizer, layout))
         except SampleError as err:
             out.append(f"=== sample {sample_id}: SKIPPED ({err}) ===")
 

@@ -154,8 +154,8 @@ class SequenceBuilder:
     (including its `<|boi|>`/`<|eoi|>`) raises `SampleTooLongError` so the sample is dropped and counted.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, max_length: int | None = None):
-        self.tokenizer = tokenizer
+    def __init__(self, text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, max_length: int | None = None):
+        self.text_tokenizer = text_tokenizer
         self.layout = layout
         self.max_length = max_length
         self.group_names = list(layout.codebook_spec)
@@ -167,14 +167,14 @@ class SequenceBuilder:
         self._special_ids: set[int] = set()
         self._special_strings: tuple[str, ...] = ()
         if self.marks_text_after_special:
-            self._special_ids = set(tokenizer.all_special_ids) | {layout.boi_token_id, layout.eoi_token_id}
-            self._special_strings = tuple(t for t in tokenizer.all_special_tokens if t)
+            self._special_ids = set(text_tokenizer.all_special_ids) | {layout.boi_token_id, layout.eoi_token_id}
+            self._special_strings = tuple(t for t in text_tokenizer.all_special_tokens if t)
 
     def _detect_text_start_mark(self) -> bool:
         """Whether the tokenizer marks the start of every call's text (SentencePiece's word-boundary `▁`, as in
         LLaMA and Mistral): then a segment that continues a sequence must not be tokenised on its own, or each
         segment gains a space the format never had (`[INST]  Give`)."""
-        return self._encode_continuing(["a"], special=False)[0] != encode_plain_text(self.tokenizer, "a")
+        return self._encode_continuing(["a"], special=False)[0] != encode_plain_text(self.text_tokenizer, "a")
 
     def _detect_mark_after_special(self) -> bool:
         """Whether the tokenizer also marks the start of text that follows a special token, as it marks a call's
@@ -183,13 +183,13 @@ class SequenceBuilder:
         (`"first"`) continues it (`</s>What`). Text after an EOS or an image span (which ends with the special
         `<|eoi|>`) is tokenised as the tokenizer does it there, so built ids equal one-call tokenisation of the
         format's text with each image span written as special tokens."""
-        marker = self.tokenizer.eos_token
+        marker = self.text_tokenizer.eos_token
         if not self.marks_text_start or not marker:
             return False
-        marker_ids = self.tokenizer(marker, add_special_tokens=False)["input_ids"]
-        ids = self.tokenizer(marker + "a", add_special_tokens=False)["input_ids"]
+        marker_ids = self.text_tokenizer(marker, add_special_tokens=False)["input_ids"]
+        ids = self.text_tokenizer(marker + "a", add_special_tokens=False)["input_ids"]
         return list(ids[: len(marker_ids)]) == list(marker_ids) and list(ids[len(marker_ids):]) == list(
-            encode_plain_text(self.tokenizer, "a"))
+            encode_plain_text(self.text_tokenizer, "a"))
 
     def _ends_with_special(self, segment: Segment) -> bool:
         """Whether a special token ends `segment` (an image span always ends with `<|eoi|>`)."""
@@ -210,21 +210,21 @@ class SequenceBuilder:
             if not todo:
                 break
             probe_ids = self._probe_ids(probe, special)
-            encoded = self.tokenizer([probe + texts[i] for i in todo], **kwargs)["input_ids"]
+            encoded = self.text_tokenizer([probe + texts[i] for i in todo], **kwargs)["input_ids"]
             for i, ids in zip(todo, encoded):
                 if list(ids[: len(probe_ids)]) == probe_ids:
                     out[i] = list(ids[len(probe_ids):])
         failed = [texts[i][:40] for i, ids in enumerate(out) if ids is None]
         if failed:
-            raise ValueError(f"cannot tokenise {failed[0]!r} as a continuation with {type(self.tokenizer).__name__}: "
-                             f"every probe {list(_PROBES)} merges with it")
+            raise ValueError(f"cannot tokenise {failed[0]!r} as a continuation with "
+                             f"{type(self.text_tokenizer).__name__}: every probe {list(_PROBES)} merges with it")
         return [ids for ids in out if ids is not None]
 
     def _probe_ids(self, probe: str, special: bool) -> list[int]:
         """A probe's own ids, tokenised once per builder (every continuing segment of every sample needs them)."""
         key = (probe, special)
         if key not in self._probe_cache:
-            ids = self.tokenizer(probe, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
+            ids = self.text_tokenizer(probe, add_special_tokens=False, split_special_tokens=not special)["input_ids"]
             self._probe_cache[key] = list(ids)
         return self._probe_cache[key]
 
@@ -234,13 +234,13 @@ class SequenceBuilder:
         if not segment.special:
             if continues:
                 return self._encode_continuing([segment.text], special=False)[0]
-            return encode_plain_text(self.tokenizer, segment.text)
+            return encode_plain_text(self.text_tokenizer, segment.text)
         key = (segment.text, continues)
         if key not in self._special_cache:  # template scaffolding repeats; cache it
             if continues:
                 ids = self._encode_continuing([segment.text], special=True)[0]
             else:
-                ids = self.tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+                ids = self.text_tokenizer(segment.text, add_special_tokens=False)["input_ids"]
             self._special_cache[key] = ids
         return list(self._special_cache[key])
 
@@ -249,7 +249,7 @@ class SequenceBuilder:
         rather than starting one. A BOS starts a new document (LLaMA-2 encodes each turn pair in its own call);
         text after a special token starts afresh where the tokenizer marks it so (`marks_text_after_special`)."""
         flags, started = [], False
-        bos = self.tokenizer.bos_token_id
+        bos = self.text_tokenizer.bos_token_id
         for segment in segments:
             flags.append(started)
             if isinstance(segment, TokenIds) and bos is not None and segment.ids and segment.ids[-1] == bos:
@@ -270,7 +270,7 @@ class SequenceBuilder:
             (continuing if after_text and self.marks_text_start else fresh).append((index, segment.text))
         out: list[list[int]] = [[] for _ in plain]
         if fresh:
-            encoded = self.tokenizer([t for _, t in fresh], add_special_tokens=False, split_special_tokens=True)
+            encoded = self.text_tokenizer([t for _, t in fresh], add_special_tokens=False, split_special_tokens=True)
             for (index, _), ids in zip(fresh, encoded["input_ids"]):
                 out[index] = list(ids)
         if continuing:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from unimm.data.sequence import ImageSlot, MalformedRecordError, Segment, Text, TokenIds
+from unimm.utils.config import renamed_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class ChatFormat:
 
     name = "base"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
-        self.tokenizer = tokenizer
+    def __init__(self, text_tokenizer: PreTrainedTokenizerBase):
+        self.text_tokenizer = text_tokenizer
 
     def segments(self, messages: Sequence[ChatMessage], sample_id: str,
                  add_generation_prompt: bool = False) -> list[Segment]:
@@ -99,15 +100,16 @@ class HFChatTemplateFormat(ChatFormat):
 
     name = "chat_template"
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, end_token: str | None = None):
-        super().__init__(tokenizer)
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"{type(tokenizer).__name__} has no chat template; use chat_format='llama-2' or 'plain'")
+    def __init__(self, text_tokenizer: PreTrainedTokenizerBase, end_token: str | None = None):
+        super().__init__(text_tokenizer)
+        if not getattr(text_tokenizer, "chat_template", None):
+            raise ValueError(f"{type(text_tokenizer).__name__} has no chat template; use chat_format='llama-2' or "
+                             "'plain'")
         self.end_token = end_token
 
     def _render(self, messages: Sequence[dict], add_generation_prompt: bool, sample_id: str) -> str:
         try:
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False,
+            return self.text_tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
         except Exception as err:  # jinja raise_exception(...) in the template, or a rendering error
             raise MalformedRecordError(sample_id, f"the chat template refused the conversation: {err}") from err
@@ -117,7 +119,7 @@ class HFChatTemplateFormat(ChatFormat):
         if self.end_token is not None:
             candidates = [self.end_token]
         else:
-            candidates = sorted(set(self.tokenizer.get_added_vocab()) | {self.tokenizer.eos_token or ""},
+            candidates = sorted(set(self.text_tokenizer.get_added_vocab()) | {self.text_tokenizer.eos_token or ""},
                                 key=len, reverse=True)
         stripped = suffix.lstrip(" ")
         for token in candidates:
@@ -178,7 +180,7 @@ class Llama2Format(ChatFormat):
     def segments(self, messages: Sequence[ChatMessage], sample_id: str,
                  add_generation_prompt: bool = False) -> list[Segment]:
         _check_roles(messages, sample_id, add_generation_prompt)
-        tok = self.tokenizer
+        tok = self.text_tokenizer
         if tok.bos_token_id is None or tok.eos_token_id is None:
             raise ValueError("the llama-2 chat format needs a tokenizer with BOS and EOS tokens")
         system = messages[0].text if messages and messages[0].role == "system" else None
@@ -206,12 +208,12 @@ class PlainFormat(ChatFormat):
     def segments(self, messages: Sequence[ChatMessage], sample_id: str,
                  add_generation_prompt: bool = False) -> list[Segment]:
         _check_roles(messages, sample_id, add_generation_prompt)
-        eos = self.tokenizer.eos_token_id
+        eos = self.text_tokenizer.eos_token_id
         if eos is None:
             raise ValueError("the plain chat format needs a tokenizer with an EOS token")
         out: list[Segment] = []
-        if self.tokenizer.bos_token_id is not None:
-            out.append(TokenIds([self.tokenizer.bos_token_id]))
+        if self.text_tokenizer.bos_token_id is not None:
+            out.append(TokenIds([self.text_tokenizer.bos_token_id]))
         for message in messages:
             if message.role == "assistant":
                 out.extend(_content_segments(message.parts, supervise=True))
@@ -248,7 +250,7 @@ class _LlavaFormat(ChatFormat):
     def _split(self, messages: Sequence[ChatMessage], sample_id: str,
                add_generation_prompt: bool) -> tuple[str, list[ChatMessage]]:
         _check_roles(messages, sample_id, add_generation_prompt)
-        if self.tokenizer.eos_token_id is None:
+        if self.text_tokenizer.eos_token_id is None:
             raise ValueError(f"the {self.name} chat format needs a tokenizer with an EOS token")
         system = messages[0].text if messages[0].role == "system" else self.default_system
         turns = [ChatMessage(m.role, llava_image_first(m.parts)) for m in messages if m.role != "system"]
@@ -267,7 +269,7 @@ class VicunaV1Format(_LlavaFormat):
     def segments(self, messages: Sequence[ChatMessage], sample_id: str,
                  add_generation_prompt: bool = False) -> list[Segment]:
         system, turns = self._split(messages, sample_id, add_generation_prompt)
-        tok = self.tokenizer
+        tok = self.text_tokenizer
         out: list[Segment] = [TokenIds([tok.bos_token_id])] if tok.bos_token_id is not None else []
         out.append(Text(system + " "))
         for message in turns:
@@ -296,7 +298,7 @@ class LlavaLlama2Format(_LlavaFormat):
     def segments(self, messages: Sequence[ChatMessage], sample_id: str,
                  add_generation_prompt: bool = False) -> list[Segment]:
         system, turns = self._split(messages, sample_id, add_generation_prompt)
-        tok = self.tokenizer
+        tok = self.text_tokenizer
         if tok.bos_token_id is None:
             raise ValueError("the llava_llama_2 chat format needs a tokenizer with BOS and EOS tokens")
         out: list[Segment] = [TokenIds([tok.bos_token_id])]
@@ -332,7 +334,7 @@ class LlavaPlainFormat(ChatFormat):
         images = [part for part in messages[0].parts if not isinstance(part, str)]
         if not images:
             raise MalformedRecordError(sample_id, "the llava_plain format needs an image in the user turn")
-        bos = self.tokenizer.bos_token_id
+        bos = self.text_tokenizer.bos_token_id
         out: list[Segment] = [TokenIds([bos])] if bos is not None else []
         out.extend(images)
         if not add_generation_prompt:
@@ -346,15 +348,16 @@ CHAT_FORMATS: dict[str, type[ChatFormat]] = {"chat_template": HFChatTemplateForm
                                              "llava_llama_2": LlavaLlama2Format, "llava_plain": LlavaPlainFormat}
 
 
-def get_chat_format(tokenizer: PreTrainedTokenizerBase, name: str = "auto",
+@renamed_arguments(tokenizer="text_tokenizer")
+def get_chat_format(text_tokenizer: PreTrainedTokenizerBase, name: str = "auto",
                     end_token: str | None = None) -> ChatFormat:
     """`auto`: the tokenizer's chat template when it has one, else `llama-2`. Otherwise a name in CHAT_FORMATS."""
     if name == "auto":
-        name = "chat_template" if getattr(tokenizer, "chat_template", None) else "llama-2"
+        name = "chat_template" if getattr(text_tokenizer, "chat_template", None) else "llama-2"
         if name == "llama-2":
             logger.info("tokenizer has no chat template; using the llama-2 chat format")
     if name not in CHAT_FORMATS:
         raise ValueError(f"unknown chat_format {name!r}; choose 'auto' or one of {sorted(CHAT_FORMATS)}")
     if name == "chat_template":
-        return HFChatTemplateFormat(tokenizer, end_token=end_token)
-    return CHAT_FORMATS[name](tokenizer)
+        return HFChatTemplateFormat(text_tokenizer, end_token=end_token)
+    return CHAT_FORMATS[name](text_tokenizer)

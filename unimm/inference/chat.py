@@ -58,14 +58,14 @@ class _TextPieces:
 
     HELD_BACK = re.compile(r"[\s\ufffd]+$")
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        self.tokenizer, self.on_text = tokenizer, on_text
+    def __init__(self, text_tokenizer, on_text: Callable[[str], None]):
+        self.text_tokenizer, self.on_text = text_tokenizer, on_text
         self.ids: list[int] = []
         self.sent = ""
 
     def __call__(self, token_id: int) -> None:
         self.ids.append(token_id)
-        self.send(self.HELD_BACK.sub("", self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()))
+        self.send(self.HELD_BACK.sub("", self.text_tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()))
 
     def send(self, text: str) -> None:
         if len(text) > len(self.sent) and text.startswith(self.sent):  # else hold on: a later decode may agree

@@ -14,6 +14,8 @@ from typing import TypeVar
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from unimm.utils.config import renamed_arguments
+
 BOI_TOKEN = "<|boi|>"
 EOI_TOKEN = "<|eoi|>"
 IMAGE_TOKEN = "<|image|>"
@@ -81,23 +83,25 @@ class VocabLayout:
         return int(self.code_token_offset)
 
 
-def encode_plain_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+@renamed_arguments(tokenizer="text_tokenizer")
+def encode_plain_text(text_tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Tokenise user-provided text so that strings spelling special tokens (`<|boi|>`, `<|im_end|>` ...)
     stay plain text and can never inject a control token. No BOS/EOS is added."""
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return text_tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def t2i_prefix_ids(tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, prompt: str | None) -> list[int]:
+@renamed_arguments(tokenizer="text_tokenizer")
+def t2i_prefix_ids(text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, prompt: str | None) -> list[int]:
     """The token ids that precede an image's codes in a text-to-image sample, ending with `<|boi|>`.
 
     `prompt=None` gives the unconditional prefix used for prompt dropout in training and for the
     unconditional branch of classifier-free guidance. Training (unimm.data) and generation (unimm.llm)
     both call this function, so the two can never disagree on the format.
     """
-    ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids: list[int] = [text_tokenizer.bos_token_id] if text_tokenizer.bos_token_id is not None else []
     if prompt is None:
         ids.append(layout.uncond_token_id)
     else:
-        ids.extend(encode_plain_text(tokenizer, prompt))
+        ids.extend(encode_plain_text(text_tokenizer, prompt))
     ids.append(layout.boi_token_id)
     return ids

@@ -192,11 +192,11 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         unless `dtype` is given, so a bf16 checkpoint does not silently give bf16 master weights to modules trained
         from scratch."""
         if hasattr(codebook_spec, "codebook_spec"):  # a visual tokenizer (VQRAE, DualToken)
-            tokenizer = codebook_spec
-            codebook_spec = tokenizer.codebook_spec
-            if getattr(tokenizer, "num_positions", None) is not None:
-                config_kwargs.setdefault("num_image_positions", int(tokenizer.num_positions))
-            config_kwargs.setdefault("visual_tokenizer_identity", visual_tokenizer_identity(tokenizer))
+            visual_tokenizer = codebook_spec
+            codebook_spec = visual_tokenizer.codebook_spec
+            if getattr(visual_tokenizer, "num_positions", None) is not None:
+                config_kwargs.setdefault("num_image_positions", int(visual_tokenizer.num_positions))
+            config_kwargs.setdefault("visual_tokenizer_identity", visual_tokenizer_identity(visual_tokenizer))
         if isinstance(llm, (str, Path)):
             if not Path(llm).exists():
                 raise FileNotFoundError(f"LLM checkpoint not found: {llm} (UniMM never downloads weights)")

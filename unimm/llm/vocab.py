@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from unimm.llm.layout import SPECIAL_TOKENS, VocabLayout
 from unimm.tokenizer.types import CodebookSpec
+from unimm.utils.config import renamed_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ def _gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def _add_tokens(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+def _add_tokens(text_tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
     """Add `tokens` as special tokens (so `split_special_tokens` text can never produce them) and return their ids;
     tokens already in the vocabulary keep their ids, so extending a saved, extended tokenizer is a no-op."""
-    vocab = tokenizer.get_vocab()
+    vocab = text_tokenizer.get_vocab()
     new = [t for t in tokens if t not in vocab]
     if new:
-        tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
-    return tokenizer.convert_tokens_to_ids(tokens)
+        text_tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
+    return text_tokenizer.convert_tokens_to_ids(tokens)
 
 
 # Scale of the sampled noise relative to the text rows' covariance, as transformers' `mean_resizing` uses.
@@ -123,16 +124,17 @@ def ensure_pad_token(text_tokenizer: PreTrainedTokenizerBase, model: PreTrainedM
     return note
 
 
+@renamed_arguments(tokenizer="text_tokenizer")
 def extend_tokenizer_and_model(
-    tokenizer: PreTrainedTokenizerBase,
+    text_tokenizer: PreTrainedTokenizerBase,
     model: PreTrainedModel,
     codebook_spec: CodebookSpec | dict,
     flat_codes: bool = False,
     pad_to_multiple_of: int = PAD_VOCAB_MULTIPLE,
 ) -> VocabLayout:
     """Add `<|boi|>`, `<|eoi|>`, `<|image|>`, `<|uncond|>` (and in flat mode the code tokens `<|code_k|>`, one
-    contiguous block: code k -> `code_token_offset + k`) to `tokenizer`; resize `model`'s input embedding and LM
-    head to `len(tokenizer)` rounded up to `pad_to_multiple_of`; initialise every new row (added tokens and
+    contiguous block: code k -> `code_token_offset + k`) to `text_tokenizer`; resize `model`'s input embedding and LM
+    head to `len(text_tokenizer)` rounded up to `pad_to_multiple_of`; initialise every new row (added tokens and
     padding) like transformers' `mean_resizing`: the mean of the existing text rows plus noise shaped by their
     covariance (see `_mean_init_rows`). Existing token ids and rows are unchanged.
 
@@ -149,22 +151,22 @@ def extend_tokenizer_and_model(
         if unimm_config.codebook_spec != spec or unimm_config.flat_codes != flat_codes:
             raise ValueError(f"the model was built for codebook_spec={unimm_config.codebook_spec}, "
                              f"flat_codes={unimm_config.flat_codes}; got codebook_spec={spec}, flat_codes={flat_codes}")
-        if unimm_config.layout is not None and unimm_config.layout.boi_token_id in tokenizer.get_vocab().values():
+        if unimm_config.layout is not None and unimm_config.layout.boi_token_id in text_tokenizer.get_vocab().values():
             previous = unimm_config.layout
             original_vocab_size = previous.original_vocab_size
         else:
-            previous, original_vocab_size = None, len(tokenizer)
+            previous, original_vocab_size = None, len(text_tokenizer)
     else:
-        previous, original_vocab_size = None, len(tokenizer)
-    if previous is None and any(t in tokenizer.get_vocab() for t in SPECIAL_TOKENS):
+        previous, original_vocab_size = None, len(text_tokenizer)
+    if previous is None and any(t in text_tokenizer.get_vocab() for t in SPECIAL_TOKENS):
         raise ValueError("the tokenizer already holds UniMM special tokens but the model has no layout; "
                          "load the model and tokenizer that were saved together")
 
-    boi, eoi, image, uncond = _add_tokens(tokenizer, list(SPECIAL_TOKENS))
+    boi, eoi, image, uncond = _add_tokens(text_tokenizer, list(SPECIAL_TOKENS))
     code_offset = None
     if flat_codes:
         num_codes = next(iter(spec.values()))["num_codes"]
-        code_ids = _add_tokens(tokenizer, [code_token(k) for k in range(num_codes)])
+        code_ids = _add_tokens(text_tokenizer, [code_token(k) for k in range(num_codes)])
         code_offset = code_ids[0]
         if code_ids != list(range(code_offset, code_offset + num_codes)):
             raise RuntimeError("the tokenizer did not assign contiguous ids to the code tokens")
@@ -172,11 +174,11 @@ def extend_tokenizer_and_model(
     embeddings = model.get_input_embeddings()
     with _gathered([embeddings.weight]):
         old_rows = embeddings.weight.shape[0]
-    new_size = max(-(-len(tokenizer) // pad_to_multiple_of) * pad_to_multiple_of, old_rows)
+    new_size = max(-(-len(text_tokenizer) // pad_to_multiple_of) * pad_to_multiple_of, old_rows)
     if new_size != old_rows:
         model.resize_token_embeddings(new_size, mean_resizing=False)
     # rows to initialise: the added tokens (which may land on unused rows a checkpoint already had) + padding
-    fresh = sorted(set(range(original_vocab_size, len(tokenizer))) | set(range(old_rows, new_size)))
+    fresh = sorted(set(range(original_vocab_size, len(text_tokenizer))) | set(range(old_rows, new_size)))
     if previous is None and fresh:
         _mean_init_vocab_rows(model, torch.tensor(fresh, dtype=torch.long), original_vocab_size)
     layout = VocabLayout(
@@ -187,5 +189,5 @@ def extend_tokenizer_and_model(
     if isinstance(unimm_config, UniMMConfig):
         unimm_config.vocab_layout = layout.to_dict()
     logger.info("vocabulary extended: %d -> %d tokens (embedding rows %d -> %d)", original_vocab_size,
-                len(tokenizer), old_rows, new_size)
+                len(text_tokenizer), old_rows, new_size)
     return layout

@@ -55,21 +55,21 @@ def weights_hash_of_folder(path: str | os.PathLike) -> str | None:
     return digest.hexdigest()
 
 
-def tokenizer_weights_hash(tokenizer: Any) -> str:
+def tokenizer_weights_hash(visual_tokenizer: Any) -> str:
     """xxh3-128 of the tokenizer's state dict (names, dtypes, shapes and raw bytes, in name order): two tokenizers
     with the same config but other weights (e.g. a few more training steps) get different hashes. Computed from
     the weights as loaded, so hash before casting the tokenizer to another dtype. Parameters partitioned by
     DeepSpeed ZeRO-3 (loaded under `zero.Init`, so empty on each rank) are hashed from the files they were loaded
     from (`name_or_path`)."""
-    if any(getattr(param, "ds_numel", None) is not None for param in tokenizer.parameters()):
-        folder = getattr(tokenizer, "name_or_path", None)
+    if any(getattr(param, "ds_numel", None) is not None for param in visual_tokenizer.parameters()):
+        folder = getattr(visual_tokenizer, "name_or_path", None)
         folder_hash = weights_hash_of_folder(folder) if folder and Path(folder).is_dir() else None
         if folder_hash is None:
             raise ValueError(f"the tokenizer's weights are partitioned (ZeRO-3) and its folder {folder!r} holds no "
                              f"safetensors files to hash them from")
         return folder_hash
     digest = xxhash.xxh3_128()
-    for name, tensor in sorted(tokenizer.state_dict().items()):
+    for name, tensor in sorted(visual_tokenizer.state_dict().items()):
         _update_with_tensor(digest, name, tensor)
     return digest.hexdigest()
 
@@ -82,5 +82,5 @@ class TokenizerIdentity:
     weights_hash: str
 
     @classmethod
-    def of(cls, tokenizer: Any) -> TokenizerIdentity:
-        return cls(str(tokenizer.config_hash()), tokenizer_weights_hash(tokenizer))
+    def of(cls, visual_tokenizer: Any) -> TokenizerIdentity:
+        return cls(str(visual_tokenizer.config_hash()), tokenizer_weights_hash(visual_tokenizer))

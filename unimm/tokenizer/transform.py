@@ -53,12 +53,12 @@ class ImageTransform:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     @classmethod
-    def for_tokenizer(cls, tokenizer: Any) -> ImageTransform:
+    def for_tokenizer(cls, visual_tokenizer: Any) -> ImageTransform:
         """The transform of a visual tokenizer (or `VisionTower`): its input size, its encoder's normalisation, its
         `image_aspect` and, where it has one, its `image_pad_fill`."""
-        return cls(int(tokenizer.image_size), tuple(tokenizer.image_mean), tuple(tokenizer.image_std),
-                   aspect=getattr(tokenizer, "image_aspect", "crop"),
-                   pad_fill=getattr(tokenizer, "image_pad_fill", None))
+        return cls(int(visual_tokenizer.image_size), tuple(visual_tokenizer.image_mean),
+                   tuple(visual_tokenizer.image_std), aspect=getattr(visual_tokenizer, "image_aspect", "crop"),
+                   pad_fill=getattr(visual_tokenizer, "image_pad_fill", None))
 
     def resize_and_crop(self, image: Image.Image) -> Image.Image:
         size = self.image_size

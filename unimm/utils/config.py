@@ -9,6 +9,8 @@ remaining `--key value` flags override them. Unknown YAML keys fail loudly, nami
   lists its aliases in a class attribute `config_aliases = (Alias(...), ...)`; `parse_config` maps the old key
   onto the new one(s) (`convert(value) -> {new_key: value}` when the meaning changes, not just the name), warns
   once per old key and process, and `--help` lists them.
+- `renamed_arguments(old=new, ...)`: the same for a library function's keyword arguments (e.g. `tokenizer=` ->
+  `text_tokenizer=`): the old keyword still works, with one warning per name and process.
 - `save_resolved_config(run_dir, *configs)`: the one writer of `resolved_config.yaml`.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import sys
@@ -53,6 +56,27 @@ class Alias:
 
     def warn(self) -> None:
         warn_once(logger, f"config key {self.old!r} is deprecated; use {self.new!r} (still accepted for now)")
+
+
+def renamed_arguments(**renames: str) -> Callable[[Callable], Callable]:
+    """Decorate a function whose keyword arguments were renamed (`old="new"`): a call with the old keyword is
+    passed on under the new one, with a warning once per old name and process; both at once is a TypeError."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{func.__qualname__}() got {old}= (deprecated) and {new}=; pass {new}= only")
+                    warn_once(logger, f"{func.__qualname__}({old}=...) is deprecated; use {new}= "
+                                      "(still accepted for now)")
+                    kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        return call
+
+    return decorate
 
 
 def config_aliases(dataclass_types: Iterable[type]) -> dict[str, Alias]:

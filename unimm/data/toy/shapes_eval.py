@@ -55,25 +55,25 @@ def score_images(images: Sequence[Image.Image], expected: Sequence[tuple[str, st
 
 
 @torch.no_grad()
-def reconstruct(tokenizer, images: Sequence[Image.Image], batch_size: int = 64) -> list[Image.Image]:
+def reconstruct(visual_tokenizer, images: Sequence[Image.Image], batch_size: int = 64) -> list[Image.Image]:
     """`decode(encode(x))` through a UniMM tokenizer (eval mode), as PIL images."""
-    was_training = tokenizer.training
-    tokenizer.eval()
-    device = next(tokenizer.parameters()).device
+    was_training = visual_tokenizer.training
+    visual_tokenizer.eval()
+    device = next(visual_tokenizer.parameters()).device
     out: list[Image.Image] = []
     try:
         for start in range(0, len(images), batch_size):
-            pixel_values = tokenizer.preprocess(list(images[start:start + batch_size])).to(device)
-            out.extend(tokenizer.postprocess(tokenizer.decode(tokenizer.encode(pixel_values))))
+            pixel_values = visual_tokenizer.preprocess(list(images[start:start + batch_size])).to(device)
+            out.extend(visual_tokenizer.postprocess(visual_tokenizer.decode(visual_tokenizer.encode(pixel_values))))
     finally:
-        tokenizer.train(was_training)
+        visual_tokenizer.train(was_training)
     return out
 
 
-def reconstruction_scores(tokenizer, dataset: ShapesDataset, batch_size: int = 64) -> CheckerScores:
+def reconstruction_scores(visual_tokenizer, dataset: ShapesDataset, batch_size: int = 64) -> CheckerScores:
     """Checker scores on the tokenizer's reconstructions of `dataset` (use held-out seeds)."""
     samples = list(dataset)
-    reconstructions = reconstruct(tokenizer, [s.image for s in samples], batch_size)
+    reconstructions = reconstruct(visual_tokenizer, [s.image for s in samples], batch_size)
     return score_images(reconstructions, [(s.colour, s.shape, s.position) for s in samples])
 
 
