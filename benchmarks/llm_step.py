@@ -1,6 +1,6 @@
 """Training-step overhead of UniMM: forward + backward of `UniMMForCausalLM` on a batch with image positions vs a
 plain Hugging Face forward + backward of the same (shared) LLM on the same number of tokens, all supervised.
-Target (DESIGN §6): <= 1.15x.
+Target (docs/DESIGN.md §6): <= 1.15x.
 
     python benchmarks/llm_step.py                                   # CPU-sized Qwen2 shape, both code layouts
     python benchmarks/llm_step.py --hidden 1536 --layers 28 --vocab 151936 --seq 2048 --device cuda --dtype bfloat16

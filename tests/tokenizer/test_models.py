@@ -1,4 +1,5 @@
-"""VQRAE and DualToken models: the DESIGN §2 contract, save/load, training stages, presets, pre/post-processing."""
+"""VQRAE and DualToken models: the docs/DESIGN.md §2.6 interface, save/load, training stages, presets,
+pre/post-processing."""
 
 from __future__ import annotations
 

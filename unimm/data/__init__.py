@@ -1,4 +1,4 @@
-"""unimm.data: readers, sequence building, tasks, code cache and collation for UniMM training (DESIGN §4)."""
+"""unimm.data: readers, sequence building, tasks, code cache and collation for UniMM training (docs/DESIGN.md §4)."""
 
 from unimm.data.bad_samples import BadSampleTracker, TooManyBadSamplesError
 from unimm.data.code_cache import (

@@ -1,4 +1,4 @@
-"""unimm.llm: a Hugging Face causal LM extended to read and write discrete visual codes (DESIGN §3).
+"""unimm.llm: a Hugging Face causal LM extended to read and write discrete visual codes (docs/DESIGN.md §3).
 
 Importing this package has no side effects; DeepSpeed is only imported where ZeRO-3 partitioned parameters are met.
 """

@@ -17,7 +17,7 @@ class UniMMConfig(PretrainedConfig):
     """Configuration of `UniMMForCausalLM`.
 
     text_config:                 config of the wrapped causal LM (Qwen2, Qwen2.5, Qwen3, LLaMA ...).
-    codebook_spec:               group name -> {"num_codes", "depth", "code_dim"} (DESIGN §2).
+    codebook_spec:               group name -> {"num_codes", "depth", "code_dim"} (docs/DESIGN.md §2.6).
     codebook_group_order:        the group order (concatenation order); defaults to codebook_spec's order.
     flat_codes:                  single group of depth 1 whose codes are LLM vocabulary tokens (no code
                                  embedding tables, no depth heads: the LM head predicts the codes).
@@ -31,7 +31,7 @@ class UniMMConfig(PretrainedConfig):
     vision_tower:                the plain vision tower whose features the projector reads
                                  (`unimm.llm.vision_tower.VisionTower.to_dict()`: path, select layer and feature,
                                  image aspect), so inference rebuilds the same inputs; None otherwise.
-    depth_head_*:                the depth transformer run at every visual target (DESIGN §3).
+    depth_head_*:                the depth transformer run at every visual target (docs/DESIGN.md §3).
     shared_depth_classifier:     one classifier for all depths of a group instead of one per depth.
     visual_loss_weight:          weight of each visual position's loss relative to a text token's.
     num_image_positions:         N, visual positions per image (the tokenizer's `num_positions`); the default

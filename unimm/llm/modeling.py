@@ -1,5 +1,6 @@
-"""`UniMMForCausalLM`: a Hugging Face causal LM (wrapped, never copied) plus the visual modules of DESIGN §3 —
-code embeddings, the continuous-feature projector and one depth-transformer head per codebook group."""
+"""`UniMMForCausalLM`: a Hugging Face causal LM (wrapped, never copied) plus the visual modules of
+docs/DESIGN.md §3 — code embeddings, the continuous-feature projector and one depth-transformer head per codebook
+group."""
 
 from __future__ import annotations
 

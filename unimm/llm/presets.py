@@ -5,7 +5,7 @@ image-position embedding), instead of JSON override strings.
              cost as much as a tiny LLM itself) and a learned image-position embedding, without which a tiny LLM
              places shapes at chance after 600 steps (benchmarks/results/quickstart.md). For tiny LLMs on CPU.
     default  `UniMMConfig`'s own defaults: 3 depth-head layers as wide as the LLM, one classifier per depth.
-    paper    DESIGN §3's depth transformer, pinned: 3 layers at the LLM's width, one classifier per depth, no
+    paper    docs/DESIGN.md §3's depth transformer, pinned: 3 layers at the LLM's width, one classifier per depth, no
              image-position embedding; unlike `default` it does not follow later changes of UniMMConfig.
 
 `VisualModulesConfig` is the typed config the LLM programs parse (`--model_preset tiny --depth_head_layers 2`): a

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 
 @dataclass
 class DenoisingConfig:
-    """l-DeTok corruption of the decoder input (DESIGN §2.4). Active only in training mode."""
+    """l-DeTok corruption of the decoder input (docs/DESIGN.md §2.4). Active only in training mode."""
 
     noise_gamma: float = field(default=0.0, metadata={"help": "Latent noise std gamma (paper 3.0); 0 disables noise."})
     noise_mode: str = field(
@@ -209,7 +209,7 @@ class _TokenizerConfigBase(PretrainedConfig):
 
 
 class VQRAEConfig(_TokenizerConfigBase):
-    """VQRAE: VFM encoder -> linear -> SimVQ -> linear -> symmetric ViT decoder (DESIGN §2.2)."""
+    """VQRAE: VFM encoder -> linear -> SimVQ -> linear -> symmetric ViT decoder (docs/DESIGN.md §2.2)."""
 
     model_type = "unimm_vqrae"
 
@@ -223,7 +223,8 @@ class VQRAEConfig(_TokenizerConfigBase):
 
 
 class DualTokenConfig(_TokenizerConfigBase):
-    """DualToken: SigLIP with a shallow pixel branch and a deep semantic branch, each ResidualVQ (DESIGN §2.3)."""
+    """DualToken: SigLIP with a shallow pixel branch and a deep semantic branch, each ResidualVQ
+    (docs/DESIGN.md §2.3)."""
 
     model_type = "unimm_dualtoken"
 

@@ -1,5 +1,5 @@
-"""l-DeTok denoising of the decoder input (DESIGN §2.4): the decoder learns to reconstruct the clean image from a
-corrupted latent, so the latent space is easy for a downstream generator to denoise.
+"""l-DeTok denoising of the decoder input (docs/DESIGN.md §2.4): the decoder learns to reconstruct the clean image
+from a corrupted latent, so the latent space is easy for a downstream generator to denoise.
 
 The pure functions take an explicit `torch.Generator` so their distributions can be tested statistically;
 `LatentDenoiser` holds the learnable mask token and applies the configured corruptions in training only.

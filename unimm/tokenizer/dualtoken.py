@@ -1,4 +1,4 @@
-"""DualToken (DESIGN §2.3): one SigLIP encoder, two residual-VQ vocabularies.
+"""DualToken (docs/DESIGN.md §2.3): one SigLIP encoder, two residual-VQ vocabularies.
 
 - Pixel branch: hidden state `pixel_layer` (+ `shortcut_weight` x hidden state `shortcut_layer`) -> projection to a
   low dim -> ResidualVQ -> pixel decoder (ViT, or the reference's VQGAN-style CNN with `decoder_type="cnn"`) -> image.

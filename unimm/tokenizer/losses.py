@@ -2,7 +2,7 @@
 weight, self-distillation and the semantic (MSE + 1 - cos) loss.
 
 `ReconstructionLoss` composes the generator side and owns the discriminator; the training loop calls
-`generator_loss` and `discriminator_loss` with its own optimisers (DESIGN §2.5).
+`generator_loss` and `discriminator_loss` with its own optimisers (docs/DESIGN.md §2.5).
 """
 
 from __future__ import annotations

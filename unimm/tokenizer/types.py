@@ -1,4 +1,4 @@
-"""Types shared by the quantizers, the tokenizer models and the LLM (the contract of DESIGN §2)."""
+"""Types shared by the quantizers, the tokenizer models and the LLM (the interface of docs/DESIGN.md §2.6)."""
 
 from __future__ import annotations
 

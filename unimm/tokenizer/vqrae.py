@@ -1,4 +1,4 @@
-"""VQRAE (DESIGN §2.2): a pretrained vision foundation model as encoder, a linear map to a wide code space,
+"""VQRAE (docs/DESIGN.md §2.2): a pretrained vision foundation model as encoder, a linear map to a wide code space,
 SimVQ, and a convolution-free ViT decoder symmetric to the encoder.
 
 Stage 1 trains quantizer + decoder with the encoder frozen. Stage 2 unfreezes the encoder (at its own, lower

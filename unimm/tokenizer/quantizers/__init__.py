@@ -1,4 +1,4 @@
-"""Vector quantizers of the visual tokenizers (DESIGN §2.1): SimVQ and EMA residual VQ.
+"""Vector quantizers of the visual tokenizers (docs/DESIGN.md §2.1): SimVQ and EMA residual VQ.
 
 Both return `QuantizerOutput(quantized, indices, loss, stats)` from `forward(z [..., dim])` with straight-through
 gradients, and `lookup(indices)` gives back the quantized vectors (exactly, in eval mode).

@@ -1,5 +1,5 @@
-"""The visual-tokenizer training loop (DESIGN §5): `setup` builds a `TokenizerRun`, `fit` trains it, `validate`
-evaluates it, `finish` writes the final model and summary; `train_tokenizer` runs all four.
+"""The visual-tokenizer training loop (docs/DESIGN.md §5): `setup` builds a `TokenizerRun`, `fit` trains it,
+`validate` evaluates it, `finish` writes the final model and summary; `train_tokenizer` runs all four.
 
 VQRAE stage 1 (encoder frozen) and stage 2 (encoder at its own lower learning rate, self-distillation, GAN
 from a step), DualToken, l-DeTok options (passed to the model config) and the decoder-only clean finetune.
