@@ -23,6 +23,7 @@ from unimm.data.images import (
     load_image,
     read_image_records,
 )
+from unimm.data.mixture import MixtureConfig, MixtureDataset, build_mixture
 from unimm.data.sequence import (
     ImageSlot,
     MalformedRecordError,
@@ -37,13 +38,10 @@ from unimm.data.sources import llava_messages, read_llava_json, read_text_record
 from unimm.data.tasks import (
     CodeCacheImages,
     IterableTaskDataset,
-    MixtureConfig,
-    MixtureDataset,
     PixelImages,
     SampleConfig,
     SampleFactory,
     TaskDataset,
-    build_mixture,
     caption_dataset,
     conversation_dataset,
     t2i_dataset,

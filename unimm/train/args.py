@@ -21,7 +21,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from unimm.data.tasks import MixtureConfig, SampleConfig
+from unimm.data.mixture import MixtureConfig
+from unimm.data.tasks import SampleConfig
 from unimm.llm.presets import VisualModulesConfig
 from unimm.utils.config import Alias, config_field
 
