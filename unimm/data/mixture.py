@@ -16,6 +16,7 @@ import torch
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.sequence import Sample
+from unimm.data.streaming import CodeCacheShards, JsonShards, StreamingMixture, StreamTask
 from unimm.data.tasks import (
     UNDERSTANDING_INPUTS,
     CodeCacheImages,
@@ -23,9 +24,13 @@ from unimm.data.tasks import (
     PixelImages,
     SampleFactory,
     TaskDataset,
+    caption_builder,
     caption_dataset,
+    conversation_builder,
     conversation_dataset,
+    t2i_builder,
     t2i_dataset,
+    text_builder,
     text_dataset,
 )
 from unimm.utils.config import config_field
@@ -63,11 +68,23 @@ class MixtureConfig:
         "skipped and counted."))
     allow_tokenizer_weights_mismatch: bool = config_field(False, (
         "Use code caches whose tokenizer has the same config but other weights (a warning instead of an error)."))
+    streaming: bool = config_field(False, (
+        "Read the data as a stream of shards (unimm.data.streaming): code_cache's shards, and conversation_json / "
+        "text_data as a file or a folder of .jsonl/.json files (one shard each); each rank and dataloader worker "
+        "reads only its own shards, nothing is listed at start-up, checkpoints resume the stream exactly. Needs "
+        "max_steps; num_samples does not apply."))
+    shuffle_window: int = config_field(1024, (
+        "Streaming: records read and shuffled together (besides the per-epoch shuffle of each reader's shards)."))
+    look_ahead_batches: int = config_field(16, (
+        "Streaming with group_by_modality_length: device batches of one task built ahead and sorted by length."))
 
     def __post_init__(self) -> None:
         for name in ("caption_weight", "t2i_weight", "conversation_weight", "text_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.shuffle_window <= 0 or self.look_ahead_batches <= 0:
+            raise ValueError(f"shuffle_window and look_ahead_batches must be positive, got {self.shuffle_window}, "
+                             f"{self.look_ahead_batches}")
         if self.understanding_input not in UNDERSTANDING_INPUTS:
             raise ValueError(f"understanding_input must be one of {UNDERSTANDING_INPUTS}, got "
                              f"{self.understanding_input!r}")
@@ -146,16 +163,19 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: Any | None = None,
-                  pixel_images: PixelImages | None = None) -> MixtureDataset:
+                  pixel_images: PixelImages | None = None) -> MixtureDataset | StreamingMixture:
     """The training dataset described by `config`. `tokenizer_hash` (the visual tokenizer's `TokenizerIdentity`:
     config and weights hashes; a bare `config_hash()` string checks the architecture only) is checked against
-    every code cache; `pixel_images` serves conversation images when no code cache covers them."""
+    every code cache; `pixel_images` serves conversation images when no code cache covers them. With `streaming`
+    the sources are read as shards (`build_streaming_mixture`)."""
     from functools import partial
 
     from unimm.data.code_cache import load_code_cache as _load_code_cache
     from unimm.data.sources import read_llava_json, read_text_records
 
     load_code_cache = partial(_load_code_cache, allow_weights_mismatch=config.allow_tokenizer_weights_mismatch)
+    if config.streaming:
+        return build_streaming_mixture(config, factory, tokenizer_hash, pixel_images)
 
     def tracker(task: str) -> BadSampleTracker:
         return BadSampleTracker(max_bad_fraction=config.max_bad_fraction, name=f"{task} data")
@@ -207,3 +227,46 @@ def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None
     if mode == "codes":
         raise OptionError("understanding_input=codes needs conversation_code_cache or code_cache")
     return None
+
+
+def build_streaming_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: Any | None = None,
+                            pixel_images: PixelImages | None = None) -> StreamingMixture:
+    """The `StreamingMixture` described by `config` (`streaming: true`): caption and text-to-image samples from
+    `code_cache`'s shards (this node's; the manifest is checked against `tokenizer_hash`), conversations and text
+    from `conversation_json` / `text_data` (a file, or a folder of shard files). Conversation images come from a
+    code cache opened whole (`conversation_code_cache`, keyed by image path) or from pixels, as in `build_mixture`."""
+    from functools import partial
+
+    from unimm.data.code_cache import load_code_cache
+
+    def tracker(task: str) -> BadSampleTracker:
+        return BadSampleTracker(max_bad_fraction=config.max_bad_fraction, name=f"{task} data")
+
+    allow = config.allow_tokenizer_weights_mismatch
+    tasks: list[StreamTask] = []
+    if config.caption_weight > 0 or config.t2i_weight > 0:
+        if config.code_cache is None:
+            raise OptionError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first)")
+        shards = CodeCacheShards(config.code_cache, tokenizer_hash, allow)
+        if not shards.has_text:
+            raise ValueError(f"code cache {config.code_cache} has no captions ('text' column); caption/t2i need them")
+        for task, build, weight in (("caption", caption_builder, config.caption_weight),
+                                    ("t2i", t2i_builder, config.t2i_weight)):
+            if weight > 0:
+                tasks.append(StreamTask(task, shards, build(factory), weight, tracker(task)))
+    if config.conversation_weight > 0:
+        if config.conversation_json is None:
+            raise OptionError("conversation_weight > 0 needs conversation_json")
+        load = partial(load_code_cache, expected_hash=tokenizer_hash, allow_weights_mismatch=allow)
+        images = _conversation_images(config, pixel_images, None, load)
+        tasks.append(StreamTask("conversation", JsonShards(config.conversation_json, "conversation"),
+                                conversation_builder(factory, images), config.conversation_weight,
+                                tracker("conversation")))
+    if config.text_weight > 0:
+        if config.text_data is None:
+            raise OptionError("text_weight > 0 needs text_data")
+        tasks.append(StreamTask("text", JsonShards(config.text_data, "text"), text_builder(factory),
+                                config.text_weight, tracker("text")))
+    return StreamingMixture(tasks, seed=config.seed, shuffle_window=config.shuffle_window,
+                            look_ahead=config.look_ahead_batches)
+

@@ -289,6 +289,43 @@ def _task_dataset(records: Any, build: Callable[[dict, int], Sample], task: str,
     return TaskDataset(records, build, task, tracker, hints)
 
 
+# Each task's record -> sample step, `build(record, epoch)`, shared by the map-style task datasets below and the
+# streaming mixture (`unimm.data.streaming`). Code-cache records carry `codes` as {group: [N, D] integer array}.
+Builder = Callable[[dict, int], Sample]
+
+
+def _code_tensors(codes: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.as_tensor(value, dtype=torch.long) for name, value in codes.items()}
+
+
+def caption_builder(factory: SampleFactory) -> Builder:
+    """Caption samples from code-cache records (`id`, `text`, `codes`)."""
+    return lambda row, epoch: factory.caption(row["id"], row["text"], ImageSlot(
+        codes=_code_tensors(row["codes"]), image_key=row["id"]))
+
+
+def t2i_builder(factory: SampleFactory) -> Builder:
+    """Text-to-image samples from code-cache records, the caption as prompt (dropped by `uncond_prob`)."""
+    return lambda row, epoch: factory.t2i(row["id"], row["text"], _code_tensors(row["codes"]), epoch)
+
+
+def conversation_builder(factory: SampleFactory, images: ImageProvider | None) -> Builder:
+    """Conversation samples from normalised LLaVA records; `images` turns an image reference into a slot."""
+
+    def build(record: dict, epoch: int) -> Sample:
+        refs = record.get("images") or []
+        if refs and images is None:
+            raise SampleError(record["id"], "record has an image but no image source (code cache or folder) is set")
+        return factory.conversation(record, [images(ref, record["id"]) for ref in refs])
+
+    return build
+
+
+def text_builder(factory: SampleFactory) -> Builder:
+    """Text-only samples from records with `id` and `text`."""
+    return lambda row, epoch: factory.text(row["id"], row["text"])
+
+
 def text_tokens_estimate(num_bytes: np.ndarray) -> np.ndarray:
     """Estimated tokens of texts of `num_bytes` UTF-8 bytes (see the module doc)."""
     return np.ceil(np.asarray(num_bytes, dtype=np.float64) / BYTES_PER_TOKEN).astype(np.int64)
@@ -303,8 +340,7 @@ def caption_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracke
         return factory.clip_length(factory.num_bos + cache.image_positions + 2
                                    + text_tokens_estimate(cache.text_bytes()) + 1)
 
-    return TaskDataset(cache, lambda row, epoch: factory.caption(row["id"], row["text"], ImageSlot(
-        codes=row["codes"], image_key=row["id"])), "caption", tracker, hints)
+    return TaskDataset(cache, caption_builder(factory), "caption", tracker, hints)
 
 
 def t2i_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | None = None) -> TaskDataset:
@@ -316,8 +352,7 @@ def t2i_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | 
         return factory.clip_length(factory.num_bos + text_tokens_estimate(cache.text_bytes())
                                    + 1 + cache.image_positions + 1)
 
-    return TaskDataset(cache, lambda row, epoch: factory.t2i(row["id"], row["text"], row["codes"], epoch), "t2i",
-                       tracker, hints)
+    return TaskDataset(cache, t2i_builder(factory), "t2i", tracker, hints)
 
 
 def conversation_dataset(records: Any, factory: SampleFactory, images: ImageProvider | None,
@@ -325,11 +360,7 @@ def conversation_dataset(records: Any, factory: SampleFactory, images: ImageProv
     """LLaVA conversation samples (records from `read_llava_json`, streaming or not); `images` turns an image
     reference into a slot (`CodeCacheImages` or `PixelImages`); text-only records need none."""
 
-    def build(record: dict, epoch: int) -> Sample:
-        refs = record.get("images") or []
-        if refs and images is None:
-            raise SampleError(record["id"], "record has an image but no image source (code cache or folder) is set")
-        return factory.conversation(record, [images(ref, record["id"]) for ref in refs])
+    build = conversation_builder(factory, images)
 
     def hints() -> np.ndarray:  # turn texts without their <image> placeholders, template per turn, image spans
         from unimm.data.sources import llava_length_stats
@@ -353,4 +384,4 @@ def text_dataset(records: Any, factory: SampleFactory,
     def hints() -> np.ndarray:  # [BOS] text EOS
         return factory.clip_length(factory.num_bos + text_tokens_estimate(text_bytes(records, "text")) + 1)
 
-    return _task_dataset(records, lambda row, epoch: factory.text(row["id"], row["text"]), "text", tracker, hints)
+    return _task_dataset(records, text_builder(factory), "text", tracker, hints)
