@@ -1,0 +1,123 @@
+"""The Trainer side of streamed training data (`unimm.data.streaming.StreamingMixture`, `streaming: true`).
+
+The stock `Trainer` hands an `IterableDataset` to accelerate, which either reads every batch on rank 0 and sends
+it out (`dispatch_batches`) or has every rank read the whole stream and keep its share (`IterableDatasetShard`):
+both read every shard somewhere else than where it is used. A stream already split by rank is therefore given
+its own loader through the Trainer's public hooks:
+
+- `get_train_dataloader`: torchdata's `StatefulDataLoader` over this rank's stream (the stream learns the device
+  batch size, the grouping switch and the rank first);
+- `SaveDataStateCallback`: writes the loader's `state_dict()` (every dataloader worker's stream position) to
+  `checkpoint-<step>/data_state/rank<r>.pt` on every rank, before the checkpoint is marked complete;
+- `get_resumed_dataloader`: on resume, loads this rank's state into the loader instead of the stock skipping of
+  the batches already trained on (which would read and build them all again), so the relaunch continues exactly
+  where the checkpoint's step left the stream, mid-shard included.
+
+`log_sample_ids` (any dataset) appends each optimizer step's sample ids to `output_dir/sample_ids/rank<r>.jsonl`:
+what every step trained on, for audits and for checking a resumed run against an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from unimm.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DATA_STATE_DIR = "data_state"
+SAMPLE_LOG_DIR = "sample_ids"
+
+
+def data_state_file(checkpoint: str | Path, rank: int) -> Path:
+    return Path(checkpoint) / DATA_STATE_DIR / f"rank{rank}.pt"
+
+
+def _is_stream(dataset: Any) -> bool:
+    from unimm.data.streaming import StreamingMixture
+
+    return isinstance(dataset, StreamingMixture)
+
+
+class StreamingTrainerMixin:
+    """Mixin for a `transformers.Trainer` subclass (before `Trainer` in the bases): streamed datasets get a
+    `StatefulDataLoader` resumed from the checkpoint's data state; other datasets the stock loader."""
+
+    _resume_checkpoint: str | None = None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._resume_checkpoint = resume_from_checkpoint or None
+        self._sample_log_trimmed = False
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def get_train_dataloader(self) -> Any:
+        dataset = self.train_dataset
+        if not _is_stream(dataset):
+            return super().get_train_dataloader()
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        args = self.args
+        dataset.configure(batch_size=self._train_batch_size, group_by_length=getattr(args, "group_by_modality_length",
+                                                                                       False),
+                          rank=args.process_index, world_size=args.world_size)
+        workers = args.dataloader_num_workers
+        return StatefulDataLoader(dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                                  num_workers=workers, pin_memory=args.dataloader_pin_memory,
+                                  persistent_workers=args.dataloader_persistent_workers if workers else False,
+                                  prefetch_factor=args.dataloader_prefetch_factor if workers else None)
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        if not isinstance(dataloader, StatefulDataLoader) or self._resume_checkpoint is None:
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        path = data_state_file(self._resume_checkpoint, self.args.process_index)
+        if not path.is_file():
+            raise UserError(f"rank {self.args.process_index}: {self._resume_checkpoint} has no data stream state "
+                            f"({path}); it was not written by a streaming run, resume it with streaming off (or "
+                            f"pass --ignore_data_skip true to restart the stream from its beginning)")
+        dataloader.load_state_dict(torch.load(path, weights_only=True))
+        logger.info("data stream resumed from %s (no batch is read again)", path)
+        return dataloader
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if getattr(self.args, "log_sample_ids", False) and batches:
+            from unimm.train.checkpoint import trim_jsonl_log
+
+            path = Path(self.args.output_dir) / SAMPLE_LOG_DIR / f"rank{self.args.process_index}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not getattr(self, "_sample_log_trimmed", True):  # a relaunch logs the steps after its checkpoint anew
+                trim_jsonl_log(path, self.state.global_step)
+                self._sample_log_trimmed = True
+            line = {"step": self.state.global_step + 1,
+                    "sample_ids": [list(batch.get("sample_ids", [])) for batch in batches]}
+            with open(path, "a") as log:
+                log.write(json.dumps(line) + "\n")
+        return batches, num_items
+
+
+class SaveDataStateCallback(TrainerCallback):
+    """Writes each rank's stream position into every checkpoint (see the module doc). Must come before the callback
+    that marks the checkpoint complete."""
+
+    def on_save(self, args, state, control, train_dataloader=None, **kwargs):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        if isinstance(train_dataloader, StatefulDataLoader):
+            path = data_state_file(Path(args.output_dir) / f"checkpoint-{state.global_step}", args.process_index)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(train_dataloader.state_dict(), tmp)
+            tmp.replace(path)
+        return control
