@@ -182,8 +182,9 @@ def _two_nodes(toy, tiny_unimm, data: list[Path], outs: list[Path]) -> None:
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, 9)
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-6000:]
+    failed = [f"node {node} ({proc.returncode}):\n{log[-4000:]}" for node, (proc, log) in enumerate(zip(procs, logs))
+              if proc.returncode != 0]
+    assert not failed, "\n".join(failed)
 
 
 def test_streamed_finetuning_on_two_nodes_without_a_shared_filesystem(toy, tiny_unimm, tmp_path):

@@ -67,6 +67,9 @@ class StreamingTrainerMixin:
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         args = self.args
+        if args.max_steps <= 0:
+            raise UserError("streaming: true reads an endless stream (sources restart with a new shuffle when they "
+                            "end): set --max_steps, the length of the run")
         dataset.configure(batch_size=self._train_batch_size, group_by_length=getattr(args, "group_by_modality_length",
                                                                                        False),
                           rank=args.process_index, world_size=args.world_size)
@@ -108,16 +111,25 @@ class StreamingTrainerMixin:
 
 
 class SaveDataStateCallback(TrainerCallback):
-    """Writes each rank's stream position into every checkpoint (see the module doc). Must come before the callback
-    that marks the checkpoint complete."""
+    """Writes what each node's copy of a checkpoint needs beyond the stock save, before the callback that marks the
+    checkpoint complete: this rank's stream position (see the module doc) and, with `save_on_each_node`, DeepSpeed's
+    `latest` tag file on every node (DeepSpeed writes it on global rank 0 only, so without a shared filesystem the
+    other nodes' copies could not be resumed: their engines find no tag to load)."""
 
     def on_save(self, args, state, control, train_dataloader=None, **kwargs):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if isinstance(train_dataloader, StatefulDataLoader):
-            path = data_state_file(Path(args.output_dir) / f"checkpoint-{state.global_step}", args.process_index)
+            path = data_state_file(checkpoint, args.process_index)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             torch.save(train_dataloader.state_dict(), tmp)
             tmp.replace(path)
+        tag = f"global_step{state.global_step}"
+        if args.save_on_each_node and args.local_process_index == 0 and args.process_index != 0 and (
+                checkpoint / tag).is_dir():
+            tmp = checkpoint / f"latest.{args.process_index}.tmp"
+            tmp.write_text(tag)
+            tmp.replace(checkpoint / "latest")
         return control
