@@ -222,3 +222,29 @@ def test_streamed_finetuning_on_two_nodes_without_a_shared_filesystem(toy, tiny_
         after_log = sample_log(resumed[node], node)
         assert sorted(after_log) == [3, 4]
         assert after_log == {step: logs[node][step] for step in (3, 4)}
+
+
+def test_streamed_finetuning_under_deepspeed_with_dataloader_workers(toy, tiny_unimm, tmp_path):
+    """`deepspeed --num_gpus 2 scripts/finetune.py --streaming true` with two dataloader workers per rank: four
+    readers, each reading its own two of the eight conversation shards (rank r, worker w: shards 2r + w and
+    2r + w + 4), every device batch from one worker."""
+    shards = tmp_path / "conversations"
+    _conversation_shards(shards)
+    out = tmp_path / "run"
+    run_script(["scripts/finetune.py", "--deepspeed", "configs/deepspeed/zero2.json", "--model_path", str(tiny_unimm),
+                "--conversation_json", str(shards), "--conversation_code_cache", str(toy["conversation_cache"]),
+                "--conversation_weight", "1", "--caption_weight", "0", "--t2i_weight", "0", "--streaming", "true",
+                "--log_sample_ids", "true", "--max_length", "64", "--output_dir", str(out), "--max_steps", "4",
+                "--save_strategy", "no", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+                "--learning_rate", "3e-3", "--warmup_steps", "0", "--report_to", "none",
+                "--dataloader_num_workers", "2", "--seed", "5"], launcher=deepspeed_launcher())
+    history = log_history(out)
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    for rank in range(2):
+        batches = [batch for step in sample_log(out, rank).values() for batch in step]
+        assert len(batches) == 4
+        for batch in batches:  # one worker's batch: one reader's shards
+            readers = {int(i[1]) % 4 for i in batch}
+            assert len(readers) == 1 and readers <= {2 * rank, 2 * rank + 1}, batch
+        # the workers take turns: both of this rank's readers contributed
+        assert {int(batch[0][1]) % 4 for batch in batches} == {2 * rank, 2 * rank + 1}

@@ -23,7 +23,7 @@ from unimm.data.images import (
     load_image,
     read_image_records,
 )
-from unimm.data.mixture import MixtureConfig, MixtureDataset, build_mixture
+from unimm.data.mixture import MixtureConfig, MixtureDataset, build_mixture, build_streaming_mixture
 from unimm.data.sequence import (
     ImageSlot,
     MalformedRecordError,
@@ -35,6 +35,7 @@ from unimm.data.sequence import (
     TokenIds,
 )
 from unimm.data.sources import llava_messages, read_llava_json, read_text_records
+from unimm.data.streaming import CodeCacheShards, JsonShards, ShardSource, StreamingMixture
 from unimm.data.tasks import (
     CodeCacheImages,
     IterableTaskDataset,
@@ -54,6 +55,7 @@ __all__ = [
     "ChatMessage",
     "CodeCache",
     "CodeCacheImages",
+    "CodeCacheShards",
     "CodeCacheCorruptError",
     "CodeCacheMismatchError",
     "GroupedBatchSampler",
@@ -61,6 +63,7 @@ __all__ = [
     "ImageLoadError",
     "ImageSlot",
     "ImageTransform",
+    "JsonShards",
     "IterableTaskDataset",
     "MalformedRecordError",
     "MixtureConfig",
@@ -73,12 +76,15 @@ __all__ = [
     "SampleFactory",
     "SampleTooLongError",
     "SequenceBuilder",
+    "ShardSource",
+    "StreamingMixture",
     "TaskDataset",
     "Text",
     "TokenIds",
     "TooManyBadSamplesError",
     "UniMMCollator",
     "build_mixture",
+    "build_streaming_mixture",
     "caption_dataset",
     "collate_images",
     "conversation_dataset",
