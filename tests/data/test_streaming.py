@@ -167,3 +167,21 @@ def test_grouped_batches_hold_one_task_and_pack(data, visual_tokenizer, qwen):
     for batch in batches[:6]:
         packed = collator(batch)
         assert packed["input_ids"].shape[0] <= len(batch) and packed["sample_ids"] == [s.sample_id for s in batch]
+
+
+def test_code_cache_shards_read_from_any_offset(data, visual_tokenizer, monkeypatch):
+    """A shard read from a record offset, across the reader's conversion chunks, gives the records as written."""
+    import unimm.data.streaming as streaming
+    from unimm.data.streaming import CodeCacheShards
+
+    monkeypatch.setattr(streaming, "READ_CHUNK", 2)
+    shards = CodeCacheShards(data["cache"], visual_tokenizer)
+    assert shards.shards() == [f"shard-{i:05d}.arrow" for i in range(8)] and shards.has_text
+    assert shards.num_records("shard-00003.arrow") == SHARD_SIZE
+    records = list(shards.read("shard-00003.arrow", start=1))
+    assert [r["id"] for r in records] == [f"img{i}" for i in range(16, 20)]
+    for record, index in zip(records, range(16, 20)):
+        assert record["text"] == data["captions"][index]
+        assert np.array_equal(record["codes"]["semantic"], data["codes"]["semantic"][index])
+    with pytest.raises(Exception, match="config hash"):
+        CodeCacheShards(data["cache"], "another-config-hash")

@@ -55,6 +55,7 @@ from unimm.utils.errors import InputFileError, UserError
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+READ_CHUNK = 64  # code-cache records converted to numpy at once
 
 
 class ShardSource(Protocol):
@@ -140,21 +141,27 @@ class CodeCacheShards:
     def read(self, shard: str, start: int = 0) -> Iterator[dict]:
         self._verify(shard)
         with pa.memory_map(str(self.path / shard)) as source:
-            reader = pa.ipc.open_stream(source)
-            for batch in reader:  # memory-mapped record batches: skipping one costs nothing
+            for batch in pa.ipc.open_stream(source):  # memory-mapped record batches: skipping one costs nothing
                 if start >= batch.num_rows:
                     start -= batch.num_rows
                     continue
-                columns = batch.slice(start).to_pydict()
+                for begin in range(start, batch.num_rows, READ_CHUNK):
+                    yield from self._records(batch.slice(begin, READ_CHUNK))
                 start = 0
-                texts = columns.get("text")
-                for i, sample_id in enumerate(columns["id"]):
-                    codes = {name: np.asarray(columns[f"codes_{name}"][i], dtype=np.int64).reshape(shape)
-                             for name, shape in self.shapes.items()}
-                    record = {"id": sample_id, "codes": codes}
-                    if texts is not None:
-                        record["text"] = texts[i]
-                    yield record
+
+    def _records(self, chunk: pa.RecordBatch) -> Iterator[dict]:
+        """The records of `chunk`: each group's codes converted to numpy in one call for the whole chunk (every
+        record has the same [N, D] shape), captions and ids as Python strings."""
+        names = chunk.schema.names
+        codes = {name: chunk.column(names.index(f"codes_{name}")).flatten().to_numpy(zero_copy_only=False)
+                 .astype(np.int64).reshape(chunk.num_rows, *shape) for name, shape in self.shapes.items()}
+        ids = chunk.column(names.index("id")).to_pylist()
+        texts = chunk.column(names.index("text")).to_pylist() if "text" in names else None
+        for i, sample_id in enumerate(ids):
+            record = {"id": sample_id, "codes": {name: group[i] for name, group in codes.items()}}
+            if texts is not None:
+                record["text"] = texts[i]
+            yield record
 
 
 class JsonShards:
