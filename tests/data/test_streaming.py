@@ -185,3 +185,23 @@ def test_code_cache_shards_read_from_any_offset(data, visual_tokenizer, monkeypa
         assert np.array_equal(record["codes"]["semantic"], data["codes"]["semantic"][index])
     with pytest.raises(Exception, match="config hash"):
         CodeCacheShards(data["cache"], "another-config-hash")
+
+
+def test_bad_records_are_skipped_and_counted(data, visual_tokenizer, qwen):
+    """An empty text is a bad record: the stream skips it and the task's tracker counts it; past max_bad_fraction
+    the run stops naming the records."""
+    from unimm.data.bad_samples import TooManyBadSamplesError
+
+    with open(data["text"] / "part-0.jsonl", "a") as shard:
+        shard.write(json.dumps({"id": "empty", "text": "   "}) + "\n")
+    mixture = _mixture(data, visual_tokenizer, qwen, caption_weight=0.0, t2i_weight=0.0, text_weight=1.0,
+                       max_bad_fraction=0.5)
+    ids = [batch[0].sample_id for batch in _take(iter(_loader(mixture)), 41)]
+    assert "empty" not in ids and len(set(ids)) == 40  # one epoch of the 40 good records, then the next begins
+    tracker = mixture.tasks[0].tracker
+    assert tracker.num_bad == 1 and tracker.bad_examples == [("empty", "empty text")]
+
+    mixture = _mixture(data, visual_tokenizer, qwen, caption_weight=0.0, t2i_weight=0.0, text_weight=1.0,
+                       max_bad_fraction=0.0)
+    with pytest.raises(TooManyBadSamplesError, match="empty"):
+        _take(iter(_loader(mixture)), 45)

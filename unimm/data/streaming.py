@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 READ_CHUNK = 64  # code-cache records converted to numpy at once
+MAX_BAD_IN_A_ROW = 10_000
 
 
 class ShardSource(Protocol):
@@ -322,16 +323,20 @@ class _SampleStream:
         self.fills = 0
 
     def _build_next(self) -> Sample:
-        for _attempt in range(1_000_000):
+        """The next record that builds (bad ones are counted by the tracker, which stops the run past
+        `max_bad_fraction`; a stream of nothing but bad records stops after `MAX_BAD_IN_A_ROW`)."""
+        for _attempt in range(MAX_BAD_IN_A_ROW):
             record, epoch = self.records.next()
             try:
                 sample = self.task.build(record, epoch)
             except SampleError as err:
                 self.tracker.record_bad(err.sample_id, err.reason)
+                self.tracker.check()
                 continue
             self.tracker.record_ok()
             return sample
-        raise RuntimeError(f"{self.task.task} data: no record could be built")
+        raise UserError(f"{self.task.source.name}: {MAX_BAD_IN_A_ROW} {self.task.task} records in a row could not be "
+                        f"built (e.g. {self.tracker.bad_examples[:3]})")
 
     def _fill(self) -> None:
         self.buffer_start = dict(self.records.state)
