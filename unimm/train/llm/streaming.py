@@ -9,9 +9,10 @@ its own loader through the Trainer's public hooks:
   batch size, the grouping switch and the rank first);
 - `SaveDataStateCallback`: writes the loader's `state_dict()` (every dataloader worker's stream position) to
   `checkpoint-<step>/data_state/rank<r>.pt` on every rank, before the checkpoint is marked complete;
-- `get_resumed_dataloader`: on resume, loads this rank's state into the loader instead of the stock skipping of
-  the batches already trained on (which would read and build them all again), so the relaunch continues exactly
-  where the checkpoint's step left the stream, mid-shard included.
+- on resume, the loader is built with this rank's state loaded, and the stock skipping of the batches already
+  trained on (which would read and build them all again) is turned off (`get_resumed_dataloader`, or
+  `ignore_data_skip` on transformers releases without that hook), so the relaunch continues exactly where the
+  checkpoint's step left the stream, mid-shard included. `--ignore_data_skip true` starts the stream anew.
 
 `log_sample_ids` (any dataset) appends each optimizer step's sample ids to `output_dir/sample_ids/rank<r>.jsonl`:
 what every step trained on, for audits and for checking a resumed run against an uninterrupted one.
@@ -74,24 +75,35 @@ class StreamingTrainerMixin:
                                                                                        False),
                           rank=args.process_index, world_size=args.world_size)
         workers = args.dataloader_num_workers
-        return StatefulDataLoader(dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
-                                  num_workers=workers, pin_memory=args.dataloader_pin_memory,
-                                  persistent_workers=args.dataloader_persistent_workers if workers else False,
-                                  prefetch_factor=args.dataloader_prefetch_factor if workers else None)
+        loader = StatefulDataLoader(dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                                    num_workers=workers, pin_memory=args.dataloader_pin_memory,
+                                    persistent_workers=args.dataloader_persistent_workers if workers else False,
+                                    prefetch_factor=args.dataloader_prefetch_factor if workers else None)
+        if self._resume_checkpoint is not None and not args.ignore_data_skip:
+            self._load_data_state(loader)
+            if not hasattr(super(), "get_resumed_dataloader"):
+                # transformers < 5.25 skips the trained batches inline (accelerate's skip_first_batches, which would
+                # replace this loader by a plain one reading the stream again): the state is loaded, skip nothing.
+                args.ignore_data_skip = True
+        return loader
 
-    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        if not isinstance(dataloader, StatefulDataLoader) or self._resume_checkpoint is None:
-            return super().get_resumed_dataloader(dataloader, num_batches)
+    def _load_data_state(self, loader: Any) -> None:
         path = data_state_file(self._resume_checkpoint, self.args.process_index)
         if not path.is_file():
             raise UserError(f"rank {self.args.process_index}: {self._resume_checkpoint} has no data stream state "
-                            f"({path}); it was not written by a streaming run, resume it with streaming off (or "
-                            f"pass --ignore_data_skip true to restart the stream from its beginning)")
-        dataloader.load_state_dict(torch.load(path, weights_only=True))
+                            f"({path}); it was not written by a streaming run: resume it with streaming off, or pass "
+                            f"--ignore_data_skip true to start the stream from its beginning")
+        loader.load_state_dict(torch.load(path, weights_only=True))
         logger.info("data stream resumed from %s (no batch is read again)", path)
-        return dataloader
+
+    def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
+        """transformers >= 5.25: the trained batches are skipped here; a stream's loader was resumed from the
+        checkpoint's data state when it was built."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        if isinstance(dataloader, StatefulDataLoader) and _is_stream(self.train_dataset):
+            return dataloader
+        return super().get_resumed_dataloader(dataloader, num_batches)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
