@@ -1,7 +1,7 @@
 """Streamed data (`--streaming true`) through the real programs on two gloo ranks.
 
-- Pretraining under `deepspeed --num_gpus 2` (ZeRO-2, packed rows, accumulation 2, modality grouping) from a code
-  cache of 10 shards: a run killed -9 right after its step-3 checkpoint (which falls mid-shard and mid-window for
+- Pretraining under `deepspeed --num_gpus 2` (ZeRO-2, packed rows, accumulation 2, modality grouping, two
+  dataloader workers per rank: four readers) from a code cache of 10 shards: a run killed -9 right after its step-3 checkpoint (which falls mid-shard and mid-window for
   both ranks) and relaunched with the same command trains steps 4-6 on exactly the samples, and with exactly the
   losses, of an uninterrupted run (per-step sample ids from `--log_sample_ids`).
 - Finetuning on conversations as two nodes without a shared filesystem: two `torchrun --nnodes 2` launches, each
@@ -59,7 +59,7 @@ def pretrain_args(toy, cache: Path, output_dir: Path) -> list[str]:
         "--group_by_modality_length", "true", "--log_sample_ids", "true",
         "--depth_head_layers", "1", "--max_length", "64", "--output_dir", str(output_dir),
         "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--per_device_train_batch_size", "2",
-        "--learning_rate", "3e-3", "--warmup_steps", "0", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--learning_rate", "3e-3", "--warmup_steps", "0", "--report_to", "none", "--dataloader_num_workers", "2",
         "--seed", "7", "--packing", "true", "--gradient_accumulation_steps", "2",
     ]
 
@@ -89,6 +89,15 @@ def _kill_when_file_appears(argv: list[str], path: Path, timeout: float = 600) -
         proc.wait()
 
 
+def _stream_states(state) -> list[dict]:
+    """The `StreamingMixture` states inside a `StatefulDataLoader` state (one per dataloader worker)."""
+    if isinstance(state, dict):
+        if "streams" in state:
+            return [state]
+        return [found for value in state.values() for found in _stream_states(value)]
+    return []
+
+
 def losses(output_dir: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in log_history(output_dir)}
 
@@ -99,6 +108,8 @@ def test_streamed_pretraining_killed_mid_shard_resumes_exactly(toy, sharded_cach
     history = log_history(reference)
     assert [entry["step"] for entry in history] == [1, 2, 3, 4, 5, 6]
     assert history[-1]["loss"] < history[0]["loss"]
+    # the readers start at different phases of the task cycle: every step trains on both tasks
+    assert all({"text_loss", "visual_loss/pixel"} <= set(entry) for entry in history)
     ranks = [sample_log(reference, rank) for rank in range(2)]
     shards = json.loads((sharded_cache / "cache_info.json").read_text())["shards"]
     for steps in ranks:
@@ -111,10 +122,13 @@ def test_streamed_pretraining_killed_mid_shard_resumes_exactly(toy, sharded_cach
     # the step-3 checkpoint holds each rank's stream position, in the middle of a shard
     for rank in range(2):
         state = torch.load(reference / "checkpoint-3" / "data_state" / f"rank{rank}.pt", weights_only=True)
-        streams = state["dataset_state"]["streams"]
-        assert set(streams) == {"caption", "t2i"}
-        assert any(s["records"]["offset"] % SHARD_SIZE or s["records"]["taken"] or s["emitted"]
-                   for s in streams.values()), streams
+        readers = _stream_states(state)  # one per dataloader worker
+        assert sorted(r["reader"] for r in readers) == [2 * rank, 2 * rank + 1]
+        for reader in readers:
+            streams = reader["streams"]
+            assert set(streams) == {"caption", "t2i"}
+            assert any(s["records"]["offset"] % SHARD_SIZE or s["records"]["taken"] or s["emitted"]
+                       for s in streams.values()), streams
     assert len(shards) == 10
 
     killed = tmp_path / "killed"

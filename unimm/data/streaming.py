@@ -14,7 +14,8 @@ its source's shards (`ShardSource`: an ordered list of shard files plus `read(sh
 - **Mixture.** The task of each sample (each device batch with grouping) is chosen by smooth weighted round-robin:
   every choice adds each task's weight to its credit and takes the task with the largest credit, which then pays the
   total weight. After n choices every task has been chosen n * weight / total times, rounded up or down: the weights
-  hold per step, not only on average.
+  hold per step, not only on average. Reader g starts g choices into the cycle, so the batches that the readers
+  (ranks, workers) contribute to one optimizer step are not all of one task.
 - **Grouping** (`group_by_length`, the Trainer's `group_by_modality_length`): a task's samples are built `look_ahead`
   device batches at a time, sorted by length and cut into batches, which leave in a seeded order: every run of
   `batch_size` samples holds one task and similar lengths, with a buffer of `look_ahead * batch_size` samples per
@@ -415,6 +416,8 @@ class StreamingMixture(torch.utils.data.IterableDataset):
                                        self.batch_size, look_ahead, self.seed) for t in self.tasks]
         self._mix = {"reader": reader, "readers": readers, "credits": [0.0] * len(self.tasks), "task": -1,
                      "left": 0}
+        for _ in range(reader):  # each reader starts at another phase of the cycle: a step's batches mix tasks
+            self._choose()
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
