@@ -205,3 +205,32 @@ def test_bad_records_are_skipped_and_counted(data, visual_tokenizer, qwen):
                        max_bad_fraction=0.0)
     with pytest.raises(TooManyBadSamplesError, match="empty"):
         _take(iter(_loader(mixture)), 45)
+
+
+def test_json_shards_seek_to_any_record(tmp_path):
+    """JSON Lines shards are indexed by line once and read from any record (blank lines skipped, a broken line a
+    malformed record naming file and line); `.txt` lines and `.json` lists are shards too."""
+    from unimm.data.streaming import JsonShards
+
+    folder = tmp_path / "conversations"
+    folder.mkdir()
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    lines = [json.dumps({"id": f"c{i}", "conversations": turns}) for i in range(5)]
+    lines.insert(2, "")
+    lines[4] = '{"id": "broken", '
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "b.json").write_text(json.dumps([{"id": "j0", "conversations": turns}, {"id": "j1"}]))
+    shards = JsonShards(folder, "conversation")
+    assert shards.shards() == ["a.jsonl", "b.json"]
+    records = list(shards.read("a.jsonl", start=1))
+    assert [r["id"] for r in records] == ["c1", "c2", "a.jsonl-3", "c4"]  # the broken line is record 3
+    assert records[0]["conversations"] == turns and records[0]["malformed"] is None
+    assert "a.jsonl:5:" in records[2]["malformed"] and "invalid JSON" in records[2]["malformed"]
+    assert [r["id"] for r in shards.read("a.jsonl", start=4)] == ["c4"] and shards.num_records("a.jsonl") == 5
+    assert [r["id"] for r in shards.read("b.json", start=1)] == ["j1"]
+    assert list(shards.read("b.json", start=1))[0]["malformed"] == "record has no 'conversations'"
+
+    (tmp_path / "lines.txt").write_text("first\n\nsecond\nthird\n")
+    text = JsonShards(tmp_path / "lines.txt", "text")
+    assert list(text.read("lines.txt", start=1)) == [{"id": "lines.txt-1", "text": "second"},
+                                                     {"id": "lines.txt-2", "text": "third"}]

@@ -168,8 +168,12 @@ class CodeCacheShards:
 
 class JsonShards:
     """JSON Lines / JSON record files as a `ShardSource`, one shard per file: `path` is a file or a folder of
-    `.jsonl` / `.json` files (sorted by name). `kind` is `conversation` (records normalised as LLaVA records,
-    `unimm.data.sources.normalise_llava_record`) or `text` (`{"id"?, "text"}` objects, or `.txt` lines)."""
+    `.jsonl` / `.json` / `.txt` files (sorted by name). `kind` is `conversation` (records normalised as LLaVA
+    records, `unimm.data.sources.normalise_llava_record`) or `text` (`{"id"?, "text"}` objects, or `.txt` lines).
+
+    A line-based shard (`.jsonl`, `.txt`) is indexed the first time this process reads it: one pass over its bytes
+    records where each non-empty line starts (nothing is parsed), after which `read(shard, start)` seeks straight to
+    record `start`. A `.json` list is parsed whole once per process and kept: use JSON Lines for large shards."""
 
     SUFFIXES = (".jsonl", ".json", ".txt")
 
@@ -188,35 +192,75 @@ class JsonShards:
             self._root, self._files = self.path.parent, [self.path.name]
         else:
             raise FileNotFoundError(f"{kind} data not found: {self.path}")
+        self._lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (byte offsets, line numbers)
+        self._lists: dict[str, list] = {}
 
     def shards(self) -> list[str]:
         return list(self._files)
 
     def num_records(self, shard: str) -> int | None:
-        return None
+        if shard in self._lists:
+            return len(self._lists[shard])
+        return len(self._lines[shard][0]) if shard in self._lines else None
 
-    def _raw(self, file: Path) -> Iterator[Any]:
-        from unimm.data.sources import _iter_json_records
+    def _line_index(self, shard: str) -> tuple[np.ndarray, np.ndarray]:
+        if shard not in self._lines:
+            offsets, numbers, position = [], [], 0
+            with open(self._root / shard, "rb") as f:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        offsets.append(position)
+                        numbers.append(number)
+                    position += len(line)
+            self._lines[shard] = (np.array(offsets, dtype=np.int64), np.array(numbers, dtype=np.int64))
+        return self._lines[shard]
 
-        if file.suffix.lower() == ".txt":
-            with file.open(encoding="utf-8") as f:
-                yield from ({"text": line.rstrip("\n")} for line in f if line.strip())
+    def _raw(self, shard: str, start: int) -> Iterator[Any]:
+        """The raw records of `shard` from `start` (an undecodable line: `{"__malformed__": reason}`)."""
+        file = self._root / shard
+        if file.suffix.lower() == ".json":
+            if shard not in self._lists:
+                from unimm.data.sources import _iter_json_records
+
+                self._lists[shard] = list(_iter_json_records(file))
+            yield from self._lists[shard][start:]
             return
-        yield from _iter_json_records(file)
+        offsets, numbers = self._line_index(shard)
+        if start >= len(offsets):
+            return
+        text = file.suffix.lower() == ".txt"
+        with open(file, "rb") as f:
+            f.seek(int(offsets[start]))
+            for number in numbers[start:]:
+                line = f.readline()
+                while not line.strip():  # blank lines between records
+                    line = f.readline()
+                try:
+                    decoded = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    if text:
+                        raise InputFileError(f"{file}:{number}:{err.start + 1}: not UTF-8") from None
+                    yield {"__malformed__": f"{file}:{number}:{err.start + 1}: not UTF-8"}
+                    continue
+                if text:
+                    yield {"text": decoded.rstrip("\r\n")}
+                    continue
+                try:
+                    yield json.loads(decoded)
+                except json.JSONDecodeError as err:
+                    yield {"__malformed__": f"{file}:{number}:{err.colno}: invalid JSON ({err.msg})"}
 
     def read(self, shard: str, start: int = 0) -> Iterator[dict]:
-        from itertools import islice
-
         from unimm.data.sources import normalise_llava_record
 
-        file = self._root / shard
-        for index, raw in enumerate(islice(self._raw(file), start, None), start=start):
+        for index, raw in enumerate(self._raw(shard, start), start=start):
             if self.kind == "conversation":
                 yield normalise_llava_record(raw, index, shard)
             elif isinstance(raw, dict) and isinstance(raw.get("text"), str):
                 yield {"id": str(raw.get("id", f"{shard}-{index}")), "text": raw["text"]}
             else:
-                raise InputFileError(f"{file}: record {index} has no string field 'text'")
+                reason = raw.get("__malformed__") if isinstance(raw, dict) else None
+                raise InputFileError(reason or f"{self._root / shard}: record {index} has no string field 'text'")
 
 
 # ------------------------------------------------------------------------------------------------ streams
