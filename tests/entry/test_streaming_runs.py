@@ -148,6 +148,13 @@ def test_streamed_pretraining_killed_mid_shard_resumes_exactly(toy, sharded_cach
     for rank in range(2):
         assert sample_log(killed, rank) == ranks[rank]  # steps 4-6 from the resumed stream, 1-3 from before
 
+    # each worker reads its own shards: continuing the run with other workers is refused in one line
+    args[args.index("--dataloader_num_workers") + 1] = "0"
+    args[args.index("--max_steps") + 1] = "8"
+    with pytest.raises(AssertionError, match=r"rank0\.pt was written with --dataloader_num_workers 2, this launch "
+                                             r"has 0"):
+        run_script(args, launcher=deepspeed_launcher())
+
 
 # ------------------------------------------------------------------------------------------------ two nodes
 

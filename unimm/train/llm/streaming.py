@@ -93,7 +93,12 @@ class StreamingTrainerMixin:
             raise UserError(f"rank {self.args.process_index}: {self._resume_checkpoint} has no data stream state "
                             f"({path}); it was not written by a streaming run: resume it with streaming off, or pass "
                             f"--ignore_data_skip true to start the stream from its beginning")
-        loader.load_state_dict(torch.load(path, weights_only=True))
+        saved = torch.load(path, weights_only=True)
+        if saved["num_workers"] != self.args.dataloader_num_workers:
+            raise UserError(f"{path} was written with --dataloader_num_workers {saved['num_workers']}, this launch "
+                            f"has {self.args.dataloader_num_workers}: each worker reads its own shards, so a streamed "
+                            f"run resumes with the workers it was saved with")
+        loader.load_state_dict(saved["loader"])
         logger.info("data stream resumed from %s (no batch is read again)", path)
 
     def get_resumed_dataloader(self, dataloader: Any, num_batches: int) -> Any:
@@ -136,7 +141,7 @@ class SaveDataStateCallback(TrainerCallback):
             path = data_state_file(checkpoint, args.process_index)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(train_dataloader.state_dict(), tmp)
+            torch.save({"num_workers": args.dataloader_num_workers, "loader": train_dataloader.state_dict()}, tmp)
             tmp.replace(path)
         tag = f"global_step{state.global_step}"
         if args.save_on_each_node and args.local_process_index == 0 and args.process_index != 0 and (
