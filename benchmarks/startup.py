@@ -107,7 +107,8 @@ def measure(folder: Path, scenario: str, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from unimm.data.collator import UniMMCollator
-    from unimm.data.tasks import MixtureConfig, SampleConfig, SampleFactory, build_mixture
+    from unimm.data.mixture import MixtureConfig, build_mixture
+    from unimm.data.tasks import SampleConfig, SampleFactory
     from unimm.llm.vocab import extend_tokenizer_and_model
     from unimm.testing import tiny_llm_config
     from unimm.train.llm.trainer import modality_length_sampler

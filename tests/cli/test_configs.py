@@ -114,7 +114,8 @@ def test_preset_fields_are_unimm_config_fields():
 
 
 def test_data_arguments_are_the_data_layers_configs():
-    from unimm.data.tasks import MixtureConfig, SampleConfig
+    from unimm.data.mixture import MixtureConfig
+    from unimm.data.tasks import SampleConfig
 
     (_, _, data_args, training_args) = pretrain.parse_args(["--llm_path", "l", "--visual_tokenizer_path", "t",
                                                              "--uncond_prob", "0.3", "--caption_weight", "2",

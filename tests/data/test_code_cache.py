@@ -167,7 +167,8 @@ def test_run_pretokenize_on_llava_images(tokenizer, image_folder, tmp_path, one_
 
 def test_build_mixture_from_code_cache_llava_and_text(tokenizer, image_folder, tmp_path, one_thread, qwen):
     from unimm.data.collator import UniMMCollator
-    from unimm.data.tasks import MixtureConfig, SampleConfig, SampleFactory, build_mixture
+    from unimm.data.mixture import MixtureConfig, build_mixture
+    from unimm.data.tasks import SampleConfig, SampleFactory
 
     text_tokenizer, layout = qwen
     layout.codebook_spec = {"semantic": {"num_codes": 512, "depth": 1, "code_dim": 32}}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from unimm.data.collator import GroupedBatchSampler
-from unimm.data.tasks import MixtureDataset, TaskDataset
+from unimm.data.mixture import MixtureDataset
+from unimm.data.tasks import TaskDataset
 
 
 def _english_lines() -> list[str]:

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from unimm.data.images import ImageTransform
+from unimm.data.mixture import MixtureDataset
 from unimm.data.sequence import SampleError
 from unimm.data.sources import read_llava_json, read_text_records
-from unimm.data.tasks import MixtureDataset, PixelImages, TaskDataset
+from unimm.data.tasks import PixelImages, TaskDataset
 
 LLAVA = [
     {"id": "000000033471", "image": "coco/train2017/000000033471.jpg", "conversations": [

@@ -74,7 +74,7 @@ def test_auto_with_code_caches_keeps_conversations_on_codes(vqrae_toy, tmp_path)
     ("codes", {}, False),
 ])
 def test_new_model_needs_projector(mode, fields, needs):
-    from unimm.data.tasks import MixtureConfig
+    from unimm.data.mixture import MixtureConfig
 
     config = MixtureConfig(conversation_weight=1.0, caption_weight=0.0, understanding_input=mode, **fields)
     assert config.new_model_needs_projector is needs
@@ -89,14 +89,14 @@ def test_new_model_needs_projector(mode, fields, needs):
     ({"understanding_input": "features"}, "caption_weight=1.0"),
 ])
 def test_bad_understanding_input_names_the_key(fields, message):
-    from unimm.data.tasks import MixtureConfig
+    from unimm.data.mixture import MixtureConfig
 
     with pytest.raises(ValueError, match=message):
         MixtureConfig(conversation_weight=1.0, **fields)
 
 
 def test_features_without_a_pixel_source_and_codes_without_a_cache_are_refused(vqrae_toy):
-    from unimm.data.tasks import MixtureConfig, build_mixture
+    from unimm.data.mixture import MixtureConfig, build_mixture
 
     features = MixtureConfig(conversation_weight=1.0, caption_weight=0.0, t2i_weight=0.0,
                              conversation_json=str(vqrae_toy["conversations"]), understanding_input="features")

@@ -28,7 +28,7 @@ def _fake_eos_prompt(factory, stack, image, question, sample_id):
     parts = [image_slot(stack, image, sample_id), "\n"] if image is not None else []
     messages.append(ChatMessage("user", parts + [question]))
     segments = factory.chat_format.segments(messages, sample_id, add_generation_prompt=True)
-    end = TokenIds([factory.tokenizer.eos_token_id], supervise=True)
+    end = TokenIds([factory.text_tokenizer.eos_token_id], supervise=True)
     sample = factory.builder.build([*segments, end], sample_id, "chat")
     codes = {g: c[:-1] for g, c in sample.visual_codes.items()} if sample.visual_codes else None
     return sample.input_ids[:-1], codes

@@ -23,6 +23,7 @@ from unimm.data.images import (
     load_image,
     read_image_records,
 )
+from unimm.data.mixture import MixtureConfig, MixtureDataset, build_mixture, build_streaming_mixture
 from unimm.data.sequence import (
     ImageSlot,
     MalformedRecordError,
@@ -34,16 +35,14 @@ from unimm.data.sequence import (
     TokenIds,
 )
 from unimm.data.sources import llava_messages, read_llava_json, read_text_records
+from unimm.data.streaming import CodeCacheShards, JsonShards, ShardSource, StreamingMixture
 from unimm.data.tasks import (
     CodeCacheImages,
     IterableTaskDataset,
-    MixtureConfig,
-    MixtureDataset,
     PixelImages,
     SampleConfig,
     SampleFactory,
     TaskDataset,
-    build_mixture,
     caption_dataset,
     conversation_dataset,
     t2i_dataset,
@@ -56,6 +55,7 @@ __all__ = [
     "ChatMessage",
     "CodeCache",
     "CodeCacheImages",
+    "CodeCacheShards",
     "CodeCacheCorruptError",
     "CodeCacheMismatchError",
     "GroupedBatchSampler",
@@ -63,6 +63,7 @@ __all__ = [
     "ImageLoadError",
     "ImageSlot",
     "ImageTransform",
+    "JsonShards",
     "IterableTaskDataset",
     "MalformedRecordError",
     "MixtureConfig",
@@ -75,12 +76,15 @@ __all__ = [
     "SampleFactory",
     "SampleTooLongError",
     "SequenceBuilder",
+    "ShardSource",
+    "StreamingMixture",
     "TaskDataset",
     "Text",
     "TokenIds",
     "TooManyBadSamplesError",
     "UniMMCollator",
     "build_mixture",
+    "build_streaming_mixture",
     "caption_dataset",
     "collate_images",
     "conversation_dataset",

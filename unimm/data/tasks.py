@@ -1,4 +1,5 @@
-"""Training tasks and their mixture.
+"""Training tasks: how records become `Sample`s, and the per-task datasets (the mixture of tasks is
+`unimm.data.mixture`).
 
 - caption (image -> text): `[BOS] <image> caption EOS`, the caption and EOS supervised;
 - t2i (text -> image): `t2i_prefix_ids(prompt) codes <|eoi|>`, exactly the codes and `<|eoi|>` supervised; the
@@ -40,7 +41,6 @@ from unimm.data.sources import llava_messages
 from unimm.data.templates import ChatMessage, get_chat_format
 from unimm.llm.layout import VocabLayout, t2i_prefix_ids
 from unimm.utils.config import config_field
-from unimm.utils.errors import OptionError
 
 logger = logging.getLogger(__name__)
 
@@ -90,23 +90,24 @@ def stable_uniform(seed: int, epoch: int, sample_id: str, purpose: str) -> float
 
 
 class SampleFactory:
-    """Builds each task's `Sample` for one tokenizer and vocabulary layout."""
+    """Builds each task's `Sample` for one text tokenizer and vocabulary layout."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, layout: VocabLayout, config: SampleConfig | None = None):
-        self.tokenizer = tokenizer
+    def __init__(self, text_tokenizer: PreTrainedTokenizerBase, layout: VocabLayout,
+                 config: SampleConfig | None = None):
+        self.text_tokenizer = text_tokenizer
         self.layout = layout
         self.config = config or SampleConfig()
-        self.builder = SequenceBuilder(tokenizer, layout, self.config.max_length)
-        self.chat_format = get_chat_format(tokenizer, self.config.chat_format, self.config.chat_end_token)
+        self.builder = SequenceBuilder(text_tokenizer, layout, self.config.max_length)
+        self.chat_format = get_chat_format(text_tokenizer, self.config.chat_format, self.config.chat_end_token)
 
     def _bos(self) -> list[TokenIds]:
-        bos = self.tokenizer.bos_token_id
+        bos = self.text_tokenizer.bos_token_id
         return [TokenIds([bos])] if bos is not None else []
 
     def _eos(self, sample_id: str) -> TokenIds:
-        if self.tokenizer.eos_token_id is None:
+        if self.text_tokenizer.eos_token_id is None:
             raise SampleError(sample_id, "the tokenizer has no EOS token to end the sample with")
-        return TokenIds([self.tokenizer.eos_token_id], supervise=True)
+        return TokenIds([self.text_tokenizer.eos_token_id], supervise=True)
 
     def caption(self, sample_id: str, caption: str, image: ImageSlot) -> Sample:
         if not caption or not caption.strip():
@@ -121,7 +122,7 @@ class SampleFactory:
         """`prompt=None` (or a dropped prompt) gives the unconditional prefix."""
         if prompt is not None and self.prompt_dropped(sample_id, epoch):
             prompt = None
-        prefix = t2i_prefix_ids(self.tokenizer, self.layout, prompt)
+        prefix = t2i_prefix_ids(self.text_tokenizer, self.layout, prompt)
         segments = [TokenIds(prefix), ImageSlot(codes=codes, supervise=True, include_boi=False)]
         return self.builder.build(segments, sample_id, "t2i")
 
@@ -142,7 +143,7 @@ class SampleFactory:
 
     @property
     def num_bos(self) -> int:
-        return int(self.tokenizer.bos_token_id is not None)
+        return int(self.text_tokenizer.bos_token_id is not None)
 
     def text(self, sample_id: str, text: str) -> Sample:
         if not text.strip():
@@ -288,6 +289,43 @@ def _task_dataset(records: Any, build: Callable[[dict, int], Sample], task: str,
     return TaskDataset(records, build, task, tracker, hints)
 
 
+# Each task's record -> sample step, `build(record, epoch)`, shared by the map-style task datasets below and the
+# streaming mixture (`unimm.data.streaming`). Code-cache records carry `codes` as {group: [N, D] integer array}.
+Builder = Callable[[dict, int], Sample]
+
+
+def _code_tensors(codes: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.as_tensor(value, dtype=torch.long) for name, value in codes.items()}
+
+
+def caption_builder(factory: SampleFactory) -> Builder:
+    """Caption samples from code-cache records (`id`, `text`, `codes`)."""
+    return lambda row, epoch: factory.caption(row["id"], row["text"], ImageSlot(
+        codes=_code_tensors(row["codes"]), image_key=row["id"]))
+
+
+def t2i_builder(factory: SampleFactory) -> Builder:
+    """Text-to-image samples from code-cache records, the caption as prompt (dropped by `uncond_prob`)."""
+    return lambda row, epoch: factory.t2i(row["id"], row["text"], _code_tensors(row["codes"]), epoch)
+
+
+def conversation_builder(factory: SampleFactory, images: ImageProvider | None) -> Builder:
+    """Conversation samples from normalised LLaVA records; `images` turns an image reference into a slot."""
+
+    def build(record: dict, epoch: int) -> Sample:
+        refs = record.get("images") or []
+        if refs and images is None:
+            raise SampleError(record["id"], "record has an image but no image source (code cache or folder) is set")
+        return factory.conversation(record, [images(ref, record["id"]) for ref in refs])
+
+    return build
+
+
+def text_builder(factory: SampleFactory) -> Builder:
+    """Text-only samples from records with `id` and `text`."""
+    return lambda row, epoch: factory.text(row["id"], row["text"])
+
+
 def text_tokens_estimate(num_bytes: np.ndarray) -> np.ndarray:
     """Estimated tokens of texts of `num_bytes` UTF-8 bytes (see the module doc)."""
     return np.ceil(np.asarray(num_bytes, dtype=np.float64) / BYTES_PER_TOKEN).astype(np.int64)
@@ -302,8 +340,7 @@ def caption_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracke
         return factory.clip_length(factory.num_bos + cache.image_positions + 2
                                    + text_tokens_estimate(cache.text_bytes()) + 1)
 
-    return TaskDataset(cache, lambda row, epoch: factory.caption(row["id"], row["text"], ImageSlot(
-        codes=row["codes"], image_key=row["id"])), "caption", tracker, hints)
+    return TaskDataset(cache, caption_builder(factory), "caption", tracker, hints)
 
 
 def t2i_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | None = None) -> TaskDataset:
@@ -315,8 +352,7 @@ def t2i_dataset(cache: Any, factory: SampleFactory, tracker: BadSampleTracker | 
         return factory.clip_length(factory.num_bos + text_tokens_estimate(cache.text_bytes())
                                    + 1 + cache.image_positions + 1)
 
-    return TaskDataset(cache, lambda row, epoch: factory.t2i(row["id"], row["text"], row["codes"], epoch), "t2i",
-                       tracker, hints)
+    return TaskDataset(cache, t2i_builder(factory), "t2i", tracker, hints)
 
 
 def conversation_dataset(records: Any, factory: SampleFactory, images: ImageProvider | None,
@@ -324,11 +360,7 @@ def conversation_dataset(records: Any, factory: SampleFactory, images: ImageProv
     """LLaVA conversation samples (records from `read_llava_json`, streaming or not); `images` turns an image
     reference into a slot (`CodeCacheImages` or `PixelImages`); text-only records need none."""
 
-    def build(record: dict, epoch: int) -> Sample:
-        refs = record.get("images") or []
-        if refs and images is None:
-            raise SampleError(record["id"], "record has an image but no image source (code cache or folder) is set")
-        return factory.conversation(record, [images(ref, record["id"]) for ref in refs])
+    build = conversation_builder(factory, images)
 
     def hints() -> np.ndarray:  # turn texts without their <image> placeholders, template per turn, image spans
         from unimm.data.sources import llava_length_stats
@@ -352,184 +384,4 @@ def text_dataset(records: Any, factory: SampleFactory,
     def hints() -> np.ndarray:  # [BOS] text EOS
         return factory.clip_length(factory.num_bos + text_tokens_estimate(text_bytes(records, "text")) + 1)
 
-    return _task_dataset(records, lambda row, epoch: factory.text(row["id"], row["text"]), "text", tracker, hints)
-
-
-# ---------------------------------------------------------------------------------------------------- mixture
-
-
-@dataclass
-class MixtureConfig:
-    """Which tasks are mixed, from which data, with which weights (the LLM programs parse it as part of
-    `unimm.train.args.DataArguments`)."""
-
-    code_cache: str | None = config_field(None, "Code cache directory (scripts/pretokenize.py).")
-    conversation_json: str | None = config_field(None, "LLaVA-format conversation JSON/jsonl file.")
-    image_folder: str | None = config_field(None, (
-        "Folder that image paths in conversation_json are relative to (default: the JSON file's folder)."))
-    conversation_code_cache: str | None = config_field(None, (
-        "Code cache of the conversation images (keyed by image path); default: code_cache, or pixels if unset."))
-    understanding_input: str = config_field("auto", (
-        "How conversation images reach the LLM: codes (conversation_code_cache, else code_cache), features (pixels "
-        "from image_folder -> the visual tokenizer's encode_features -> the feature projector, VQRAE's understanding "
-        "path, while text-to-image still reads codes from code_cache; a new model gets a projector), or auto "
-        "(conversation_code_cache, else pixels when the model has a projector, else code_cache; a new model gets "
-        "a projector only when neither cache is set)."))
-    text_data: str | None = config_field(None, "Text-only data: .txt (one per line) or jsonl with 'text'.")
-    caption_weight: float = config_field(1.0, "Mixture weight of caption samples.")
-    t2i_weight: float = config_field(1.0, "Mixture weight of text-to-image samples.")
-    conversation_weight: float = config_field(0.0, "Mixture weight of conversation samples.")
-    text_weight: float = config_field(0.0, "Mixture weight of text-only samples.")
-    num_samples: int | None = config_field(None, (
-        "Samples per epoch drawn from the mixture; default: the size of the largest source."))
-    max_bad_fraction: float = config_field(0.01, "Fraction of bad records tolerated before stopping.")
-    seed: int = config_field(0, "Seed of the mixture's source order.")
-    allow_outside_image_folder: bool = config_field(False, (
-        "Let conversation image paths leave image_folder (absolute paths, `..`, symlinks); off: such records are "
-        "skipped and counted."))
-    allow_tokenizer_weights_mismatch: bool = config_field(False, (
-        "Use code caches whose tokenizer has the same config but other weights (a warning instead of an error)."))
-
-    def __post_init__(self) -> None:
-        for name in ("caption_weight", "t2i_weight", "conversation_weight", "text_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.understanding_input not in UNDERSTANDING_INPUTS:
-            raise ValueError(f"understanding_input must be one of {UNDERSTANDING_INPUTS}, got "
-                             f"{self.understanding_input!r}")
-        if self.understanding_input == "features":
-            if self.conversation_code_cache is not None:
-                raise ValueError(f"understanding_input=features reads conversation images as pixels, but "
-                                 f"conversation_code_cache={self.conversation_code_cache} is set: drop one of them")
-            if self.caption_weight > 0:
-                raise ValueError(f"understanding_input=features: caption samples would still read codes from "
-                                 f"code_cache (caption_weight={self.caption_weight}); set caption_weight 0 and give "
-                                 f"the captions as conversations (conversation_json) to read them from pixels")
-
-    @property
-    def new_model_needs_projector(self) -> bool:
-        """Whether a new model must get a feature projector: some conversation images are read as pixels."""
-        if self.conversation_weight <= 0 or self.understanding_input == "codes":
-            return False
-        if self.understanding_input == "features":
-            return True
-        return not (self.conversation_code_cache or self.code_cache)
-
-
-class MixtureDataset(torch.utils.data.Dataset):
-    """Draws `num_samples` items from several task datasets with probabilities proportional to their weights.
-
-    The schedule is fixed by `seed`: item i -> (source, position); each source is walked through a seeded
-    permutation, restarting (with a new permutation and epoch) when exhausted. `tasks` holds each item's task and
-    `length_hints()` its estimated length (from the sources' metadata), both as arrays built without a per-item
-    Python loop, so a sampler over millions of items starts in seconds and builds no sample.
-    """
-
-    def __init__(self, sources: dict[str, tuple[TaskDataset, float]], num_samples: int | None = None,
-                 seed: int = 0):
-        active = {name: (ds, w) for name, (ds, w) in sources.items() if w > 0}
-        empty = [name for name, (ds, _) in active.items() if len(ds) == 0]
-        if empty:
-            raise ValueError(f"mixture source(s) {empty} have weight > 0 but no records")
-        if not active:
-            raise ValueError("the mixture has no source with a positive weight")
-        self.names = list(active)
-        self.datasets = [active[name][0] for name in self.names]
-        weights = np.array([active[name][1] for name in self.names], dtype=np.float64)
-        self.probabilities = weights / weights.sum()
-        self.num_samples = num_samples or max(len(ds) for ds in self.datasets)
-        rng = np.random.default_rng(seed)
-        self.source_of = rng.choice(len(self.names), size=self.num_samples, p=self.probabilities)
-        self.position = np.zeros(self.num_samples, dtype=np.int64)
-        self.epoch = np.zeros(self.num_samples, dtype=np.int64)
-        for source, dataset in enumerate(self.datasets):
-            # The k-th item drawn from `source` takes entry k % size of permutation (seed, source, k // size).
-            items = np.flatnonzero(self.source_of == source)
-            size = len(dataset)
-            self.epoch[items] = np.arange(len(items)) // size
-            for epoch, start in enumerate(range(0, len(items), size)):
-                chunk = items[start:start + size]
-                self.position[chunk] = np.random.default_rng([seed, source, epoch]).permutation(size)[:len(chunk)]
-        self.tasks = np.array([dataset.task for dataset in self.datasets])[self.source_of]
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def task_of(self, index: int) -> str:
-        return str(self.tasks[index])
-
-    def length_hints(self) -> np.ndarray:
-        """Estimated token length of each item (int64 [num_samples]): its record's `TaskDataset.length_hints`."""
-        hints = np.zeros(self.num_samples, dtype=np.int64)
-        for source, dataset in enumerate(self.datasets):
-            items = self.source_of == source
-            hints[items] = dataset.length_hints()[self.position[items]]
-        return hints
-
-    def __getitem__(self, index: int) -> Sample:
-        source = self.source_of[index]
-        return self.datasets[source].get(int(self.position[index]), int(self.epoch[index]))
-
-
-def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: Any | None = None,
-                  pixel_images: PixelImages | None = None) -> MixtureDataset:
-    """The training dataset described by `config`. `tokenizer_hash` (the visual tokenizer's `TokenizerIdentity`:
-    config and weights hashes; a bare `config_hash()` string checks the architecture only) is checked against
-    every code cache; `pixel_images` serves conversation images when no code cache covers them."""
-    from functools import partial
-
-    from unimm.data.code_cache import load_code_cache as _load_code_cache
-    from unimm.data.sources import read_llava_json, read_text_records
-
-    load_code_cache = partial(_load_code_cache, allow_weights_mismatch=config.allow_tokenizer_weights_mismatch)
-
-    def tracker(task: str) -> BadSampleTracker:
-        return BadSampleTracker(max_bad_fraction=config.max_bad_fraction, name=f"{task} data")
-
-    sources: dict[str, tuple[TaskDataset, float]] = {}
-    cache = None
-    if config.caption_weight > 0 or config.t2i_weight > 0:
-        if config.code_cache is None:
-            raise OptionError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first)")
-        cache = load_code_cache(config.code_cache, tokenizer_hash)
-        if config.caption_weight > 0:
-            sources["caption"] = (caption_dataset(cache, factory, tracker("caption")), config.caption_weight)
-        if config.t2i_weight > 0:
-            sources["t2i"] = (t2i_dataset(cache, factory, tracker("t2i")), config.t2i_weight)
-    if config.conversation_weight > 0:
-        if config.conversation_json is None:
-            raise OptionError("conversation_weight > 0 needs conversation_json")
-        records = read_llava_json(config.conversation_json)
-        images = _conversation_images(config, pixel_images, cache, lambda path: load_code_cache(path, tokenizer_hash))
-        sources["conversation"] = (conversation_dataset(records, factory, images, tracker("conversation")),
-                                   config.conversation_weight)
-    if config.text_weight > 0:
-        if config.text_data is None:
-            raise OptionError("text_weight > 0 needs text_data")
-        sources["text"] = (text_dataset(read_text_records(config.text_data), factory, tracker("text")),
-                           config.text_weight)
-    return MixtureDataset(sources, config.num_samples, config.seed)
-
-
-def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None, cache: Any | None,
-                         load_cache: Callable[[str], Any]) -> ImageProvider | None:
-    """Where conversation images come from (`understanding_input`). auto: the explicit conversation cache first,
-    then continuous inputs (VQRAE understanding) when the model has a projector, then the main cache (`cache`, when
-    the other tasks loaded it already); features and codes pin one kind, so a run can read text-to-image codes from
-    code_cache and conversations from pixels."""
-    mode = config.understanding_input
-    if mode == "features":
-        if pixel_images is None:
-            raise ValueError("understanding_input=features needs a model with a feature projector (a new model, or a "
-                             "model_path pretrained with understanding_input=features) and a visual tokenizer or "
-                             "vision tower to encode the conversation images")
-        return pixel_images
-    if config.conversation_code_cache is not None:
-        return CodeCacheImages(load_cache(config.conversation_code_cache))
-    if mode == "auto" and pixel_images is not None:
-        return pixel_images
-    if config.code_cache is not None:
-        return CodeCacheImages(cache if cache is not None else load_cache(config.code_cache))
-    if mode == "codes":
-        raise OptionError("understanding_input=codes needs conversation_code_cache or code_cache")
-    return None
+    return _task_dataset(records, text_builder(factory), "text", tracker, hints)

@@ -22,7 +22,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from unimm.data.tasks import MixtureConfig, SampleConfig
+from unimm.data.mixture import MixtureConfig
+from unimm.data.tasks import SampleConfig
 from unimm.llm.presets import VisualModulesConfig
 from unimm.utils.config import Alias, config_field
 
@@ -186,6 +187,9 @@ class UniMMTrainingArguments(TrainingArguments):
     group_by_modality_length: bool = config_field(
         False, "Batch samples of one task (caption, t2i, conversation, text) and similar length together "
         "(unimm.data.collator.GroupedBatchSampler); every device batch then holds one modality.")
+    log_sample_ids: bool = config_field(
+        False, "Append each step's sample ids to output_dir/sample_ids/rank<r>.jsonl (what every step trained on; a "
+        "resumed run rewrites the steps after its checkpoint).")
     # LLaVA's --mm_projector_lr
     projector_learning_rate: float | None = config_field(None, "The feature projector's own learning rate.")
 

@@ -40,7 +40,7 @@ RELAUNCH_KEYS = frozenset({
     "run_name", "resume_from_checkpoint", "auto_resume", "dataloader_num_workers", "dataloader_prefetch_factor",
     "dataloader_persistent_workers", "dataloader_pin_memory", "report_to", "save_final_model", "save_on_signal",
     "allow_resume_config_change", "disable_tqdm", "log_level", "log_level_replica", "local_rank", "peak_tflops",
-    "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "debug", "ddp_timeout",
+    "overwrite_output_dir", "push_to_hub", "hub_model_id", "hub_token", "debug", "ddp_timeout", "log_sample_ids",
     # the tokenizer trainer's cadence and stop point
     "stop_after_step", "sample_steps", "num_sample_images",
 })

@@ -264,7 +264,8 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
     tokenizer's config hash when one is loaded."""
     from unimm.data.code_cache import TokenizerIdentity
     from unimm.data.images import ImageTransform
-    from unimm.data.tasks import PixelImages, SampleFactory, build_mixture
+    from unimm.data.mixture import build_mixture
+    from unimm.data.tasks import PixelImages, SampleFactory
 
     factory = SampleFactory(built.text_tokenizer, built.layout, data_args.sample_config(seed))
     mixture = data_args.mixture_config(seed)

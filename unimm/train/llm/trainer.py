@@ -44,6 +44,7 @@ from unimm.train.guards import (
     write_fingerprint,
 )
 from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
+from unimm.train.llm.streaming import SaveDataStateCallback, StreamingTrainerMixin
 from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size
 from unimm.utils.hf_compat import TrainSamplerOverride
 from unimm.utils.runtime import resolve_dtype
@@ -102,7 +103,7 @@ class CompleteCheckpointCallback(TrainerCallback):
         return control
 
 
-class UniMMTrainer(TrainSamplerOverride, Trainer):
+class UniMMTrainer(StreamingTrainerMixin, TrainSamplerOverride, Trainer):
     """`Trainer` that logs the loss parts, tokens/s and MFU, and groups batches by modality on request.
 
     `no_decay_param_names`: parameters excluded from weight decay in addition to the stock exclusions (the
@@ -381,7 +382,8 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
         no_decay = token_delta_names(model)  # the new rows: peft's parameters replace the row-masked tables
     _non_reentrant_checkpointing(training_args)
     train_dataset = build_train_dataset(data_args, built, seed=training_args.seed)
-    logger.info("training on %d samples per epoch", len(train_dataset))
+    logger.info("training on %s", f"{len(train_dataset)} samples per epoch" if hasattr(train_dataset, "__len__")
+                else "a stream of samples")
     image_encoder = built.image_encoder if built.reads_pixels else None
     if image_encoder is None and built.visual_tokenizer is not None:
         # Every image comes from a code cache: the tokenizer has done its checks (codebook spec, identity, the
@@ -391,7 +393,8 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
         gc.collect()
     check_master_weights(model, training_args, model_args.torch_dtype)
     stop_on_signal = StopOnSignal(save=getattr(training_args, "save_on_signal", True))
-    callbacks: list[TrainerCallback] = [stop_on_signal, CompleteCheckpointCallback(keep_last, fingerprint)]
+    callbacks: list[TrainerCallback] = [stop_on_signal, SaveDataStateCallback(),  # data state before COMPLETE
+                                        CompleteCheckpointCallback(keep_last, fingerprint)]
     if model_args.save_mm_projector:
         callbacks.insert(0, SaveProjectorCallback(built.model))  # written before the checkpoint is marked complete
     trainer = UniMMTrainer(
