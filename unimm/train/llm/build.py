@@ -231,9 +231,9 @@ def apply_trainable_parts(model: UniMMForCausalLM, model_args: ModelArguments, l
         model.feature_projector.requires_grad_(True)
     row_masked: set[str] = set()
     if model_args.train_new_embeddings and not model_args.train_llm:
-        from transformers.integrations import is_deepspeed_zero3_enabled
+        from unimm.utils.parallel import zero3_enabled
 
-        if is_deepspeed_zero3_enabled():
+        if zero3_enabled():
             # ZeRO-3 hands gradients of partitioned parameters around in flat shards, so rows cannot be masked.
             raise ValueError("train_llm=false with train_new_embeddings=true (train only the new token rows) is not "
                              "supported under ZeRO-3; use configs/deepspeed/zero2.json, or train_llm=true")
