@@ -439,9 +439,10 @@ def check_engine_supports(run_engine: str, model_args, lora_args) -> None:
 
 def master_weight_dtype(training_args, torch_dtype: str) -> torch.dtype:
     """The dtype the model is loaded in. DeepSpeed keeps float32 master weights of half-precision parameters in its
-    optimizer, so there `auto` follows `--bf16`/`--fp16`. Without DeepSpeed (one process, DDP) the optimizer updates
-    the parameters themselves: `auto` loads float32 and `--bf16` computes under autocast, so updates smaller than a
-    bfloat16 step (2^-8 of the weight) are not rounded away."""
+    optimizer, so there `auto` follows `--bf16`/`--fp16`. Without DeepSpeed (one process, DDP, FSDP2) the optimizer
+    updates the parameters themselves (FSDP2: their float32 shards): `auto` loads float32 and `--bf16` computes under
+    autocast (FSDP2: in bfloat16 copies of the gathered weights), so updates smaller than a bfloat16 step (2^-8 of
+    the weight) are not rounded away."""
     dtype = resolve_dtype(training_args.bf16, training_args.fp16, torch_dtype)
     if torch_dtype == "auto" and not training_args.deepspeed and dtype != torch.float32:
         logger.info("%s without DeepSpeed: weights stay float32 (master weights), compute runs under %s autocast",
