@@ -27,7 +27,10 @@ import torch
 from tests.entry.conftest import REPO, log_history, run_script, torchrun_launcher
 from tests.entry.conftest import tiny_unimm as tiny_unimm  # noqa: F401 - fixtures shared with the entry tests
 from tests.entry.conftest import toy as toy  # noqa: F401
+from tests.entry.conftest import vqrae_toy as vqrae_toy  # noqa: F401
 from tests.entry.test_pretrain_deepspeed import STEPS, losses, pretrain_args
+from tests.entry.test_recipes import RECIPES, _argv, _without
+from tests.entry.test_recipes import family_llms as family_llms  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +177,31 @@ def test_fsdp2_lora_finetune_matches_ddp(toy, tiny_unimm, tmp_path):  # noqa: F8
     assert any("lora_A" in n for n in trained) and any("embed_tokens.modules_to_save" in n for n in trained)
     for name in trained:
         assert torch.allclose(dict(models["fsdp"].named_parameters())[name], ddp_params[name], atol=1e-4), name
+
+
+def test_fsdp2_llava_full_recipe_with_vqrae_features_saves_the_projector(vqrae_toy, family_llms, tmp_path):
+    """The LLaVA full-finetune recipe under FSDP2 reading images as VQRAE features (the visual tokenizer runs outside
+    the engine, whole on every rank; the feature projector is sharded): it trains, and `--save_mm_projector` gathers
+    the sharded projector into LLaVA's mm_projector.bin, equal to the final model's projector."""
+    from unimm.llm import UniMMForCausalLM
+    from unimm.llm.projector import LLAVA_PROJECTOR_FILE, load_mm_projector
+
+    out = tmp_path / "fsdp2"
+    recipe = "configs/finetune/llava_full.yaml"
+    argv = _argv(recipe, RECIPES[recipe], dict(vqrae_toy), family_llms["qwen2.5-1.5b"], out)
+    run_script(["scripts/finetune.py", *FSDP, *_without(argv, "--use_cpu"), "--save_mm_projector", "true",
+                "--save_steps", "1"], launcher=torchrun_launcher())
+    checkpoint = out / "checkpoint-1"  # sharded, with the gathered projector beside the shards
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / LLAVA_PROJECTOR_FILE).is_file()
+    history = log_history(out)
+    assert len(history) == 2 and all(math.isfinite(entry["loss"]) and entry["loss"] > 0 for entry in history)
+    model = UniMMForCausalLM.from_pretrained(out)
+    assert model.feature_projector is not None
+    trained = {k: v.clone() for k, v in model.feature_projector.state_dict().items()}
+    torch.nn.init.zeros_(model.feature_projector.linear_1.weight)
+    load_mm_projector(model, out / LLAVA_PROJECTOR_FILE)
+    for name, value in model.feature_projector.state_dict().items():
+        assert torch.equal(value, trained[name]), name
 
 
 def _readme_fsdp_command() -> list[str]:
