@@ -214,7 +214,8 @@ def _readme_fsdp_command() -> list[str]:
 
 
 def test_readme_fsdp2_launch_line_runs_with_bf16(toy, tmp_path):
-    """The README's FSDP2 command, with the quickstart paths pointed at the toy, two steps and --bf16 true: the
+    """The README's FSDP2 command, with the quickstart paths pointed at the toy, two steps and --bf16 true (with
+    --use_cpu true, which transformers asks for to accept --bf16 without CUDA): the
     weights are all-gathered and used in bfloat16, while the sharded master weights, and so the saved model, stay
     float32."""
     from unimm.llm import UniMMForCausalLM
@@ -227,7 +228,7 @@ def test_readme_fsdp2_launch_line_runs_with_bf16(toy, tmp_path):
     args[args.index("--max_steps") + 1] = "2"
     assert FSDP == args[1:4]
     run_script(args + ["--num_samples", "64", "--per_device_train_batch_size", "2", "--logging_steps", "1",
-                       "--bf16", "true"], launcher=torchrun_launcher())
+                       "--bf16", "true", "--use_cpu", "true"], launcher=torchrun_launcher())
     history = log_history(tmp_path / "run")
     assert [entry["step"] for entry in history] == [1, 2] and all(math.isfinite(e["loss"]) for e in history)
     model = UniMMForCausalLM.from_pretrained(tmp_path / "run")
