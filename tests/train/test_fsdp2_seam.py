@@ -66,7 +66,24 @@ def test_no_gather_helper_outside_the_seam():
 def test_engine_from_training_arguments(args, expected, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert parallel.engine(args) == expected
-    assert parallel.partitions_parameters(args) == (expected in ("deepspeed-zero3", "fsdp2"))
+
+
+def test_engine_of_the_live_state():
+    """Without arguments: a live ZeRO-3 config (what `--deepspeed zero3.json` installs) names ZeRO-3; one plain
+    process is `none`."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    assert parallel.engine() == "none"
+    config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+    try:
+        assert parallel.engine() == "deepspeed-zero3" and parallel.zero3_enabled()
+        with parallel.zero3_init_disabled():
+            assert parallel.engine() == "none"
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+    assert parallel.engine() == "none"
 
 
 def test_engine_refuses_fsdp1():

@@ -20,14 +20,14 @@ DeepSpeed's or FSDP's internals; it asks here:
                                               weights stay one tensor
     zero3_enabled() -> bool                   a ZeRO-3 config is live (`from_pretrained` then partitions)
     zero3_init_disabled()                     context: `from_pretrained` loads whole even under a ZeRO-3 config
-    engine(args=None) -> str                  one of ENGINES, from `TrainingArguments` (or the live state)
-    partitions_parameters(args=None) -> bool  ZeRO-3 or FSDP2
+    engine(args=None) -> str                  one of ENGINES, from `TrainingArguments` (or the live state);
+                                              PARTITIONING_ENGINES shard the parameters (ZeRO-3, FSDP2)
     prepare_fsdp_arguments(args, model)       fill the FSDP2 plugin arguments from `fsdp_config` and the model
     enable_fsdp_on_cpu(accelerator, args)     let accelerate run FSDP2 on CPU (gloo) ranks; see below
 
-`unimm/tokenizer/` and `unimm/llm/` import only this module, never `deepspeed` or `torch.distributed.fsdp`
-(tests/train/test_fsdp2.py scans their source); DeepSpeed and FSDP are imported lazily here, when a tensor or a
-config asks for them.
+`unimm/tokenizer/` and `unimm/llm/` reach DeepSpeed and FSDP only through this module, never importing `deepspeed`
+or `torch.distributed.fsdp` themselves (tests/train/test_fsdp2_seam.py scans their source); both are imported lazily
+here, when a tensor or a config asks for them.
 """
 
 from __future__ import annotations
@@ -44,19 +44,22 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ENGINES",
+    "PARTITIONING_ENGINES",
     "enable_fsdp_on_cpu",
     "engine",
     "full_shape",
     "full_state_dict",
     "gathered",
     "is_partitioned",
-    "partitions_parameters",
     "prepare_fsdp_arguments",
     "zero3_enabled",
     "zero3_init_disabled",
 ]
 
 ENGINES = ("none", "ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp2")
+# The engines that shard the parameters themselves: a rank sees only a shard of each table, so per-row gradient hooks
+# and in-place edits of a wrapped model do not apply there.
+PARTITIONING_ENGINES = ("deepspeed-zero3", "fsdp2")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -207,12 +210,6 @@ def _accelerate_state() -> Any:
 
     state = AcceleratorState._shared_state
     return AcceleratorState() if state else None
-
-
-def partitions_parameters(args: Any = None) -> bool:
-    """Whether the engine shards the parameters themselves (ZeRO-3, FSDP2): a rank then sees only a shard of each
-    table, so per-row gradient hooks and in-place edits of a wrapped model do not apply."""
-    return engine(args) in ("deepspeed-zero3", "fsdp2")
 
 
 # -- FSDP2 through the HF Trainer / accelerate ----------------------------------------------------------------------

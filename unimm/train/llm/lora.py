@@ -82,7 +82,7 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     target_regex = rf"language_model\..*\.({targets})"
     modules, token_rows = modules_to_save(model, model_args), trainable_token_indices(model, model_args)
     tied = bool(model.config.tie_word_embeddings)
-    partitioned = engine in ("deepspeed-zero3", "fsdp2")
+    partitioned = engine in parallel.PARTITIONING_ENGINES
     if token_rows is not None and (lora_args.lora_embeddings == "full" or partitioned):
         if lora_args.lora_embeddings != "full":
             # ZeRO-3 and FSDP2 partition the tables, and peft's trainable tokens read and write them outside the
