@@ -79,16 +79,21 @@ def test_fsdp2_logs_the_ddp_losses_and_writes_sharded_checkpoints(ddp_run, fsdp_
         assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file()
         assert (checkpoint / "optimizer_0" / ".metadata").is_file()
         assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
-        assert not list(checkpoint.glob("*.safetensors"))
+    # beside the shards, the gathered model: the checkpoint loads in one process, as a DDP checkpoint does
+    assert_close_models(fsdp_run / "checkpoint-2", ddp_run / "checkpoint-2")
 
 
 def test_fsdp2_final_model_is_an_hf_folder_equal_to_ddp(ddp_run, fsdp_run):
+    assert (fsdp_run / "tokenizer_config.json").is_file()
+    assert_close_models(fsdp_run, ddp_run)
+
+
+def assert_close_models(fsdp_folder: Path, ddp_folder: Path) -> None:
     from unimm.llm import UniMMForCausalLM
 
-    fsdp_model = UniMMForCausalLM.from_pretrained(fsdp_run)  # one process, no process group
-    ddp_model = UniMMForCausalLM.from_pretrained(ddp_run)
+    fsdp_model = UniMMForCausalLM.from_pretrained(fsdp_folder)  # one process, no process group
+    ddp_model = UniMMForCausalLM.from_pretrained(ddp_folder)
     assert fsdp_model.config.layout == ddp_model.config.layout
-    assert (fsdp_run / "tokenizer_config.json").is_file()
     ddp_params = dict(ddp_model.named_parameters())
     for name, param in fsdp_model.named_parameters():
         assert param.dtype == torch.float32 and param.shape == ddp_params[name].shape, name
@@ -146,7 +151,7 @@ def finetune_lora_args(toy, base, output_dir) -> list[str]:
         "--conversation_json", str(toy["conversations"]), "--conversation_code_cache", str(toy["conversation_cache"]),
         "--conversation_weight", "1", "--caption_weight", "0", "--t2i_weight", "0", "--max_length", "64",
         "--use_lora", "true", "--lora_r", "4", "--lora_dropout", "0", "--output_dir", str(output_dir),
-        "--max_steps", "3", "--save_steps", "100", "--logging_steps", "1", "--per_device_train_batch_size", "2",
+        "--max_steps", "3", "--save_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "2",
         "--learning_rate", "3e-3", "--warmup_steps", "0", "--report_to", "none", "--seed", "3",
         "--dataloader_num_workers", "0", "--gradient_accumulation_steps", "2",
     ]
@@ -177,6 +182,10 @@ def test_fsdp2_lora_finetune_matches_ddp(toy, tiny_unimm, tmp_path):  # noqa: F8
     assert any("lora_A" in n for n in trained) and any("embed_tokens.modules_to_save" in n for n in trained)
     for name in trained:
         assert torch.allclose(dict(models["fsdp"].named_parameters())[name], ddp_params[name], atol=1e-4), name
+    # the sharded checkpoint carries the gathered adapter too, loadable (and mergeable) in one process
+    checkpoint = fsdp / "checkpoint-2"
+    assert (checkpoint / "optimizer_0").is_dir() and (checkpoint / "adapter_model.safetensors").is_file()
+    assert any("lora_A" in n for n, _ in load_lora_model(checkpoint).named_parameters())
 
 
 def test_fsdp2_llava_full_recipe_with_vqrae_features_saves_the_projector(vqrae_toy, family_llms, tmp_path):

@@ -44,7 +44,7 @@ from unimm.train.guards import (
     write_fingerprint,
 )
 from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
-from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size
+from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from unimm.utils.hf_compat import TrainSamplerOverride
 from unimm.utils.parallel import enable_fsdp_on_cpu, engine, full_state_dict, prepare_fsdp_arguments
 from unimm.utils.runtime import resolve_dtype
@@ -401,6 +401,8 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
     check_master_weights(model, training_args, model_args.torch_dtype)
     stop_on_signal = StopOnSignal(save=getattr(training_args, "save_on_signal", True))
     callbacks: list[TrainerCallback] = [stop_on_signal, CompleteCheckpointCallback(keep_last, fingerprint)]
+    if engine(training_args) == "fsdp2":
+        callbacks.insert(0, SaveGatheredModelCallback())  # written before the checkpoint is marked complete
     if model_args.save_mm_projector:
         callbacks.insert(0, SaveProjectorCallback(built.model))  # written before the checkpoint is marked complete
     prepare_fsdp_arguments(training_args, model)
@@ -486,21 +488,38 @@ def _wrap_lora(built, model_args, lora_args, output_dir: Path, run_engine: str):
 def save_final_model(trainer: UniMMTrainer, output_dir: Path) -> None:
     """The final model as an ordinary HF folder (loadable in one process by `from_pretrained`): the stock
     `save_model` (which gathers ZeRO-3 weights), except under FSDP2, whose stock save writes the sharded state
-    (`pytorch_model_fsdp_0/`) with SHARDED_STATE_DICT: there the weights are gathered one tensor at a time and rank 0
-    writes them with `save_pretrained` (a LoRA run: its adapter), beside the text tokenizer."""
+    (`pytorch_model_fsdp_0/`) with SHARDED_STATE_DICT: there `save_gathered_model` writes it."""
     if engine(trainer.args) != "fsdp2":
         trainer.save_model(str(output_dir))
         return
-    from unimm.utils.distributed import barrier, is_main_process
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    state_dict = full_state_dict(model)  # every rank: the gather is collective
+    save_gathered_model(trainer.model, output_dir, trainer.processing_class)
     if is_main_process():
-        model.save_pretrained(str(output_dir), state_dict=state_dict)
-        if trainer.processing_class is not None:
-            trainer.processing_class.save_pretrained(str(output_dir))
         torch.save(trainer.args, output_dir / "training_args.bin")
+
+
+def save_gathered_model(model: nn.Module, folder: Path, processing_class: Any = None) -> None:
+    """`model` (FSDP2-sharded, or whole) as an HF folder: the weights gathered one tensor at a time, written by rank 0
+    with `save_pretrained` (a LoRA model: its adapter and trained modules), beside the text tokenizer. Every rank
+    calls it (the gather is collective)."""
+    from unimm.utils.distributed import barrier
+
+    model = getattr(model, "module", model)  # a wrapper's model (DDP); FSDP2 shards the module in place
+    state_dict = full_state_dict(model)
+    if is_main_process():
+        model.save_pretrained(str(folder), state_dict=state_dict)
+        if processing_class is not None:
+            processing_class.save_pretrained(str(folder))
     barrier()
+
+
+class SaveGatheredModelCallback(TrainerCallback):
+    """Under FSDP2: writes the gathered model (HF format, as `save_final_model` does) into each checkpoint beside its
+    shards, so that every checkpoint loads in one process (`from_pretrained`, a LoRA one with `unimm-merge-lora`)
+    as DeepSpeed's and DDP's do; resuming reads the shards."""
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        save_gathered_model(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", processing_class)
+        return control
 
 
 def _non_reentrant_checkpointing(training_args) -> None:
