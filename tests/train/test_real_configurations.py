@@ -179,10 +179,10 @@ def test_bf16_without_deepspeed_keeps_float32_master_weights(tmp_path, capsys):
     assert (step[moved] / before.abs()[moved].clamp_min(1e-3)).median() < 2**-9
 
     with pytest.raises(SystemExit) as stopped:
-        pretrain.main([*args, "--torch_dtype", "bfloat16", "--output_dir", str(tmp_path / "refused")])
+        pretrain.main([*args, "--dtype", "bfloat16", "--output_dir", str(tmp_path / "refused")])
     assert stopped.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "torch_dtype=bfloat16 without DeepSpeed" in message and "no float32 master copy" in message
+    assert "dtype=bfloat16 without DeepSpeed" in message and "no float32 master copy" in message
 
 
 def _resume_worker(rank: int, world: int, port: int, dirs: list[str], result_dir: str) -> None:

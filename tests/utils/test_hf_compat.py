@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model
 
-from unimm.utils import hf_compat
+from unimm.utils import hf_compat, parallel
 
 
 def _installed(package: str) -> str:
@@ -204,12 +204,12 @@ def test_zero3_init_disabled_turns_off_zero3_loading_and_restores_it():
     from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
     where = _installed("transformers")
-    with hf_compat.zero3_init_disabled():  # no config: nothing to do
+    with parallel.zero3_init_disabled():  # no config: nothing to do
         assert not is_deepspeed_zero3_enabled()
     config = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
     try:
         assert is_deepspeed_zero3_enabled(), f"{where}: a live HfDeepSpeedConfig no longer enables ZeRO-3 loading"
-        with hf_compat.zero3_init_disabled():
+        with parallel.zero3_init_disabled():
             assert not is_deepspeed_zero3_enabled(), f"{where}: unset_hf_deepspeed_config no longer disables it"
         assert is_deepspeed_zero3_enabled(), f"{where}: set_hf_deepspeed_config did not restore the config"
     finally:

@@ -12,12 +12,11 @@ Two key layouts are read, one chosen when writing:
   (`model.safetensors`), and `multi_modal_projector.` from transformers' LLaVA port (llava-hf checkpoints), which
   names its modules as UniMM does.
 
-ZeRO-3: both functions gather partitioned projector parameters (every rank must call them); only rank 0 writes.
+ZeRO-3 / FSDP2: both functions gather partitioned projector parameters (every rank must call them); only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import nn
 from unimm.llm.embedding import FeatureProjector
 from unimm.utils.distributed import is_main_process
 from unimm.utils.errors import UserError
+from unimm.utils.parallel import full_shape, full_state_dict, gathered
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ def _projector(model: nn.Module) -> FeatureProjector:
     return projector
 
 
-def _gathered(params: list[nn.Parameter], modifier_rank: int | None):
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-    return contextlib.nullcontext()
-
-
 def _llava_key(name: str, projector_type: str) -> str:
     module, leaf = name.split(".", 1)
     return LLAVA_PREFIX + _LLAVA_MODULES[projector_type][module] + leaf
@@ -79,10 +71,10 @@ def save_mm_projector(model: nn.Module, path: str | os.PathLike, layout: str = "
         raise ValueError(f"layout must be 'llava' or 'unimm', got {layout!r}")
     projector = _projector(model)
     path = Path(path)
-    with _gathered(list(projector.parameters()), modifier_rank=None):
-        state = {name: tensor.detach().cpu().clone().contiguous() for name, tensor in projector.state_dict().items()}
+    state = full_state_dict(projector)  # every rank: partitioned weights (ZeRO-3, FSDP2) are gathered
     if not is_main_process():
         return path
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout == "llava":
         torch.save({_llava_key(name, projector.projector_type): t for name, t in state.items()}, path)
@@ -134,8 +126,8 @@ def load_mm_projector(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"projector file not found: {path}")
     state = _read_tensors(path)
     projector_type = projector.projector_type
-    # UniMM name -> shape; a ZeRO-3 partitioned parameter is empty here and keeps its full shape in `ds_shape`
-    expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in projector.named_parameters()}
+    # UniMM name -> shape (the whole shape of a partitioned parameter)
+    expected = {name: full_shape(p) for name, p in projector.named_parameters()}
     if any(_LLAVA_KEYWORD in key for key in state):
         # LLaVA's loader: keys after the first "mm_projector."; file names are reported as written in the file
         found = {key.split(_LLAVA_KEYWORD, 1)[1]: key for key in state if _LLAVA_KEYWORD in key}
@@ -169,7 +161,7 @@ def load_mm_projector(model: nn.Module, path: str | os.PathLike) -> list[str]:
                                      f"expects {list(shape)} ({name}; {sizes}): a projector for another "
                                      f"vision tower or LLM?")
         state_dict[name] = tensor
-    with _gathered(list(projector.parameters()), modifier_rank=0):  # under ZeRO-3, rank 0's values are kept
+    with gathered(projector.parameters(), modifier_rank=0):  # under ZeRO-3, rank 0's values are kept
         projector.load_state_dict(state_dict, strict=True)
     if ignored:
         logger.info("%s: ignored %d keys that are not the projector's: %s", path, len(ignored), ignored[:8])

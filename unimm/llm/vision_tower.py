@@ -30,8 +30,8 @@ from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 
 from unimm.tokenizer.transform import ImageTransform
-from unimm.utils import hf_compat
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
+from unimm.utils.parallel import zero3_init_disabled
 
 __all__ = ["IMAGE_ASPECT_RATIOS", "SELECT_FEATURES", "VisionTower", "vision_tower_family"]
 
@@ -162,9 +162,9 @@ class VisionTower(nn.Module):
         if missing:
             raise ModelFolderError(f"{processor_file}: lacks {missing}")
         side, processor_aspect = _processor_geometry(processor, processor_file)
-        # whole on every rank even under ZeRO-3: the tower runs outside the DeepSpeed engine, which would otherwise
+        # whole on every rank even under ZeRO-3: the tower runs outside the training engine, which would otherwise
         # own (and gather) its partitioned weights
-        with model_folder("vision_tower", folder, f"a {family} vision encoder"), hf_compat.zero3_init_disabled():
+        with model_folder("vision_tower", folder, f"a {family} vision encoder"), zero3_init_disabled():
             encoder, loading = encoder_class.from_pretrained(folder, dtype=dtype, local_files_only=True,
                                                              output_loading_info=True)
         if loading["missing_keys"]:

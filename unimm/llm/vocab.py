@@ -1,24 +1,23 @@
 """Vocabulary extension: add UniMM's special tokens (and, in flat mode, one token per visual code) to a tokenizer
 and resize the model's embedding / LM head to match.
 
-ZeRO-3: call `extend_tokenizer_and_model` on the full (unpartitioned) model, before `deepspeed.initialize` or
-the HF `Trainer` wraps it, so the resize and the mean initialisation see whole matrices. If the parameters are
-already partitioned (the model was built under `deepspeed.zero.Init`), the rows are written inside
-`deepspeed.zero.GatheredParameters`, which gathers them and re-partitions rank 0's values.
+ZeRO-3 / FSDP2: call `extend_tokenizer_and_model` on the full (unpartitioned) model, before the HF `Trainer` wraps
+it, so the resize and the mean initialisation see whole matrices. If the parameters are already partitioned (the
+model was built under `deepspeed.zero.Init`), the rows are written inside `unimm.utils.parallel.gathered`, which
+gathers them and re-partitions rank 0's values.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from unimm.llm.layout import SPECIAL_TOKENS, VocabLayout
 from unimm.tokenizer.types import CodebookSpec
 from unimm.utils.config import renamed_arguments
+from unimm.utils.parallel import full_shape, gathered
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +27,6 @@ PAD_VOCAB_MULTIPLE = 128
 def code_token(code: int) -> str:
     """The vocabulary string of visual code `code` in flat mode."""
     return f"<|code_{code}|>"
-
-
-def _gathered(params: list[nn.Parameter]):
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-    return contextlib.nullcontext()
 
 
 def _add_tokens(text_tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
@@ -60,7 +51,7 @@ def _mean_init_vocab_rows(model: torch.nn.Module, rows: torch.Tensor, num_refere
     output = model.get_output_embeddings()
     if output is not None and output.weight is not matrices[0]:
         matrices.append(output.weight)
-    with _gathered(matrices):
+    with gathered(matrices, modifier_rank=0):
         for matrix in matrices:
             _mean_init_rows(matrix, rows.to(matrix.device), num_reference_rows)
 
@@ -112,8 +103,7 @@ def ensure_pad_token(text_tokenizer: PreTrainedTokenizerBase, model: PreTrainedM
                 f"(id {pad_id})")
         if model is not None and pad_id >= num_text_rows:
             embeddings = model.get_input_embeddings()
-            with _gathered([embeddings.weight]):
-                old_rows = embeddings.weight.shape[0]
+            old_rows = full_shape(embeddings.weight)[0]
             if pad_id >= old_rows:
                 model.resize_token_embeddings(pad_id + 1, mean_resizing=False)
                 note += f"; the model's embedding rows grew {old_rows} -> {pad_id + 1}"
@@ -172,8 +162,7 @@ def extend_tokenizer_and_model(
             raise RuntimeError("the tokenizer did not assign contiguous ids to the code tokens")
 
     embeddings = model.get_input_embeddings()
-    with _gathered([embeddings.weight]):
-        old_rows = embeddings.weight.shape[0]
+    old_rows = full_shape(embeddings.weight)[0]
     new_size = max(-(-len(text_tokenizer) // pad_to_multiple_of) * pad_to_multiple_of, old_rows)
     if new_size != old_rows:
         model.resize_token_embeddings(new_size, mean_resizing=False)

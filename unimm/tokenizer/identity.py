@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import xxhash
 
+from unimm.utils.parallel import is_partitioned
+
 __all__ = ["TokenizerIdentity", "file_checksum", "tokenizer_weights_hash", "weights_hash_of_folder"]
 
 _CHECKSUM_CHUNK = 8 << 20
@@ -59,9 +61,9 @@ def tokenizer_weights_hash(visual_tokenizer: Any) -> str:
     """xxh3-128 of the tokenizer's state dict (names, dtypes, shapes and raw bytes, in name order): two tokenizers
     with the same config but other weights (e.g. a few more training steps) get different hashes. Computed from
     the weights as loaded, so hash before casting the tokenizer to another dtype. Parameters partitioned by
-    DeepSpeed ZeRO-3 (loaded under `zero.Init`, so empty on each rank) are hashed from the files they were loaded
+    ZeRO-3 (loaded under `zero.Init`, so empty on each rank) are hashed from the files they were loaded
     from (`name_or_path`)."""
-    if any(getattr(param, "ds_numel", None) is not None for param in visual_tokenizer.parameters()):
+    if any(is_partitioned(param) for param in visual_tokenizer.parameters()):
         folder = getattr(visual_tokenizer, "name_or_path", None)
         folder_hash = weights_hash_of_folder(folder) if folder and Path(folder).is_dir() else None
         if folder_hash is None:

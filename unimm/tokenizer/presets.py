@@ -305,9 +305,9 @@ def load_visual_tokenizer(path: str | Path) -> VisualTokenizer:
     generation, evaluation. Loaded whole on every rank even under ZeRO-3, like a vision tower: the training step
     runs it outside the DeepSpeed engine (features for the projector), so partitioned weights would reach it
     empty. A folder that holds no tokenizer is a `ModelFolderError` naming `visual_tokenizer_path`."""
-    from unimm.utils import hf_compat
+    from unimm.utils.parallel import zero3_init_disabled
 
-    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"), hf_compat.zero3_init_disabled():
+    with model_folder("visual_tokenizer_path", path, "a UniMM visual tokenizer"), zero3_init_disabled():
         visual_tokenizer = load_tokenizer(path)
     visual_tokenizer.eval()
     visual_tokenizer.requires_grad_(False)

@@ -151,7 +151,7 @@ class LoraArguments:
     lora_embeddings: str = config_field("new_rows", (
         "With train_new_embeddings: new_rows trains only the rows of the added tokens (peft trainable tokens; every "
         "text row stays bit-identical), full trains the whole embedding table and LM head (peft modules_to_save; a "
-        "tied head stays tied). ZeRO-3 always trains full tables."))
+        "tied head stays tied). ZeRO-3 and FSDP2 always train full tables."))
 
     def target_modules(self) -> list[str]:
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]

@@ -42,7 +42,6 @@ __all__ = [
     "pop_cache",
     "release_deepspeed_shm_buffer_at_exit",
     "upstream_error",
-    "zero3_init_disabled",
 ]
 
 _CACHE_NAMES = ("cache", "past_key_values")
@@ -149,33 +148,6 @@ class TrainSamplerOverride:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         sampler = self.train_sampler(dataset) if dataset is not None else None
         return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
-
-
-# -- ZeRO-3 loading ----------------------------------------------------------------------------------------------
-# While a ZeRO-3 `HfDeepSpeedConfig` is alive (the Trainer's, from `TrainingArguments(deepspeed=...)`),
-# `from_pretrained` builds every model under `deepspeed.zero.Init`, partitioning its weights across ranks. A frozen
-# encoder that runs outside the DeepSpeed engine (a vision tower) must be loaded whole. transformers offers
-# `unset_hf_deepspeed_config` but no way to read the config object back, only the private weak reference
-# `_hf_deepspeed_config_weak_ref` (transformers 4.28 through 5.24).
-@contextlib.contextmanager
-def zero3_init_disabled():
-    """Inside, `from_pretrained` loads models whole even when a ZeRO-3 config is active; restored on exit."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    if not hasattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref") or not hasattr(hf_deepspeed,
-                                                                                "set_hf_deepspeed_config"):
-        raise upstream_error("transformers", "transformers.integrations.deepspeed has no _hf_deepspeed_config_weak_ref "
-                                             "/ set_hf_deepspeed_config")
-    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
-    config = reference() if reference is not None else None
-    if config is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 # torch.compile gives up on a function after `recompile_limit` graphs (torch 2.6+; `cache_size_limit` before) and

@@ -11,6 +11,7 @@ understanding only, optionally with a visual tokenizer too), or loaded from an e
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from unimm.llm.vocab import ensure_pad_token
 from unimm.tokenizer.presets import load_visual_tokenizer  # its home since the floors were drawn; kept importable here
 from unimm.train.args import DataArguments, ModelArguments, VisualModulesConfig
 from unimm.utils.errors import ModelFolderError, invalid_json, model_folder
+from unimm.utils.parallel import full_shape
 
 logger = logging.getLogger(__name__)
 
@@ -218,9 +220,9 @@ def apply_trainable_parts(model: UniMMForCausalLM, model_args: ModelArguments, l
         model.feature_projector.requires_grad_(True)
     row_masked: set[str] = set()
     if model_args.train_new_embeddings and not model_args.train_llm:
-        from transformers.integrations import is_deepspeed_zero3_enabled
+        from unimm.utils.parallel import zero3_enabled
 
-        if is_deepspeed_zero3_enabled():
+        if zero3_enabled():
             # ZeRO-3 hands gradients of partitioned parameters around in flat shards, so rows cannot be masked.
             raise ValueError("train_llm=false with train_new_embeddings=true (train only the new token rows) is not "
                              "supported under ZeRO-3; use configs/deepspeed/zero2.json, or train_llm=true")
@@ -296,4 +298,4 @@ def build_collator(data_args: DataArguments, text_tokenizer: PreTrainedTokenizer
 
 def _numel(param: torch.Tensor) -> int:
     """Full size of a parameter, also when ZeRO-3 has partitioned it (then `numel()` is 0)."""
-    return int(getattr(param, "ds_numel", param.numel()))
+    return math.prod(full_shape(param))

@@ -64,24 +64,33 @@ def token_delta_names(model) -> set[str]:
     return {name for name, _ in model.named_parameters() if "trainable_tokens_delta" in name}
 
 
-def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: ModelArguments):
-    """Return a `peft.PeftModel` with LoRA on the LLM's `lora_target_modules` and the visual parts trainable."""
+def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: ModelArguments,
+              engine: str | None = None):
+    """Return a `peft.PeftModel` with LoRA on the LLM's `lora_target_modules` and the visual parts trainable.
+    `engine` (`unimm.utils.parallel.ENGINES`; default: the live one): under ZeRO-3 and FSDP2 the embedding tables
+    train whole."""
     require(is_peft_available(), "peft", "dev")
     from peft import LoraConfig, get_peft_model
-    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from unimm.utils import parallel
+
+    engine = engine or parallel.engine()
+    zero3 = engine == "deepspeed-zero3"
 
     targets = "|".join(re.escape(name) for name in lora_args.target_modules())
     # Only the LLM's own linear layers (the depth heads may use the same projection names).
     target_regex = rf"language_model\..*\.({targets})"
     modules, token_rows = modules_to_save(model, model_args), trainable_token_indices(model, model_args)
     tied = bool(model.config.tie_word_embeddings)
-    if token_rows is not None and (lora_args.lora_embeddings == "full" or is_deepspeed_zero3_enabled()):
+    partitioned = engine in parallel.PARTITIONING_ENGINES
+    if token_rows is not None and (lora_args.lora_embeddings == "full" or partitioned):
         if lora_args.lora_embeddings != "full":
-            # ZeRO-3 partitions the tables, and peft's trainable tokens read and write them outside the layer that
-            # owns them: the tables train whole instead (a tied head shares its copy through peft's weight tying).
-            logger.warning("ZeRO-3: LoRA cannot restrict the embedding%s to the %d added rows; the whole table%s "
-                           "train (use ZeRO-2 to train only the added rows)", "" if tied else " and LM head",
-                           len(token_rows["embed_tokens"]), "" if tied else "s")
+            # ZeRO-3 and FSDP2 partition the tables, and peft's trainable tokens read and write them outside the
+            # layer that owns them (FSDP2 would shard the shared table in two units): the tables train whole instead
+            # (a tied head shares its copy through peft's weight tying).
+            logger.warning("%s: LoRA cannot restrict the embedding%s to the %d added rows; the whole table%s "
+                           "train (use ZeRO-2 or DDP to train only the added rows)", engine,
+                           "" if tied else " and LM head", len(token_rows["embed_tokens"]), "" if tied else "s")
         modules = ["embed_tokens", *([] if tied else ["lm_head"]), *modules]
         token_rows = None
     config = LoraConfig(
@@ -95,7 +104,7 @@ def wrap_lora(model: UniMMForCausalLM, lora_args: LoraArguments, model_args: Mod
     # peft upcasts bf16 adapters to float32 by default; ZeRO-3 flattens each param group into one buffer of a
     # single dtype, so there the adapters keep the model's dtype (as LLaVA's bf16 LoRA does; DeepSpeed's
     # optimizer holds float32 master weights anyway).
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not is_deepspeed_zero3_enabled())
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=not zero3)
     _check_tied_head(peft_model)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
@@ -110,7 +119,7 @@ def _check_tied_head(peft_model) -> None:
     if not base.config.tie_word_embeddings:
         return
     head, embed = base.get_output_embeddings(), base.get_input_embeddings()
-    if hasattr(embed, "modules_to_save"):  # tables trained whole (ZeRO-3): the head must wrap the same copy
+    if hasattr(embed, "modules_to_save"):  # tables trained whole (ZeRO-3, FSDP2): the head must wrap the same copy
         head_copies = getattr(head, "modules_to_save", None)
         head_copy = head_copies["default"] if head_copies is not None and "default" in head_copies else None
         if head_copy is None or head_copy.weight is not embed.modules_to_save["default"].weight:

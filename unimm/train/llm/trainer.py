@@ -45,8 +45,9 @@ from unimm.train.guards import (
 )
 from unimm.train.llm.mfu import LLMShape, flops_per_token, mfu, resolve_peak_flops
 from unimm.train.llm.streaming import SaveDataStateCallback, StreamingTrainerMixin
-from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size
+from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from unimm.utils.hf_compat import TrainSamplerOverride
+from unimm.utils.parallel import enable_fsdp_on_cpu, engine, full_state_dict, prepare_fsdp_arguments
 from unimm.utils.runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,13 @@ class UniMMTrainer(StreamingTrainerMixin, TrainSamplerOverride, Trainer):
         self.llm_shape = llm_shape
         self._peak_flops: float | None = None
         self._reset_window()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator; with `--fsdp` on CPU (gloo) ranks, made an FSDP2 one (accelerate enables FSDP on
+        accelerator devices only; `unimm.utils.parallel.enable_fsdp_on_cpu`)."""
+        super().create_accelerator_and_postprocess()
+        if enable_fsdp_on_cpu(self.accelerator, self.args):
+            self.is_fsdp_enabled = True
 
     # ------------------------------------------------------------------ loss
     def _reset_window(self) -> None:
@@ -370,7 +378,8 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
         save_resolved_config(output_dir / "launches", model_args, modules, data_args, lora_args, training_args,
                              name=time.strftime("launch-%Y%m%d-%H%M%S.yaml", time.gmtime()))
     keep_last, training_args.save_total_limit = training_args.save_total_limit, None
-    dtype = master_weight_dtype(training_args, model_args.torch_dtype)
+    dtype = master_weight_dtype(training_args, model_args.dtype)
+    check_engine_supports(engine(training_args), model_args, lora_args)
     built = build_model(model_args, modules, dtype=dtype, use_image_features=data_args.new_model_needs_projector,
                         seed=training_args.seed)
     model = built.model
@@ -378,7 +387,7 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
     if lora_args is not None and lora_args.use_lora:
         from unimm.train.llm.lora import token_delta_names
 
-        model = _wrap_lora(built, model_args, lora_args, output_dir)
+        model = _wrap_lora(built, model_args, lora_args, output_dir, engine(training_args))
         no_decay = token_delta_names(model)  # the new rows: peft's parameters replace the row-masked tables
     _non_reentrant_checkpointing(training_args)
     train_dataset = build_train_dataset(data_args, built, seed=training_args.seed)
@@ -391,12 +400,15 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
         # the paper DualToken, per process).
         built.visual_tokenizer = None
         gc.collect()
-    check_master_weights(model, training_args, model_args.torch_dtype)
+    check_master_weights(model, training_args, model_args.dtype)
     stop_on_signal = StopOnSignal(save=getattr(training_args, "save_on_signal", True))
     callbacks: list[TrainerCallback] = [stop_on_signal, SaveDataStateCallback(),  # data state before COMPLETE
                                         CompleteCheckpointCallback(keep_last, fingerprint)]
+    if engine(training_args) == "fsdp2":
+        callbacks.insert(0, SaveGatheredModelCallback())  # written before the checkpoint is marked complete
     if model_args.save_mm_projector:
         callbacks.insert(0, SaveProjectorCallback(built.model))  # written before the checkpoint is marked complete
+    prepare_fsdp_arguments(training_args, model)
     trainer = UniMMTrainer(
         model=model, args=training_args, train_dataset=train_dataset,
         data_collator=build_collator(data_args, built.text_tokenizer), processing_class=built.text_tokenizer,
@@ -410,18 +422,32 @@ def _train_locked(model_args, modules, data_args, training_args, lora_args, outp
         stop_on_signal.uninstall()
     if getattr(training_args, "save_final_model", True):
         check_weights_before_save(trainer.model, trainer.state.global_step, "the final model")
-        trainer.save_model(str(output_dir))
+        save_final_model(trainer, output_dir)
         trainer.save_state()
     if model_args.save_mm_projector:
         save_mm_projector(built.model, output_dir / LLAVA_PROJECTOR_FILE)
     return trainer
 
 
+def check_engine_supports(run_engine: str, model_args, lora_args) -> None:
+    """Refuse, before any model is built, what the engine cannot train: under FSDP2 the parameters are replaced by
+    sharded DTensors when the model is wrapped, so the gradient hook that trains only the new token rows
+    (train_llm=false with train_new_embeddings=true, no LoRA) would be dropped silently."""
+    if run_engine != "fsdp2" or (lora_args is not None and lora_args.use_lora):
+        return
+    if model_args.train_new_embeddings and not model_args.train_llm:
+        from unimm.utils.errors import UserError
+
+        raise UserError("train_llm=false with train_new_embeddings=true (train only the new token rows) is not "
+                        "supported under FSDP2; use DDP or configs/deepspeed/zero2.json, train_llm=true, or LoRA")
+
+
 def master_weight_dtype(training_args, torch_dtype: str) -> torch.dtype:
     """The dtype the model is loaded in. DeepSpeed keeps float32 master weights of half-precision parameters in its
-    optimizer, so there `auto` follows `--bf16`/`--fp16`. Without DeepSpeed (one process, DDP) the optimizer updates
-    the parameters themselves: `auto` loads float32 and `--bf16` computes under autocast, so updates smaller than a
-    bfloat16 step (2^-8 of the weight) are not rounded away."""
+    optimizer, so there `auto` follows `--bf16`/`--fp16`. Without DeepSpeed (one process, DDP, FSDP2) the optimizer
+    updates the parameters themselves (FSDP2: their float32 shards): `auto` loads float32 and `--bf16` computes under
+    autocast (FSDP2: in bfloat16 copies of the gathered weights), so updates smaller than a bfloat16 step (2^-8 of
+    the weight) are not rounded away."""
     dtype = resolve_dtype(training_args.bf16, training_args.fp16, torch_dtype)
     if torch_dtype == "auto" and not training_args.deepspeed and dtype != torch.float32:
         logger.info("%s without DeepSpeed: weights stay float32 (master weights), compute runs under %s autocast",
@@ -439,12 +465,12 @@ def check_master_weights(model: nn.Module, training_args, torch_dtype: str) -> N
     if half:
         from unimm.utils.errors import UserError
 
-        raise UserError(f"torch_dtype={torch_dtype} without DeepSpeed trains {'/'.join(half)} parameters with no "
-                        f"float32 master copy (small updates round away): use --torch_dtype auto or float32 (--bf16 "
+        raise UserError(f"dtype={torch_dtype} without DeepSpeed trains {'/'.join(half)} parameters with no "
+                        f"float32 master copy (small updates round away): use --dtype auto or float32 (--bf16 "
                         f"then computes under autocast), or train with --deepspeed")
 
 
-def _wrap_lora(built, model_args, lora_args, output_dir: Path):
+def _wrap_lora(built, model_args, lora_args, output_dir: Path, run_engine: str):
     from unimm.train.llm.lora import wrap_lora
     from unimm.utils.distributed import barrier, is_main_process
 
@@ -453,38 +479,50 @@ def _wrap_lora(built, model_args, lora_args, output_dir: Path):
         # Adapter checkpoints must name a base model on disk: write the freshly extended one once.
         base_dir = output_dir / "base_model"
         if not (base_dir / "config.json").is_file():
-            state_dict = gathered_state_dict(model)  # every rank: ZeRO-3 gathers collectively
+            state_dict = full_state_dict(model)  # every rank: ZeRO-3 gathers collectively
             if is_main_process():
                 model.save_pretrained(base_dir, state_dict=state_dict)
                 built.text_tokenizer.save_pretrained(base_dir)
         barrier()
         model.name_or_path = str(base_dir.resolve())
-    return wrap_lora(model, lora_args, model_args)
+    return wrap_lora(model, lora_args, model_args, engine=run_engine)
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """`model.state_dict()` on CPU with ZeRO-3 partitioned parameters gathered one at a time (the whole model never
-    sits gathered on a device). Every rank must call it; rank 0 gets the tensors, the others None. Tied weights stay
-    one tensor, so `save_pretrained` recognises them."""
-    import contextlib
+def save_final_model(trainer: UniMMTrainer, output_dir: Path) -> None:
+    """The final model as an ordinary HF folder (loadable in one process by `from_pretrained`): the stock
+    `save_model` (which gathers ZeRO-3 weights), except under FSDP2, whose stock save writes the sharded state
+    (`pytorch_model_fsdp_0/`) with SHARDED_STATE_DICT: there `save_gathered_model` writes it."""
+    if engine(trainer.args) != "fsdp2":
+        trainer.save_model(str(output_dir))
+        return
+    save_gathered_model(trainer.model, output_dir, trainer.processing_class)
+    if is_main_process():
+        torch.save(trainer.args, output_dir / "training_args.bin")
 
-    from unimm.utils.distributed import is_main_process
 
-    main = is_main_process()
-    state: dict[str, torch.Tensor] = {}
-    copies: dict[int, torch.Tensor] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) not in copies:
-            if hasattr(tensor, "ds_id"):
-                import deepspeed
+def save_gathered_model(model: nn.Module, folder: Path, processing_class: Any = None) -> None:
+    """`model` (FSDP2-sharded, or whole) as an HF folder: the weights gathered one tensor at a time, written by rank 0
+    with `save_pretrained` (a LoRA model: its adapter and trained modules), beside the text tokenizer. Every rank
+    calls it (the gather is collective)."""
+    from unimm.utils.distributed import barrier
 
-                gather = deepspeed.zero.GatheredParameters([tensor], modifier_rank=None)
-            else:
-                gather = contextlib.nullcontext()
-            with gather:
-                copies[id(tensor)] = tensor.detach().cpu().clone() if main else tensor
-        state[name] = copies[id(tensor)]
-    return state if main else None
+    model = getattr(model, "module", model)  # a wrapper's model (DDP); FSDP2 shards the module in place
+    state_dict = full_state_dict(model)
+    if is_main_process():
+        model.save_pretrained(str(folder), state_dict=state_dict)
+        if processing_class is not None:
+            processing_class.save_pretrained(str(folder))
+    barrier()
+
+
+class SaveGatheredModelCallback(TrainerCallback):
+    """Under FSDP2: writes the gathered model (HF format, as `save_final_model` does) into each checkpoint beside its
+    shards, so that every checkpoint loads in one process (`from_pretrained`, a LoRA one with `unimm-merge-lora`)
+    as DeepSpeed's and DDP's do; resuming reads the shards."""
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        save_gathered_model(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", processing_class)
+        return control
 
 
 def _non_reentrant_checkpointing(training_args) -> None:
