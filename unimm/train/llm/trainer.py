@@ -491,16 +491,16 @@ def _wrap_lora(built, model_args, lora_args, output_dir: Path, run_engine: str):
 def save_final_model(trainer: UniMMTrainer, output_dir: Path) -> None:
     """The final model as an ordinary HF folder (loadable in one process by `from_pretrained`): the stock
     `save_model` (which gathers ZeRO-3 weights), except under FSDP2, whose stock save writes the sharded state
-    (`pytorch_model_fsdp_0/`) with SHARDED_STATE_DICT: there `save_gathered_model` writes it."""
+    (`pytorch_model_fsdp_0/`) with SHARDED_STATE_DICT: there `save_full_model` writes it."""
     if engine(trainer.args) != "fsdp2":
         trainer.save_model(str(output_dir))
         return
-    save_gathered_model(trainer.model, output_dir, trainer.processing_class)
+    save_full_model(trainer.model, output_dir, trainer.processing_class)
     if is_main_process():
         torch.save(trainer.args, output_dir / "training_args.bin")
 
 
-def save_gathered_model(model: nn.Module, folder: Path, processing_class: Any = None) -> None:
+def save_full_model(model: nn.Module, folder: Path, processing_class: Any = None) -> None:
     """`model` (FSDP2-sharded, or whole) as an HF folder: the weights gathered one tensor at a time, written by rank 0
     with `save_pretrained` (a LoRA model: its adapter and trained modules), beside the text tokenizer. Every rank
     calls it (the gather is collective)."""
@@ -521,7 +521,7 @@ class SaveGatheredModelCallback(TrainerCallback):
     as DeepSpeed's and DDP's do; resuming reads the shards."""
 
     def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
-        save_gathered_model(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", processing_class)
+        save_full_model(model, Path(args.output_dir) / f"checkpoint-{state.global_step}", processing_class)
         return control
 
 
