@@ -5,12 +5,9 @@ from unimm.data.code_cache import (
     CodeCache,
     CodeCacheCorruptError,
     CodeCacheMismatchError,
-    PretokenizeConfig,
     TokenizerIdentity,
     finalize_code_cache,
     load_code_cache,
-    pretokenize,
-    run_pretokenize,
     tokenizer_weights_hash,
     verify_code_cache,
 )
@@ -23,6 +20,7 @@ from unimm.data.images import (
     load_image,
     read_image_records,
 )
+from unimm.data.pretokenize import PretokenizeConfig, run_pretokenize
 from unimm.data.sequence import (
     ImageSlot,
     MalformedRecordError,
@@ -92,7 +90,6 @@ __all__ = [
     "llava_messages",
     "load_code_cache",
     "load_image",
-    "pretokenize",
     "read_image_records",
     "read_llava_json",
     "read_text_records",
