@@ -208,6 +208,10 @@ class WebDatasetShards:
                         key, members, position = member_key, {}, position + 1
                     if position >= start:
                         members[extension.lower()] = tar.extractfile(member).read()
+                # tarfile ends quietly at a header cut short; a whole tar has its two zero blocks after the last
+                # member (a compressed one is checked by its decompressor).
+                if shard.endswith(".tar") and os.path.getsize(shard) < tar.offset + 1024:
+                    raise tarfile.ReadError("the file ends before the end-of-archive marker (truncated)")
         except (tarfile.TarError, OSError, EOFError) as err:
             raise InputFileError(f"{shard}: cannot read the tar shard after sample {position} ({key}): "
                                  f"{err}") from None
