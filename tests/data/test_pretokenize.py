@@ -99,6 +99,7 @@ def test_a_format_2_int32_cache_still_reads(tokenizer, image_folder, tmp_path):
     assert len(cache) == 5 and cache[3]["text"] == "caption 3"
     assert all(torch.equal(cache[i]["codes"]["semantic"], torch.from_numpy(expected[i])) for i in range(5))
     stream = CodeCacheShards(FIXTURE_V2)
+    assert stream.has_text and stream.image_positions == 64
     assert stream.num_records("shard-00001.arrow") is None  # format 2 manifests have no per-shard counts
     records = [r for shard in stream.shards() for r in stream.read(shard)]
     assert [r["id"] for r in records] == [f"img{i}" for i in range(5)]

@@ -149,6 +149,10 @@ def test_llava_files_are_read_lazily_through_an_index_built_once(tmp_path, suffi
     assert [r["id"] for r in read] == list(read_llava_json(path)["id"])
     assert [{k: v for k, v in r.items() if k != POSITION} for r in read] == records
     assert [(r["id"], r[POSITION]) for r in source.read(f"{path}#1", start=2)] == [("r6", 2), ("r7", 3)]
+    normalised = LlavaJsonShards(path, records_per_shard=4, normalise=True)
+    columns = read_llava_json(path).to_list()
+    assert [{k: v for k, v in r.items() if k != POSITION} for s in normalised.shards()
+            for r in normalised.read(s)] == columns
 
     index_file = Path(f"{path}.index.npy")
     built = index_file.stat().st_mtime_ns

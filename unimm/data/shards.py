@@ -121,6 +121,21 @@ class CodeCacheShards:
     def num_records(self, shard: str) -> int | None:
         return self._counts.get(shard)
 
+    @property
+    def image_positions(self) -> int:
+        """LLM positions of one cached image: N of the codes' [N, D] shape."""
+        return int(next(iter(self.shapes.values()))[0]) if self.shapes else 0
+
+    @property
+    def has_text(self) -> bool:
+        """Whether records carry captions: the schema of the first shard file on this node's disk."""
+        for shard in self.shards():
+            if (self.path / shard).is_file():
+                with pa.memory_map(str(self.path / shard)) as source:
+                    return "text" in pa.ipc.open_stream(source).schema.names
+        raise FileNotFoundError(f"code cache {self.path}: none of its {len(self.shards())} shard files is on this "
+                                f"node's disk")
+
     def _open(self, shard: str) -> Any:
         if shard not in self.info["shard_checksums"]:
             raise KeyError(f"{shard!r} is not a shard of the code cache {self.path}")
@@ -496,14 +511,18 @@ class LlavaJsonShards:
     """LLaVA conversation files (JSON lists or JSONL) read lazily: each file's record offsets are indexed once
     (`record_index`) and its records split into shards of `records_per_shard`, ids `<file>#<k>`; `read` seeks to
     a record and parses only the records it yields. A record that is not a JSON object is skipped and counted,
-    named by file and record number."""
+    named by file and record number. With `normalise`, records come out in the fixed columns the LLaVA sample
+    builder reads (`unimm.data.sources.normalise_llava_record`: `id`, `images`, `conversations`, `malformed`)
+    instead of as written."""
 
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], records_per_shard: int = 8192,
-                 index_dir: str | os.PathLike | None = None, max_bad_fraction: float = 0.01, name: str | None = None):
+                 index_dir: str | os.PathLike | None = None, max_bad_fraction: float = 0.01, name: str | None = None,
+                 normalise: bool = False):
         if records_per_shard <= 0:
             raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
         self.files = expand_files(files, (".json", ".jsonl"), "LLaVA JSON")
         self.records_per_shard = records_per_shard
+        self.normalise = normalise
         self.name = name or f"llava:{os.fspath(files) if isinstance(files, (str, os.PathLike)) else 'list'}"
         self.tracker = BadSampleTracker(max_bad_fraction=max_bad_fraction, name=self.name)
         self.index = {file: record_index(file, index_dir) for file in self.files}
@@ -525,8 +544,11 @@ class LlavaJsonShards:
         return end - begin
 
     def read(self, shard: str, start: int = 0) -> Iterator[dict]:
+        from unimm.data.sources import normalise_llava_record
+
         file, begin, end = self._range(shard)
         spans = self.index[file]
+        stem = Path(file).stem
         with open(file, "rb") as f:
             for number in range(begin + start, end):
                 first, last = int(spans[number, 0]), int(spans[number, 1])
@@ -547,5 +569,7 @@ class LlavaJsonShards:
                     self.tracker.record_bad(where, f"a {type(record).__name__}, not a JSON object")
                     continue
                 self.tracker.record_ok()
+                if self.normalise:
+                    record = normalise_llava_record(record, number, stem)
                 record[POSITION] = number - begin
                 yield record
