@@ -395,27 +395,43 @@ _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _CHUNK = 16 << 20
 
 
-def _jsonl_spans(path: Path) -> np.ndarray:
-    """[n, 2] byte spans (start, end) of the non-empty lines of a JSONL file, found chunk by chunk."""
-    starts, ends = [np.zeros(1, np.int64)], []
-    base = 0
+def _jsonl_line_chunks(path: Path) -> Iterator[np.ndarray]:
+    """[k, 2] byte spans (start, end) of the non-empty lines of a JSONL file, one array per chunk read."""
+    line_start, base = 0, 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
-            newlines = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + base
-            ends.append(newlines)
-            starts.append(newlines + 1)
+            ends = np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10).astype(np.int64) + base
+            starts = np.concatenate([[line_start], ends[:-1] + 1]) if len(ends) else np.zeros(0, np.int64)
+            spans = np.stack([starts, ends], axis=1)
+            if len(ends):
+                line_start = int(ends[-1]) + 1
             base += len(chunk)
-    starts_all, ends_all = np.concatenate(starts), np.concatenate([*ends, np.array([base], np.int64)])
-    spans = np.stack([starts_all, ends_all], axis=1)
-    return spans[spans[:, 1] > spans[:, 0]]  # empty lines are no records (a blank "\r" line is dropped when read)
+            yield spans[spans[:, 1] > spans[:, 0]]  # empty lines are no records ("\r" alone is dropped when read)
+    if base > line_start:  # the last line has no newline
+        yield np.array([[line_start, base]], np.int64)
+
+
+def _write_jsonl_index(path: Path, out: Path) -> None:
+    """The line spans of a JSONL file into the `.npy` file `out`: counted in one pass, written into a memory map
+    in a second, so building the index of a file of any size takes the memory of one chunk."""
+    count = sum(len(spans) for spans in _jsonl_line_chunks(path))
+    index = np.lib.format.open_memmap(out, mode="w+", dtype=np.int64, shape=(count, 2))
+    at = 0
+    for spans in _jsonl_line_chunks(path):
+        index[at:at + len(spans)] = spans
+        at += len(spans)
+    index.flush()
+    del index
 
 
 def _json_array_spans(path: Path) -> np.ndarray:
     """[n, 2] byte spans of the top-level elements of a JSON list, found by decoding one element at a time from
     a sliding window of the file (no whole-file parse: memory stays at the window)."""
+    import array
+
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()
-    spans: list[tuple[int, int]] = []
+    spans = array.array("q")  # start, end, start, end ...: 16 bytes a record while the file is scanned
     with path.open("rb") as f:
         buf, pos, byte_pos, eof = "", 0, 0, False
 
@@ -443,7 +459,8 @@ def _json_array_spans(path: Path) -> np.ndarray:
                     return buf[pos] if pos < len(buf) else ""
 
         def fail(what: str) -> InputFileError:
-            return InputFileError(f"{path}: invalid JSON list at byte {byte_pos} (record {len(spans)}): {what}")
+            return InputFileError(f"{path}: invalid JSON list at byte {byte_pos} (record {len(spans) // 2}): "
+                                  f"{what}")
 
         if skip_space() != "[":
             raise InputFileError(f"{path}: a LLaVA JSON file must hold a list of records")
@@ -461,7 +478,7 @@ def _json_array_spans(path: Path) -> np.ndarray:
                         raise fail(err.msg) from None
                 more()  # the record may run past the window: widen it
             length = len(buf[pos:end].encode("utf-8"))
-            spans.append((byte_pos, byte_pos + length))
+            spans.extend((byte_pos, byte_pos + length))
             pos, byte_pos = end, byte_pos + length
             separator = skip_space()
             if separator == "]":
@@ -471,7 +488,7 @@ def _json_array_spans(path: Path) -> np.ndarray:
                            "the file ends inside the list")
             pos, byte_pos = pos + 1, byte_pos + 1
             skip_space()
-    return np.asarray(spans, np.int64).reshape(-1, 2)
+    return np.frombuffer(spans, np.int64).reshape(-1, 2)
 
 
 def record_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> np.ndarray:
@@ -498,13 +515,16 @@ def record_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = 
                 return np.load(index_file, mmap_mode="r")
         except (ValueError, OSError):
             pass  # a torn index is rebuilt
-    spans = _jsonl_spans(path) if path.suffix.lower() == ".jsonl" else _json_array_spans(path)
     tmp = Path(f"{index_file}.{os.getpid()}.tmp.npy")
-    np.save(tmp, spans)
+    if path.suffix.lower() == ".jsonl":
+        _write_jsonl_index(path, tmp)
+    else:
+        np.save(tmp, _json_array_spans(path))
     os.replace(tmp, index_file)
     meta_file.write_text(json.dumps(meta))
-    logger.info("%s: indexed %d records into %s", path, len(spans), index_file)
-    return np.load(index_file, mmap_mode="r")
+    index = np.load(index_file, mmap_mode="r")
+    logger.info("%s: indexed %d records into %s", path, len(index), index_file)
+    return index
 
 
 class LlavaJsonShards:
