@@ -184,3 +184,65 @@ def test_two_ranks_under_torchrun_write_the_same_cache_as_one_process(tokenizer,
                 source=str(image_folder), show_progress=False)
     assert _shard_bytes(out) == _shard_bytes(single)
     assert len(load_code_cache(out, tokenizer)) == 10
+
+
+def test_sharded_input_each_rank_encodes_only_its_own_files(tokenizer, tmp_path, one_thread):
+    """Webdataset tars listed by a brace range: input tar i becomes cache shard i, written by rank i % 2, which
+    never opens the other rank's tars (deleted from its 'node' here); bad images are listed in their shard."""
+    import io
+    import tarfile
+
+    from unimm.data.images import ImageTransform, load_image
+    from unimm.data.pretokenize import PretokenizeConfig, pretokenize_shards, run_pretokenize
+    from unimm.data.shards import WebDatasetShards
+
+    images = {}
+    for t in range(3):
+        with tarfile.open(tmp_path / f"in-{t:03d}.tar", "w") as tar:
+            for k in range(3):
+                key = f"t{t}k{k}"
+                buffer = io.BytesIO()
+                Image.new("RGB", (36, 30), (60 * t + 10 * k, 100, 200 - 40 * k)).save(buffer, format="PNG")
+                data = b"broken" if (t, k) == (2, 1) else buffer.getvalue()
+                images[key] = data
+                for extension, payload in (("png", data), ("txt", f"caption {key}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    pattern = str(tmp_path / "in-{000..002}.tar")
+    gathered = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        for t in range(3):  # this node's disk holds only its own input tars
+            if t % 2 == rank:
+                (node / f"in-{t:03d}.tar").write_bytes((tmp_path / f"in-{t:03d}.tar").read_bytes())
+        source = WebDatasetShards(str(node / "in-{000..002}.tar"), max_bad_fraction=0.5)
+        result = pretokenize_shards(source, tokenizer, node / "cache", batch_size=2, process_index=rank,
+                                    num_processes=2, max_bad_fraction=0.5, show_progress=False)
+        assert result.written_shards == [t for t in range(3) if t % 2 == rank] and result.num_shards == 3
+        gathered += result.shard_records
+    info = finalize_code_cache(tmp_path / "node0" / "cache", tokenizer, max_bad_fraction=0.5, shard_records=gathered)
+    assert info["shard_num_records"] == {"shard-00000.arrow": 3, "shard-00001.arrow": 3, "shard-00002.arrow": 2}
+    assert info["num_records"] == 9 and [s[0] for s in info["skipped"]] == [f"{tmp_path}/node0/in-002.tar:t2k1"]
+    stream = CodeCacheShards(tmp_path / "node0" / "cache", expected=tokenizer)
+    records = list(stream.read("shard-00002.arrow"))
+    assert [(r["id"], r["text"]) for r in records] == [("t2k0", "caption t2k0"), ("t2k2", "caption t2k2")]
+    transform = ImageTransform.for_tokenizer(tokenizer)
+    with torch.no_grad():
+        expected = tokenizer.encode(torch.stack([transform(load_image(images[r["id"]], r["id"])) for r in records]))
+    assert all(np.array_equal(r["codes"]["semantic"], expected["semantic"][i].numpy()) for i, r in enumerate(records))
+    again = pretokenize_shards(WebDatasetShards(str(tmp_path / "node0" / "in-{000..002}.tar")), tokenizer,
+                               tmp_path / "node0" / "cache", process_index=0, num_processes=2, show_progress=False)
+    assert again.written_shards == [] and again.skipped_shards == [0, 2]
+
+    # The program, one process, all tars on its disk: the same codes as the two nodes together.
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    config = PretokenizeConfig(data=pattern, visual_tokenizer_path=str(tmp_path / "tokenizer"), input_shards=True,
+                               output_dir=str(tmp_path / "single"), batch_size=4, max_bad_fraction=0.5)
+    single = run_pretokenize(config, show_progress=False)
+    assert "--input_shards true" in single["rebuild_command"] and single["shard_num_records"] == \
+        info["shard_num_records"]
+    cache = load_code_cache(tmp_path / "single", tokenizer)
+    assert len(cache) == 8 and torch.equal(cache.codes_for("t2k2")["semantic"],
+                                           torch.from_numpy(records[1]["codes"]["semantic"]).long())

@@ -216,11 +216,22 @@ def write_shard(out: Path, shard: int, start: int, stop: int, table: pa.Table, m
     return record
 
 
-def pretokenize_state(tokenizer: Any, weights_hash: str | None, num_records: int, shard_size: int,
-                       source: str | None) -> dict:
-    return {"format_version": CACHE_FORMAT_VERSION, "tokenizer_config_hash": _tokenizer_hash(tokenizer),
-            "tokenizer_weights_hash": weights_hash or tokenizer_weights_hash(tokenizer),
-            "num_records": num_records, "shard_size": shard_size, "source": source}
+def pretokenize_state(tokenizer: Any, weights_hash: str | None, num_records: int | None, shard_size: int | None,
+                       source: str | None, input_shards: list[str] | None = None) -> dict:
+    """What a pretokenize run is started with: records split into shards of `shard_size`, or (`input_shards`, the
+    input's shard files, when the number of records is not known up front) output shard i from input shard i."""
+    state = {"format_version": CACHE_FORMAT_VERSION, "tokenizer_config_hash": _tokenizer_hash(tokenizer),
+             "tokenizer_weights_hash": weights_hash or tokenizer_weights_hash(tokenizer),
+             "num_records": num_records, "shard_size": shard_size, "source": source}
+    if input_shards is not None:
+        state["input_shards"] = list(input_shards)
+    return state
+
+
+def num_shards_of(state: dict) -> int:
+    if state.get("input_shards") is not None:
+        return len(state["input_shards"])
+    return max(1, -(-state["num_records"] // state["shard_size"]))
 
 
 def write_code_cache(out_dir: str | os.PathLike, tokenizer: Any, ids: list[str], codes: dict[str, np.ndarray],
@@ -268,7 +279,7 @@ def finalize_code_cache(out_dir: str | os.PathLike, tokenizer: Any, max_bad_frac
     if state.get("format_version") != CACHE_FORMAT_VERSION:
         raise CodeCacheMismatchError(f"{out}: pretokenize state has format version {state.get('format_version')}, "
                                      f"expected {CACHE_FORMAT_VERSION}; pretokenize into a new output_dir")
-    num_shards = max(1, -(-state["num_records"] // state["shard_size"]))
+    num_shards = num_shards_of(state)
     if shard_records is None:
         by_index = {s: json.loads(shard_meta_path(out, s).read_text()) for s in range(num_shards)
                     if shard_meta_path(out, s).exists()}
@@ -294,7 +305,7 @@ def finalize_code_cache(out_dir: str | os.PathLike, tokenizer: Any, max_bad_frac
         "shapes": shapes,  # group -> [N, D]
         "code_dtypes": {name: code_dtype(spec.get(name, {}).get("num_codes")).name for name in shapes},
         "image_size": int(tokenizer.image_size),
-        "num_records": state["num_records"],
+        "num_records": sum(meta["num_records"] for meta in metas),
         "num_codes_written": num_written,
         "num_skipped": len(skipped),
         "skipped": skipped,

@@ -163,6 +163,69 @@ def pretokenize(records: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_
                              shard_records=[records_by_shard[s] for s in mine])
 
 
+class _ListingTracker(BadSampleTracker):
+    """A tracker that also keeps every bad sample, for the shard records' skipped lists."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.all_bad: list[list[str]] = []
+
+    def record_bad(self, sample_id: str, reason: str) -> None:
+        self.all_bad.append([str(sample_id), str(reason)])
+        super().record_bad(sample_id, reason)
+
+
+def pretokenize_shards(source: Any, tokenizer: Any, out_dir: str | os.PathLike, batch_size: int = 32,
+                       device: torch.device | str = "cpu", process_index: int = 0, num_processes: int = 1,
+                       max_bad_fraction: float = 0.01, source_name: str | None = None, show_progress: bool = True,
+                       weights_hash: str | None = None) -> PretokenizeResult:
+    """Encode a sharded image source (`unimm.data.shards.WebDatasetShards` or `ParquetShards`: datasets too large to
+    list up front) into the code cache in `out_dir`: output shard i holds the records of input shard i, and input
+    shard i belongs to process `i % num_processes`, which reads no other file, so a node needs only its own
+    input shards on its disk. Resumes like `pretokenize` (finished shards are kept); bad images are skipped and
+    listed in their shard's record."""
+    from tqdm.auto import tqdm
+
+    from unimm.data.shards import POSITION, encode
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}")
+    inputs = source.shards()
+    _check_state(out, pretokenize_state(tokenizer, weights_hash, None, None, source_name,
+                                        input_shards=[os.path.basename(shard) for shard in inputs]))
+    mine = [s for s in range(len(inputs)) if s % num_processes == process_index]
+    finished = {s: record for s in mine if (record := _finished_shard(out, s)) is not None}
+    tracker = _ListingTracker(max_bad_fraction=max_bad_fraction, name=f"pretokenize[{process_index}]")
+    source.tracker = tracker
+    encoded = encode(source, tokenizer, batch_size=batch_size, device=device)
+    spec = codebook_spec_dict(tokenizer)
+    progress = tqdm(desc=f"pretokenize (process {process_index})", unit="img", disable=not show_progress)
+    written = {}
+    for shard in (s for s in mine if s not in finished):
+        ids, texts, groups, shapes, seen, bad_before = [], [], {}, {}, 0, len(tracker.all_bad)
+        for record in encoded.read(inputs[shard]):
+            ids.append(str(record["id"]))
+            texts.append(record.get("text"))
+            for name, codes in record["codes"].items():
+                groups.setdefault(name, []).append(codes.reshape(-1))
+                shapes[name] = list(codes.shape)
+            seen = record[POSITION] + 1
+            progress.update(1)
+        skipped = tracker.all_bad[bad_before:]
+        codes = {name: np.stack(groups[name]) if groups.get(name) else np.zeros((0, 0), np.int32)
+                 for name in spec or groups}
+        meta = {"num_records": max(seen, len(ids) + len(skipped)), "num_written": len(ids), "skipped": skipped,
+                "shapes": shapes, "input_shard": inputs[shard]}
+        written[shard] = write_shard(out, shard, None, None, shard_table(ids, texts, codes, spec), meta)
+    progress.close()
+    tracker.check(final=True)
+    records_by_shard = {**finished, **written}
+    return PretokenizeResult(written_shards=sorted(written), skipped_shards=sorted(finished), num_shards=len(inputs),
+                             shard_records=[records_by_shard[s] for s in mine])
+
+
 def _finished_shard(out: Path, shard: int) -> dict | None:
     """The record of `shard` when it was finished and its Arrow file is still what was written (None: it must be
     (re-)encoded)."""
@@ -203,6 +266,10 @@ class PretokenizeConfig:
     shard_size: int = config_field(1024, "Records per Arrow shard (the unit of resumption and of multi-GPU sharding).")
     num_workers: int = config_field(2, "DataLoader workers decoding images.")
     max_bad_fraction: float = config_field(0.01, "Fraction of unreadable images tolerated before stopping.")
+    input_shards: bool = config_field(False, "Read --data's webdataset .tar or .parquet files as shards: output "
+                                      "shard i holds input file i's records and each process reads only its own "
+                                      "files (no index of all records first; for very large datasets). "
+                                      "--shard_size and --num_workers do not apply.")
     dtype: str = config_field("float32", "Tokenizer weight dtype on GPU: float32, bfloat16 or float16.")
 
     def __post_init__(self) -> None:
@@ -213,6 +280,8 @@ class PretokenizeConfig:
             raise ValueError(f"data_format must be 'pairs' or 'llava', got {self.data_format!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.input_shards and self.data_format != "pairs":
+            raise ValueError("input_shards reads image-text pairs (webdataset or parquet), not data_format=llava")
 
 
 def llava_image_records(path: str | os.PathLike, image_folder: str | os.PathLike | None = None,
@@ -259,7 +328,23 @@ def rebuild_command(config: PretokenizeConfig) -> str:
         args += ["--image_key", config.image_key]
     if config.allow_outside_image_folder:
         args += ["--allow_outside_image_folder", "true"]
+    if config.input_shards:
+        args += ["--input_shards", "true"]
     return shlex.join(str(a) for a in args)
+
+
+def _input_shards(config: PretokenizeConfig) -> Any:
+    """The shard source `--input_shards` reads: webdataset tars or Parquet files (a glob, a folder or a file)."""
+    from unimm.data.shards import ParquetShards, WebDatasetShards, expand_files
+
+    files = expand_files(config.data, (".tar", ".parquet"), "webdataset or parquet")
+    suffixes = {Path(file).suffix.lower() for file in files}
+    if suffixes == {".tar"}:
+        return WebDatasetShards(files, text_key=config.text_key, name=str(config.data))
+    if suffixes == {".parquet"}:
+        return ParquetShards(files, image_key=config.image_key, text_key=config.text_key, name=str(config.data),
+                             image_folder=config.image_folder)
+    raise ValueError(f"--input_shards reads webdataset .tar or .parquet files; {config.data} holds {sorted(suffixes)}")
 
 
 def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> dict | None:
@@ -282,18 +367,25 @@ def run_pretokenize(config: PretokenizeConfig, show_progress: bool = True) -> di
     tokenizer = tokenizer.to(accelerator.device)
     if dtype != torch.float32 and accelerator.device.type != "cpu":
         tokenizer = tokenizer.to(dtype)
-    require_path("data", config.data)
-    if config.data_format == "llava":
-        records = llava_image_records(config.data, config.image_folder, config.allow_outside_image_folder)
+    progress = show_progress and accelerator.is_local_main_process
+    ranks = {"process_index": accelerator.process_index, "num_processes": accelerator.num_processes}
+    if config.input_shards:
+        result = pretokenize_shards(_input_shards(config), tokenizer, config.output_dir, batch_size=config.batch_size,
+                                    device=accelerator.device, max_bad_fraction=config.max_bad_fraction,
+                                    source_name=str(config.data), show_progress=progress, weights_hash=weights_hash,
+                                    **ranks)
     else:
-        with json_source_errors(config.data):
-            records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key,
-                                         allow_outside_folder=config.allow_outside_image_folder)
-    result = pretokenize(records, tokenizer, config.output_dir, batch_size=config.batch_size, shard_size=config.shard_size,
-                num_workers=config.num_workers, device=accelerator.device, process_index=accelerator.process_index,
-                num_processes=accelerator.num_processes, max_bad_fraction=config.max_bad_fraction,
-                source=str(config.data), show_progress=show_progress and accelerator.is_local_main_process,
-                weights_hash=weights_hash)
+        require_path("data", config.data)
+        if config.data_format == "llava":
+            records = llava_image_records(config.data, config.image_folder, config.allow_outside_image_folder)
+        else:
+            with json_source_errors(config.data):
+                records = read_image_records(config.data, image_key=config.image_key, text_key=config.text_key,
+                                             allow_outside_folder=config.allow_outside_image_folder)
+        result = pretokenize(records, tokenizer, config.output_dir, batch_size=config.batch_size,
+                             shard_size=config.shard_size, num_workers=config.num_workers, device=accelerator.device,
+                             max_bad_fraction=config.max_bad_fraction, source=str(config.data),
+                             show_progress=progress, weights_hash=weights_hash, **ranks)
     # The gather is the barrier: the manifest is written once every shard exists.
     shard_records = gather_object(result.shard_records) if accelerator.num_processes > 1 else result.shard_records
     if not accelerator.is_local_main_process:

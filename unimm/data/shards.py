@@ -73,13 +73,32 @@ class ShardSource(Protocol):
         """The records of `shard` from index `start` on (the records before it are skipped cheaply)."""
 
 
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _brace_range(pattern: str) -> list[str]:
+    """`shards-{00000..00099}.tar` -> the 100 names (webdataset's notation; zero padding as written)."""
+    match = _BRACE_RANGE.search(pattern)
+    if match is None:
+        return [pattern]
+    low, high = match.group(1), match.group(2)
+    width = len(low) if low.startswith("0") else 0
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for i in range(int(low), int(high) + 1) for name in _brace_range(f"{head}{i:0{width}d}{tail}")]
+
+
 def expand_files(files: str | os.PathLike | Sequence[str | os.PathLike], suffixes: tuple[str, ...],
                  what: str) -> list[str]:
-    """Sorted files from a path, a glob, a folder (its files ending in `suffixes`) or a list of those."""
+    """Files from a path, a glob, a folder (its files ending in `suffixes`, sorted), a brace range
+    (`shards-{00000..00099}.tar`) or a list of those. A brace range is taken as written, whether or not its files
+    are on this node: each node of a run without a shared filesystem lists every shard and holds only its own."""
     items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     found: list[str] = []
     for item in items:
         item = os.fspath(item)
+        if _BRACE_RANGE.search(item):
+            found.extend(_brace_range(item))
+            continue
         if Path(item).is_dir():
             matched = sorted(str(p) for p in Path(item).iterdir() if p.name.lower().endswith(suffixes))
         elif any(ch in item for ch in "*?["):
