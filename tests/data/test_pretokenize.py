@@ -246,3 +246,13 @@ def test_sharded_input_each_rank_encodes_only_its_own_files(tokenizer, tmp_path,
     cache = load_code_cache(tmp_path / "single", tokenizer)
     assert len(cache) == 8 and torch.equal(cache.codes_for("t2k2")["semantic"],
                                            torch.from_numpy(records[1]["codes"]["semantic"]).long())
+
+
+def test_the_pretokenize_names_still_import_from_code_cache():
+    import unimm.data.code_cache as code_cache
+    import unimm.data.pretokenize as program
+
+    for name in ("PretokenizeConfig", "pretokenize", "run_pretokenize", "llava_image_records", "rebuild_command"):
+        assert getattr(code_cache, name) is getattr(program, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        code_cache.nothing  # noqa: B018
