@@ -11,8 +11,9 @@ Layout of a cache directory:
 - `shard-00000.json` ... : per-shard counts, skipped ids and the Arrow file's size and xxh3-128 checksum, written
   after the Arrow file, so its presence marks the shard finished (an interrupted shard is redone from its start
   on resume, and a finished shard whose file no longer matches its checksum is re-encoded);
-- `pretokenize_state.json`: what the run was started with (tokenizer config and weights hashes, number of records,
-  shard size), so a resume with different inputs is refused;
+- `pretokenize_state.json`: what the run was started with (tokenizer config and weights hashes, number of records
+  and shard size, or the input shard files when input file i becomes shard i), so a resume with different inputs
+  is refused;
 - `cache_info.json`, the manifest: written once every shard exists (by every node's first process, from the
   shard records gathered over the process group, so nodes without a shared filesystem each get it); the
   tokenizer's config hash (`tokenizer_config_hash`: architecture) and weights hash (`tokenizer_weights_hash`: an

@@ -2,7 +2,9 @@
 write their codes as a code cache (`unimm.data.code_cache` describes the format).
 
 Every process of a launch (`accelerate launch`, `torchrun`, across nodes) encodes its own shards in parallel:
-shard `s` holds records `[s * shard_size, (s + 1) * shard_size)` and belongs to process `s % num_processes`.
+shard `s` holds records `[s * shard_size, (s + 1) * shard_size)` and belongs to process `s % num_processes`
+(`pretokenize`); or, with `--input_shards` (`pretokenize_shards`), shard `s` holds the records of the input's
+webdataset or Parquet file `s`, which only process `s % num_processes` opens.
 A shard's `.json` is written after its Arrow file, so finished shards survive an interruption and a rerun of the
 same command encodes only what is missing or damaged. Once every process is done, the shard records are
 gathered over the process group and the first process of every node writes the manifest (`cache_info.json`),
