@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (median reported)")
     parser.add_argument("--bytes", action="store_true", help="only the bytes per image at DualToken-384's shape")
     parser.add_argument("--tmp", default=None, help="folder for the generated data (default: the system's)")
+    parser.add_argument("--data_dir", default=None, help="keep the generated data here (reused by the next run; "
+                        "delete it yourself) instead of a temporary folder")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", default="codes", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,13 +227,18 @@ def main() -> None:
         return
 
     with tempfile.TemporaryDirectory(prefix="unimm_data_scale_", dir=args.tmp) as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.data_dir) if args.data_dir else Path(tmp)
         _text_tokenizer(tmp / "qwen2.5")
         folders = {}
         for size in args.sizes:
             folders[size] = folder = tmp / f"n{size}"
             start = time.perf_counter()
-            generate(folder, size)
+            if (folder / "cache" / "cache_info.json").is_file() and (folder / "conversations.jsonl").is_file():
+                for index in folder.glob("conversations.jsonl.index.*"):  # the first start builds it again
+                    index.unlink()
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                generate(folder, size)
             disk = {name: sum(p.stat().st_size for p in (folder / name).rglob("*")) if (folder / name).is_dir()
                     else (folder / name).stat().st_size for name in ("cache", "conversations.jsonl")}
             print(f"# {size:,} records generated in {time.perf_counter() - start:.0f} s (cache "

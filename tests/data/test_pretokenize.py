@@ -128,6 +128,10 @@ def test_code_cache_shards_stream_from_an_offset_and_verify_each_shard_when_read
         assert record["codes"]["semantic"].dtype == np.int16 and record[POSITION] == i % 4
         assert torch.equal(torch.from_numpy(record["codes"]["semantic"]).long(), cache[i]["codes"]["semantic"])
     (tail,) = list(stream.read("shard-00001.arrow", start=3))
+    stream.slice_rows = 3  # records decoded 3 at a time: the same records and positions across slice ends
+    assert [(r["id"], r[POSITION]) for r in stream.read("shard-00001.arrow", start=1)] == [
+        (f"img0{i}", i - 4) for i in (5, 6, 7)]
+    assert [r["id"] for s in stream.shards() for r in stream.read(s)] == cache.keys()
     assert tail["id"] == "img07" and tail[POSITION] == 3
     assert list(stream.read("shard-00002.arrow", start=2)) == []
 

@@ -133,6 +133,7 @@ class CodeCacheShards:
         self.shapes = {group: tuple(shape) for group, shape in self.info["shapes"].items()}
         self._counts = self.info.get("shard_num_records") or {}  # absent in format 2 manifests
         self._verified: set[str] = set()
+        self.slice_rows = 256
 
     def shards(self) -> list[str]:
         return list(self.info["shards"])
@@ -178,19 +179,20 @@ class CodeCacheShards:
             if position + batch.num_rows <= start:  # skipped whole: nothing is decoded
                 position += batch.num_rows
                 continue
-            offset = max(0, start - position)
-            batch = batch.slice(offset)
-            ids = batch.column("id").to_pylist()
-            texts = batch.column("text").to_pylist() if "text" in batch.schema.names else None
-            codes = {group: batch.column(f"codes_{group}").flatten().to_numpy().reshape(batch.num_rows, *shape)
-                     for group, shape in self.shapes.items()}
-            for i, sample_id in enumerate(ids):
-                record = {"id": sample_id, "codes": {group: codes[group][i].copy() for group in codes},
-                          POSITION: position + offset + i}
-                if texts is not None:
-                    record["text"] = texts[i]
-                yield record
-            position += offset + batch.num_rows
+            # Decoded a slice at a time: a reader that stops after a few records converts no more than that.
+            for first in range(max(0, start - position), batch.num_rows, self.slice_rows):
+                part = batch.slice(first, self.slice_rows)
+                ids = part.column("id").to_pylist()
+                texts = part.column("text").to_pylist() if "text" in part.schema.names else None
+                codes = {group: part.column(f"codes_{group}").flatten().to_numpy().reshape(part.num_rows, *shape)
+                         for group, shape in self.shapes.items()}
+                for i, sample_id in enumerate(ids):
+                    record = {"id": sample_id, "codes": {group: codes[group][i].copy() for group in codes},
+                              POSITION: position + first + i}
+                    if texts is not None:
+                        record["text"] = texts[i]
+                    yield record
+            position += batch.num_rows
 
 
 # ------------------------------------------------------------------------------------------ image-text shards
