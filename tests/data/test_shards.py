@@ -154,9 +154,11 @@ def test_llava_files_are_read_lazily_through_an_index_built_once(tmp_path, suffi
     assert [{k: v for k, v in r.items() if k != POSITION} for s in normalised.shards()
             for r in normalised.read(s)] == columns
 
-    index_file = Path(f"{path}.index.npy")
+    index_file = Path(f"{path}.index.bin")
     built = index_file.stat().st_mtime_ns
     assert len(LlavaJsonShards(path).index[str(path)]) == 11 and index_file.stat().st_mtime_ns == built  # reused
+    index_file.write_bytes(index_file.read_bytes()[:24])  # torn: rebuilt
+    assert record_index(path).tolist() == LlavaJsonShards(path).index[str(path)].tolist() and len(record_index(path)) == 11
     more = records + [{**LLAVA[1], "id": "r11"}]
     path.write_text(json.dumps(more) if suffix == ".json" else "\n".join(json.dumps(r) for r in more))
     assert len(record_index(path)) == 12  # the file changed: rebuilt
@@ -190,5 +192,5 @@ def test_llava_index_can_live_in_a_cache_folder_instead_of_beside_the_data(tmp_p
     path = data / "conv.json"
     path.write_text(json.dumps(LLAVA))
     source = LlavaJsonShards(path, index_dir=tmp_path / "index")
-    assert list(data.iterdir()) == [path] and len(list((tmp_path / "index").glob("conv.json.*.index.npy"))) == 1
+    assert list(data.iterdir()) == [path] and len(list((tmp_path / "index").glob("conv.json.*.index.bin"))) == 1
     assert [r["id"] for r in source.read(source.shards()[0])] == ["a", "b", "c"]

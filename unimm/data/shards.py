@@ -432,17 +432,15 @@ def _jsonl_line_chunks(path: Path) -> Iterator[np.ndarray]:
         yield np.array([[line_start, base]], np.int64)
 
 
-def _write_jsonl_index(path: Path, out: Path) -> None:
-    """The line spans of a JSONL file into the `.npy` file `out`: counted in one pass, written into a memory map
-    in a second, so building the index of a file of any size takes the memory of one chunk."""
-    count = sum(len(spans) for spans in _jsonl_line_chunks(path))
-    index = np.lib.format.open_memmap(out, mode="w+", dtype=np.int64, shape=(count, 2))
-    at = 0
-    for spans in _jsonl_line_chunks(path):
-        index[at:at + len(spans)] = spans
-        at += len(spans)
-    index.flush()
-    del index
+def _write_index(spans: Iterator[np.ndarray], out: Path) -> int:
+    """Raw int64 (start, end) pairs written to `out` as they come, in one pass over the data file: building the
+    index of a file of any size takes the memory of one chunk. Returns the number of records."""
+    count = 0
+    with open(out, "wb") as f:
+        for part in spans:
+            f.write(np.ascontiguousarray(part, np.int64).tobytes())
+            count += len(part)
+    return count
 
 
 def _json_array_spans(path: Path) -> np.ndarray:
@@ -514,8 +512,9 @@ def _json_array_spans(path: Path) -> np.ndarray:
 
 def record_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = None) -> np.ndarray:
     """The [n, 2] byte spans of the records of the JSON list or JSONL file `path`, memory-mapped from
-    `<file>.index.npy` beside it (or in `index_dir`, or `~/.cache/unimm/json_index` when its folder is read-only),
-    built on first use and rebuilt when the file's size or modification time changes."""
+    `<file>.index.bin` beside it (raw int64 pairs; its size, the record count and the data file's size and
+    modification time in `<file>.index.json`), or in `index_dir`, or in `~/.cache/unimm/json_index` when the data
+    folder is read-only. Built on first use, rebuilt when the data file's size or modification time changes."""
     import hashlib
 
     path = Path(path)
@@ -528,24 +527,30 @@ def record_index(path: str | os.PathLike, index_dir: str | os.PathLike | None = 
         folder = Path(index_dir) if index_dir is not None else Path.home() / ".cache" / "unimm" / "json_index"
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder / f"{path.name}.{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-    index_file, meta_file = Path(f"{stem}.index.npy"), Path(f"{stem}.index.json")
+    index_file, meta_file = Path(f"{stem}.index.bin"), Path(f"{stem}.index.json")
     meta = {"version": _INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     if meta_file.is_file() and index_file.is_file():
         try:
-            if json.loads(meta_file.read_text()) == meta:
-                return np.load(index_file, mmap_mode="r")
-        except (ValueError, OSError):
+            saved = json.loads(meta_file.read_text())
+            if {key: saved.get(key) for key in meta} == meta and index_file.stat().st_size == 16 * saved["records"]:
+                return _map_index(index_file, saved["records"])
+        except (ValueError, OSError, KeyError, TypeError):
             pass  # a torn index is rebuilt
-    tmp = Path(f"{index_file}.{os.getpid()}.tmp.npy")
-    if path.suffix.lower() == ".jsonl":
-        _write_jsonl_index(path, tmp)
-    else:
-        np.save(tmp, _json_array_spans(path))
+    tmp = Path(f"{index_file}.{os.getpid()}.tmp")
+    spans = _jsonl_line_chunks(path) if path.suffix.lower() == ".jsonl" else iter([_json_array_spans(path)])
+    count = _write_index(spans, tmp)
     os.replace(tmp, index_file)
-    meta_file.write_text(json.dumps(meta))
-    index = np.load(index_file, mmap_mode="r")
-    logger.info("%s: indexed %d records into %s", path, len(index), index_file)
-    return index
+    meta_tmp = Path(f"{meta_file}.{os.getpid()}.tmp")
+    meta_tmp.write_text(json.dumps({**meta, "records": count}))
+    os.replace(meta_tmp, meta_file)
+    logger.info("%s: indexed %d records into %s", path, count, index_file)
+    return _map_index(index_file, count)
+
+
+def _map_index(index_file: Path, count: int) -> np.ndarray:
+    if count == 0:  # an empty file cannot be memory-mapped
+        return np.zeros((0, 2), np.int64)
+    return np.memmap(index_file, dtype=np.int64, mode="r", shape=(count, 2))
 
 
 class LlavaJsonShards:
