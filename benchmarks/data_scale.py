@@ -8,16 +8,18 @@ files are deleted before the next size is generated):
   captions of 1-4 English sentences, 16384 records per shard;
 - a LLaVA conversation file in JSON Lines: 1-3 question/answer turn pairs per record, text only.
 
-Each measurement runs in a fresh process (one rank, dataloader in-process). The text tokenizer (Qwen2.5's, from the
-qwen-agent wheel, with UniMM's tokens) is loaded untimed; then the sources (`CodeCacheShards`, or
-`LlavaJsonShards(normalise=True)` whose record index is built at the first start and memory-mapped at the next),
+Time to the first batch and peak RSS are measured in a fresh process per run (one rank, dataloader in-process):
+the text tokenizer (Qwen2.5's, from the qwen-agent wheel, with UniMM's tokens) is loaded untimed, the peak RSS
+(VmHWM) is reset (`/proc/self/clear_refs`), then the sources (`CodeCacheShards`, or
+`LlavaJsonShards(normalise=True)`, whose record index is built at the first start and memory-mapped at the next),
 the sample builders (`SampleFactory` caption + t2i, or conversation) and the streaming mixture
 (`unimm.data.streaming.StreamingMixture`, when this checkout has it; otherwise the shards read in order, which the
-output says) are built and timed to the first collated batch (`UniMMCollator`), then `--samples` more samples are
-drawn and collated for samples/s. Peak RSS is the process's VmHWM, reset (`/proc/self/clear_refs`) after the
-tokenizer set-up, so it is the RSS of the process at the start of the data path plus what the data path adds;
-the growth column is the second part alone. All sizes are generated first and then measured in `--rounds`
-interleaved rounds (the median is reported), so a busy moment of a shared machine does not land on one size.
+output says) are built and timed to the first collated batch (`UniMMCollator`). Peak RSS is the process's RSS at
+the start of the data path plus what the data path adds; the growth column is the second part alone.
+
+Samples/s (`--samples` samples drawn and collated after four warm-up batches) are measured in one process per
+scenario in which the sizes take turns for `--throughput_rounds` rounds (median reported), so that the busy
+moments of a shared machine spread over all sizes instead of landing on one.
 
     OMP_NUM_THREADS=1 python benchmarks/data_scale.py --sizes 1000 100000 1000000 10000000
     python benchmarks/data_scale.py --bytes   # bytes per image at DualToken-384's shape, int32 against int16
@@ -137,8 +139,8 @@ def _pipeline(folder: Path, scenario: str, factory, batch_size: int):
     return in_order(), "shards in order (no unimm.data.streaming in this checkout)"
 
 
-def measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> dict:
-    """One start, timed from building the sources to the first collated batch, then `num_samples` more samples."""
+def _factory(root: Path):
+    """The sample factory and collator of the Qwen2.5 tokenizer with UniMM's tokens for `SPEC` (untimed)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -148,12 +150,17 @@ def measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> d
     from unimm.testing import tiny_llm_config
 
     torch.set_num_threads(1)
-    tokenizer = _text_tokenizer(folder.parent / "qwen2.5")
+    tokenizer = _text_tokenizer(root / "qwen2.5")
     config = tiny_llm_config("qwen2", vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2,
                              num_kv_heads=1)
     layout = extend_tokenizer_and_model(tokenizer, AutoModelForCausalLM.from_config(config), SPEC)
-    factory = SampleFactory(tokenizer, layout, SampleConfig(max_length=2048))
-    collator = UniMMCollator(pad_token_id=tokenizer.pad_token_id)
+    return SampleFactory(tokenizer, layout, SampleConfig(max_length=2048)), \
+        UniMMCollator(pad_token_id=tokenizer.pad_token_id)
+
+
+def measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> dict:
+    """One start, timed from building the sources to the first collated batch, then `num_samples` more samples."""
+    factory, collator = _factory(folder.parent)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) from here: the tokenizer set-up left out
     rss_before = _status_mib("VmRSS")
     start = time.perf_counter()
@@ -168,15 +175,35 @@ def measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> d
             / (end - first), "rss_before_mib": rss_before, "peak_rss_mib": _status_mib("VmHWM")}
 
 
-def _run_measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> dict:
+def throughput(folders: list[Path], scenario: str, batch_size: int, num_samples: int, rounds: int) -> dict:
+    """Samples/s of every size's data path in one process, the sizes taking turns for `rounds` rounds (a
+    shared machine's busy moments spread over all of them): {folder: [samples/s per round]}."""
+    factory, collator = _factory(folders[0].parent)
+    out: dict[str, list[float]] = {str(folder): [] for folder in folders}
+    for _ in range(rounds):
+        for folder in folders:
+            stream, _ = _pipeline(folder, scenario, factory, batch_size)
+            for _ in range(4 * batch_size):  # the first windows read and built
+                next(stream)
+            start = time.perf_counter()
+            for _ in range(num_samples // batch_size):
+                collator([next(stream) for _ in range(batch_size)])
+            out[str(folder)].append(num_samples // batch_size * batch_size / (time.perf_counter() - start))
+    return out
+
+
+def _run(*args: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    out = subprocess.run([sys.executable, __file__, "--measure", str(folder), "--scenario", scenario,
-                          "--batch_size", str(batch_size), "--samples", str(num_samples)], env=env,
-                         capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"measurement failed ({folder}, {scenario}):\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"measurement failed ({' '.join(args)}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _run_measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> dict:
+    return _run("--measure", str(folder), "--scenario", scenario, "--batch_size", str(batch_size), "--samples",
+                str(num_samples))
 
 
 def bytes_per_image(records: int = 64) -> dict:
@@ -204,21 +231,28 @@ def bytes_per_image(records: int = 64) -> dict:
 
 
 def main() -> None:
+    import numpy as np
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000, 1000000, 10000000])
     parser.add_argument("--scenarios", nargs="+", default=["codes", "conversations"])
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--samples", type=int, default=4000, help="samples drawn after the first batch, for samples/s")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (median reported)")
+    parser.add_argument("--samples", type=int, default=8000, help="samples drawn per size and round, for samples/s")
+    parser.add_argument("--rounds", type=int, default=2, help="fresh-process starts per size (median reported)")
     parser.add_argument("--bytes", action="store_true", help="only the bytes per image at DualToken-384's shape")
     parser.add_argument("--tmp", default=None, help="folder for the generated data (default: the system's)")
     parser.add_argument("--data_dir", default=None, help="keep the generated data here (reused by the next run; "
                         "delete it yourself) instead of a temporary folder")
+    parser.add_argument("--throughput_rounds", type=int, default=5, help="rounds of the samples/s process")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--throughput", type=Path, nargs="+", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--scenario", default="codes", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
         print(json.dumps(measure(args.measure, args.scenario, args.batch_size, args.samples)))
+        return
+    if args.throughput:
+        print(json.dumps(throughput(args.throughput, args.scenario, args.batch_size, args.samples, args.rounds)))
         return
     if args.bytes:
         sizes = bytes_per_image()
@@ -245,31 +279,39 @@ def main() -> None:
                   f"{disk['cache'] / 2**20:.0f} MiB, conversations.jsonl {disk['conversations.jsonl'] / 2**20:.0f} "
                   f"MiB)", flush=True)
         runs: dict[tuple[str, int], list[dict]] = {}
-        for round_ in range(args.rounds):
+        for round_ in range(args.rounds):  # first batch and RSS: a fresh process per run
             for size in args.sizes:
                 for scenario in args.scenarios:
                     starts = ["second start"] if scenario == "conversations" else ["start"]
                     if scenario == "conversations" and round_ == 0:
                         starts.insert(0, "first start (index built)")
                     for which in starts:
-                        result = _run_measure(folders[size], scenario, args.batch_size, args.samples)
+                        result = _run_measure(folders[size], scenario, args.batch_size, args.batch_size)
                         runs.setdefault((f"{scenario}, {which}", size), []).append(result)
                         print(json.dumps({"round": round_, "records": size, "scenario": f"{scenario}, {which}",
                                           **result}), flush=True)
+        rates = {}
+        for scenario in args.scenarios:  # samples/s: one process, the sizes taking turns
+            rates[scenario] = _run("--throughput", *map(str, folders.values()), "--scenario", scenario,
+                                   "--batch_size", str(args.batch_size), "--samples", str(args.samples),
+                                   "--rounds", str(args.throughput_rounds))
+            print(json.dumps({"scenario": scenario, "samples_per_s": rates[scenario]}), flush=True)
         rows = []
         for (scenario, size), results in runs.items():
-            middle = sorted(results, key=lambda r: r["samples_per_s"])[len(results) // 2]
-            rows.append({"scenario": scenario, "records": size, "runs": len(results), **middle,
-                         "first_batch_s": sorted(r["first_batch_s"] for r in results)[len(results) // 2],
-                         "peak_rss_mib": max(r["peak_rss_mib"] for r in results)})
+            per_round = rates[scenario.split(",")[0]][str(folders[size])]
+            rows.append({"scenario": scenario, "records": size, "runs": len(results), "path": results[0]["path"],
+                         "first_batch_s": float(np.median([r["first_batch_s"] for r in results])),
+                         "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
+                         "growth_mib": max(r["peak_rss_mib"] - r["rss_before_mib"] for r in results),
+                         "samples_per_s": float(np.median(per_round))})
         rows.sort(key=lambda r: (r["scenario"], r["records"]))
         print(f"\npath measured: {rows[0]['path']}\n")
-        print("| scenario | records | runs | first batch s (median) | samples/s (median) | peak RSS MiB (max) | "
-              "data path growth MiB |\n| --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| scenario | records | first batch s (median of {args.rounds} starts) | peak RSS MiB (max) | data path "
+              f"growth MiB | samples/s (median of {args.throughput_rounds}, one process) |\n"
+              "| --- | --- | --- | --- | --- | --- |")
         for row in rows:
-            print(f"| {row['scenario']} | {row['records']:,} | {row['runs']} | {row['first_batch_s']:.2f} | "
-                  f"{row['samples_per_s']:.0f} | {row['peak_rss_mib']:.0f} | "
-                  f"{row['peak_rss_mib'] - row['rss_before_mib']:.0f} |")
+            print(f"| {row['scenario']} | {row['records']:,} | {row['first_batch_s']:.2f} | "
+                  f"{row['peak_rss_mib']:.0f} | {row['growth_mib']:.0f} | {row['samples_per_s']:.0f} |")
         smallest, largest = min(args.sizes), max(args.sizes)
         for scenario in sorted({row["scenario"] for row in rows}):
             low = next(r for r in rows if r["scenario"] == scenario and r["records"] == smallest)
