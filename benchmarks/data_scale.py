@@ -19,7 +19,9 @@ the start of the data path plus what the data path adds; the growth column is th
 
 Samples/s (`--samples` samples drawn and collated after four warm-up batches) are measured in one process per
 scenario in which the sizes take turns for `--throughput_rounds` rounds (median reported), so that the busy
-moments of a shared machine spread over all sizes instead of landing on one.
+moments of a shared machine spread over all sizes instead of landing on one; samples per second of the process's
+CPU time are given beside them (the data path is one thread, its files in the page cache: CPU time is what the
+work costs, without the other jobs' share of the cores).
 
     OMP_NUM_THREADS=1 python benchmarks/data_scale.py --sizes 1000 100000 1000000 10000000
     python benchmarks/data_scale.py --bytes   # bytes per image at DualToken-384's shape, int32 against int16
@@ -177,18 +179,22 @@ def measure(folder: Path, scenario: str, batch_size: int, num_samples: int) -> d
 
 def throughput(folders: list[Path], scenario: str, batch_size: int, num_samples: int, rounds: int) -> dict:
     """Samples/s of every size's data path in one process, the sizes taking turns for `rounds` rounds (a
-    shared machine's busy moments spread over all of them): {folder: [samples/s per round]}."""
+    shared machine's busy moments spread over all of them): {"wall" | "cpu": {folder: [samples/s per round]}},
+    per second of wall-clock time and per second of this process's CPU time (which other jobs on the machine do
+    not stretch; the data path is one thread and its files are in the page cache)."""
     factory, collator = _factory(folders[0].parent)
-    out: dict[str, list[float]] = {str(folder): [] for folder in folders}
+    out: dict[str, dict[str, list[float]]] = {kind: {str(f): [] for f in folders} for kind in ("wall", "cpu")}
     for _ in range(rounds):
         for folder in folders:
             stream, _ = _pipeline(folder, scenario, factory, batch_size)
             for _ in range(4 * batch_size):  # the first windows read and built
                 next(stream)
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(num_samples // batch_size):
                 collator([next(stream) for _ in range(batch_size)])
-            out[str(folder)].append(num_samples // batch_size * batch_size / (time.perf_counter() - start))
+            samples = num_samples // batch_size * batch_size
+            out["wall"][str(folder)].append(samples / (time.perf_counter() - wall))
+            out["cpu"][str(folder)].append(samples / (time.process_time() - cpu))
     return out
 
 
@@ -298,27 +304,30 @@ def main() -> None:
             print(json.dumps({"scenario": scenario, "samples_per_s": rates[scenario]}), flush=True)
         rows = []
         for (scenario, size), results in runs.items():
-            per_round = rates[scenario.split(",")[0]][str(folders[size])]
+            rate = rates[scenario.split(",")[0]]
             rows.append({"scenario": scenario, "records": size, "runs": len(results), "path": results[0]["path"],
                          "first_batch_s": float(np.median([r["first_batch_s"] for r in results])),
                          "peak_rss_mib": max(r["peak_rss_mib"] for r in results),
                          "growth_mib": max(r["peak_rss_mib"] - r["rss_before_mib"] for r in results),
-                         "samples_per_s": float(np.median(per_round))})
+                         "samples_per_s": float(np.median(rate["wall"][str(folders[size])])),
+                         "samples_per_cpu_s": float(np.median(rate["cpu"][str(folders[size])]))})
         rows.sort(key=lambda r: (r["scenario"], r["records"]))
         print(f"\npath measured: {rows[0]['path']}\n")
         print(f"| scenario | records | first batch s (median of {args.rounds} starts) | peak RSS MiB (max) | data path "
-              f"growth MiB | samples/s (median of {args.throughput_rounds}, one process) |\n"
-              "| --- | --- | --- | --- | --- | --- |")
+              f"growth MiB | samples/s (median of {args.throughput_rounds}, one process) | samples per CPU-s |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
         for row in rows:
             print(f"| {row['scenario']} | {row['records']:,} | {row['first_batch_s']:.2f} | "
-                  f"{row['peak_rss_mib']:.0f} | {row['growth_mib']:.0f} | {row['samples_per_s']:.0f} |")
+                  f"{row['peak_rss_mib']:.0f} | {row['growth_mib']:.0f} | {row['samples_per_s']:.0f} | "
+                  f"{row['samples_per_cpu_s']:.0f} |")
         smallest, largest = min(args.sizes), max(args.sizes)
         for scenario in sorted({row["scenario"] for row in rows}):
             low = next(r for r in rows if r["scenario"] == scenario and r["records"] == smallest)
             high = next(r for r in rows if r["scenario"] == scenario and r["records"] == largest)
             print(f"# {scenario}: {largest:,} against {smallest:,}: first batch {high['first_batch_s']:.2f} s, "
                   f"RSS x{high['peak_rss_mib'] / low['peak_rss_mib']:.2f}, samples/s "
-                  f"x{high['samples_per_s'] / low['samples_per_s']:.2f}")
+                  f"x{high['samples_per_s'] / low['samples_per_s']:.2f} (per CPU-s "
+                  f"x{high['samples_per_cpu_s'] / low['samples_per_cpu_s']:.2f})")
 
 
 if __name__ == "__main__":
