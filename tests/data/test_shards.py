@@ -100,6 +100,11 @@ def test_parquet_shards_count_from_metadata_and_skip_row_groups(tmp_path):
     assert [(r["id"], r[POSITION]) for r in source.read(x, start=5)] == [("p5", 5), ("p6", 6)]
     (by_path,) = source.read(paths)
     assert by_path["id"] == "paths-0" and by_path["text"] == "by path" and by_path["image"].size == (33, 20)
+    structs = [{"image": {"bytes": _png(3), "path": None}, "txt": "bytes"}, {"image": {"bytes": None, "path": "img.png"},
+                                                                            "txt": "path"}]
+    _parquet(tmp_path / "hf.parquet", structs, row_group_size=2)  # a `datasets.Image` column
+    hf = ParquetShards(tmp_path / "hf.parquet")
+    assert [(r["text"], r["image"].size) for r in hf.read(hf.shards()[0])] == [("bytes", (27, 20)), ("path", (33, 20))]
     with pytest.raises(InputFileError, match=r"x\.parquet: no image column 'picture'; columns are"):
         next(ParquetShards(tmp_path / "x.parquet", image_key="picture").read(x))
 
