@@ -178,6 +178,12 @@ def test_llava_bad_records_are_counted_by_file_and_record_and_broken_lists_named
     assert reasons[f"{path}: record 1 (byte 33)"].startswith("invalid JSON")
     assert reasons[f"{path}: record 2 (byte 51)"] == "a list, not a JSON object"
     assert reasons[f"{path}: record 3 (byte 58)"] == "not UTF-8 (byte 0xff)"
+    normalised = LlavaJsonShards(path, normalise=True)
+    marked = [(r["id"], r["malformed"], r[POSITION]) for r in normalised.read(normalised.shards()[0])]
+    assert [(sample_id, position) for sample_id, _, position in marked] == [
+        ("a", 0), ("conv-1", 1), ("conv-2", 2), ("conv-3", 3), ("e", 4)]
+    assert marked[0][1] is None and marked[2][1] == f"{path}: record 2 (byte 51): a list, not a JSON object"
+    assert marked[1][1].startswith(f"{path}: record 1 (byte 33): invalid JSON") and normalised.tracker.num_seen == 0
     with pytest.raises(TooManyBadSamplesError, match="conv.jsonl: record 1"):
         strict = LlavaJsonShards(path, max_bad_fraction=0.0)
         list(strict.read(strict.shards()[0]))

@@ -559,7 +559,9 @@ class LlavaJsonShards:
     a record and parses only the records it yields. A record that is not a JSON object is skipped and counted,
     named by file and record number. With `normalise`, records come out in the fixed columns the LLaVA sample
     builder reads (`unimm.data.sources.normalise_llava_record`: `id`, `images`, `conversations`, `malformed`)
-    instead of as written."""
+    instead of as written, and a bad record is not skipped here but passed on with its reason in `malformed`, as
+    `read_llava_json` does, to be counted where samples are built: then every record of the file comes out, and a
+    consumer counting what it was given counts positions."""
 
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], records_per_shard: int = 8192,
                  index_dir: str | os.PathLike | None = None, max_bad_fraction: float = 0.01, name: str | None = None,
@@ -601,21 +603,24 @@ class LlavaJsonShards:
                 f.seek(first)
                 raw = f.read(last - first)
                 where = f"{file}: record {number} (byte {first})"
+                problem = None
                 try:
                     record = json.loads(raw.decode("utf-8"))
+                    if not isinstance(record, dict):
+                        problem = f"a {type(record).__name__}, not a JSON object"
                 except UnicodeDecodeError as err:
-                    self.tracker.record_bad(where, f"not UTF-8 (byte 0x{raw[err.start]:02x})")
-                    continue
+                    problem = f"not UTF-8 (byte 0x{raw[err.start]:02x})"
                 except json.JSONDecodeError as err:
                     if not raw.strip():
                         continue  # a blank line ("\r\n")
-                    self.tracker.record_bad(where, f"invalid JSON ({err.msg})")
+                    problem = f"invalid JSON ({err.msg})"
+                if self.normalise:  # bad records go on, marked, to be counted where samples are built
+                    record = normalise_llava_record(record if problem is None else {"__malformed__": f"{where}: "
+                                                                                     f"{problem}"}, number, stem)
+                elif problem is not None:
+                    self.tracker.record_bad(where, problem)
                     continue
-                if not isinstance(record, dict):
-                    self.tracker.record_bad(where, f"a {type(record).__name__}, not a JSON object")
-                    continue
-                self.tracker.record_ok()
-                if self.normalise:
-                    record = normalise_llava_record(record, number, stem)
+                else:
+                    self.tracker.record_ok()
                 record[POSITION] = number - begin
                 yield record
