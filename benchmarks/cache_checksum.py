@@ -49,7 +49,8 @@ def _evict(paths: list[Path]) -> None:
 def quickstart_cache(root: Path, num_images: int) -> dict[str, float]:
     import yaml
 
-    from unimm.data.code_cache import PretokenizeConfig, load_code_cache, run_pretokenize, tokenizer_weights_hash
+    from unimm.data.code_cache import load_code_cache, tokenizer_weights_hash
+    from unimm.data.pretokenize import PretokenizeConfig, run_pretokenize
     from unimm.data.toy.shapes import ShapesDataset, write_image_text_jsonl
     from unimm.tokenizer import build_tokenizer
 
@@ -58,7 +59,7 @@ def quickstart_cache(root: Path, num_images: int) -> dict[str, float]:
     tokenizer.save_pretrained(root / "tokenizer")
     (root / "data").mkdir()
     jsonl = write_image_text_jsonl(ShapesDataset(num_images, seed=0), root / "data")
-    config = PretokenizeConfig(data=str(jsonl), tokenizer_path=str(root / "tokenizer"),
+    config = PretokenizeConfig(data=str(jsonl), visual_tokenizer_path=str(root / "tokenizer"),
                                output_dir=str(root / "cache"), num_workers=0)
     start = time.perf_counter()
     run_pretokenize(config, show_progress=False)
@@ -89,10 +90,10 @@ def large_cache(root: Path, gib: float, shard_size: int = 1024) -> dict[str, flo
         CACHE_FORMAT_VERSION,
         STATE_FILE,
         _write_arrow_atomic,
-        _write_json_atomic,
         finalize_code_cache,
         shard_name,
         verify_code_cache,
+        write_json_atomic,
     )
 
     positions, depth = 729, 8
@@ -101,7 +102,7 @@ def large_cache(root: Path, gib: float, shard_size: int = 1024) -> dict[str, flo
     num_shards = -(-num_rows // shard_size)
     out = root / "large"
     out.mkdir()
-    _write_json_atomic(out / STATE_FILE, {"format_version": CACHE_FORMAT_VERSION, "num_records": num_rows,
+    write_json_atomic(out / STATE_FILE, {"format_version": CACHE_FORMAT_VERSION, "num_records": num_rows,
                                           "shard_size": shard_size, "source": "synthetic",
                                           "tokenizer_config_hash": "paper-dualtoken-384",
                                           "tokenizer_weights_hash": "synthetic"})
@@ -118,7 +119,7 @@ def large_cache(root: Path, gib: float, shard_size: int = 1024) -> dict[str, flo
         start = time.perf_counter()
         checksum = _write_arrow_atomic(out / f"{shard_name(shard)}.arrow", pa.table(columns))
         write_s += time.perf_counter() - start
-        _write_json_atomic(out / f"{shard_name(shard)}.json", {
+        write_json_atomic(out / f"{shard_name(shard)}.json", {
             "shard": shard, "start": start_row, "stop": stop_row, "num_records": rows, "num_written": rows,
             "skipped": [], "shapes": {"pixel": [positions, depth], "semantic": [positions, depth]},
             "checksum": checksum})

@@ -38,9 +38,9 @@ def main() -> None:
     from PIL import Image
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unimm.data.code_cache import pretokenize
     from unimm.data.collator import UniMMCollator
     from unimm.data.images import ImageTransform, load_image, read_image_records
+    from unimm.data.pretokenize import pretokenize
     from unimm.data.sources import normalise_llava_record
     from unimm.data.tasks import SampleFactory
     from unimm.llm.vocab import extend_tokenizer_and_model

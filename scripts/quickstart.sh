@@ -108,10 +108,10 @@ OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT
 if [ "$TOKENIZER" = dualtoken ]; then CACHES="$OUT/code_cache, $OUT/code_cache_llava"; else CACHES="$OUT/code_cache"; fi
 stage "3/7 code caches -> $CACHES"
 OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/captions.jsonl" \
-  --tokenizer_path "$TOK" --output_dir "$OUT/code_cache" --num_workers 0
+  --visual_tokenizer_path "$TOK" --output_dir "$OUT/code_cache" --num_workers 0
 if [ "$TOKENIZER" = dualtoken ]; then
 OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/llava.json" --data_format llava \
-  --tokenizer_path "$TOK" --output_dir "$OUT/code_cache_llava" --num_workers 0
+  --visual_tokenizer_path "$TOK" --output_dir "$OUT/code_cache_llava" --num_workers 0
 fi
 
 stage "4/7 pretraining (text-to-image + captions$([ "$TOKENIZER" = vqrae ] && echo " from pixels")), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"

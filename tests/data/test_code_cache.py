@@ -9,15 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unimm.data.code_cache import (
-    CodeCacheMismatchError,
-    PretokenizeConfig,
-    finalize_code_cache,
-    load_code_cache,
-    pretokenize,
-    run_pretokenize,
-)
+from unimm.data.code_cache import CodeCacheMismatchError, finalize_code_cache, load_code_cache
 from unimm.data.images import ImageTransform, load_image, read_image_records
+from unimm.data.pretokenize import PretokenizeConfig, pretokenize, run_pretokenize
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (240, 220, 30), (200, 40, 200)]
 
@@ -156,7 +150,7 @@ def test_run_pretokenize_on_llava_images(tokenizer, image_folder, tmp_path, one_
         {"id": "d", "conversations": [{"from": "human", "value": "no image"}, {"from": "gpt", "value": "ok"}]},
     ]
     (tmp_path / "llava.json").write_text(json.dumps(llava))
-    config = PretokenizeConfig(data=str(tmp_path / "llava.json"), tokenizer_path=str(tokenizer_dir),
+    config = PretokenizeConfig(data=str(tmp_path / "llava.json"), visual_tokenizer_path=str(tokenizer_dir),
                                output_dir=str(tmp_path / "cache"), data_format="llava", image_folder=str(image_folder),
                                batch_size=2, num_workers=0)
     info = run_pretokenize(config, show_progress=False)
@@ -250,12 +244,13 @@ def test_cache_from_tokenizer_with_other_weights_is_refused(tokenizer, image_fol
 
 
 def test_damaged_shards_are_named_and_only_they_are_re_encoded(tokenizer, image_folder, tmp_path, one_thread):
-    from unimm.data.code_cache import CodeCacheCorruptError, rebuild_command
+    from unimm.data.code_cache import CodeCacheCorruptError
+    from unimm.data.pretokenize import rebuild_command
 
     tokenizer_dir = tmp_path / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
     out = tmp_path / "cache"
-    config = PretokenizeConfig(data=str(image_folder), tokenizer_path=str(tokenizer_dir), output_dir=str(out),
+    config = PretokenizeConfig(data=str(image_folder), visual_tokenizer_path=str(tokenizer_dir), output_dir=str(out),
                                batch_size=4, shard_size=4, num_workers=0)
     info = run_pretokenize(config, show_progress=False)
     assert info["rebuild_command"] == rebuild_command(config) and "scripts/pretokenize.py" in info["rebuild_command"]

@@ -172,7 +172,7 @@ def test_grouped_batches_hold_one_task_and_pack(data, visual_tokenizer, qwen):
 def test_code_cache_shards_read_from_any_offset(data, visual_tokenizer, monkeypatch):
     """A shard read from a record offset, across the reader's conversion chunks, gives the records as written."""
     import unimm.data.streaming as streaming
-    from unimm.data.streaming import CodeCacheShards
+    from unimm.data.shards import CodeCacheShards
 
     monkeypatch.setattr(streaming, "READ_CHUNK", 2)
     shards = CodeCacheShards(data["cache"], visual_tokenizer)
@@ -210,7 +210,7 @@ def test_bad_records_are_skipped_and_counted(data, visual_tokenizer, qwen):
 def test_json_shards_seek_to_any_record(tmp_path):
     """JSON Lines shards are indexed by line once and read from any record (blank lines skipped, a broken line a
     malformed record naming file and line); `.txt` lines and `.json` lists are shards too."""
-    from unimm.data.streaming import JsonShards
+    from unimm.data.shards import JsonShards
 
     folder = tmp_path / "conversations"
     folder.mkdir()
@@ -225,12 +225,12 @@ def test_json_shards_seek_to_any_record(tmp_path):
     records = list(shards.read("a.jsonl", start=1))
     assert [r["id"] for r in records] == ["c1", "c2", "a.jsonl-3", "c4"]  # the broken line is record 3
     assert records[0]["conversations"] == turns and records[0]["malformed"] is None
-    assert "a.jsonl:5:" in records[2]["malformed"] and "invalid JSON" in records[2]["malformed"]
+    assert "a.jsonl:5: record 3" in records[2]["malformed"] and "invalid JSON" in records[2]["malformed"]
     assert [r["id"] for r in shards.read("a.jsonl", start=4)] == ["c4"] and shards.num_records("a.jsonl") == 5
     assert [r["id"] for r in shards.read("b.json", start=1)] == ["j1"]
     assert list(shards.read("b.json", start=1))[0]["malformed"] == "record has no 'conversations'"
 
     (tmp_path / "lines.txt").write_text("first\n\nsecond\nthird\n")
     text = JsonShards(tmp_path / "lines.txt", "text")
-    assert list(text.read("lines.txt", start=1)) == [{"id": "lines.txt-1", "text": "second"},
-                                                     {"id": "lines.txt-2", "text": "third"}]
+    assert list(text.read("lines.txt", start=1)) == [{"id": "lines.txt-1", "text": "second", "shard_position": 1},
+                                                     {"id": "lines.txt-2", "text": "third", "shard_position": 2}]

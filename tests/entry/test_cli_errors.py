@@ -94,7 +94,7 @@ def test_bad_config_key_and_bad_type(tmp_path):
     typed.write_text("preset: vqrae-tiny\nmax_steps: abc\n")
     assert_user_error(run_program(["scripts/train_tokenizer.py", str(typed)]), "argument --max_steps",
                       "invalid int value: 'abc'", f"(set in {typed})")
-    assert_user_error(run_program(["scripts/pretokenize.py", "--data", "x"]), "pretokenize needs --tokenizer_path")
+    assert_user_error(run_program(["scripts/pretokenize.py", "--data", "x"]), "pretokenize needs --visual_tokenizer_path")
 
 
 def test_llava_json_syntax_error_names_the_file(toy, tmp_path):

@@ -5,12 +5,9 @@ from unimm.data.code_cache import (
     CodeCache,
     CodeCacheCorruptError,
     CodeCacheMismatchError,
-    PretokenizeConfig,
     TokenizerIdentity,
     finalize_code_cache,
     load_code_cache,
-    pretokenize,
-    run_pretokenize,
     tokenizer_weights_hash,
     verify_code_cache,
 )
@@ -24,6 +21,7 @@ from unimm.data.images import (
     read_image_records,
 )
 from unimm.data.mixture import MixtureConfig, MixtureDataset, build_mixture, build_streaming_mixture
+from unimm.data.pretokenize import PretokenizeConfig, run_pretokenize
 from unimm.data.sequence import (
     ImageSlot,
     MalformedRecordError,
@@ -34,8 +32,9 @@ from unimm.data.sequence import (
     Text,
     TokenIds,
 )
+from unimm.data.shards import CodeCacheShards, JsonShards, LlavaJsonShards, ShardSource
 from unimm.data.sources import llava_messages, read_llava_json, read_text_records
-from unimm.data.streaming import CodeCacheShards, JsonShards, ShardSource, StreamingMixture
+from unimm.data.streaming import StreamingMixture
 from unimm.data.tasks import (
     CodeCacheImages,
     IterableTaskDataset,
@@ -64,6 +63,7 @@ __all__ = [
     "ImageSlot",
     "ImageTransform",
     "JsonShards",
+    "LlavaJsonShards",
     "IterableTaskDataset",
     "MalformedRecordError",
     "MixtureConfig",
@@ -96,7 +96,6 @@ __all__ = [
     "llava_messages",
     "load_code_cache",
     "load_image",
-    "pretokenize",
     "read_image_records",
     "read_llava_json",
     "read_text_records",

@@ -16,7 +16,8 @@ import torch
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.sequence import Sample
-from unimm.data.streaming import CodeCacheShards, JsonShards, StreamingMixture, StreamTask
+from unimm.data.shards import CodeCacheShards, JsonShards
+from unimm.data.streaming import StreamingMixture, StreamTask
 from unimm.data.tasks import (
     UNDERSTANDING_INPUTS,
     CodeCacheImages,

@@ -29,29 +29,28 @@ its source's shards (`ShardSource`: an ordered list of shard files plus `read(sh
   them in each dataloader worker and keeps the workers' states in its own `state_dict()`, which the trainer writes
   into every checkpoint (`unimm.train.llm.streaming`).
 
-`CodeCacheShards` and `JsonShards` are the shard readers of this module: code-cache shards (a finished cache's
-manifest plus whichever of its shard files this node holds, each checked against its recorded checksum when first
-read), and LLaVA conversation or text records in JSON Lines / JSON files (a folder of them: one shard per file).
+The shard readers live in `unimm.data.shards`: `CodeCacheShards` (a finished cache's manifest plus whichever of
+its shard files this node holds, each checked against its recorded checksum when first read) and `JsonShards`
+(conversation or text records in JSON Lines / JSON / text files, a folder of them: one shard per file). A record's
+`shard_position` (bad records counted) is where the stream resumes after it, so readers that skip bad records
+stay exact.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from unimm.data.bad_samples import BadSampleTracker
 from unimm.data.sequence import Sample, SampleError
-from unimm.utils.errors import InputFileError, UserError
+from unimm.data.shards import POSITION, CodeCacheShards, JsonShards, ShardSource  # noqa: F401 - readers re-exported
+from unimm.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -60,207 +59,11 @@ READ_CHUNK = 64  # code-cache records converted to numpy at once
 MAX_BAD_IN_A_ROW = 10_000
 
 
-class ShardSource(Protocol):
-    """Sharded records (see `unimm.data.shards` for the readers of each format)."""
-
-    name: str
-
-    def shards(self) -> list[str]:
-        """Stable, ordered shard ids, the same on every rank."""
-
-    def num_records(self, shard: str) -> int | None:
-        """Records in `shard`, None when unknown without reading it."""
-
-    def read(self, shard: str, start: int = 0) -> Iterator[dict]:
-        """The records of `shard` from index `start` on."""
-
-
 class StreamStateError(UserError, ValueError):
     """A saved stream state that does not fit this stream (other sources, readers or batch size)."""
 
 
 # ------------------------------------------------------------------------------------------------ shard readers
-
-
-class CodeCacheShards:
-    """The shards of a finished code cache as a `ShardSource`: records `{"id", "text"?, "codes": {group: int64
-    [N, D]}}`. Only `cache_info.json` is read up front (format version, tokenizer identity); a shard file is checked
-    against its recorded size and checksum when this process first reads it, so a node holding only its own shards
-    never touches the others."""
-
-    def __init__(self, path: str | os.PathLike, expected_identity: Any | None = None,
-                 allow_weights_mismatch: bool = False):
-        from unimm.data.code_cache import CACHE_FORMAT_VERSION, CACHE_INFO, CodeCacheMismatchError, _check_identity
-
-        self.path = Path(path)
-        self.name = f"code cache {self.path}"
-        info_path = self.path / CACHE_INFO
-        if not info_path.is_file():
-            raise FileNotFoundError(f"no {CACHE_INFO} in {self.path}; not a finished code cache (every node needs "
-                                    f"the cache's {CACHE_INFO}, and the shard files it reads)")
-        self.info = json.loads(info_path.read_text())
-        if self.info.get("format_version") != CACHE_FORMAT_VERSION:
-            raise CodeCacheMismatchError(f"code cache {self.path} has format version {self.info.get('format_version')}"
-                                         f", this UniMM reads version {CACHE_FORMAT_VERSION}; rebuild it with "
-                                         f"scripts/pretokenize.py")
-        if expected_identity is not None:
-            _check_identity(self.path, self.info, expected_identity, allow_weights_mismatch)
-        self.shapes = {name: tuple(shape) for name, shape in self.info["shapes"].items()}
-        self._verified: set[str] = set()
-
-    @property
-    def image_positions(self) -> int:
-        return int(next(iter(self.shapes.values()))[0]) if self.shapes else 0
-
-    def shards(self) -> list[str]:
-        return list(self.info["shards"])
-
-    @property
-    def has_text(self) -> bool:
-        """Whether records carry captions: the schema of the first shard file this node holds."""
-        for shard in self.shards():
-            if (self.path / shard).is_file():
-                with pa.memory_map(str(self.path / shard)) as source:
-                    return "text" in pa.ipc.open_stream(source).schema.names
-        raise FileNotFoundError(f"code cache {self.path}: none of its {len(self.shards())} shard files is on this "
-                                f"node")
-
-    def num_records(self, shard: str) -> int | None:
-        meta = self.path / shard.replace(".arrow", ".json")
-        return json.loads(meta.read_text())["num_written"] if meta.is_file() else None
-
-    def _verify(self, shard: str) -> None:
-        from unimm.data.code_cache import CodeCacheCorruptError, _rebuild_hint, _shard_problem
-
-        if shard in self._verified:
-            return
-        problem = _shard_problem(self.path / shard, (self.info.get("shard_checksums") or {}).get(shard))
-        if problem is not None:
-            raise CodeCacheCorruptError(f"code cache shard {self.path / shard} is unusable: {problem}; "
-                                        f"{_rebuild_hint(self.path, self.info)}")
-        self._verified.add(shard)
-
-    def read(self, shard: str, start: int = 0) -> Iterator[dict]:
-        self._verify(shard)
-        with pa.memory_map(str(self.path / shard)) as source:
-            for batch in pa.ipc.open_stream(source):  # memory-mapped record batches: skipping one costs nothing
-                if start >= batch.num_rows:
-                    start -= batch.num_rows
-                    continue
-                for begin in range(start, batch.num_rows, READ_CHUNK):
-                    yield from self._records(batch.slice(begin, READ_CHUNK))
-                start = 0
-
-    def _records(self, chunk: pa.RecordBatch) -> Iterator[dict]:
-        """The records of `chunk`: each group's codes converted to numpy in one call for the whole chunk (every
-        record has the same [N, D] shape), captions and ids as Python strings."""
-        names = chunk.schema.names
-        codes = {name: chunk.column(names.index(f"codes_{name}")).flatten().to_numpy(zero_copy_only=False)
-                 .astype(np.int64).reshape(chunk.num_rows, *shape) for name, shape in self.shapes.items()}
-        ids = chunk.column(names.index("id")).to_pylist()
-        texts = chunk.column(names.index("text")).to_pylist() if "text" in names else None
-        for i, sample_id in enumerate(ids):
-            record = {"id": sample_id, "codes": {name: group[i] for name, group in codes.items()}}
-            if texts is not None:
-                record["text"] = texts[i]
-            yield record
-
-
-class JsonShards:
-    """JSON Lines / JSON record files as a `ShardSource`, one shard per file: `path` is a file or a folder of
-    `.jsonl` / `.json` / `.txt` files (sorted by name). `kind` is `conversation` (records normalised as LLaVA
-    records, `unimm.data.sources.normalise_llava_record`) or `text` (`{"id"?, "text"}` objects, or `.txt` lines).
-
-    A line-based shard (`.jsonl`, `.txt`) is indexed the first time this process reads it: one pass over its bytes
-    records where each non-empty line starts (nothing is parsed), after which `read(shard, start)` seeks straight to
-    record `start`. A `.json` list is parsed whole once per process and kept: use JSON Lines for large shards."""
-
-    SUFFIXES = (".jsonl", ".json", ".txt")
-
-    def __init__(self, path: str | os.PathLike, kind: str):
-        if kind not in ("conversation", "text"):
-            raise ValueError(f"kind must be conversation or text, got {kind!r}")
-        self.path = Path(path)
-        self.kind = kind
-        self.name = f"{kind} data {self.path}"
-        if self.path.is_dir():
-            files = sorted(f.name for f in self.path.iterdir() if f.suffix.lower() in self.SUFFIXES)
-            if not files:
-                raise InputFileError(f"{self.path}: no {'/'.join(self.SUFFIXES)} shard files in this folder")
-            self._root, self._files = self.path, files
-        elif self.path.is_file():
-            self._root, self._files = self.path.parent, [self.path.name]
-        else:
-            raise FileNotFoundError(f"{kind} data not found: {self.path}")
-        self._lines: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (byte offsets, line numbers)
-        self._lists: dict[str, list] = {}
-
-    def shards(self) -> list[str]:
-        return list(self._files)
-
-    def num_records(self, shard: str) -> int | None:
-        if shard in self._lists:
-            return len(self._lists[shard])
-        return len(self._lines[shard][0]) if shard in self._lines else None
-
-    def _line_index(self, shard: str) -> tuple[np.ndarray, np.ndarray]:
-        if shard not in self._lines:
-            offsets, numbers, position = [], [], 0
-            with open(self._root / shard, "rb") as f:
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        offsets.append(position)
-                        numbers.append(number)
-                    position += len(line)
-            self._lines[shard] = (np.array(offsets, dtype=np.int64), np.array(numbers, dtype=np.int64))
-        return self._lines[shard]
-
-    def _raw(self, shard: str, start: int) -> Iterator[Any]:
-        """The raw records of `shard` from `start` (an undecodable line: `{"__malformed__": reason}`)."""
-        file = self._root / shard
-        if file.suffix.lower() == ".json":
-            if shard not in self._lists:
-                from unimm.data.sources import _iter_json_records
-
-                self._lists[shard] = list(_iter_json_records(file))
-            yield from self._lists[shard][start:]
-            return
-        offsets, numbers = self._line_index(shard)
-        if start >= len(offsets):
-            return
-        text = file.suffix.lower() == ".txt"
-        with open(file, "rb") as f:
-            f.seek(int(offsets[start]))
-            for number in numbers[start:]:
-                line = f.readline()
-                while not line.strip():  # blank lines between records
-                    line = f.readline()
-                try:
-                    decoded = line.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    if text:
-                        raise InputFileError(f"{file}:{number}:{err.start + 1}: not UTF-8") from None
-                    yield {"__malformed__": f"{file}:{number}:{err.start + 1}: not UTF-8"}
-                    continue
-                if text:
-                    yield {"text": decoded.rstrip("\r\n")}
-                    continue
-                try:
-                    yield json.loads(decoded)
-                except json.JSONDecodeError as err:
-                    yield {"__malformed__": f"{file}:{number}:{err.colno}: invalid JSON ({err.msg})"}
-
-    def read(self, shard: str, start: int = 0) -> Iterator[dict]:
-        from unimm.data.sources import normalise_llava_record
-
-        for index, raw in enumerate(self._raw(shard, start), start=start):
-            if self.kind == "conversation":
-                yield normalise_llava_record(raw, index, shard)
-            elif isinstance(raw, dict) and isinstance(raw.get("text"), str):
-                yield {"id": str(raw.get("id", f"{shard}-{index}")), "text": raw["text"]}
-            else:
-                reason = raw.get("__malformed__") if isinstance(raw, dict) else None
-                raise InputFileError(reason or f"{self._root / shard}: record {index} has no string field 'text'")
 
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -314,7 +117,7 @@ class _RecordStream:
                 try:
                     for record in reading:
                         records.append(record)
-                        offset += 1
+                        offset = record[POSITION] + 1 if POSITION in record else offset + 1  # readers that skip
                         if len(records) == self.window_size:
                             break
                     else:  # the shard ended
