@@ -234,3 +234,49 @@ def test_json_shards_seek_to_any_record(tmp_path):
     text = JsonShards(tmp_path / "lines.txt", "text")
     assert list(text.read("lines.txt", start=1)) == [{"id": "lines.txt-1", "text": "second", "shard_position": 1},
                                                      {"id": "lines.txt-2", "text": "third", "shard_position": 2}]
+
+
+def test_image_shards_are_encoded_on_the_fly_into_the_tokenizers_codes(tmp_path, visual_tokenizer, qwen_tokenizer_path):
+    """`image_shards` without a code cache: webdataset tars become caption / text-to-image samples whose codes are
+    the visual tokenizer's codes of each image (encoded one at a time here, so batching cannot change them)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from unimm.data.images import ImageTransform
+
+    images = {}
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"pairs-{shard}.tar", "w") as tar:
+            for i in range(3):
+                key = f"s{shard}-{i}"
+                images[key] = Image.new("RGB", (40 + 8 * i, 36), (60 * i, 40 * shard + 20, 200 - 50 * i))
+                buffer = io.BytesIO()
+                images[key].save(buffer, format="PNG")
+                for name, data in ((f"{key}.png", buffer.getvalue()), (f"{key}.txt", f"picture {key}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    from transformers import AutoTokenizer
+
+    from tests.data.conftest import add_layout
+
+    text_tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_path)
+    spec = {name: group.to_dict() for name, group in visual_tokenizer.codebook_spec.items()}
+    factory = SampleFactory(text_tokenizer, add_layout(text_tokenizer, spec), SampleConfig(uncond_prob=0.0,
+                                                                                           max_length=512))
+    config = MixtureConfig(streaming=True, image_shards=str(tmp_path / "pairs-{0..1}.tar"), encode_batch_size=1,
+                           caption_weight=1.0, t2i_weight=1.0, shuffle_window=2, seed=1)
+    mixture = build_mixture(config, factory, tokenizer_hash=visual_tokenizer, visual_tokenizer=visual_tokenizer)
+    samples = [batch[0] for batch in _take(iter(_loader(mixture, num_workers=2)), 12)]
+    assert {s.task for s in samples} == {"caption", "t2i"} and {s.sample_id for s in samples} == set(images)
+    transform = ImageTransform.for_tokenizer(visual_tokenizer)
+    with torch.no_grad():
+        expected = {key: visual_tokenizer.encode(transform.batch([image]))["semantic"][0]
+                    for key, image in images.items()}
+    for sample in samples:
+        codes = sample.visual_codes["semantic"]
+        assert torch.equal(codes[codes[:, 0] >= 0], expected[sample.sample_id].reshape(-1, codes.shape[1]).long())
+    with pytest.raises(ValueError, match="image_shards=.* set streaming true"):
+        MixtureConfig(image_shards=str(tmp_path / "pairs-{0..1}.tar"))

@@ -269,3 +269,33 @@ def test_streamed_finetuning_under_deepspeed_with_dataloader_workers(toy, tiny_u
             assert len(readers) == 1 and readers <= {2 * rank, 2 * rank + 1}, batch
         # the workers take turns: both of this rank's readers contributed
         assert {int(batch[0][1]) % 4 for batch in batches} == {2 * rank, 2 * rank + 1}
+
+
+def test_streamed_pretraining_encodes_webdataset_shards_on_the_fly(toy, tmp_path):
+    """No code cache: `--image_shards` names webdataset tars (a brace range), encoded by a CPU copy of the visual
+    tokenizer in two dataloader workers (one tar each); every sample trained on is one of the tars' records."""
+    import tarfile
+
+    pngs = sorted(toy["images"].glob("*.png"))
+    keys = []
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"pairs-{shard:05d}.tar", "w") as tar:
+            for png in pngs[shard::2]:
+                key = f"{png.stem}-s{shard}"
+                keys.append(key)
+                tar.add(png, arcname=f"{key}.png")
+                tar.add(png.with_suffix(".txt"), arcname=f"{key}.txt")
+    output_dir = tmp_path / "run"
+    run_script([
+        "scripts/pretrain.py", "--llm_path", str(toy["llm"]), "--visual_tokenizer_path", str(toy["tokenizer"]),
+        "--streaming", "true", "--image_shards", str(tmp_path / "pairs-{00000..00001}.tar"), "--encode_batch_size", "2",
+        "--shuffle_window", "2", "--log_sample_ids", "true", "--depth_head_layers", "1", "--max_length", "64",
+        "--output_dir", str(output_dir), "--max_steps", "3", "--logging_steps", "1",
+        "--per_device_train_batch_size", "2", "--learning_rate", "3e-3", "--report_to", "none",
+        "--dataloader_num_workers", "2", "--seed", "7", "--use_cpu", "true",
+    ])
+    history = log_history(output_dir)
+    assert [entry["step"] for entry in history] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in history)
+    trained = {i for batches in sample_log(output_dir, 0).values() for batch in batches for i in batch}
+    assert trained and trained <= set(keys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,12 @@ class MixtureConfig:
         "text_data as a file or a folder of .jsonl/.json files (one shard each); each rank and dataloader worker "
         "reads only its own shards, nothing is listed at start-up, checkpoints resume the stream exactly. Needs "
         "max_steps; num_samples does not apply."))
+    image_shards: str | None = config_field(None, (
+        "Streaming without a code cache: webdataset .tar or Parquet files of image-text pairs (a file, folder, glob "
+        "or brace range such as shard-{00000..00099}.tar), read as shards and encoded on the fly by the visual "
+        "tokenizer (a CPU copy, in the dataloader workers) for caption and text-to-image samples. Pretokenizing "
+        "(scripts/pretokenize.py --input_shards true) encodes once instead of every epoch."))
+    encode_batch_size: int = config_field(32, "image_shards: images encoded together by the visual tokenizer.")
     shuffle_window: int = config_field(1024, (
         "Streaming: records read and shuffled together (besides the per-epoch shuffle of each reader's shards)."))
     look_ahead_batches: int = config_field(16, (
@@ -86,6 +93,14 @@ class MixtureConfig:
         if self.shuffle_window <= 0 or self.look_ahead_batches <= 0:
             raise ValueError(f"shuffle_window and look_ahead_batches must be positive, got {self.shuffle_window}, "
                              f"{self.look_ahead_batches}")
+        if self.image_shards is not None and not self.streaming:
+            raise ValueError(f"image_shards={self.image_shards} is read as a stream: set streaming true (or "
+                             f"pretokenize the shards and give code_cache)")
+        if self.image_shards is not None and self.code_cache is not None:
+            raise ValueError(f"both image_shards={self.image_shards} and code_cache={self.code_cache} would give the "
+                             f"caption and text-to-image samples: drop one of them")
+        if self.encode_batch_size <= 0:
+            raise ValueError(f"encode_batch_size must be positive, got {self.encode_batch_size}")
         if self.understanding_input not in UNDERSTANDING_INPUTS:
             raise ValueError(f"understanding_input must be one of {UNDERSTANDING_INPUTS}, got "
                              f"{self.understanding_input!r}")
@@ -164,11 +179,12 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: Any | None = None,
-                  pixel_images: PixelImages | None = None) -> MixtureDataset | StreamingMixture:
+                  pixel_images: PixelImages | None = None,
+                  visual_tokenizer: Any | None = None) -> MixtureDataset | StreamingMixture:
     """The training dataset described by `config`. `tokenizer_hash` (the visual tokenizer's `TokenizerIdentity`:
     config and weights hashes; a bare `config_hash()` string checks the architecture only) is checked against
     every code cache; `pixel_images` serves conversation images when no code cache covers them. With `streaming`
-    the sources are read as shards (`build_streaming_mixture`)."""
+    the sources are read as shards (`build_streaming_mixture`; `visual_tokenizer` encodes `image_shards`)."""
     from functools import partial
 
     from unimm.data.code_cache import load_code_cache as _load_code_cache
@@ -176,7 +192,7 @@ def build_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash:
 
     load_code_cache = partial(_load_code_cache, allow_weights_mismatch=config.allow_tokenizer_weights_mismatch)
     if config.streaming:
-        return build_streaming_mixture(config, factory, tokenizer_hash, pixel_images)
+        return build_streaming_mixture(config, factory, tokenizer_hash, pixel_images, visual_tokenizer)
 
     def tracker(task: str) -> BadSampleTracker:
         return BadSampleTracker(max_bad_fraction=config.max_bad_fraction, name=f"{task} data")
@@ -231,9 +247,11 @@ def _conversation_images(config: MixtureConfig, pixel_images: PixelImages | None
 
 
 def build_streaming_mixture(config: MixtureConfig, factory: SampleFactory, tokenizer_hash: Any | None = None,
-                            pixel_images: PixelImages | None = None) -> StreamingMixture:
+                            pixel_images: PixelImages | None = None,
+                            visual_tokenizer: Any | None = None) -> StreamingMixture:
     """The `StreamingMixture` described by `config` (`streaming: true`): caption and text-to-image samples from
-    `code_cache`'s shards (this node's; the manifest is checked against `tokenizer_hash`), conversations and text
+    `code_cache`'s shards (this node's; the manifest is checked against `tokenizer_hash`) or from `image_shards`
+    encoded on the fly by `visual_tokenizer`, conversations and text
     from `conversation_json` / `text_data` (a file, or a folder of shard files). Conversation images come from a
     code cache opened whole (`conversation_code_cache`, keyed by image path) or from pixels, as in `build_mixture`."""
     from functools import partial
@@ -246,10 +264,14 @@ def build_streaming_mixture(config: MixtureConfig, factory: SampleFactory, token
     allow = config.allow_tokenizer_weights_mismatch
     tasks: list[StreamTask] = []
     if config.caption_weight > 0 or config.t2i_weight > 0:
-        if config.code_cache is None:
-            raise OptionError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first)")
-        shards = CodeCacheShards(config.code_cache, tokenizer_hash, allow)
-        if not shards.has_text:
+        if config.image_shards is not None:
+            shards = _encoded_image_shards(config, visual_tokenizer)
+        elif config.code_cache is None:
+            raise OptionError("caption_weight/t2i_weight > 0 need code_cache (run scripts/pretokenize.py first) or, "
+                              "streaming, image_shards")
+        else:
+            shards = CodeCacheShards(config.code_cache, tokenizer_hash, allow)
+        if not getattr(shards, "has_text", True):
             raise ValueError(f"code cache {config.code_cache} has no captions ('text' column); caption/t2i need them")
         for task, build, weight in (("caption", caption_builder, config.caption_weight),
                                     ("t2i", t2i_builder, config.t2i_weight)):
@@ -271,3 +293,22 @@ def build_streaming_mixture(config: MixtureConfig, factory: SampleFactory, token
     return StreamingMixture(tasks, seed=config.seed, shuffle_window=config.shuffle_window,
                             look_ahead=config.look_ahead_batches)
 
+
+
+def _encoded_image_shards(config: MixtureConfig, visual_tokenizer: Any | None) -> Any:
+    """`image_shards` (webdataset tars or Parquet files) as code records, encoded by a CPU copy of the visual
+    tokenizer: the stream runs in dataloader worker processes, which must not share the training device's model."""
+    import copy
+
+    from unimm.data.shards import ParquetShards, WebDatasetShards, encode
+
+    if visual_tokenizer is None:
+        raise OptionError(f"image_shards={config.image_shards} is encoded on the fly: it needs the model's visual "
+                          f"tokenizer (visual_tokenizer_path)")
+    files = str(config.image_shards)
+    parquet = files.lower().endswith(".parquet") or (Path(files).is_dir() and any(Path(files).glob("*.parquet")))
+    source = (ParquetShards(files, max_bad_fraction=config.max_bad_fraction) if parquet
+              else WebDatasetShards(files, max_bad_fraction=config.max_bad_fraction))
+    device = next(visual_tokenizer.parameters()).device
+    encoder = visual_tokenizer if device.type == "cpu" else copy.deepcopy(visual_tokenizer).to("cpu")
+    return encode(source, encoder.eval(), batch_size=config.encode_batch_size)

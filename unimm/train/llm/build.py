@@ -280,7 +280,8 @@ def build_train_dataset(data_args: DataArguments, built: BuiltModel, seed: int) 
                                    encoder.num_positions, mixture.allow_outside_image_folder)
     # Config and weights hashes, taken once: a cache made by a tokenizer with other weights is refused.
     identity = TokenizerIdentity.of(visual) if visual is not None else None
-    return build_mixture(mixture, factory, tokenizer_hash=identity, pixel_images=pixel_images)
+    return build_mixture(mixture, factory, tokenizer_hash=identity, pixel_images=pixel_images,
+                         visual_tokenizer=visual)
 
 
 def _default_image_folder(data_args: DataArguments) -> str | None:
