@@ -400,11 +400,15 @@ def build_qwen2_tokenizer(ranks_file: str | Path, save_dir: str | Path) -> PreTr
 def kill_when_path_appears(argv: list[str], path: Path, cwd: Path, env: dict[str, str], timeout: float,
                            poll: float = 0.002) -> list[str]:
     """Start `argv` in its own session and `kill -9` its whole process group the moment `path` exists (a crash in
-    the middle of writing it); returns the names inside `path` at that moment."""
+    the middle of writing it), and every process it started: torchrun puts each rank in a session of its own, out
+    of the launcher's group. Returns the names inside `path` at that moment (empty when `path` is a file)."""
+    import contextlib
     import os
     import signal
     import subprocess
     import time
+
+    import psutil
 
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -415,9 +419,13 @@ def kill_when_path_appears(argv: list[str], path: Path, cwd: Path, env: dict[str
             assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
             time.sleep(poll)
     finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    return sorted(p.name for p in path.iterdir())
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
 
 
 def free_port(consecutive: int = 1) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from tests.entry.conftest import REPO, deepspeed_launcher, log_history, run_script
 from tests.entry.test_pretrain_deepspeed import shm_buffers
+from unimm.testing import kill_when_path_appears
 
 pytestmark = pytest.mark.slow
 
@@ -71,24 +72,6 @@ def sample_log(output_dir: Path, rank: int) -> dict[int, list]:
     return {s["step"]: s["sample_ids"] for s in steps}
 
 
-def _kill_when_file_appears(argv: list[str], path: Path, timeout: float = 600) -> None:
-    """Start `argv` in its own session and kill -9 its whole process group as soon as `path` exists."""
-    import signal
-    import time
-
-    proc = subprocess.Popen(argv, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not path.exists():
-            assert proc.poll() is None, f"the run ended before writing {path}"
-            assert time.monotonic() < deadline, f"no {path} within {timeout:.0f} s"
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _stream_states(state) -> list[dict]:
     """The `StreamingMixture` states inside a `StatefulDataLoader` state (one per dataloader worker)."""
     if isinstance(state, dict):
@@ -134,7 +117,7 @@ def test_streamed_pretraining_killed_mid_shard_resumes_exactly(toy, sharded_cach
     killed = tmp_path / "killed"
     args = pretrain_args(toy, sharded_cache, killed)
     launcher = deepspeed_launcher()
-    _kill_when_file_appears(launcher + args, killed / "checkpoint-3" / "COMPLETE")
+    kill_when_path_appears(launcher + args, killed / "checkpoint-3" / "COMPLETE", REPO, _env(), 600, 0.005)
     for buffer in shm_buffers(launcher):  # a killed rank cannot remove its all-reduce buffer
         buffer.unlink()
     proc = run_script(args, launcher=deepspeed_launcher())

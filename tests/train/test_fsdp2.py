@@ -10,15 +10,11 @@ DDP). The README's FSDP2 launch line runs, shrunk, under bf16 mixed precision.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shlex
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +27,7 @@ from tests.entry.conftest import vqrae_toy as vqrae_toy  # noqa: F401
 from tests.entry.test_pretrain_deepspeed import STEPS, losses, pretrain_args
 from tests.entry.test_recipes import RECIPES, _argv, _without
 from tests.entry.test_recipes import family_llms as family_llms  # noqa: F401
+from unimm.testing import kill_when_path_appears
 
 pytestmark = pytest.mark.slow
 
@@ -103,35 +100,14 @@ def assert_close_models(fsdp_folder: Path, ddp_folder: Path) -> None:
         assert diff.median() < 1e-5 and (diff > 1e-3).float().mean() < 0.02, (name, diff.max())
 
 
-def kill_launch_when_path_appears(argv: list[str], path: Path, timeout: float = 600) -> None:
-    """Start the launch `argv` and kill -9 the launcher and every rank the moment `path` exists. torchrun starts
-    each rank in a session of its own, so killing the launcher's process group would leave the ranks running."""
-    import psutil
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not path.exists():
-            assert proc.poll() is None, f"the run ended before writing {path.name}"
-            assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
-            time.sleep(0.005)
-    finally:
-        launch = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-        for pid in launch:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        proc.wait()
-
-
 def test_fsdp2_killed_run_resumes_with_the_uninterrupted_losses(fsdp_run, toy, tmp_path):
     """kill -9 of the launcher and both ranks the moment checkpoint-4 appears (checkpoint-2 is complete by then,
     checkpoint-4 most likely half written); the relaunch (same command) resumes from the sharded checkpoint-2 and
     logs the uninterrupted run's losses, every step once."""
     run = tmp_path / "killed"
-    kill_launch_when_path_appears(torchrun_launcher() + fsdp_args(toy, run), run / "checkpoint-4")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    kill_when_path_appears(torchrun_launcher() + fsdp_args(toy, run), run / "checkpoint-4", REPO, env, 600, 0.005)
     assert not (run / "trainer_state.json").exists()  # killed before the end
     assert (run / "checkpoint-2" / "COMPLETE").is_file()
     written = (run / "checkpoint-2" / "COMPLETE").stat().st_mtime_ns
