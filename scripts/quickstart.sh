@@ -139,4 +139,6 @@ OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py cfg --out "$OUT" --se
   --visual_tokenizer_path "$TOK" --scales 1 1.25 1.5 2 3 --samples "$CFG_SAMPLES" --top_k "$GEN_TOP_K"
 echo "scores: $OUT/scores.json; generated images: $OUT/generated (grid.png); answers: $OUT/answers.json"
 echo "open them in UniMM Studio: bash scripts/demo.sh --run_dir $OUT"
-echo "quickstart finished in $(( $(date +%s) - START ))s"
+ELAPSED=$(( $(date +%s) - START ))
+echo "quickstart finished in ${ELAPSED}s"
+python scripts/quickstart_eval.py judge --out "$OUT" --tokenizer "$TOKENIZER" --elapsed "$ELAPSED"

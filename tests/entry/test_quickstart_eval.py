@@ -88,3 +88,32 @@ def test_prepare_writes_the_tiny_llm_with_the_attention_dropout_asked_for(quicks
                           "--num_kv_heads", "1", "--attention_dropout", "0.1"])
     config = json.loads((tmp_path / "llm" / "config.json").read_text())
     assert config["attention_dropout"] == 0.1 and config["hidden_size"] == 32
+
+
+def test_judge_prints_each_figure_with_its_count_target_and_verdict_and_exits_0(tmp_path):
+    """The quickstart's last command: a missed target is a FAIL row, not a failing program."""
+    import subprocess
+    import sys
+
+    from tests.entry.conftest import REPO
+
+    (tmp_path / "scores.json").write_text(json.dumps({
+        "generation": {"accuracy": 0.95, "num_images": 60},
+        "generation_held_out": {"accuracy": 0.75, "num_images": 24},
+        "qa": {"accuracy": 0.9, "num_questions": 216},
+    }))
+    proc = subprocess.run([sys.executable, "scripts/quickstart_eval.py", "judge", "--out", str(tmp_path),
+                           "--elapsed", "731"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "| generation, seen captions | 0.950 (57/60) | >= 0.9 | pass |" in lines
+    assert "| generation, held-out captions | 0.750 (18/24) | >= 0.8 | FAIL |" in lines
+    assert "| QA on held-out images | 0.900 (194/216) | >= 0.9 | pass |" in lines
+    assert "| time end to end | 731 s | <= 900 s | pass |" in lines
+    assert any(line.startswith("3 of 4 targets met") for line in lines)
+    judged = json.loads((tmp_path / "scores.json").read_text())["judged"]
+    assert [row["verdict"] for row in judged["rows"]] == ["pass", "FAIL", "pass", "pass"]
+    vqrae = subprocess.run([sys.executable, "scripts/quickstart_eval.py", "judge", "--out", str(tmp_path),
+                            "--tokenizer", "vqrae"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert vqrae.returncode == 0 and "| generation, held-out captions | 0.750 (18/24) | reported | - |" in vqrae.stdout
+    assert "2 of 2 targets met" in vqrae.stdout

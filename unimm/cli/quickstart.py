@@ -252,6 +252,60 @@ def _add_options(parser: argparse.ArgumentParser, options: tuple) -> None:
         parser.add_argument(flag, type=kind, default=default, help=text)
 
 
+# The README's quickstart targets: (figure in scores.json, label, minimum). The VQRAE variant's held-out figure is
+# reported beside its targets, not judged (its frozen-feature pretraining is not tuned for unseen captions).
+TARGETS = {
+    "dualtoken": (("generation", "generation, seen captions", 0.9),
+                  ("generation_held_out", "generation, held-out captions", 0.8),
+                  ("qa", "QA on held-out images", 0.9)),
+    "vqrae": (("generation", "generation, seen captions", 0.9),
+              ("generation_held_out", "generation, held-out captions", None),
+              ("qa", "QA on held-out images", 0.9)),
+}
+TIME_TARGET_S = 900
+
+
+def _count(entry: dict) -> str:
+    """`hits/total` of a score entry (its accuracy times its image or question count)."""
+    total = entry.get("num_images", entry.get("num_questions"))
+    if entry.get("accuracy") is None or not total:
+        return "n/a"
+    return f"{round(entry['accuracy'] * total)}/{total}"
+
+
+def judge(args: argparse.Namespace) -> list[dict]:
+    """The run's figures against the README's targets: a table of each figure (with its count), its target and
+    pass/fail. A missed target is a result, not an error: the command exits 0 either way."""
+    out = Path(args.out)
+    path = out / "scores.json"
+    scores = json.loads(path.read_text()) if path.is_file() else {}
+    rows = []
+    for key, label, target in TARGETS[args.tokenizer]:
+        entry = scores.get(key) or {}
+        value = entry.get("accuracy")
+        verdict = "-" if target is None else ("pass" if value is not None and value >= target else "FAIL")
+        rows.append({"figure": label, "value": value, "count": _count(entry), "target": target, "verdict": verdict})
+    if args.elapsed is not None:
+        rows.append({"figure": "time end to end", "value": args.elapsed, "count": f"{args.elapsed:.0f} s",
+                     "target": TIME_TARGET_S, "verdict": "pass" if args.elapsed <= TIME_TARGET_S else "FAIL"})
+    _update_scores(out, "judged", {"tokenizer": args.tokenizer, "rows": rows})
+    print("| figure | result | target | verdict |")
+    print("| --- | --- | --- | --- |")
+    for row in rows:
+        if row["figure"] == "time end to end":
+            result, target = row["count"], f"<= {row['target']} s"
+        else:
+            result = "n/a" if row["value"] is None else f"{row['value']:.3f} ({row['count']})"
+            target = "reported" if row["target"] is None else f">= {row['target']}"
+        print(f"| {row['figure']} | {result} | {target} | {row['verdict']} |")
+    judged = [row for row in rows if row["verdict"] != "-"]
+    passed = sum(row["verdict"] == "pass" for row in judged)
+    print(f"{passed} of {len(judged)} targets met" + ("" if passed == len(judged) else
+          " (a quickstart run can miss one on an unlucky seed or a loaded machine; see benchmarks/results/"
+          "quickstart.md)"))
+    return rows
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,4 +327,8 @@ def make_parser() -> argparse.ArgumentParser:
     command.add_argument("--samples", type=int, default=4, help="Sampled images per held-out caption.")
     command.add_argument("--top_k", type=int, default=8, help="top-k of sampled decoding.")
     command.set_defaults(func=cfg_table)
+    command = sub.add_parser("judge", parents=[common], help=judge.__doc__)
+    command.add_argument("--tokenizer", choices=sorted(TARGETS), default="dualtoken", help="The run's visual tokenizer.")
+    command.add_argument("--elapsed", type=float, default=None, help="Seconds the whole run took (judged too).")
+    command.set_defaults(func=judge)
     return parser
