@@ -301,8 +301,7 @@ def judge(args: argparse.Namespace) -> list[dict]:
     judged = [row for row in rows if row["verdict"] != "-"]
     passed = sum(row["verdict"] == "pass" for row in judged)
     print(f"{passed} of {len(judged)} targets met" + ("" if passed == len(judged) else
-          " (a quickstart run can miss one on an unlucky seed or a loaded machine; see benchmarks/results/"
-          "quickstart.md)"))
+          " (recorded runs and what they varied: benchmarks/results/quickstart*.md)"))
     return rows
 
 
