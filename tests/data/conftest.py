@@ -85,3 +85,12 @@ def real_llama_legacy(real_llama_tokenizer_path):
     assert tokenizer.convert_ids_to_tokens(tokenizer("</s>What", add_special_tokens=False)["input_ids"]) == [
         "</s>", "▁What"]
     return tokenizer, add_layout(tokenizer, SEMANTIC_SPEC)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny VQRAE visual tokenizer (seeded random weights) the code-cache and pretokenize tests encode with."""
+    from unimm.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    return build_tokenizer("vqrae-tiny").eval()

@@ -17,14 +17,6 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (240, 220, 30), (200, 40
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from unimm.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    return build_tokenizer("vqrae-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     for i in range(10):

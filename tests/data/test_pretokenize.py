@@ -33,14 +33,6 @@ FIXTURE_V2 = Path(__file__).parent / "fixtures" / "code_cache_v2"  # written by 
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from unimm.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    return build_tokenizer("vqrae-tiny").eval()
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     for i in range(10):
