@@ -48,12 +48,13 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     # The default holds captions out: never a training caption (t2i prompt / caption target) nor a conversation's
     # answer, and prompted next to seen captions.
     held_out = json.loads((out / "data" / "held_out_prompts.json").read_text())
-    assert len(held_out) == 12
+    validation = json.loads((out / "data" / "validation_prompts.json").read_text())
+    assert len(held_out) == 24 and len(validation) == 6
     trained = {json.loads(line)["text"] for line in (out / "data" / "train" / "captions.jsonl").read_text().split("\n")
                if line}
     for record in json.loads((out / "data" / "train" / "llava.json").read_text()):
         trained |= {turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"}
-    assert not trained & set(held_out)
+    assert not trained & (set(held_out) | set(validation))
     assert 0 < sum(p in held_out for p in prompts if p) < len([p for p in prompts if p])
 
     printed = {name: float(value) for name, value in re.findall(
@@ -73,8 +74,14 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert [mode.split()[0] for mode, _ in table] == ["greedy", "sampled"], result.stdout[-3000:]
     for mode, cells in table:
         by_scale = {row["cfg_scale"]: row["accuracy"] for row in rows if row["decoding"].startswith(mode.split()[0])}
-        assert [float(cell) for cell in cells.split("|")] == pytest.approx(
+        assert [float(cell.split()[0]) for cell in cells.split("|")] == pytest.approx(
             [by_scale[scale] for scale in (1.0, 1.25, 1.5, 2.0, 3.0)], abs=1e-3)
+    # Stage 6 drew at the scale chosen on the validation captions (greedy and sampled, scales 1 to 3).
+    guidance = scores["guidance"]
+    assert guidance["validation_prompts"] == 6 and guidance["chosen"] in (1.0, 1.5, 2.0, 3.0)
+    assert sorted({row["cfg_scale"] for row in guidance["rows"]}) == [1.0, 1.5, 2.0, 3.0]
+    assert f"guidance: scale {guidance['chosen']:g} chosen on the validation captions" in result.stdout
+    assert f"generating greedily at guidance scale {guidance['chosen']:g}" in result.stdout
     assert printed["QA"] == pytest.approx(scores["qa"]["accuracy"], abs=1e-3)
     # It judges itself last: each figure with its count against the README's target (a --fast run misses them and
     # still exits 0).

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from unimm.cli.quickstart import make_parser
-from unimm.data.toy.shapes import POSITIONS, all_combinations, render_shape
+from unimm.cli.quickstart import best_scale, make_parser
+from unimm.data.toy.shapes import COLOURS, POSITIONS, SHAPES, all_combinations, render_shape
 
 
 def _main(argv):
@@ -34,7 +34,7 @@ def prepared(quickstart_eval, tmp_path_factory):
 
 def test_held_out_captions_are_in_no_training_file(prepared):
     held_out = json.loads((prepared / "data" / "held_out_prompts.json").read_text())
-    assert len(held_out) == 12
+    assert len(held_out) == 24
     records = [json.loads(line) for line in (prepared / "data" / "train" / "captions.jsonl").read_text().split("\n")
                if line]
     attributes = {c.caption: (c.colour, c.shape, c.position) for c in all_combinations()}
@@ -57,6 +57,39 @@ def test_held_out_captions_are_in_no_training_file(prepared):
     # --num_prompts 8: 4 held-out captions first, then 4 seen ones.
     prompts = [p for p in (prepared / "data" / "prompts.txt").read_text().split("\n") if p]
     assert len(prompts) == 8 and set(prompts[:4]) <= set(held_out) and not set(prompts[4:]) & set(held_out)
+
+
+def test_validation_captions_are_kept_out_of_training_and_apart_from_the_held_out_ones(quickstart_eval, tmp_path):
+    quickstart_eval.main(["prepare", "--out", str(tmp_path), "--train_samples", "200", "--test_samples", "1",
+                          "--validation_prompts", "6", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
+                          "--num_kv_heads", "1"])
+    data = tmp_path / "data"
+    held_out = set(json.loads((data / "held_out_prompts.json").read_text()))
+    validation = json.loads((data / "validation_prompts.json").read_text())
+    assert len(held_out) == 24 and len(validation) == 6 and not held_out & set(validation)
+    records = [json.loads(line) for line in (data / "train" / "captions.jsonl").read_text().split("\n") if line]
+    trained = {r["text"] for r in records}
+    assert len(trained) == 72 - 24 - 6 and not trained & (held_out | set(validation))
+    # Every colour, shape and position is still trained on, and each validation caption's pair lost one position
+    # only (the split spreads them over the pairs).
+    assert {r["colour"] for r in records} == set(COLOURS) and {r["shape"] for r in records} == set(SHAPES)
+    assert {r["position"] for r in records} == set(POSITIONS)
+    attributes = {c.caption: c for c in all_combinations()}
+    assert len({(attributes[c].colour, attributes[c].shape) for c in validation}) == 6
+    # Validation captions are prompts of the guidance choice only, not of the reported generation figures.
+    prompts = [p for p in (data / "prompts.txt").read_text().split("\n") if p]
+    assert not set(prompts) & set(validation) and held_out <= set(prompts)
+
+
+def test_the_guidance_scale_is_the_one_most_often_right_and_the_smallest_on_a_tie():
+    def rows(greedy, sampled):
+        return ([{"decoding": "greedy", "cfg_scale": s, "accuracy": a / 6, "num_images": 6} for s, a in greedy.items()]
+                + [{"decoding": "sampled", "cfg_scale": s, "accuracy": a / 24, "num_images": 24}
+                   for s, a in sampled.items()])
+
+    assert best_scale(rows({1.0: 4, 1.5: 5, 2.0: 6, 3.0: 6}, {1.0: 20, 1.5: 21, 2.0: 22, 3.0: 20})) == (2.0, 28)
+    assert best_scale(rows({1.0: 6, 1.5: 5, 2.0: 6, 3.0: 3}, {1.0: 20, 1.5: 21, 2.0: 20, 3.0: 20})) == (1.0, 26)
+    assert best_scale(rows({1.0: 2, 2.0: 3}, {})) == (2.0, 3)
 
 
 def test_generation_scores_seen_and_held_out_captions_apart(quickstart_eval, prepared, tmp_path, capsys):

@@ -29,12 +29,13 @@ from unimm.data.toy.quickstart import (
     caption_attributes,
     held_out_captions,
     text_corpus,
+    validation_captions,
     write_quickstart_data,
 )
 from unimm.data.toy.shapes import ShapesConfig, ShapesDataset
 from unimm.data.toy.shapes_eval import exact_match, reconstruction_scores, score_images
 
-__all__ = ["COMMANDS", "make_parser"]
+__all__ = ["COMMANDS", "best_scale", "make_parser"]
 
 
 def _data_config(args: argparse.Namespace) -> ShapesConfig:
@@ -67,7 +68,7 @@ def prepare(args: argparse.Namespace) -> None:
         out, _data_config(args), seed=args.seed, train_samples=args.train_samples, test_samples=args.test_samples,
         held_out_prompts=args.held_out_prompts, num_prompts=args.num_prompts, partial_captions=args.partial_captions,
         partial_caption_kinds=args.partial_caption_kinds.split(","), scenes=args.scenes,
-        caption_conversations=args.caption_conversations)
+        caption_conversations=args.caption_conversations, validation_prompts=args.validation_prompts)
     text_dir = out / "llm"
     build_qwen_style_tokenizer(text_dir / "text_tokenizer", text_corpus(), vocab_size=args.text_vocab_size)
     text_tokenizer = AutoTokenizer.from_pretrained(text_dir / "text_tokenizer")
@@ -80,7 +81,7 @@ def prepare(args: argparse.Namespace) -> None:
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     print(f"wrote {written.num_train} training and {written.num_test} held-out shapes images under {out / 'data'}, "
           f"{written.num_prompts} generation prompts ({written.num_held_out_prompts} of the {written.num_held_out} "
-          f"held-out captions), a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
+          f"held-out captions), {written.num_validation} validation captions, a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
 
 
 def tokenizer_fidelity(args: argparse.Namespace) -> float:
@@ -135,30 +136,25 @@ def generation(args: argparse.Namespace) -> float:
     return seen.accuracy if seen else 0.0
 
 
-def cfg_table(args: argparse.Namespace) -> list[dict]:
-    """Held-out generation accuracy at each guidance scale (1 = none), greedy and sampled (temperature 1, top-k;
-    `--samples` images per caption)."""
+def _accuracy_by_scale(args: argparse.Namespace, prompts: list[str], scales: list[float]) -> list[dict]:
+    """Checker accuracy of the images `args.model_path` draws for `prompts` at each guidance scale (1 = none),
+    greedy and sampled (temperature 1, `args.top_k`; `args.samples` images per prompt): one row per decoding and
+    scale."""
     import torch
 
     from unimm.inference.stack import load_for_inference
     from unimm.llm.generation import generate_images
     from unimm.tokenizer import load_visual_tokenizer
 
-    out = Path(args.out)
-    prompt_lines = [p for p in (out / "data" / "prompts.txt").read_text().split("\n") if p]
-    held_out = held_out_captions(out)
-    prompts = [p for p in prompt_lines if p in held_out]
-    if not prompts:
-        print("cfg: no held-out caption among the prompts; nothing to compare")
-        return []
     device = torch.device("cpu")
     model, text_tokenizer = load_for_inference(args.model_path, device, "float32")
     visual = load_visual_tokenizer(args.visual_tokenizer_path).to(device)
     expected_by_caption = caption_attributes()
-    scales = sorted(dict.fromkeys(args.scales), key=lambda s: (s != 1, s))  # no guidance first
     rows = []
     for mode in ("greedy", "sampled"):
         repeats = 1 if mode == "greedy" else args.samples
+        if not repeats:
+            continue
         batch = [p for p in prompts for _ in range(repeats)]
         for scale in scales:
             codes = generate_images(model, text_tokenizer, batch, num_positions=visual.num_positions,
@@ -170,15 +166,74 @@ def cfg_table(args: argparse.Namespace) -> list[dict]:
             scores = score_images(images, [expected_by_caption[p] for p in batch])
             rows.append({"decoding": mode if mode == "greedy" else f"sampled (temperature 1, top-k {args.top_k})",
                          "cfg_scale": scale, **scores.to_dict()})
-    _update_scores(out, "cfg_held_out", {"prompts": len(prompts), "samples_per_prompt": args.samples, "rows": rows})
-    print(f"held-out generation accuracy by guidance scale ({len(prompts)} held-out captions; sampled: "
-          f"{args.samples} images each)")
+    return rows
+
+
+def _print_scale_table(rows: list[dict], scales: list[float]) -> None:
     print("| decoding | " + " | ".join("cfg 1 (none)" if s == 1 else f"cfg {s:g}" for s in scales) + " |")
     print("| --- " * (len(scales) + 1) + "|")
     for mode in dict.fromkeys(r["decoding"] for r in rows):
-        cells = {r["cfg_scale"]: r["accuracy"] for r in rows if r["decoding"] == mode}
-        print(f"| {mode} | " + " | ".join(f"{cells[s]:.3f}" for s in scales) + " |")
+        cells = {r["cfg_scale"]: r for r in rows if r["decoding"] == mode}
+        print(f"| {mode} | " + " | ".join(f"{cells[s]['accuracy']:.3f} ({_count(cells[s])})" for s in scales) + " |")
+
+
+def _scales(args: argparse.Namespace) -> list[float]:
+    return sorted(dict.fromkeys(args.scales), key=lambda s: (s != 1, s))  # no guidance first
+
+
+def cfg_table(args: argparse.Namespace) -> list[dict]:
+    """Held-out generation accuracy at each guidance scale (1 = none), greedy and sampled (temperature 1, top-k;
+    `--samples` images per caption). A report only: the scale stage 6 decodes with is chosen on the validation
+    captions (`guidance`)."""
+    out = Path(args.out)
+    prompt_lines = [p for p in (out / "data" / "prompts.txt").read_text().split("\n") if p]
+    held_out = held_out_captions(out)
+    prompts = [p for p in prompt_lines if p in held_out]
+    if not prompts:
+        print("cfg: no held-out caption among the prompts; nothing to compare")
+        return []
+    scales = _scales(args)
+    rows = _accuracy_by_scale(args, prompts, scales)
+    _update_scores(out, "cfg_held_out", {"prompts": len(prompts), "samples_per_prompt": args.samples, "rows": rows})
+    print(f"held-out generation accuracy by guidance scale ({len(prompts)} held-out captions; sampled: "
+          f"{args.samples} images each)")
+    _print_scale_table(rows, scales)
     return rows
+
+
+def best_scale(rows: list[dict]) -> tuple[float, int]:
+    """(scale, images right) of the guidance scale whose images (every decoding pooled) are most often right, the
+    smallest such scale on a tie (the least guidance that does as well)."""
+    right: dict[float, int] = {}
+    for row in rows:
+        right[row["cfg_scale"]] = right.get(row["cfg_scale"], 0) + round(row["accuracy"] * row["num_images"])
+    chosen = min(right, key=lambda s: (-right[s], s))
+    return chosen, right[chosen]
+
+
+def choose_guidance(args: argparse.Namespace) -> float:
+    """Choose the guidance scale of stage 6 on the validation captions (kept out of training, disjoint from the
+    held-out ones): the scale whose greedy and sampled images together are most often right, the smallest such
+    scale on a tie. Writes it to `<out>/guidance_scale` and `scores.json` (`guidance`); without validation captions
+    the `--default` scale is kept."""
+    out = Path(args.out)
+    prompts = validation_captions(out)
+    scales = _scales(args)
+    if not prompts:
+        chosen, rows = args.default, []
+        print(f"guidance: no validation captions in {out / 'data'}; stage 6 keeps guidance scale {chosen:g}")
+    else:
+        rows = _accuracy_by_scale(args, prompts, scales)
+        chosen, right = best_scale(rows)
+        print(f"validation generation accuracy by guidance scale ({len(prompts)} validation captions, never trained "
+              f"on and not held out; sampled: {args.samples} images each)")
+        _print_scale_table(rows, scales)
+        print(f"guidance: scale {chosen:g} chosen on the validation captions ({right} of "
+              f"{sum(r['num_images'] for r in rows if r['cfg_scale'] == chosen)} images right)")
+    _update_scores(out, "guidance", {"chosen": chosen, "validation_prompts": len(prompts),
+                                     "samples_per_prompt": args.samples, "rows": rows})
+    (out / "guidance_scale").write_text(f"{chosen:g}\n")
+    return chosen
 
 
 def qa(args: argparse.Namespace) -> float:
@@ -212,8 +267,10 @@ COMMON_OPTIONS = (
 )
 PREPARE_OPTIONS = (
     ("--train_samples", int, 2048, "Training images."),
-    ("--held_out_prompts", int, 12, "Attribute combinations never shown in training (generation prompts test them "
+    ("--held_out_prompts", int, 24, "Attribute combinations never shown in training (generation prompts test them "
                                     "first); 0 = every caption is also a training caption."),
+    ("--validation_prompts", int, 0, "Further combinations kept out of training, apart from the held-out ones: "
+                                     "settings (the guidance scale) are chosen on them."),
     ("--num_prompts", int, 72, "Generation prompts written to prompts.txt."),
     ("--partial_captions", float, 0.0, "Fraction of training images that get a second caption record naming only "
                                        "their position or only their colour and shape (0 = none)."),
@@ -326,6 +383,18 @@ def make_parser() -> argparse.ArgumentParser:
     command.add_argument("--samples", type=int, default=4, help="Sampled images per held-out caption.")
     command.add_argument("--top_k", type=int, default=8, help="top-k of sampled decoding.")
     command.set_defaults(func=cfg_table)
+    command = sub.add_parser("guidance", parents=[common], help=choose_guidance.__doc__)
+    command.add_argument("--model_path", required=True, help="The trained UniMM model (finetune output).")
+    command.add_argument("--visual_tokenizer_path", *_ALIASES["--visual_tokenizer_path"], required=True,
+                         help="Its visual tokenizer.")
+    command.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
+                         help="Guidance scales to choose from (1 = none).")
+    command.add_argument("--samples", type=int, default=4, help="Sampled images per validation caption (0 = greedy "
+                                                                "only).")
+    command.add_argument("--top_k", type=int, default=8, help="top-k of sampled decoding.")
+    command.add_argument("--default", type=float, default=1.0, help="The scale kept when there are no validation "
+                                                                    "captions.")
+    command.set_defaults(func=choose_guidance)
     command = sub.add_parser("judge", parents=[common], help=judge.__doc__)
     command.add_argument("--tokenizer", choices=sorted(TARGETS), default="dualtoken", help="The run's visual tokenizer.")
     command.add_argument("--elapsed", type=float, default=None, help="Seconds the whole run took (judged too).")

@@ -3,7 +3,12 @@ held-out sets with the files every later step reads, the generation prompts with
 the readers the scoring steps use. The program around it (options, the tiny LLM, scoring) is `unimm.cli.quickstart`.
 
 Layout under `<out>/data`: `train/` (`llava.json`, `captions.jsonl`, images, optionally `captions_llava.json`),
-`test/` (`llava.json`, `qa.yaml` for chat, `qa_answers.json`), `prompts.txt`, `held_out_prompts.json`.
+`test/` (`llava.json`, `qa.yaml` for chat, `qa_answers.json`), `prompts.txt`, `held_out_prompts.json`,
+`validation_prompts.json`.
+
+The captions fall in three splits: training, held-out (the test: reported once) and validation (also kept out of
+every training file, disjoint from the held-out ones): settings such as the guidance scale are chosen on the
+validation captions, never on the held-out ones.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ __all__ = [
     "caption_attributes",
     "held_out_captions",
     "text_corpus",
+    "validation_captions",
     "write_quickstart_data",
 ]
 
@@ -79,16 +85,23 @@ class QuickstartData:
     num_prompts: int
     num_held_out_prompts: int
     num_held_out: int
+    num_validation: int = 0
 
 
 def write_quickstart_data(out: str | Path, config: ShapesConfig, seed: int = 0, train_samples: int = 2048,
                           test_samples: int = 72, held_out_prompts: int = 12, num_prompts: int = 72,
                           partial_captions: float = 0.0, partial_caption_kinds: Sequence[str] = ("position",),
-                          scenes: float = 0.0, caption_conversations: bool = False) -> QuickstartData:
+                          scenes: float = 0.0, caption_conversations: bool = False,
+                          validation_prompts: int = 0) -> QuickstartData:
     """Shapes data under `<out>/data` (train: LLaVA JSON + captions jsonl; test: LLaVA JSON, QA chat config and
-    answers; generation prompts). `held_out_prompts` attribute combinations never appear in a training file."""
+    answers; generation prompts). `held_out_prompts` attribute combinations never appear in a training file, nor
+    do `validation_prompts` others (split from the remaining ones the same way, so every colour, shape and position
+    is still trained on)."""
     out = Path(out)
     train_combos, held_out = split_combinations(held_out_prompts, seed=seed)
+    validation: list = []
+    if validation_prompts:
+        train_combos, validation = split_combinations(validation_prompts, seed=seed + 1, combinations=train_combos)
     train = ShapesDataset(train_samples, seed=seed, config=config, combinations=train_combos, id_prefix="train")
     write_llava_json(train, out / "data" / "train", "llava.json")
     captions = write_image_text_jsonl(train, out / "data" / "train", "captions.jsonl")
@@ -121,7 +134,8 @@ def write_quickstart_data(out: str | Path, config: ShapesConfig, seed: int = 0, 
     prompts = held + seen
     (out / "data" / "prompts.txt").write_text("\n".join(prompts) + "\n")
     (out / "data" / "held_out_prompts.json").write_text(json.dumps([c.caption for c in held_out]))
-    return QuickstartData(len(train), len(test), len(prompts), len(held), len(held_out))
+    (out / "data" / "validation_prompts.json").write_text(json.dumps([c.caption for c in validation]))
+    return QuickstartData(len(train), len(test), len(prompts), len(held), len(held_out), len(validation))
 
 
 def text_corpus() -> list[str]:
@@ -138,3 +152,10 @@ def caption_attributes() -> dict[str, tuple[str, str, str]]:
 def held_out_captions(out: str | Path) -> set[str]:
     """The captions `write_quickstart_data` kept out of every training file."""
     return set(json.loads((Path(out) / "data" / "held_out_prompts.json").read_text()))
+
+
+def validation_captions(out: str | Path) -> list[str]:
+    """The validation captions `write_quickstart_data` kept out of training (apart from the held-out ones), in their
+    written order; none for a run directory written before the split existed."""
+    path = Path(out) / "data" / "validation_prompts.json"
+    return json.loads(path.read_text()) if path.is_file() else []
