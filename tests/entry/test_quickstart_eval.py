@@ -5,12 +5,18 @@ ground-truth images)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from unimm.cli.quickstart import best_scale, make_parser
 from unimm.data.toy.shapes import COLOURS, POSITIONS, SHAPES, all_combinations, render_shape
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _main(argv):
@@ -125,8 +131,6 @@ def test_prepare_writes_the_tiny_llm_with_the_attention_dropout_asked_for(quicks
 
 def test_judge_prints_each_figure_with_its_count_target_and_verdict_and_exits_0(tmp_path):
     """The quickstart's last command: a missed target is a FAIL row, not a failing program."""
-    import subprocess
-    import sys
 
     from tests.entry.conftest import REPO
 
@@ -150,3 +154,37 @@ def test_judge_prints_each_figure_with_its_count_target_and_verdict_and_exits_0(
                             "--tokenizer", "vqrae"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert vqrae.returncode == 0 and "| generation, held-out captions | 0.750 (18/24) | reported | - |" in vqrae.stdout
     assert "2 of 2 targets met" in vqrae.stdout
+
+
+def _fake_run(quickstart_eval, folder, seen, held, qa, guidance, elapsed, image_colour):
+    """A run directory as `scripts/quickstart.sh` leaves it, as far as `benchmarks/quickstart_seeds.py` reads it."""
+    folder.mkdir()
+    (folder / "scores.json").write_text(json.dumps({
+        "generation": {"accuracy": seen / 42, "num_images": 42},
+        "generation_held_out": {"accuracy": held / 24, "num_images": 24},
+        "qa": {"accuracy": qa / 216, "num_questions": 216}, "guidance": {"chosen": guidance}}))
+    quickstart_eval.main(["judge", "--out", str(folder), "--elapsed", str(elapsed)])
+    (folder / "generated").mkdir()
+    Image.new("RGB", (8, 8), image_colour).save(folder / "generated" / "0000_a.png")
+
+
+def test_seeds_table_gives_each_run_with_counts_then_mean_and_min_and_compares_two_runs(quickstart_eval, tmp_path,
+                                                                                       capsys):
+    _fake_run(quickstart_eval, tmp_path / "s0", 42, 22, 210, 2.0, 600, (255, 0, 0))
+    _fake_run(quickstart_eval, tmp_path / "s1", 40, 18, 200, 1.5, 650, (255, 0, 0))
+    _fake_run(quickstart_eval, tmp_path / "s0_again", 42, 22, 210, 2.0, 610, (255, 0, 0))
+    _fake_run(quickstart_eval, tmp_path / "s0_other", 42, 22, 210, 2.0, 610, (0, 0, 255))
+    capsys.readouterr()
+    script = [sys.executable, "benchmarks/quickstart_seeds.py"]
+    table = subprocess.run(script + [str(tmp_path / "s0"), str(tmp_path / "s1")], capture_output=True, text=True,
+                           check=True, cwd=REPO).stdout
+    assert "| s0 | 1.000 (42/42) | 0.917 (22/24) | 0.972 (210/216) | 2 | 600 s | 4 of 4 |" in table
+    assert "| s1 | 0.952 (40/42) | 0.750 (18/24) | 0.926 (200/216) | 1.5 | 650 s | 3 of 4 |" in table
+    assert "| **mean** | 0.976 | 0.833 | 0.949 | | 625 s | |" in table
+    assert "| **min** | 0.952 | 0.750 | 0.926 | | 650 s (max) | |" in table
+    agree = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_again")],
+                           capture_output=True, text=True, cwd=REPO)
+    assert agree.returncode == 0 and "generated images: 1 vs 1, 0 differ" in agree.stdout
+    differ = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_other")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert differ.returncode == 1 and "1 differ" in differ.stdout
