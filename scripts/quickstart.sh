@@ -5,16 +5,16 @@
 #   3. code caches (scripts/pretokenize.py)
 #   4. joint text-to-image + caption pretraining, `deepspeed --num_gpus 2` (two gloo ranks on CPU)
 #   5. LoRA instruction tuning on shape questions (also `deepspeed --num_gpus 2`)
-#   6. the guidance scale, chosen on the validation captions (never trained on, not held out); images for the
-#      prompts at that scale (scripts/generate_t2i.py), answers to held-out questions (scripts/chat.py)
+#   6. the guidance scale, chosen on a validation split of the seen captions (never on the held-out ones); images
+#      for the prompts at that scale (scripts/generate_t2i.py), answers to held-out questions (scripts/chat.py)
 #   7. generation accuracy (the pixel checker confirms colour, shape and position) on the captions seen in training
 #      and, apart, on the held-out captions that were never trained on; QA accuracy (exact match); the held-out
 #      accuracy at guidance scales 1 (none), 1.25, 1.5, 2 and 3, greedy and sampled (a report, not a choice); a
 #      table of each figure against its target
 #
-#   bash scripts/quickstart.sh                 # full run: of the 72 captions 24 held out and 6 for validation
-#                                              # (targets: held-out generation >= 0.8, seen >= 0.9, QA >= 0.9,
-#                                              # <= 15 min on 2 cores)
+#   bash scripts/quickstart.sh                 # full run: 24 of the 72 captions held out, 6 of the seen ones
+#                                              # the validation split (targets: held-out generation >= 0.8,
+#                                              # seen >= 0.9, QA >= 0.9, <= 15 min on 2 cores)
 #   bash scripts/quickstart.sh --seed 1        # another seed: data, held-out captions, every training stage
 #   bash scripts/quickstart.sh --fast          # a few steps of everything (CI); accuracies are not meaningful
 #   bash scripts/quickstart.sh --tokenizer vqrae --out runs/qs_vqrae

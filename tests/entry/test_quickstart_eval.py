@@ -65,7 +65,7 @@ def test_held_out_captions_are_in_no_training_file(prepared):
     assert len(prompts) == 8 and set(prompts[:4]) <= set(held_out) and not set(prompts[4:]) & set(held_out)
 
 
-def test_validation_captions_are_kept_out_of_training_and_apart_from_the_held_out_ones(quickstart_eval, tmp_path):
+def test_validation_captions_are_a_split_of_the_seen_ones_apart_from_the_held_out_ones(quickstart_eval, tmp_path):
     quickstart_eval.main(["prepare", "--out", str(tmp_path), "--train_samples", "200", "--test_samples", "1",
                           "--validation_prompts", "6", "--hidden_size", "32", "--num_layers", "1", "--num_heads", "2",
                           "--num_kv_heads", "1"])
@@ -75,16 +75,15 @@ def test_validation_captions_are_kept_out_of_training_and_apart_from_the_held_ou
     assert len(held_out) == 24 and len(validation) == 6 and not held_out & set(validation)
     records = [json.loads(line) for line in (data / "train" / "captions.jsonl").read_text().split("\n") if line]
     trained = {r["text"] for r in records}
-    assert len(trained) == 72 - 24 - 6 and not trained & (held_out | set(validation))
-    # Every colour, shape and position is still trained on, and each validation caption's pair lost one position
-    # only (the split spreads them over the pairs).
+    assert len(trained) == 72 - 24 and set(validation) <= trained and not trained & held_out
+    # Every colour, shape and position is still trained on; the validation captions are spread over the pairs.
     assert {r["colour"] for r in records} == set(COLOURS) and {r["shape"] for r in records} == set(SHAPES)
     assert {r["position"] for r in records} == set(POSITIONS)
     attributes = {c.caption: c for c in all_combinations()}
     assert len({(attributes[c].colour, attributes[c].shape) for c in validation}) == 6
     # Validation captions are prompts of the guidance choice only, not of the reported generation figures.
     prompts = [p for p in (data / "prompts.txt").read_text().split("\n") if p]
-    assert not set(prompts) & set(validation) and held_out <= set(prompts)
+    assert not set(prompts) & set(validation) and held_out <= set(prompts) and len(prompts) == 24 + 42
 
 
 def test_the_guidance_scale_is_the_one_most_often_right_and_the_smallest_on_a_tie():

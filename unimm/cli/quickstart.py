@@ -212,9 +212,9 @@ def best_scale(rows: list[dict]) -> tuple[float, int]:
 
 
 def choose_guidance(args: argparse.Namespace) -> float:
-    """Choose the guidance scale of stage 6 on the validation captions (kept out of training, disjoint from the
-    held-out ones): the scale whose greedy and sampled images together are most often right, the smallest such
-    scale on a tie. Writes it to `<out>/guidance_scale` and `scores.json` (`guidance`); without validation captions
+    """Choose the guidance scale of stage 6 on the validation split of the seen captions (never on the held-out
+    ones): the scale whose greedy and sampled images together are most often right, the smallest such scale on a
+    tie. Writes it to `<out>/guidance_scale` and `scores.json` (`guidance`); without validation captions
     the `--default` scale is kept."""
     out = Path(args.out)
     prompts = validation_captions(out)
@@ -225,8 +225,8 @@ def choose_guidance(args: argparse.Namespace) -> float:
     else:
         rows = _accuracy_by_scale(args, prompts, scales)
         chosen, right = best_scale(rows)
-        print(f"validation generation accuracy by guidance scale ({len(prompts)} validation captions, never trained "
-              f"on and not held out; sampled: {args.samples} images each)")
+        print(f"validation generation accuracy by guidance scale ({len(prompts)} validation captions, a split of the "
+              f"seen ones; sampled: {args.samples} images each)")
         _print_scale_table(rows, scales)
         print(f"guidance: scale {chosen:g} chosen on the validation captions ({right} of "
               f"{sum(r['num_images'] for r in rows if r['cfg_scale'] == chosen)} images right)")
@@ -269,8 +269,9 @@ PREPARE_OPTIONS = (
     ("--train_samples", int, 2048, "Training images."),
     ("--held_out_prompts", int, 24, "Attribute combinations never shown in training (generation prompts test them "
                                     "first); 0 = every caption is also a training caption."),
-    ("--validation_prompts", int, 0, "Further combinations kept out of training, apart from the held-out ones: "
-                                     "settings (the guidance scale) are chosen on them."),
+    ("--validation_prompts", int, 0, "Seen (trained) combinations set apart as the validation split: settings (the "
+                                     "guidance scale) are chosen on them, and the seen-caption figure is reported on "
+                                     "the others."),
     ("--num_prompts", int, 72, "Generation prompts written to prompts.txt."),
     ("--partial_captions", float, 0.0, "Fraction of training images that get a second caption record naming only "
                                        "their position or only their colour and shape (0 = none)."),
