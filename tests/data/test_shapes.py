@@ -105,7 +105,13 @@ def test_split_combinations_spreads_the_held_out_captions(seed):
     _, held_out = split_combinations(12, seed=seed)
     assert len({(c.colour, c.shape) for c in held_out}) == 12
     assert sorted(Counter(c.position for c in held_out).values()) == [3, 3, 3, 3]
-    # Beyond one per pair the rest are taken where coverage allows.
+    # The quickstart's 24: every pair loses one position, 6 a second (none a third), each position held out 6 times,
+    # and the first 12 are the 12-caption split's (recorded figures keep their held-out sets).
+    twelve = set(held_out)
+    _, held_out = split_combinations(24, seed=seed)
+    assert sorted(Counter((c.colour, c.shape) for c in held_out).values()) == [1] * 12 + [2] * 6
+    assert sorted(Counter(c.position for c in held_out).values()) == [6, 6, 6, 6] and twelve <= set(held_out)
+    # Beyond that, the rest are taken where coverage allows.
     train, held_out = split_combinations(40, seed=seed)
     assert len(held_out) == 40
     for attribute, values in (("colour", COLOURS), ("shape", SHAPES), ("position", POSITIONS)):

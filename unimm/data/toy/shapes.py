@@ -86,7 +86,9 @@ def split_combinations(
     Held-out combinations are spread out: while there are enough colour+shape pairs, each pair loses at most one
     position, and the positions are held out equally often (12 of the 72 default combinations: 12 of the 18 pairs
     lose one position each, every position is held out 3 times and still seen with 15 pairs). Beyond one per
-    pair, further combinations are taken at random where the coverage allows."""
+    pair, the pairs lose a second position in the same way, then a third (the quickstart's 24: every pair loses
+    one position, 6 pairs a second, each position held out 6 times); combinations are skipped where the training
+    combinations would lose a colour, shape or position."""
     combinations = list(combinations if combinations is not None else all_combinations())
     if not 0 <= num_held_out < len(combinations):
         raise ValueError(f"num_held_out must be in [0, {len(combinations)}), got {num_held_out}")
@@ -96,18 +98,25 @@ def split_combinations(
     pair_order = [pairs[i] for i in rng.permutation(len(pairs))]
     position_order = [positions[i] for i in rng.permutation(len(positions))]
     available = set(combinations)
-    # Preferred candidates first (one per pair, positions in turn), then every other combination in seeded order.
-    preferred = []
-    for k, (colour, shape) in enumerate(pair_order):
-        for j in range(len(position_order)):
-            combo = Combination(colour, shape, position_order[(k + j) % len(position_order)])
-            if combo in available:
-                preferred.append(combo)
-                break
+    # Preferred candidates first, in rounds: one position per pair in each round (positions in turn, a round
+    # starting half-way round the positions from the last, so they stay held out equally often), every pair losing
+    # r positions before any loses r + 1; then every other combination in seeded order.
+    preferred: list[Combination] = []
+    chosen = set()
+    num_positions = len(position_order)
+    for round_ in range(num_positions):
+        for k, (colour, shape) in enumerate(pair_order):
+            for j in range(num_positions):
+                position = position_order[(k + round_ * (num_positions // 2) + j) % num_positions]
+                combo = Combination(colour, shape, position)
+                if combo in available and combo not in chosen:
+                    preferred.append(combo)
+                    chosen.add(combo)
+                    break
     rest = [combinations[i] for i in rng.permutation(len(combinations))]
     held_out: list[Combination] = []
     train = list(combinations)
-    for combo in preferred + [c for c in rest if c not in preferred]:
+    for combo in preferred + [c for c in rest if c not in chosen]:
         if len(held_out) == num_held_out:
             break
         remaining = [c for c in train if c != combo]
