@@ -81,7 +81,8 @@ def prepare(args: argparse.Namespace) -> None:
                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     print(f"wrote {written.num_train} training and {written.num_test} held-out shapes images under {out / 'data'}, "
           f"{written.num_prompts} generation prompts ({written.num_held_out_prompts} of the {written.num_held_out} "
-          f"held-out captions), {written.num_validation} validation captions, a tiny Qwen2 (hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
+          f"held-out captions), {written.num_validation} seen captions for validation, a tiny Qwen2 "
+          f"(hidden {args.hidden_size}, {args.num_layers} layers) in {text_dir}")
 
 
 def tokenizer_fidelity(args: argparse.Namespace) -> float:
