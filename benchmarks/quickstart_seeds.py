@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from unimm.cli.quickstart import count_text
+
 # (scores.json key, column)
 FIGURES = (("generation", "seen"), ("generation_held_out", "held-out"), ("qa", "QA"))
 
@@ -26,11 +28,6 @@ def _load(run: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"{path}: no scores.json (is {run} a finished quickstart run directory?)")
     return json.loads(path.read_text())
-
-
-def _count(entry: dict) -> str:
-    total = entry.get("num_images", entry.get("num_questions"))
-    return f"{round(entry['accuracy'] * total)}/{total}"
 
 
 def _elapsed(scores: dict) -> float | None:
@@ -49,7 +46,7 @@ def table(runs: list[Path]) -> str:
         for key, column in FIGURES:
             entry = scores[key]
             values[column].append(entry["accuracy"])
-            cells.append(f"{entry['accuracy']:.3f} ({_count(entry)})")
+            cells.append(f"{entry['accuracy']:.3f} ({count_text(entry)})")
         judged = [r for r in scores.get("judged", {}).get("rows", []) if r["verdict"] != "-"]
         met = f"{sum(r['verdict'] == 'pass' for r in judged)} of {len(judged)}" if judged else "-"
         elapsed = _elapsed(scores)

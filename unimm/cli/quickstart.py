@@ -35,7 +35,7 @@ from unimm.data.toy.quickstart import (
 from unimm.data.toy.shapes import ShapesConfig, ShapesDataset
 from unimm.data.toy.shapes_eval import exact_match, reconstruction_scores, score_images
 
-__all__ = ["COMMANDS", "best_scale", "make_parser"]
+__all__ = ["COMMANDS", "best_scale", "count_text", "make_parser"]
 
 
 def _data_config(args: argparse.Namespace) -> ShapesConfig:
@@ -175,7 +175,7 @@ def _print_scale_table(rows: list[dict], scales: list[float]) -> None:
     print("| --- " * (len(scales) + 1) + "|")
     for mode in dict.fromkeys(r["decoding"] for r in rows):
         cells = {r["cfg_scale"]: r for r in rows if r["decoding"] == mode}
-        print(f"| {mode} | " + " | ".join(f"{cells[s]['accuracy']:.3f} ({_count(cells[s])})" for s in scales) + " |")
+        print(f"| {mode} | " + " | ".join(f"{cells[s]['accuracy']:.3f} ({count_text(cells[s])})" for s in scales) + " |")
 
 
 def _scales(args: argparse.Namespace) -> list[float]:
@@ -324,7 +324,7 @@ TARGETS = {
 TIME_TARGET_S = 900
 
 
-def _count(entry: dict) -> str:
+def count_text(entry: dict) -> str:
     """`hits/total` of a score entry (its accuracy times its image or question count)."""
     total = entry.get("num_images", entry.get("num_questions"))
     if entry.get("accuracy") is None or not total:
@@ -343,7 +343,7 @@ def judge(args: argparse.Namespace) -> list[dict]:
         entry = scores.get(key) or {}
         value = entry.get("accuracy")
         verdict = "-" if target is None else ("pass" if value is not None and value >= target else "FAIL")
-        rows.append({"figure": label, "value": value, "count": _count(entry), "target": target, "verdict": verdict})
+        rows.append({"figure": label, "value": value, "count": count_text(entry), "target": target, "verdict": verdict})
     if args.elapsed is not None:
         rows.append({"figure": "time end to end", "value": args.elapsed, "count": f"{args.elapsed:.0f} s",
                      "target": TIME_TARGET_S, "verdict": "pass" if args.elapsed <= TIME_TARGET_S else "FAIL"})
