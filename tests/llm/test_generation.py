@@ -7,7 +7,7 @@ import torch
 
 from tests.llm.conftest import DUAL_SPEC, VQRAE_SPEC, image_batch, make_unimm
 from unimm.llm import UniMMForCausalLM
-from unimm.llm.embedding import image_position_index
+from unimm.llm.embedding import SinCosImagePositionEmbedding, image_position_index, sincos_2d_table
 from unimm.llm.generation import filter_logits, generate_images, generate_text, guide
 
 PROMPTS = ["a red circle", "a blue square at the top right", "a green triangle"]
@@ -120,20 +120,29 @@ def test_image_position_index_restarts_at_every_image_run():
     assert image_position_index(is_image).tolist() == [[0, 0, 1, 2, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 1]]
 
 
+def _position_parameter(model) -> torch.Tensor:
+    """The trained tensor of the model's image position embedding (the table, or the sin-cos gain)."""
+    table = model.image_position_embedding
+    return table.gain if isinstance(table, SinCosImagePositionEmbedding) else table.weight
+
+
+@pytest.mark.parametrize("kind, positions", [("learned", 5), ("sincos_2d", 9)])
 @pytest.mark.parametrize("spec, flat", [(DUAL_SPEC, False), (VQRAE_SPEC, True)], ids=["dual", "flat"])
-def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qwen2_path, tmp_path, spec, flat):
+def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qwen2_path, tmp_path, spec, flat,
+                                                                         kind, positions):
     """Greedy codes from generate_images must be the argmax of the teacher-forced forward over those same codes:
     the position embedding is added identically on both paths (and survives save/load)."""
-    model, tokenizer, layout = make_unimm(tiny_qwen2_path, spec, flat_codes=flat, num_image_positions=5,
-                                          image_position_embedding=True)
+    model, tokenizer, layout = make_unimm(tiny_qwen2_path, spec, flat_codes=flat, num_image_positions=positions,
+                                          image_position_embedding=True, image_position_embedding_type=kind)
     with torch.no_grad():  # a clearly non-zero embedding, so a path that forgot it would disagree
-        model.image_position_embedding.weight.normal_(std=1.0)
+        _position_parameter(model).normal_(std=1.0)
     model.save_pretrained(tmp_path / "m")
     loaded = UniMMForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded.image_position_embedding) is type(model.image_position_embedding)
     assert torch.equal(loaded.image_position_embedding.weight, model.image_position_embedding.weight)
     codes = generate_images(loaded, tokenizer, PROMPTS[:2], cfg_scale=None, temperature=0.0)
-    assert all(codes[n].shape[1] == 5 for n in spec)
-    batch = image_batch(tokenizer, layout, spec, PROMPTS[:2], 5)
+    assert all(codes[n].shape[1] == positions for n in spec)
+    batch = image_batch(tokenizer, layout, spec, PROMPTS[:2], positions)
     for name in spec:
         image = batch["input_ids"] == layout.image_token_id
         batch["visual_codes"][name][image] = codes[name].reshape(-1, codes[name].shape[-1])
@@ -142,12 +151,12 @@ def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qw
                      visual_codes=batch["visual_codes"], return_logits=True)
     for row in range(2):
         first = int((batch["input_ids"][row] == layout.image_token_id).nonzero()[0])
-        hidden = out.last_hidden_state[row, first - 1: first + 4]  # the states that predict positions 0..4
+        hidden = out.last_hidden_state[row, first - 1: first + positions - 1]  # they predict positions 0..N-1
         for name, (num_codes, depth) in spec.items():
-            target = codes[name][row]  # [5, D]
+            target = codes[name][row]  # [N, D]
             if flat:
                 start = layout.code_token_offset
-                predicted = out.logits[row, first - 1: first + 4, start: start + num_codes].argmax(-1)
+                predicted = out.logits[row, first - 1: first + positions - 1, start: start + num_codes].argmax(-1)
                 assert torch.equal(predicted, target[:, 0])
                 continue
             head = loaded.depth_heads[name]
@@ -155,7 +164,7 @@ def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qw
                 predicted = head.next_logits(hidden, target[:, :d]).argmax(-1)
                 assert torch.equal(predicted, target[:, d]), (name, d)
     # the embedding does reach the LLM: without it, the image positions' states change (the text prefix's do not)
-    loaded.image_position_embedding.weight.data.zero_()
+    _position_parameter(loaded).data.zero_()
     with torch.no_grad():
         plain = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        visual_codes=batch["visual_codes"], return_logits=True).last_hidden_state
@@ -163,6 +172,34 @@ def test_image_position_embedding_is_the_same_in_training_and_generation(tiny_qw
     prefix = image.cumsum(-1) == 0
     assert torch.allclose(plain[prefix], out.last_hidden_state[prefix], atol=1e-5)
     assert not torch.allclose(plain[image], out.last_hidden_state[image], atol=1e-3)
+
+
+def test_sincos_2d_table_encodes_row_and_column_apart():
+    table = sincos_2d_table(4, 16)  # cells in raster order; first half: the row, second half: the column
+    cells = table.reshape(4, 4, 16)
+    assert torch.equal(cells[0, 0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4))
+    assert all(torch.equal(cells[r, 0, :8], cells[r, c, :8]) for r in range(4) for c in range(4))
+    assert all(torch.equal(cells[0, c, 8:], cells[r, c, 8:]) for r in range(4) for c in range(4))
+    # one step along a row is the same rotation of each (sin, cos) pair wherever it starts
+    step = [cells[0, c + 1, 8:] @ cells[0, c, 8:] for c in range(3)]
+    assert torch.allclose(torch.stack(step), step[0].expand(3), atol=1e-6)
+    assert len({tuple(row.tolist()) for row in table}) == 16
+
+
+def test_sincos_2d_image_position_embedding_checks_its_grid_and_kind(tiny_qwen2_path):
+    with pytest.raises(ValueError, match="square grid, got 5 positions"):
+        make_unimm(tiny_qwen2_path, VQRAE_SPEC, num_image_positions=5, image_position_embedding=True,
+                   image_position_embedding_type="sincos_2d")
+    with pytest.raises(ValueError, match="image_position_embedding_type must be"):
+        make_unimm(tiny_qwen2_path, VQRAE_SPEC, num_image_positions=4, image_position_embedding=True,
+                   image_position_embedding_type="rope")
+    model, _, _ = make_unimm(tiny_qwen2_path, VQRAE_SPEC, num_image_positions=4, image_position_embedding=True,
+                             image_position_embedding_type="sincos_2d")
+    table = model.image_position_embedding
+    # only the gain trains (it starts at the learned tables' scale); the sin-cos table is rebuilt, never saved
+    assert [name for name, _ in table.named_parameters()] == ["gain"]
+    assert torch.allclose(table.gain, torch.full_like(table.gain, 0.02))
+    assert not any("image_position_embedding" in key for key in model.state_dict() if key.endswith("table"))
 
 
 def test_image_position_embedding_needs_num_image_positions(tiny_qwen2_path):

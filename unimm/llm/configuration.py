@@ -40,6 +40,10 @@ class UniMMConfig(PretrainedConfig):
                                  to every visual input (codes, features or flat code tokens). The LLM then knows
                                  where in the image it is without counting from `<|boi|>` through RoPE, which
                                  small models learn slowly. Needs `num_image_positions`.
+    image_position_embedding_type: "learned" (a trained row per position, the default) or "sincos_2d" (the fixed
+                                 2D sine-cosine embedding of the position's row and column on the square grid,
+                                 times a learned per-channel gain: a shape learnt at one place is drawn more
+                                 readily at another).
     llm_attn_implementation:     "auto" (see `unimm.utils.attention.select_attn_implementation`), "sdpa",
                                  "eager" or "flash_attention_2".
     visual_tokenizer_identity:   the visual tokenizer the model is trained with (`unimm.llm.identity`: its config
@@ -69,6 +73,7 @@ class UniMMConfig(PretrainedConfig):
     visual_loss_weight: float = 1.0
     num_image_positions: int | None = None
     image_position_embedding: bool = False
+    image_position_embedding_type: str = "learned"
     llm_attn_implementation: str = "auto"
     visual_tokenizer_identity: dict | None = None
     tie_word_embeddings: bool = False
@@ -93,6 +98,9 @@ class UniMMConfig(PretrainedConfig):
                              f"got codebook_spec={self.codebook_spec}")
         if self.image_position_embedding and not self.num_image_positions:
             raise ValueError("UniMMConfig.image_position_embedding needs num_image_positions (the tokenizer's N)")
+        if self.image_position_embedding_type not in ("learned", "sincos_2d"):
+            raise ValueError("UniMMConfig.image_position_embedding_type must be 'learned' or 'sincos_2d', got "
+                             f"{self.image_position_embedding_type!r}")
         if self.visual_tokenizer_identity is not None and not {"config_hash", "weights_hash"} <= set(
                 self.visual_tokenizer_identity):
             raise ValueError("UniMMConfig.visual_tokenizer_identity needs config_hash and weights_hash, got "

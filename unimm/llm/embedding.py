@@ -3,6 +3,8 @@ vectors (the LLaVA `mlp2x_gelu` projector, used for VQRAE understanding)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -84,6 +86,66 @@ class FeatureProjector(nn.Module):
         if self.projector_type == "linear":
             return hidden
         return self.linear_2(self.act(hidden))
+
+
+IMAGE_POSITION_TYPES = ("learned", "sincos_2d")
+
+
+def sincos_2d_table(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """`[side * side, dim]`: the fixed 2D sine-cosine embedding of each cell of a `side x side` grid in raster
+    order (MAE's 2D sin-cos): the first half of the channels encodes the row, the second the column, each as sines
+    then cosines of the coordinate at `dim / 4` frequencies from 1 down to 1/temperature."""
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = temperature ** -(torch.arange(quarter, dtype=torch.float64, device="cpu") / quarter)
+    coords = torch.arange(side, dtype=torch.float64, device="cpu")
+    angles = coords[:, None] * omega[None]                                     # [side, dim/4]
+    axis = torch.cat([angles.sin(), angles.cos()], dim=-1)                     # [side, dim/2]
+    rows = axis[:, None, :].expand(side, side, dim // 2)
+    cols = axis[None, :, :].expand(side, side, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(side * side, dim).float()
+
+
+class SinCosImagePositionEmbedding(nn.Module):
+    """The position inside a square image as a fixed 2D sine-cosine embedding of its (row, column), times a learned
+    per-channel gain (initialised small, like the learned tables beside it). Unlike a learned row per position,
+    the same offset between two cells is the same rotation of their features wherever they lie, so what the LLM
+    learns of a shape's layout at one place in the image carries over to another.
+
+    Drop-in for the learned `nn.Embedding(N, hidden)`: `num_embeddings`, `weight` (the `[N, hidden]` table) and
+    `forward(index)`."""
+
+    def __init__(self, num_positions: int, dim: int, init_gain: float = 0.02):
+        super().__init__()
+        side = math.isqrt(num_positions)
+        if side * side != num_positions:
+            raise ValueError(f"a 2D sin-cos image position embedding needs a square grid, got {num_positions} "
+                             "positions (num_image_positions); use image_position_embedding_type='learned'")
+        self.num_embeddings = num_positions
+        self.side, self.dim, self.init_gain = side, dim, init_gain
+        self.gain = nn.Parameter(torch.full((dim,), init_gain))
+        # Rebuilt on first use rather than kept as a buffer: a model built on the meta device (from_pretrained)
+        # would otherwise hold an uninitialised table.
+        self._table: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if self._table is None or self._table.device != self.gain.device:
+            self._table = sincos_2d_table(self.side, self.dim).to(self.gain.device)
+        return self._table.to(self.gain.dtype) * self.gain
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.weight[index]
+
+
+def build_image_position_embedding(kind: str, num_positions: int, dim: int) -> nn.Module:
+    """The image position embedding of `UniMMConfig.image_position_embedding_type`."""
+    if kind == "learned":
+        return nn.Embedding(num_positions, dim)
+    if kind == "sincos_2d":
+        return SinCosImagePositionEmbedding(num_positions, dim)
+    raise ValueError(f"image_position_embedding_type must be one of {IMAGE_POSITION_TYPES}, got {kind!r}")
 
 
 def image_position_index(is_image: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ from unimm.llm.depth_head import DepthTransformerHead
 from unimm.llm.embedding import (
     CodeEmbedding,
     FeatureProjector,
+    SinCosImagePositionEmbedding,
     VisualCodeEmbedding,
+    build_image_position_embedding,
     image_position_index,
     scatter_visual_embeddings,
 )
@@ -86,7 +88,9 @@ class UniMMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, CodeEmbedding) or module is getattr(self, "image_position_embedding", None):
+        if isinstance(module, SinCosImagePositionEmbedding):
+            module.gain.fill_(module.init_gain)
+        elif isinstance(module, CodeEmbedding) or module is getattr(self, "image_position_embedding", None):
             nn.init.normal_(module.weight, std=0.02)
         elif isinstance(module, DepthTransformerHead):
             nn.init.normal_(module.depth_embedding, std=0.02)
@@ -137,8 +141,9 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
             })
         self.feature_projector = (FeatureProjector(config.feature_dim, hidden, config.feature_projector_type)
                                   if config.feature_dim else None)
-        self.image_position_embedding = (nn.Embedding(config.num_image_positions, hidden)
-                                         if config.image_position_embedding else None)
+        self.image_position_embedding = (
+            build_image_position_embedding(config.image_position_embedding_type, config.num_image_positions, hidden)
+            if config.image_position_embedding else None)
         self.post_init()
 
     # -- construction -----------------------------------------------------------------------------------------

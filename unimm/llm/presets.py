@@ -70,6 +70,9 @@ class VisualModulesConfig:
         None, "Weight of a visual position's loss relative to a text token's.")
     image_position_embedding: bool | None = config_field(
         None, "Add a learned embedding of the position inside the image to every visual input.")
+    image_position_embedding_type: str | None = config_field(
+        None, "'learned' (a trained row per position) or 'sincos_2d' (fixed 2D sine-cosine of the row and column, "
+              "times a learned gain).")
     num_image_positions: int | None = config_field(
         None, "Visual positions per image (default: the visual tokenizer's num_positions).")
 
