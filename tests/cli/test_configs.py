@@ -145,16 +145,22 @@ def test_unknown_yaml_key_is_named(tmp_path):
         pretrain.parse_args([str(bad), *CPU])
 
 
-def test_quickstart_recipe_builds_the_visual_modules_it_built_before():
-    """The quickstart recipe names `model_preset: tiny`; that preset is exactly the JSON overrides the recipe
-    held before (so the quickstart's model is unchanged)."""
+def test_quickstart_recipes_build_the_visual_modules_they_name():
+    """The quickstart recipes name `model_preset: tiny`, which is exactly the JSON overrides they held before; the
+    DualToken recipe then swaps the learned image-position table for the 2D sin-cos one (the VQRAE recipe keeps
+    the preset's)."""
     from unimm.llm.presets import MODEL_PRESETS
 
-    program, extra = _program_of(REPO / "configs" / "quickstart" / "pretrain.yaml")
-    (_, modules, *_) = program.parse_args([str(REPO / "configs" / "quickstart" / "pretrain.yaml"), *extra])
     before = {"depth_head_layers": 1, "depth_head_hidden_size": 128, "depth_head_intermediate_size": 512,
               "image_position_embedding": True}
-    assert modules.overrides() == MODEL_PRESETS["tiny"] == before
+    assert MODEL_PRESETS["tiny"] == before
+    overrides = {}
+    for name in ("pretrain.yaml", "pretrain_vqrae.yaml"):
+        program, extra = _program_of(REPO / "configs" / "quickstart" / name)
+        (_, modules, *_) = program.parse_args([str(REPO / "configs" / "quickstart" / name), *extra])
+        overrides[name] = modules.overrides()
+    assert overrides["pretrain.yaml"] == {**before, "image_position_embedding_type": "sincos_2d"}
+    assert overrides["pretrain_vqrae.yaml"] == before
 
 
 def test_pretokenize_refuses_an_unknown_dtype():
