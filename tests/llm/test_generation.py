@@ -202,6 +202,29 @@ def test_sincos_2d_image_position_embedding_checks_its_grid_and_kind(tiny_qwen2_
     assert not any("image_position_embedding" in key for key in model.state_dict() if key.endswith("table"))
 
 
+def test_sincos_2d_image_positions_train_under_lora_beside_the_visual_heads(tiny_qwen2_path):
+    """LoRA with `train_visual_heads`: peft wraps the sin-cos embedding in a trainable copy of its gain, and the
+    model (training and generation alike) reads the copy."""
+    from unimm.train.args import LoraArguments, ModelArguments
+    from unimm.train.llm.lora import wrap_lora
+
+    model, tokenizer, layout = make_unimm(tiny_qwen2_path, DUAL_SPEC, num_image_positions=4,
+                                          image_position_embedding=True, image_position_embedding_type="sincos_2d")
+    peft_model = wrap_lora(model, LoraArguments(use_lora=True), ModelArguments(model_path="unused", train_visual_heads=True),
+                           engine="ddp")
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad and "image_position" in n]
+    assert trained == ["base_model.model.image_position_embedding.modules_to_save.default.gain"]
+    inner = peft_model.base_model.model
+    before = generate_images(inner, tokenizer, PROMPTS[:2], cfg_scale=None, temperature=0.0)
+    with torch.no_grad():
+        inner.image_position_embedding.modules_to_save["default"].gain.fill_(3.0)
+    table = sincos_2d_table(2, inner.image_position_embedding.modules_to_save["default"].dim)
+    assert torch.allclose(inner.image_position_embedding.weight, 3.0 * table)
+    assert torch.allclose(inner.add_image_position(torch.zeros(1, table.shape[-1]), 3), 3.0 * table[3])
+    after = generate_images(inner, tokenizer, PROMPTS[:2], cfg_scale=None, temperature=0.0)
+    assert any(not torch.equal(before[name], after[name]) for name in DUAL_SPEC)
+
+
 def test_image_position_embedding_needs_num_image_positions(tiny_qwen2_path):
     with pytest.raises(ValueError, match="num_image_positions"):
         make_unimm(tiny_qwen2_path, VQRAE_SPEC, image_position_embedding=True)
