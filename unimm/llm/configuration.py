@@ -6,7 +6,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
 
-from unimm.llm.embedding import PROJECTOR_TYPES
+from unimm.llm.embedding import IMAGE_POSITION_TYPES, PROJECTOR_TYPES
 from unimm.llm.layout import VocabLayout
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, codebook_spec_from_dict, codebook_spec_to_dict
 from unimm.utils.hf_compat import SubConfigSpec
@@ -98,8 +98,8 @@ class UniMMConfig(PretrainedConfig):
                              f"got codebook_spec={self.codebook_spec}")
         if self.image_position_embedding and not self.num_image_positions:
             raise ValueError("UniMMConfig.image_position_embedding needs num_image_positions (the tokenizer's N)")
-        if self.image_position_embedding_type not in ("learned", "sincos_2d"):
-            raise ValueError("UniMMConfig.image_position_embedding_type must be 'learned' or 'sincos_2d', got "
+        if self.image_position_embedding_type not in IMAGE_POSITION_TYPES:
+            raise ValueError(f"UniMMConfig.image_position_embedding_type must be one of {IMAGE_POSITION_TYPES}, got "
                              f"{self.image_position_embedding_type!r}")
         if self.visual_tokenizer_identity is not None and not {"config_hash", "weights_hash"} <= set(
                 self.visual_tokenizer_identity):
