@@ -202,6 +202,21 @@ def test_sincos_2d_image_position_embedding_checks_its_grid_and_kind(tiny_qwen2_
     assert not any("image_position_embedding" in key for key in model.state_dict() if key.endswith("table"))
 
 
+def test_sincos_2d_temperature_is_configured_and_saved(tiny_qwen2_path, tmp_path):
+    model, _, _ = make_unimm(tiny_qwen2_path, VQRAE_SPEC, num_image_positions=4, image_position_embedding=True,
+                             image_position_embedding_type="sincos_2d", image_position_sincos_temperature=16)
+    table = model.image_position_embedding
+    assert torch.allclose(table.weight, 0.02 * sincos_2d_table(2, table.dim, temperature=16))
+    assert not torch.allclose(table.weight, 0.02 * sincos_2d_table(2, table.dim))
+    model.save_pretrained(tmp_path / "m")
+    loaded = UniMMForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.image_position_sincos_temperature == 16
+    assert torch.equal(loaded.image_position_embedding.weight, table.weight)
+    with pytest.raises(ValueError, match="image_position_sincos_temperature must be greater than 1"):
+        make_unimm(tiny_qwen2_path, VQRAE_SPEC, num_image_positions=4, image_position_embedding=True,
+                   image_position_embedding_type="sincos_2d", image_position_sincos_temperature=1.0)
+
+
 def test_sincos_2d_image_positions_train_under_lora_beside_the_visual_heads(tiny_qwen2_path):
     """LoRA with `train_visual_heads`: peft wraps the sin-cos embedding in a trainable copy of its gain, and the
     model (training and generation alike) reads the copy."""

@@ -44,6 +44,8 @@ class UniMMConfig(PretrainedConfig):
                                  2D sine-cosine embedding of the position's row and column on the square grid,
                                  times a learned per-channel gain: a shape learnt at one place is drawn more
                                  readily at another).
+    image_position_sincos_temperature: the sin-cos table's frequencies run from 1 down to 1/temperature (10000, as
+                                 MAE's; on a small grid most of them are then almost constant across the image).
     llm_attn_implementation:     "auto" (see `unimm.utils.attention.select_attn_implementation`), "sdpa",
                                  "eager" or "flash_attention_2".
     visual_tokenizer_identity:   the visual tokenizer the model is trained with (`unimm.llm.identity`: its config
@@ -74,6 +76,7 @@ class UniMMConfig(PretrainedConfig):
     num_image_positions: int | None = None
     image_position_embedding: bool = False
     image_position_embedding_type: str = "learned"
+    image_position_sincos_temperature: float = 10000.0
     llm_attn_implementation: str = "auto"
     visual_tokenizer_identity: dict | None = None
     tie_word_embeddings: bool = False
@@ -101,6 +104,9 @@ class UniMMConfig(PretrainedConfig):
         if self.image_position_embedding_type not in IMAGE_POSITION_TYPES:
             raise ValueError(f"UniMMConfig.image_position_embedding_type must be one of {IMAGE_POSITION_TYPES}, got "
                              f"{self.image_position_embedding_type!r}")
+        if self.image_position_sincos_temperature <= 1:
+            raise ValueError("UniMMConfig.image_position_sincos_temperature must be greater than 1, got "
+                             f"{self.image_position_sincos_temperature}")
         if self.visual_tokenizer_identity is not None and not {"config_hash", "weights_hash"} <= set(
                 self.visual_tokenizer_identity):
             raise ValueError("UniMMConfig.visual_tokenizer_identity needs config_hash and weights_hash, got "

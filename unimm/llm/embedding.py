@@ -116,14 +116,14 @@ class SinCosImagePositionEmbedding(nn.Module):
     Drop-in for the learned `nn.Embedding(N, hidden)`: `num_embeddings`, `weight` (the `[N, hidden]` table) and
     `forward(index)`."""
 
-    def __init__(self, num_positions: int, dim: int, init_gain: float = 0.02):
+    def __init__(self, num_positions: int, dim: int, init_gain: float = 0.02, temperature: float = 10000.0):
         super().__init__()
         side = math.isqrt(num_positions)
         if side * side != num_positions:
             raise ValueError(f"a 2D sin-cos image position embedding needs a square grid, got {num_positions} "
                              "positions (num_image_positions); use image_position_embedding_type='learned'")
         self.num_embeddings = num_positions
-        self.side, self.dim, self.init_gain = side, dim, init_gain
+        self.side, self.dim, self.init_gain, self.temperature = side, dim, init_gain, temperature
         self.gain = nn.Parameter(torch.full((dim,), init_gain))
         # Rebuilt on first use rather than kept as a buffer: a model built on the meta device (from_pretrained)
         # would otherwise hold an uninitialised table.
@@ -132,19 +132,20 @@ class SinCosImagePositionEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         if self._table is None or self._table.device != self.gain.device:
-            self._table = sincos_2d_table(self.side, self.dim).to(self.gain.device)
+            self._table = sincos_2d_table(self.side, self.dim, self.temperature).to(self.gain.device)
         return self._table.to(self.gain.dtype) * self.gain
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         return self.weight[index]
 
 
-def build_image_position_embedding(kind: str, num_positions: int, dim: int) -> nn.Module:
-    """The image position embedding of `UniMMConfig.image_position_embedding_type`."""
+def build_image_position_embedding(kind: str, num_positions: int, dim: int, temperature: float = 10000.0) -> nn.Module:
+    """The image position embedding of `UniMMConfig.image_position_embedding_type` (`temperature`: the sin-cos
+    table's, `image_position_sincos_temperature`)."""
     if kind == "learned":
         return nn.Embedding(num_positions, dim)
     if kind == "sincos_2d":
-        return SinCosImagePositionEmbedding(num_positions, dim)
+        return SinCosImagePositionEmbedding(num_positions, dim, temperature=temperature)
     raise ValueError(f"image_position_embedding_type must be one of {IMAGE_POSITION_TYPES}, got {kind!r}")
 
 

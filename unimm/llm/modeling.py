@@ -142,7 +142,8 @@ class UniMMForCausalLM(UniMMPreTrainedModel, GenerationMixin):
         self.feature_projector = (FeatureProjector(config.feature_dim, hidden, config.feature_projector_type)
                                   if config.feature_dim else None)
         self.image_position_embedding = (
-            build_image_position_embedding(config.image_position_embedding_type, config.num_image_positions, hidden)
+            build_image_position_embedding(config.image_position_embedding_type, config.num_image_positions, hidden,
+                                           config.image_position_sincos_temperature)
             if config.image_position_embedding else None)
         self.post_init()
 

@@ -73,6 +73,8 @@ class VisualModulesConfig:
     image_position_embedding_type: str | None = config_field(
         None, "'learned' (a trained row per position) or 'sincos_2d' (fixed 2D sine-cosine of the row and column, "
               "times a learned gain).")
+    image_position_sincos_temperature: float | None = config_field(
+        None, "sincos_2d only: the frequencies run from 1 down to 1/temperature (default 10000).")
     num_image_positions: int | None = config_field(
         None, "Visual positions per image (default: the visual tokenizer's num_positions).")
 
