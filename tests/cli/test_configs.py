@@ -159,7 +159,11 @@ def test_quickstart_recipes_build_the_visual_modules_they_name():
         program, extra = _program_of(REPO / "configs" / "quickstart" / name)
         (_, modules, *_) = program.parse_args([str(REPO / "configs" / "quickstart" / name), *extra])
         overrides[name] = modules.overrides()
-    assert overrides["pretrain.yaml"] == {**before, "image_position_embedding_type": "sincos_2d"}
+    assert overrides["pretrain.yaml"] == {
+        **before,
+        "image_position_embedding_type": "sincos_2d",
+        "image_position_sincos_temperature": 16,
+    }
     assert overrides["pretrain_vqrae.yaml"] == before
 
 
