@@ -6,7 +6,7 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PretrainedConfig
 
-from unimm.llm.embedding import IMAGE_POSITION_TYPES, PROJECTOR_TYPES
+from unimm.llm.embedding import IMAGE_POSITION_TYPES, PROJECTOR_TYPES, SINCOS_TEMPERATURE
 from unimm.llm.layout import VocabLayout
 from unimm.tokenizer.types import CodebookGroupSpec, CodebookSpec, codebook_spec_from_dict, codebook_spec_to_dict
 from unimm.utils.hf_compat import SubConfigSpec
@@ -76,7 +76,7 @@ class UniMMConfig(PretrainedConfig):
     num_image_positions: int | None = None
     image_position_embedding: bool = False
     image_position_embedding_type: str = "learned"
-    image_position_sincos_temperature: float = 10000.0
+    image_position_sincos_temperature: float = SINCOS_TEMPERATURE
     llm_attn_implementation: str = "auto"
     visual_tokenizer_identity: dict | None = None
     tie_word_embeddings: bool = False

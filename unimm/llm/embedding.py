@@ -89,9 +89,10 @@ class FeatureProjector(nn.Module):
 
 
 IMAGE_POSITION_TYPES = ("learned", "sincos_2d")
+SINCOS_TEMPERATURE = 10000.0  # the usual lowest frequency 1/10000 (MAE's); `image_position_sincos_temperature`
 
 
-def sincos_2d_table(side: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+def sincos_2d_table(side: int, dim: int, temperature: float = SINCOS_TEMPERATURE) -> torch.Tensor:
     """`[side * side, dim]`: the fixed 2D sine-cosine embedding of each cell of a `side x side` grid in raster
     order (MAE's 2D sin-cos): the first half of the channels encodes the row, the second the column, each as sines
     then cosines of the coordinate at `dim / 4` frequencies from 1 down to 1/temperature."""
@@ -116,7 +117,8 @@ class SinCosImagePositionEmbedding(nn.Module):
     Drop-in for the learned `nn.Embedding(N, hidden)`: `num_embeddings`, `weight` (the `[N, hidden]` table) and
     `forward(index)`."""
 
-    def __init__(self, num_positions: int, dim: int, init_gain: float = 0.02, temperature: float = 10000.0):
+    def __init__(self, num_positions: int, dim: int, init_gain: float = 0.02,
+                 temperature: float = SINCOS_TEMPERATURE):
         super().__init__()
         side = math.isqrt(num_positions)
         if side * side != num_positions:
@@ -139,7 +141,8 @@ class SinCosImagePositionEmbedding(nn.Module):
         return self.weight[index]
 
 
-def build_image_position_embedding(kind: str, num_positions: int, dim: int, temperature: float = 10000.0) -> nn.Module:
+def build_image_position_embedding(kind: str, num_positions: int, dim: int,
+                                   temperature: float = SINCOS_TEMPERATURE) -> nn.Module:
     """The image position embedding of `UniMMConfig.image_position_embedding_type` (`temperature`: the sin-cos
     table's, `image_position_sincos_temperature`)."""
     if kind == "learned":
