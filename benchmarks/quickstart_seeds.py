@@ -1,5 +1,5 @@
 """The quickstart over several seeds: one table row per run directory of `scripts/quickstart.sh` (its `scores.json`:
-the figures with their counts, the guidance scale chosen on the validation captions, the time, the verdict), then
+the figures with their counts, the guidance scale and how it was set, the time, the verdict), then
 the mean and the minimum of each figure, and, with `--same A B`, whether two runs of one seed agree (every figure,
 the chosen scale and every generated image, byte for byte).
 
@@ -36,7 +36,7 @@ def _elapsed(scores: dict) -> float | None:
 
 
 def table(runs: list[Path]) -> str:
-    lines = ["| run | seen | held-out | QA | guidance (validation) | time | targets met |",
+    lines = ["| run | seen | held-out | QA | guidance | time | targets met |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     values: dict[str, list[float]] = {column: [] for _, column in FIGURES}
     times = []
@@ -52,8 +52,11 @@ def table(runs: list[Path]) -> str:
         elapsed = _elapsed(scores)
         if elapsed is not None:
             times.append(elapsed)
-        guidance = scores.get("guidance", {}).get("chosen")
-        lines.append(f"| {run.name} | " + " | ".join(cells) + f" | {'-' if guidance is None else f'{guidance:g}'} | "
+        guidance = scores.get("guidance", {})
+        scale = "-" if guidance.get("chosen") is None else f"{guidance['chosen']:g}"
+        if guidance.get("source"):  # the recipe's, or chosen on the validation captions
+            scale += f" ({guidance['source']})"
+        lines.append(f"| {run.name} | " + " | ".join(cells) + f" | {scale} | "
                      f"{'-' if elapsed is None else f'{elapsed:.0f} s'} | {met} |")
     for name, reduce in (("mean", statistics.fmean), ("min", min)):
         cells = [f"{reduce(values[column]):.3f}" for _, column in FIGURES]

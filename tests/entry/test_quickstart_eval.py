@@ -5,6 +5,7 @@ ground-truth images)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +98,31 @@ def test_the_guidance_scale_is_the_one_most_often_right_and_the_smallest_on_a_ti
     assert best_scale(rows({1.0: 2, 2.0: 3}, {})) == (2.0, 3)
 
 
+def test_a_recipe_guidance_scale_is_kept_without_drawing_anything(quickstart_eval, prepared, capsys):
+    # `--scale` (quickstart.sh --guidance 1, the DualToken default): no model is loaded (the paths do not exist), the
+    # scale is written where stage 6 reads it and recorded with where it came from.
+    argv = ["guidance", "--out", str(prepared), "--model_path", "/nonexistent/model",
+            "--visual_tokenizer_path", "/nonexistent/tokenizer"]
+    assert quickstart_eval.main(argv + ["--scale", "1.5"]) == 1.5
+    assert (prepared / "guidance_scale").read_text() == "1.5\n"
+    guidance = json.loads((prepared / "scores.json").read_text())["guidance"]
+    assert guidance["chosen"] == 1.5 and guidance["source"] == "recipe" and guidance["rows"] == []
+    assert "guidance: scale 1.5, the recipe's (not chosen on this run" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--scale must be 1 \\(no guidance\\) or more, got 0.5"):
+        quickstart_eval.main(argv + ["--scale", "0.5"])
+
+
+@pytest.mark.parametrize("value", ["0.5", "two", "-1"])
+def test_quickstart_refuses_a_guidance_that_is_neither_validation_nor_a_scale_before_any_work(tmp_path, value):
+    out = tmp_path / "run"
+    result = subprocess.run(["bash", "scripts/quickstart.sh", "--guidance", value],
+                            cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "QUICKSTART_OUT": str(out)})
+    assert result.returncode == 2
+    assert f"--guidance must be validation or a scale of 1 (no guidance) or more, got {value}" in result.stderr
+    assert not out.exists()
+
+
 def test_generation_scores_seen_and_held_out_captions_apart(quickstart_eval, prepared, tmp_path, capsys):
     prompts = [p for p in (prepared / "data" / "prompts.txt").read_text().split("\n") if p]
     combos = {c.caption: c for c in all_combinations()}
@@ -155,13 +181,14 @@ def test_judge_prints_each_figure_with_its_count_target_and_verdict_and_exits_0(
     assert "2 of 2 targets met" in vqrae.stdout
 
 
-def _fake_run(quickstart_eval, folder, seen, held, qa, guidance, elapsed, image_colour):
+def _fake_run(quickstart_eval, folder, seen, held, qa, guidance, elapsed, image_colour, source=None):
     """A run directory as `scripts/quickstart.sh` leaves it, as far as `benchmarks/quickstart_seeds.py` reads it."""
     folder.mkdir()
     (folder / "scores.json").write_text(json.dumps({
         "generation": {"accuracy": seen / 42, "num_images": 42},
         "generation_held_out": {"accuracy": held / 24, "num_images": 24},
-        "qa": {"accuracy": qa / 216, "num_questions": 216}, "guidance": {"chosen": guidance}}))
+        "qa": {"accuracy": qa / 216, "num_questions": 216},
+        "guidance": {"chosen": guidance, **({"source": source} if source else {})}}))
     quickstart_eval.main(["judge", "--out", str(folder), "--elapsed", str(elapsed)])
     (folder / "generated").mkdir()
     Image.new("RGB", (8, 8), image_colour).save(folder / "generated" / "0000_a.png")
@@ -170,7 +197,7 @@ def _fake_run(quickstart_eval, folder, seen, held, qa, guidance, elapsed, image_
 def test_seeds_table_gives_each_run_with_counts_then_mean_and_min_and_compares_two_runs(quickstart_eval, tmp_path,
                                                                                        capsys):
     _fake_run(quickstart_eval, tmp_path / "s0", 42, 22, 210, 2.0, 600, (255, 0, 0))
-    _fake_run(quickstart_eval, tmp_path / "s1", 40, 18, 200, 1.5, 650, (255, 0, 0))
+    _fake_run(quickstart_eval, tmp_path / "s1", 40, 18, 200, 1.0, 650, (255, 0, 0), source="recipe")
     _fake_run(quickstart_eval, tmp_path / "s0_again", 42, 22, 210, 2.0, 610, (255, 0, 0))
     _fake_run(quickstart_eval, tmp_path / "s0_other", 42, 22, 210, 2.0, 610, (0, 0, 255))
     capsys.readouterr()
@@ -178,7 +205,7 @@ def test_seeds_table_gives_each_run_with_counts_then_mean_and_min_and_compares_t
     table = subprocess.run(script + [str(tmp_path / "s0"), str(tmp_path / "s1")], capture_output=True, text=True,
                            check=True, cwd=REPO).stdout
     assert "| s0 | 1.000 (42/42) | 0.917 (22/24) | 0.972 (210/216) | 2 | 600 s | 4 of 4 |" in table
-    assert "| s1 | 0.952 (40/42) | 0.750 (18/24) | 0.926 (200/216) | 1.5 | 650 s | 3 of 4 |" in table
+    assert "| s1 | 0.952 (40/42) | 0.750 (18/24) | 0.926 (200/216) | 1 (recipe) | 650 s | 3 of 4 |" in table
     assert "| **mean** | 0.976 | 0.833 | 0.949 | | 625 s | |" in table
     assert "| **min** | 0.952 | 0.750 | 0.926 | | 650 s (max) | |" in table
     agree = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_again")],

@@ -50,6 +50,13 @@ def test_quickstart_vqrae_fast_understands_from_features_and_generates_codes(tmp
     assert len(answers) == 3 * 12 and all(isinstance(row["answer"], str) for row in answers)
     generated = json.loads((out / "generated" / "prompts.json").read_text())
     assert generated and all((out / "generated" / row["file"]).is_file() for row in generated)
+    # VQRAE's guidance scale is chosen on the validation captions (greedy and sampled, scales 1 to 3), and stage 6
+    # draws at it.
+    guidance = json.loads((out / "scores.json").read_text())["guidance"]
+    assert guidance["source"] == "validation" and guidance["chosen"] in (1.0, 1.5, 2.0, 3.0)
+    assert sorted({row["cfg_scale"] for row in guidance["rows"]}) == [1.0, 1.5, 2.0, 3.0]
+    assert f"guidance: scale {guidance['chosen']:g} chosen on the validation captions" in result.stdout
+    assert f"generating greedily at guidance scale {guidance['chosen']:g}\n" in result.stdout
 
 
 def test_prepare_writes_the_captions_as_one_turn_conversations(tmp_path):

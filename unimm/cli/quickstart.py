@@ -213,25 +213,32 @@ def best_scale(rows: list[dict]) -> tuple[float, int]:
 
 
 def choose_guidance(args: argparse.Namespace) -> float:
-    """Choose the guidance scale of stage 6 on the validation split of the seen captions (never on the held-out
-    ones): the scale whose greedy and sampled images together are most often right, the smallest such scale on a
-    tie. Writes it to `<out>/guidance_scale` and `scores.json` (`guidance`); without validation captions
-    the `--default` scale is kept."""
+    """The guidance scale of stage 6: the recipe's (`--scale`), or else chosen on the validation split of the seen
+    captions (never on the held-out ones): the scale whose greedy and sampled images together are most often right,
+    the smallest such scale on a tie. Writes it to `<out>/guidance_scale` and `scores.json` (`guidance`, with its
+    `source`); without validation captions the `--default` scale is kept."""
     out = Path(args.out)
     prompts = validation_captions(out)
     scales = _scales(args)
-    if not prompts:
-        chosen, rows = args.default, []
+    if args.scale is not None:
+        if args.scale < 1:
+            raise SystemExit(f"--scale must be 1 (no guidance) or more, got {args.scale:g}")
+        chosen, rows, source = args.scale, [], "recipe"
+        print(f"guidance: scale {chosen:g}, the recipe's (not chosen on this run; `--guidance validation` chooses it "
+              f"on the {len(prompts)} validation captions)")
+    elif not prompts:
+        chosen, rows, source = args.default, [], "default"
         print(f"guidance: no validation captions in {out / 'data'}; stage 6 keeps guidance scale {chosen:g}")
     else:
         rows = _accuracy_by_scale(args, prompts, scales)
         chosen, right = best_scale(rows)
+        source = "validation"
         print(f"validation generation accuracy by guidance scale ({len(prompts)} validation captions, a split of the "
               f"seen ones; sampled: {args.samples} images each)")
         _print_scale_table(rows, scales)
         print(f"guidance: scale {chosen:g} chosen on the validation captions ({right} of "
               f"{sum(r['num_images'] for r in rows if r['cfg_scale'] == chosen)} images right)")
-    _update_scores(out, "guidance", {"chosen": chosen, "validation_prompts": len(prompts),
+    _update_scores(out, "guidance", {"chosen": chosen, "source": source, "validation_prompts": len(prompts),
                                      "samples_per_prompt": args.samples, "rows": rows})
     (out / "guidance_scale").write_text(f"{chosen:g}\n")
     return chosen
@@ -396,6 +403,8 @@ def make_parser() -> argparse.ArgumentParser:
     command.add_argument("--top_k", type=int, default=8, help="top-k of sampled decoding.")
     command.add_argument("--default", type=float, default=1.0, help="The scale kept when there are no validation "
                                                                     "captions.")
+    command.add_argument("--scale", type=float, default=None,
+                         help="Decode at this scale (the recipe's) instead of choosing one on the validation captions.")
     command.set_defaults(func=choose_guidance)
     command = sub.add_parser("judge", parents=[common], help=judge.__doc__)
     command.add_argument("--tokenizer", choices=sorted(TARGETS), default="dualtoken", help="The run's visual tokenizer.")

@@ -7,8 +7,9 @@ Layout under `<out>/data`: `train/` (`llava.json`, `captions.jsonl`, images, opt
 `validation_prompts.json`.
 
 The held-out captions (the test, reported once) are kept out of every training file. A validation split of the
-seen captions (trained on like the others) is where settings such as the guidance scale are chosen, never on the
-held-out ones; the seen-caption generation figure is reported on the other seen captions. (Taking the validation
+seen captions (trained on like the others) is where a run may choose settings such as the guidance scale
+(`quickstart.sh --guidance validation`, the VQRAE default), never on the held-out ones; the seen-caption generation
+figure is reported on the other seen captions. (Taking the validation
 captions out of training as well cost held-out accuracy: 72 combinations less 30 leave too few to generalise from,
 benchmarks/results/quickstart.md.)
 """
