@@ -60,8 +60,10 @@ def table(runs: list[Path]) -> str:
                      f"{'-' if elapsed is None else f'{elapsed:.0f} s'} | {met} |")
     for name, reduce in (("mean", statistics.fmean), ("min", min)):
         cells = [f"{reduce(values[column]):.3f}" for _, column in FIGURES]
-        time_cell = f"{(statistics.fmean(times) if name == 'mean' else max(times)):.0f} s" if times else "-"
-        lines.append(f"| **{name}** | " + " | ".join(cells) + f" | | {time_cell}{' (max)' if name == 'min' else ''} | |")
+        time_cell = "-"
+        if times:
+            time_cell = f"{statistics.fmean(times):.0f} s" if name == "mean" else f"{max(times):.0f} s (max)"
+        lines.append(f"| **{name}** | " + " | ".join(cells) + f" | | {time_cell} | |")
     return "\n".join(lines)
 
 
