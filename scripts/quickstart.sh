@@ -152,7 +152,7 @@ deepspeed --num_gpus 2 --master_port "$((PORT + 1))" scripts/finetune.py --deeps
   --conversation_json "$OUT/data/train/llava.json" "${FINETUNE_IMAGES[@]}" \
   --code_cache "$OUT/code_cache" --output_dir "$OUT/finetune" --seed "$SEED" $(steps "$FT_STEPS")
 
-stage "6/7 guidance scale ($([ "$GUIDANCE" = validation ] && echo "validation captions" || echo "the recipe's")), generation and question answering with $OUT/finetune"
+stage "6/7 guidance scale ($([ "$GUIDANCE" = validation ] && echo "validation captions" || echo "fixed, $GUIDANCE")), generation and question answering with $OUT/finetune"
 OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py guidance --out "$OUT" --seed "$SEED" \
   --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" --scales 1 1.5 2 3 --samples "$CFG_SAMPLES" \
   --top_k "$GEN_TOP_K" "${GUIDANCE_ARGS[@]}"

@@ -184,8 +184,8 @@ def _scales(args: argparse.Namespace) -> list[float]:
 
 def cfg_table(args: argparse.Namespace) -> list[dict]:
     """Held-out generation accuracy at each guidance scale (1 = none), greedy and sampled (temperature 1, top-k;
-    `--samples` images per caption). A report only: the scale stage 6 decodes with is chosen on the validation
-    captions (`guidance`)."""
+    `--samples` images per caption). A report only: the scale stage 6 decodes with is the recipe's or chosen on the
+    validation captions (`guidance`), never here."""
     out = Path(args.out)
     prompt_lines = [p for p in (out / "data" / "prompts.txt").read_text().split("\n") if p]
     held_out = held_out_captions(out)
