@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The whole UniMM loop on the embedded shapes data, on CPU:
 #   1. shapes images, captions and questions + a tiny random Qwen2 (hidden 256, 4 layers) with its own BPE tokenizer
-#   2. a tiny visual tokenizer (DualToken; `--tokenizer vqrae` for VQRAE), checked with the pixel checker
-#   3. code caches (scripts/pretokenize.py)
+#   2. a tiny visual tokenizer (DualToken; `--tokenizer vqrae` for VQRAE)
+#   3. the tokenizer checked with the pixel checker, and the code caches (scripts/pretokenize.py), at once
 #   4. joint text-to-image + caption pretraining, `deepspeed --num_gpus 2` (two gloo ranks on CPU)
 #   5. LoRA instruction tuning on shape questions (also `deepspeed --num_gpus 2`)
-#   6. the guidance scale (DualToken: the recipe's, 1, chosen on development seeds 5-8; VQRAE: chosen on a
-#      validation split of the seen captions, never on the held-out ones); images for the prompts at that scale
-#      (scripts/generate_t2i.py), answers to held-out questions (scripts/chat.py)
-#   7. generation accuracy (the pixel checker confirms colour, shape and position) on the captions seen in training
-#      and, apart, on the held-out captions that were never trained on; QA accuracy (exact match); the held-out
-#      accuracy at guidance scales 1 (none), 1.25, 1.5, 2 and 3, greedy and sampled (a report, not a choice); a
-#      table of each figure against its target
+#   6. three lanes at once: the guidance scale (DualToken: the recipe's, 1, chosen on development seeds 5-8; VQRAE:
+#      chosen on a validation split of the seen captions, never on the held-out ones), images for the prompts at
+#      that scale (scripts/generate_t2i.py) and their generation accuracy (the pixel checker confirms colour, shape
+#      and position) on the captions seen in training and, apart, on the held-out captions never trained on;
+#      answers to held-out questions (scripts/chat.py) and their QA accuracy (exact match); the held-out accuracy
+#      at guidance scales 1 (none), 1.25, 1.5, 2 and 3, greedy and sampled (a report, not a choice)
+#   7. a table of each figure against its target
 #
 #   bash scripts/quickstart.sh                 # full run: 24 of the 72 captions held out, 6 of the seen ones
 #                                              # the validation split (targets: held-out generation >= 0.8,
@@ -113,11 +113,33 @@ steps() {  # --max_steps override only in fast mode (the YAML recipes hold the f
 
 START=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+# Steps that do not need each other's results run at once (`background NAME cmd...`, then `await NAME...`), one
+# thread each, their output kept in $OUT/logs/NAME.log and printed in a fixed order when they end: on 2 cores this
+# takes most of the Python start-up and single-threaded scoring off the clock. One thread or two draw the same codes,
+# images and answers (checked byte for byte on a finished run: benchmarks/results/quickstart.md).
+declare -A JOBS=()
+background() {
+  local name="$1"; shift
+  OMP_NUM_THREADS=1 "$@" > "$OUT/logs/$name.log" 2>&1 &
+  JOBS[$name]=$!
+}
+await() {
+  local failed=""
+  for name in "$@"; do
+    wait "${JOBS[$name]}" || failed="$failed $name"
+    unset "JOBS[$name]"
+    cat "$OUT/logs/$name.log"
+  done
+  if [ -n "$failed" ]; then echo "quickstart: failed:$failed (output above, logs in $OUT/logs)" >&2; exit 1; fi
+}
+stop_jobs() { for pid in "${JOBS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
+trap stop_jobs EXIT
 
 # A rerun starts over (the trainers would otherwise resume from old checkpoints in these folders).
 for sub in data llm tokenizer code_cache code_cache_llava pretrain finetune generated; do rm -rf "${OUT:?}/$sub"; done
-rm -f "$OUT/scores.json" "$OUT/answers.json" "$OUT/answers.txt" "$OUT/guidance_scale"
-mkdir -p "$OUT"
+rm -rf "$OUT/logs"
+rm -f "$OUT/scores.json" "$OUT/scores.json.lock" "$OUT/answers.json" "$OUT/answers.txt" "$OUT/guidance_scale"
+mkdir -p "$OUT/logs"
 
 stage "1/7 shapes data and a tiny Qwen2 -> $OUT/data, $OUT/llm"
 python scripts/quickstart_eval.py prepare --out "$OUT" --seed "$SEED" --train_samples "$TRAIN_SAMPLES" \
@@ -129,17 +151,20 @@ stage "2/7 visual tokenizer ($TOKENIZER) -> $OUT/tokenizer"
 OMP_NUM_THREADS="$CORES" python scripts/train_tokenizer.py "configs/quickstart/tokenizer_${TOKENIZER}.yaml" \
   --dataset "$OUT/data/train/captions.jsonl" --output_dir "$OUT/tokenizer" --seed "$SEED" $(steps "$TOK_STEPS")
 TOK="$OUT/tokenizer/model"
-OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py tokenizer --out "$OUT" --seed "$SEED" \
-  --visual_tokenizer_path "$TOK" --test_samples "$TEST_SAMPLES"
 
 if [ "$TOKENIZER" = dualtoken ]; then CACHES="$OUT/code_cache, $OUT/code_cache_llava"; else CACHES="$OUT/code_cache"; fi
-stage "3/7 code caches -> $CACHES"
-OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/captions.jsonl" \
+stage "3/7 tokenizer check and code caches -> $CACHES (at once, one thread each)"
+background tokenizer_check python scripts/quickstart_eval.py tokenizer --out "$OUT" --seed "$SEED" \
+  --visual_tokenizer_path "$TOK" --test_samples "$TEST_SAMPLES"
+background code_cache python scripts/pretokenize.py --data "$OUT/data/train/captions.jsonl" \
   --visual_tokenizer_path "$TOK" --output_dir "$OUT/code_cache" --num_workers 0
+CACHE_JOBS=(code_cache)
 if [ "$TOKENIZER" = dualtoken ]; then
-OMP_NUM_THREADS="$CORES" python scripts/pretokenize.py --data "$OUT/data/train/llava.json" --data_format llava \
-  --visual_tokenizer_path "$TOK" --output_dir "$OUT/code_cache_llava" --num_workers 0
+  background code_cache_llava python scripts/pretokenize.py --data "$OUT/data/train/llava.json" --data_format llava \
+    --visual_tokenizer_path "$TOK" --output_dir "$OUT/code_cache_llava" --num_workers 0
+  CACHE_JOBS+=(code_cache_llava)
 fi
+await tokenizer_check "${CACHE_JOBS[@]}"
 
 stage "4/7 pretraining (text-to-image + captions$([ "$TOKENIZER" = vqrae ] && echo " from pixels")), deepspeed --num_gpus 2 on CPU -> $OUT/pretrain"
 deepspeed --num_gpus 2 --master_port "$PORT" scripts/pretrain.py --deepspeed configs/deepspeed/zero2.json \
@@ -152,23 +177,35 @@ deepspeed --num_gpus 2 --master_port "$((PORT + 1))" scripts/finetune.py --deeps
   --conversation_json "$OUT/data/train/llava.json" "${FINETUNE_IMAGES[@]}" \
   --code_cache "$OUT/code_cache" --output_dir "$OUT/finetune" --seed "$SEED" $(steps "$FT_STEPS")
 
-stage "6/7 guidance scale ($([ "$GUIDANCE" = validation ] && echo "validation captions" || echo "fixed, $GUIDANCE")), generation and question answering with $OUT/finetune"
-OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py guidance --out "$OUT" --seed "$SEED" \
-  --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" --scales 1 1.5 2 3 --samples "$CFG_SAMPLES" \
-  --top_k "$GEN_TOP_K" "${GUIDANCE_ARGS[@]}"
-GEN_CFG="$(cat "$OUT/guidance_scale")"
-echo "generating greedily at guidance scale $GEN_CFG"
-OMP_NUM_THREADS="$CORES" python scripts/generate_t2i.py --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" \
-  --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale "$GEN_CFG" \
-  --temperature "$GEN_TEMPERATURE" --top_k "$GEN_TOP_K" --batch_size 36 --seed "$SEED"
-OMP_NUM_THREADS="$CORES" python scripts/chat.py "$OUT/data/test/qa.yaml" --model_path "$OUT/finetune" \
-  --visual_tokenizer_path "$TOK" --max_new_tokens 8 --seed "$SEED" --output_json "$OUT/answers.json" > "$OUT/answers.txt"
+# Stage 6 in three lanes at once: the guidance scale (the recipe's, or chosen on the validation captions), the
+# images at that scale and their scores; the answers to the held-out questions and their score; the held-out
+# accuracy by guidance scale (a report, not a choice).
+images_lane() {
+  python scripts/quickstart_eval.py guidance --out "$OUT" --seed "$SEED" \
+    --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" --scales 1 1.5 2 3 --samples "$CFG_SAMPLES" \
+    --top_k "$GEN_TOP_K" "${GUIDANCE_ARGS[@]}"
+  local scale
+  scale="$(cat "$OUT/guidance_scale")"
+  echo "generating greedily at guidance scale $scale"
+  python scripts/generate_t2i.py --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" \
+    --prompts_file "$OUT/data/prompts.txt" --output_dir "$OUT/generated" --cfg_scale "$scale" \
+    --temperature "$GEN_TEMPERATURE" --top_k "$GEN_TOP_K" --batch_size 36 --seed "$SEED"
+  python scripts/quickstart_eval.py generation --out "$OUT" --generated_dir "$OUT/generated"
+}
+answers_lane() {
+  python scripts/chat.py "$OUT/data/test/qa.yaml" --model_path "$OUT/finetune" \
+    --visual_tokenizer_path "$TOK" --max_new_tokens 8 --seed "$SEED" --output_json "$OUT/answers.json" > "$OUT/answers.txt"
+  python scripts/quickstart_eval.py qa --out "$OUT" --answers_json "$OUT/answers.json"
+}
+stage "6/7 guidance scale ($([ "$GUIDANCE" = validation ] && echo "validation captions" || echo "fixed, $GUIDANCE")), generation, question answering and the guidance table with $OUT/finetune (at once, one thread each)"
+background images images_lane
+background answers answers_lane
+background guidance_table python scripts/quickstart_eval.py cfg --out "$OUT" --seed "$SEED" \
+  --model_path "$OUT/finetune" --visual_tokenizer_path "$TOK" --scales 1 1.25 1.5 2 3 --samples "$CFG_SAMPLES" \
+  --top_k "$GEN_TOP_K"
+await images answers guidance_table
 
 stage "7/7 scores"
-python scripts/quickstart_eval.py generation --out "$OUT" --generated_dir "$OUT/generated"
-python scripts/quickstart_eval.py qa --out "$OUT" --answers_json "$OUT/answers.json"
-OMP_NUM_THREADS="$CORES" python scripts/quickstart_eval.py cfg --out "$OUT" --seed "$SEED" --model_path "$OUT/finetune" \
-  --visual_tokenizer_path "$TOK" --scales 1 1.25 1.5 2 3 --samples "$CFG_SAMPLES" --top_k "$GEN_TOP_K"
 echo "scores: $OUT/scores.json; generated images: $OUT/generated (grid.png); answers: $OUT/answers.json"
 echo "open them in UniMM Studio: bash scripts/demo.sh --run_dir $OUT"
 ELAPSED=$(( $(date +%s) - START ))

@@ -214,3 +214,27 @@ def test_seeds_table_gives_each_run_with_counts_then_mean_and_min_and_compares_t
     differ = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_other")],
                             capture_output=True, text=True, cwd=REPO)
     assert differ.returncode == 1 and "1 differ" in differ.stdout
+
+
+def _update_many(out: str, worker: int, count: int) -> None:
+    from unimm.cli.quickstart import _update_scores
+
+    for k in range(count):
+        _update_scores(Path(out), f"w{worker}-{k}", {"accuracy": k / count})
+
+
+def test_scores_updates_from_concurrent_processes_all_land(tmp_path):
+    """Stage 6's lanes write scores.json at the same time: every entry of every process is kept, and the file is
+    whole JSON at the end (an unlocked read-change-write loses entries here)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_update_many, args=(str(tmp_path), w, 40)) for w in range(4)]
+    for process in workers:
+        process.start()
+    for process in workers:
+        process.join(60)
+        assert process.exitcode == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert sorted(scores) == sorted(f"w{w}-{k}" for w in range(4) for k in range(40))
+    assert not list(tmp_path.glob("scores.json.*.tmp"))

@@ -18,7 +18,9 @@ one `held-out generation accuracy` for the captions never trained on) and adds i
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 from pathlib import Path
 
 from transformers.hf_argparser import string_to_bool
@@ -50,10 +52,17 @@ def _data_config(args: argparse.Namespace) -> ShapesConfig:
 
 
 def _update_scores(out: Path, name: str, values: dict) -> None:
+    """Set `name` in `<out>/scores.json`. Stages 6-7 score in concurrent processes: each update holds an exclusive
+    lock on `scores.json.lock` while it reads, changes and replaces the file (written whole, then renamed), so no
+    process loses another's entry and a reader never sees half a file."""
     path = out / "scores.json"
-    scores = json.loads(path.read_text()) if path.is_file() else {}
-    scores[name] = values
-    path.write_text(json.dumps(scores, indent=2))
+    with open(out / "scores.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        scores = json.loads(path.read_text()) if path.is_file() else {}
+        scores[name] = values
+        partial = path.with_name(f"scores.json.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(scores, indent=2))
+        os.replace(partial, path)
 
 
 def prepare(args: argparse.Namespace) -> None:
