@@ -1,7 +1,8 @@
 """The quickstart over several seeds: one table row per run directory of `scripts/quickstart.sh` (its `scores.json`:
 the figures with their counts, the guidance scale and how it was set, the time, the verdict), then
 the mean and the minimum of each figure, and, with `--same A B`, whether two runs of one seed agree (every figure,
-the chosen scale and every generated image, byte for byte).
+the chosen scale, the guidance table and the answers; every generated image and every weight and code file, byte for
+byte).
 
     for s in 0 1 2 3 4; do QUICKSTART_OUT=runs/qs_s$s bash scripts/quickstart.sh --seed $s; done
     python benchmarks/quickstart_seeds.py runs/qs_s0 runs/qs_s1 runs/qs_s2 runs/qs_s3 runs/qs_s4
@@ -67,24 +68,46 @@ def table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
+# The files two runs of one seed must share byte for byte: the images stage 6 drew, and the weights and codes every
+# stage before it wrote (tokenizer, both code caches, pretrained and finetuned model).
+OUTPUTS = {"generated images": ("generated/*.png",),
+           "weights and codes": ("tokenizer/model/*.safetensors", "code_cache*/*.arrow", "pretrain/*.safetensors",
+                                 "finetune/*.safetensors")}
+
+
+def _digests(run: Path, patterns: tuple[str, ...]) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for pattern in patterns for p in sorted(run.glob(pattern))}
+
+
+def _answers(run: Path) -> list[tuple[str, str]] | None:
+    """(question, answer) of each held-out question (the image paths name the run folder, so they are left out)."""
+    path = run / "answers.json"
+    return [(row["question"], row["answer"]) for row in json.loads(path.read_text())] if path.is_file() else None
 
 
 def same(first: Path, second: Path) -> bool:
-    """Print what two runs of one seed share; True when every figure, the chosen scale and every image agree."""
+    """Print what two runs of one seed share; True when every figure, the chosen scale, the guidance table, the
+    answers and every image, weight and code file agree."""
     a, b = _load(first), _load(second)
     agree = True
-    for key, column in FIGURES + (("guidance", "guidance"),):
+    for key, column in FIGURES + (("tokenizer_reconstruction", "tokenizer reconstruction"), ("guidance", "guidance")):
         left = a.get(key, {}).get("chosen" if key == "guidance" else "accuracy")
         right = b.get(key, {}).get("chosen" if key == "guidance" else "accuracy")
         print(f"{column}: {left} vs {right} -> {'same' if left == right else 'DIFFERENT'}")
         agree &= left == right
-    images_a, images_b = _digests(first / "generated"), _digests(second / "generated")
-    differing = sorted(name for name in images_a.keys() | images_b.keys() if images_a.get(name) != images_b.get(name))
-    print(f"generated images: {len(images_a)} vs {len(images_b)}, {len(differing)} differ"
-          + (f" (e.g. {differing[:3]})" if differing else ""))
-    return agree and not differing
+    table_a, table_b = a.get("cfg_held_out", {}).get("rows"), b.get("cfg_held_out", {}).get("rows")
+    print(f"guidance table: {'same' if table_a == table_b else 'DIFFERENT'} ({len(table_a or [])} rows)")
+    answers_a, answers_b = _answers(first), _answers(second)
+    print(f"answers: {'same' if answers_a == answers_b else 'DIFFERENT'} ({len(answers_a or [])} questions)")
+    agree &= table_a == table_b and answers_a == answers_b
+    for label, patterns in OUTPUTS.items():
+        files_a, files_b = _digests(first, patterns), _digests(second, patterns)
+        differing = sorted(name for name in files_a.keys() | files_b.keys() if files_a.get(name) != files_b.get(name))
+        print(f"{label}: {len(files_a)} vs {len(files_b)} files, {len(differing)} differ"
+              + (f" (e.g. {differing[:3]})" if differing else ""))
+        agree &= not differing
+    return agree
 
 
 def main(argv: list[str] | None = None) -> int:

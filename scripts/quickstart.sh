@@ -113,27 +113,11 @@ steps() {  # --max_steps override only in fast mode (the YAML recipes hold the f
 
 START=$(date +%s)
 stage() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
-# Steps that do not need each other's results run at once (`background NAME cmd...`, then `await NAME...`), one
-# thread each, their output kept in $OUT/logs/NAME.log and printed in a fixed order when they end: on 2 cores this
-# takes most of the Python start-up and single-threaded scoring off the clock. One thread or two draw the same codes,
-# images and answers (checked byte for byte on a finished run: benchmarks/results/quickstart.md).
-declare -A JOBS=()
-background() {
-  local name="$1"; shift
-  OMP_NUM_THREADS=1 "$@" > "$OUT/logs/$name.log" 2>&1 &
-  JOBS[$name]=$!
-}
-await() {
-  local failed=""
-  for name in "$@"; do
-    wait "${JOBS[$name]}" || failed="$failed $name"
-    unset "JOBS[$name]"
-    cat "$OUT/logs/$name.log"
-  done
-  if [ -n "$failed" ]; then echo "quickstart: failed:$failed (output above, logs in $OUT/logs)" >&2; exit 1; fi
-}
-stop_jobs() { for pid in "${JOBS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap stop_jobs EXIT
+# Steps that do not need each other's results run at once (scripts/_jobs.sh), one thread each, their output printed in
+# a fixed order when they end: on 2 cores this takes most of the Python start-up and single-threaded scoring off the
+# clock. One thread or two draw the same codes, images and answers (byte for byte: benchmarks/results/quickstart.md).
+JOBS_LOG_DIR="$OUT/logs"
+source scripts/_jobs.sh
 
 # A rerun starts over (the trainers would otherwise resume from old checkpoints in these folders).
 for sub in data llm tokenizer code_cache code_cache_llava pretrain finetune generated; do rm -rf "${OUT:?}/$sub"; done

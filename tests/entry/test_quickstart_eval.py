@@ -181,9 +181,14 @@ def test_judge_prints_each_figure_with_its_count_target_and_verdict_and_exits_0(
     assert "2 of 2 targets met" in vqrae.stdout
 
 
-def _fake_run(quickstart_eval, folder, seen, held, qa, guidance, elapsed, image_colour, source=None):
+def _fake_run(quickstart_eval, folder, seen, held, qa, guidance, elapsed, image_colour, source=None,
+              weights=b"weights"):
     """A run directory as `scripts/quickstart.sh` leaves it, as far as `benchmarks/quickstart_seeds.py` reads it."""
     folder.mkdir()
+    (folder / "pretrain").mkdir()
+    (folder / "pretrain" / "model.safetensors").write_bytes(weights)
+    (folder / "answers.json").write_text(json.dumps([{"image": str(folder / "x.png"), "question": "What shape is it?",
+                                                      "answer": "circle"}]))
     (folder / "scores.json").write_text(json.dumps({
         "generation": {"accuracy": seen / 42, "num_images": 42},
         "generation_held_out": {"accuracy": held / 24, "num_images": 24},
@@ -210,10 +215,17 @@ def test_seeds_table_gives_each_run_with_counts_then_mean_and_min_and_compares_t
     assert "| **min** | 0.952 | 0.750 | 0.926 | | 650 s (max) | |" in table
     agree = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_again")],
                            capture_output=True, text=True, cwd=REPO)
-    assert agree.returncode == 0 and "generated images: 1 vs 1, 0 differ" in agree.stdout
+    assert agree.returncode == 0 and "generated images: 1 vs 1 files, 0 differ" in agree.stdout
     differ = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_other")],
                             capture_output=True, text=True, cwd=REPO)
     assert differ.returncode == 1 and "1 differ" in differ.stdout
+    # the answers name their run folder's images: only questions and answers are compared
+    assert "answers: same (1 questions)" in agree.stdout and "weights and codes: 1 vs 1 files, 0 differ" in agree.stdout
+    _fake_run(quickstart_eval, tmp_path / "s0_weights", 42, 22, 210, 2.0, 610, (255, 0, 0), weights=b"other")
+    weights = subprocess.run(script + ["--same", str(tmp_path / "s0"), str(tmp_path / "s0_weights")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert weights.returncode == 1 and "weights and codes: 1 vs 1 files, 1 differ" in weights.stdout
+    assert "generated images: 1 vs 1 files, 0 differ" in weights.stdout
 
 
 def _update_many(out: str, worker: int, count: int) -> None:
