@@ -36,14 +36,16 @@ echo "took $(( ($(date +%s%N) - started) / 1000000 )) ms"
 
 def test_a_failed_step_stops_the_script_naming_it_after_every_awaited_output(tmp_path):
     result = _run(tmp_path, """
+lane() { echo "lane starts"; false; echo "lane goes on"; }
 background fails bash -c 'echo "bad input"; exit 3'
 background works echo fine
-await fails works
+background lane lane
+await fails works lane
 echo "not reached"
 """)
     assert result.returncode == 1
-    assert result.stdout.splitlines() == ["bad input", "fine"]
-    assert "steps.sh: failed: fails (output above; logs in" in result.stderr
+    assert result.stdout.splitlines() == ["bad input", "fine", "lane starts"]  # a lane stops at its first failure
+    assert "steps.sh: failed: fails lane (output above; logs in" in result.stderr
     assert (tmp_path / "fails.log").read_text() == "bad input\n"
 
 
