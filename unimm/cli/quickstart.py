@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 from pathlib import Path
 
 from transformers.hf_argparser import string_to_bool
 
+from unimm.data.code_cache import write_json_atomic
 from unimm.data.toy.quickstart import (
     CAPTION_CONVERSATIONS,
     TEST_SEED,
@@ -60,9 +60,7 @@ def _update_scores(out: Path, name: str, values: dict) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         scores = json.loads(path.read_text()) if path.is_file() else {}
         scores[name] = values
-        partial = path.with_name(f"scores.json.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(scores, indent=2))
-        os.replace(partial, path)
+        write_json_atomic(path, scores)
 
 
 def prepare(args: argparse.Namespace) -> None:
