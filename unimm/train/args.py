@@ -26,6 +26,7 @@ from unimm.data.mixture import MixtureConfig
 from unimm.data.tasks import SampleConfig
 from unimm.llm.presets import VisualModulesConfig
 from unimm.utils.config import Alias, config_field
+from unimm.utils.runtime import CPU_MATMUL_PRECISIONS
 
 __all__ = ["DTYPE_ALIAS", "DataArguments", "LoraArguments", "ModelArguments", "UniMMTrainingArguments",
            "VisualModulesConfig", "VISUAL_TOKENIZER_ALIAS"]
@@ -190,12 +191,19 @@ class UniMMTrainingArguments(TrainingArguments):
     log_sample_ids: bool = config_field(
         False, "Append each step's sample ids to output_dir/sample_ids/rank<r>.jsonl (what every step trained on; a "
         "resumed run rewrites the steps after its checkpoint).")
+    cpu_matmul_precision: str = config_field(
+        "ieee", "Float32 matrix products on CPU: ieee (exact) or bf16 (bfloat16 inputs, float32 sums; the CPU "
+        "counterpart of --tf32, several times faster on CPUs with AMX or AVX512-BF16, which the quickstart recipes "
+        "use; a CPU without them keeps ieee with a warning). No effect on CUDA.")
     # LLaVA's --mm_projector_lr
     projector_learning_rate: float | None = config_field(None, "The feature projector's own learning rate.")
 
     def __post_init__(self) -> None:
         # transformers' __post_init__ sets up the devices, which starts the process group; it runs in finalize().
         self._finalized = False
+        if self.cpu_matmul_precision not in CPU_MATMUL_PRECISIONS:
+            raise ValueError(f"cpu_matmul_precision must be one of {CPU_MATMUL_PRECISIONS}, got "
+                             f"{self.cpu_matmul_precision!r}")
 
     def finalize(self) -> UniMMTrainingArguments:
         """Run transformers' own `__post_init__` (validation, device and process-group setup) once. Programs call

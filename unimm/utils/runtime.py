@@ -22,6 +22,10 @@ Nothing here runs at import or while a config is parsed; programs call it once t
     inference_dtype(name, device) -> torch.dtype      "auto": bfloat16 on GPU, float32 on CPU.
     resolve_mixed_precision(choice) -> "no" | "fp16" | "bf16"
         accelerate's mixed-precision name; "auto" is bf16 where CUDA supports it, else "no".
+    set_cpu_matmul_precision(precision) -> "ieee" | "bf16"
+        How float32 matrix products run on CPU (oneDNN): "ieee" exactly, or "bf16" (inputs rounded to bfloat16,
+        products summed in float32: the CPU counterpart of TF32 on GPUs, several times faster on CPUs with AMX or
+        AVX512-BF16). Returns what was set: a CPU without native bfloat16 keeps "ieee", with a warning.
     is_launched() -> bool                             started by a multi-process launcher (LOCAL_RANK is set).
     is_main_process() -> bool                         rank 0, or no process group (`unimm.utils.distributed`).
 """
@@ -48,10 +52,12 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_mixed_precision",
+    "set_cpu_matmul_precision",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIXED_PRECISION = ("no", "fp16", "bf16")
+CPU_MATMUL_PRECISIONS = ("ieee", "bf16")
 
 
 def is_launched() -> bool:
@@ -146,4 +152,26 @@ def prepare_training_arguments(args: Any) -> Any:
         elif isinstance(config, dict):
             args.accelerator_config = {**config, "use_configured_state": True}
     args.finalize()
+    set_cpu_matmul_precision(args.cpu_matmul_precision)
     return args
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX tiles or AVX512-BF16: oneDNN then multiplies bfloat16 in hardware (elsewhere it would emulate it)."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def set_cpu_matmul_precision(precision: str) -> str:
+    """Make float32 matrix products on CPU exact ("ieee") or take bfloat16 inputs with float32 sums ("bf16");
+    returns the precision set. It applies to every CPU matmul of this process (linear layers, bmm, and the
+    attention kernels that call them), not to CUDA (`--tf32` is its GPU counterpart)."""
+    if precision not in CPU_MATMUL_PRECISIONS:
+        raise ValueError(f"cpu_matmul_precision must be one of {CPU_MATMUL_PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and not cpu_has_native_bf16():
+        import warnings
+
+        warnings.warn("cpu_matmul_precision bf16: this CPU has neither AMX nor AVX512-BF16, so bfloat16 products "
+                      "would be emulated (slower than float32); keeping ieee", stacklevel=2)
+        precision = "ieee"
+    torch.backends.mkldnn.matmul.fp32_precision = precision
+    return precision

@@ -82,7 +82,7 @@ def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None 
         model_args.visual_tokenizer_path and load_visual) else None
     tower = None
     if model_args.model_path is not None:
-        model, text_tokenizer = _load_unimm_model(Path(model_args.model_path), dtype)
+        model, text_tokenizer = _load_unimm_model(Path(model_args.model_path), dtype, model_args.attn_implementation)
         if visual_tokenizer is not None:
             _check_spec(model.config.codebook_spec, visual_tokenizer, model_args.visual_tokenizer_path)
             # the tokenizer this run trains with is the one recorded (models saved before identities gain one)
@@ -108,11 +108,14 @@ def build_model(model_args: ModelArguments, modules: VisualModulesConfig | None 
     return BuiltModel(model, text_tokenizer, layout, visual_tokenizer, row_masked, tower)
 
 
-def _load_unimm_model(path: Path, dtype: torch.dtype) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase]:
+def _load_unimm_model(path: Path, dtype: torch.dtype, attn_implementation: str = "auto",
+                      ) -> tuple[UniMMForCausalLM, PreTrainedTokenizerBase]:
     path = path.resolve()  # absolute, so LoRA adapter configs name their base robustly
     check_unimm_folder(path)
+    # "auto" keeps the implementation the model was saved with; a named one (--attn_implementation) replaces it
+    attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     with model_folder("model_path", path, "a UniMM model and its text tokenizer"):
-        model = UniMMForCausalLM.from_pretrained(path, dtype=dtype)
+        model = UniMMForCausalLM.from_pretrained(path, dtype=dtype, **attn)
         text_tokenizer = AutoTokenizer.from_pretrained(path)
     if model.config.layout is None:
         raise ModelFolderError(f"model_path={path}: the model has no vocabulary layout (not a UniMM model?)")
