@@ -123,3 +123,18 @@ def test_frozen_llm_trains_only_new_rows_and_heads(toy, tmp_path):
     # the added rows moved away from their shared mean initialisation
     new_rows = embed[layout.boi_token_id: layout.uncond_token_id + 1]
     assert new_rows.std(dim=0).max() > 0
+
+
+def test_attn_implementation_applies_to_a_model_path_run(toy, tiny_unimm):
+    """`--attn_implementation` replaces the implementation a saved model was built with ("auto" keeps it): the
+    quickstart finetunes its pretrained model with the eager attention its bf16-product recipe needs."""
+    from unimm.train.args import ModelArguments
+    from unimm.train.llm.build import build_model
+
+    def loaded(attn: str) -> str:
+        args = ModelArguments(model_path=str(tiny_unimm), visual_tokenizer_path=str(toy["tokenizer"]),
+                              attn_implementation=attn)
+        return build_model(args).model.language_model.config._attn_implementation
+
+    assert loaded("auto") == "sdpa"
+    assert loaded("eager") == "eager"

@@ -195,12 +195,23 @@ def test_shipped_recipe_trains_what_it_says(recipe_file, toy, vqrae_toy, family_
     before: dict[str, torch.Tensor] = {}
     original_train = trainer_module.UniMMTrainer.train
 
+    precision: list[str] = []
+
     def snapshot_then_train(self, *args, **kwargs):
         before.update({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        precision.append(torch.backends.mkldnn.matmul.fp32_precision)
         return original_train(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module.UniMMTrainer, "train", snapshot_then_train)
+    precision_before = torch.backends.mkldnn.matmul.fp32_precision
     trainer = program.main(argv)
+    # the recipe's float32 product precision holds while it trains (a CPU without native bf16 keeps ieee), and the
+    # process's own comes back after
+    from unimm.utils.runtime import cpu_has_native_bf16
+
+    wanted = training_args.cpu_matmul_precision
+    assert precision == [wanted if cpu_has_native_bf16() else "ieee"]
+    assert torch.backends.mkldnn.matmul.fp32_precision == precision_before
     trained = trainer.model
     after = dict(trained.named_parameters())
     assert before.keys() == after.keys()

@@ -91,3 +91,58 @@ def test_single_process_accelerator_needs_no_process_group():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == ["DistributedType.NO", "cpu", False]
+
+
+@pytest.fixture
+def restore_cpu_matmul_precision():
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    yield
+    torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+def _products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's float32 product, the exact one, and the exact one of bfloat16-rounded inputs."""
+    exact = a.double() @ b.double()
+    rounded = a.bfloat16().double() @ b.bfloat16().double()
+    return (torch.nn.functional.linear(a, b.t().contiguous())).double(), exact, rounded
+
+
+@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU has neither AMX nor AVX512-BF16")
+def test_bf16_cpu_matmul_precision_rounds_the_inputs_and_sums_in_float32(restore_cpu_matmul_precision):
+    torch.manual_seed(0)
+    a, b = torch.randn(64, 256), torch.randn(256, 96)
+    assert runtime.set_cpu_matmul_precision("bf16") == "bf16"
+    fast, exact, rounded = _products(a, b)
+    # the product of the bfloat16-rounded inputs, summed in float32 (not a bfloat16 result: 8 bits would be ~1e-1 off)
+    assert (fast - rounded).abs().max() < 1e-3
+    assert (fast - exact).abs().max() > 1e-2
+    assert runtime.set_cpu_matmul_precision("ieee") == "ieee"
+    precise, exact, _ = _products(a, b)
+    assert (precise - exact).abs().max() < 1e-3
+
+
+def test_bf16_cpu_matmul_precision_keeps_ieee_without_native_bf16(monkeypatch, restore_cpu_matmul_precision):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):
+        assert runtime.set_cpu_matmul_precision("bf16") == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+    with pytest.raises(ValueError, match="cpu_matmul_precision"):
+        runtime.set_cpu_matmul_precision("tf32")
+
+
+def test_training_arguments_check_the_cpu_matmul_precision_and_a_run_restores_it(tmp_path,
+                                                                              restore_cpu_matmul_precision):
+    from unimm.train.args import UniMMTrainingArguments
+
+    with pytest.raises(ValueError, match="cpu_matmul_precision"):
+        UniMMTrainingArguments(output_dir=str(tmp_path), cpu_matmul_precision="fast")
+    torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+    args = UniMMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", cpu_matmul_precision="bf16")
+    runtime.prepare_training_arguments(args)
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # parsing and preparing set nothing
+    expected = "bf16" if runtime.cpu_has_native_bf16() else "ieee"
+    with pytest.raises(RuntimeError, match="inside"):
+        with runtime.cpu_matmul_precision(args.cpu_matmul_precision) as precision:
+            assert precision == expected == torch.backends.mkldnn.matmul.fp32_precision
+            raise RuntimeError("inside")
+    assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"

@@ -26,6 +26,8 @@ Nothing here runs at import or while a config is parsed; programs call it once t
         How float32 matrix products run on CPU (oneDNN): "ieee" exactly, or "bf16" (inputs rounded to bfloat16,
         products summed in float32: the CPU counterpart of TF32 on GPUs, several times faster on CPUs with AMX or
         AVX512-BF16). Returns what was set: a CPU without native bfloat16 keeps "ieee", with a warning.
+    cpu_matmul_precision(precision)                   context manager: that precision inside, the previous after
+        (the LLM trainers run a training run inside it).
     is_launched() -> bool                             started by a multi-process launcher (LOCAL_RANK is set).
     is_main_process() -> bool                         rank 0, or no process group (`unimm.utils.distributed`).
 """
@@ -52,6 +54,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_mixed_precision",
+    "cpu_matmul_precision",
     "set_cpu_matmul_precision",
 ]
 
@@ -152,7 +155,6 @@ def prepare_training_arguments(args: Any) -> Any:
         elif isinstance(config, dict):
             args.accelerator_config = {**config, "use_configured_state": True}
     args.finalize()
-    set_cpu_matmul_precision(args.cpu_matmul_precision)
     return args
 
 
@@ -175,3 +177,13 @@ def set_cpu_matmul_precision(precision: str) -> str:
         precision = "ieee"
     torch.backends.mkldnn.matmul.fp32_precision = precision
     return precision
+
+
+@contextlib.contextmanager
+def cpu_matmul_precision(precision: str) -> Iterator[str]:
+    """`set_cpu_matmul_precision` for the block (yields the precision set); the process's previous one after."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    try:
+        yield set_cpu_matmul_precision(precision)
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before

@@ -48,7 +48,7 @@ from unimm.train.llm.streaming import SaveDataStateCallback, StreamingTrainerMix
 from unimm.utils.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process
 from unimm.utils.hf_compat import TrainSamplerOverride
 from unimm.utils.parallel import enable_fsdp_on_cpu, engine, full_state_dict, prepare_fsdp_arguments
-from unimm.utils.runtime import resolve_dtype
+from unimm.utils.runtime import cpu_matmul_precision, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -354,7 +354,10 @@ def run_training(model_args, modules, data_args, training_args, lora_args=None) 
     # One run per folder: taken before anything is read or written there (rank 0; every rank learns the outcome).
     rank0_decides(lambda: lock.acquire().path.name)
     try:
-        return _train_locked(model_args, modules, data_args, training_args, lora_args, output_dir)
+        with cpu_matmul_precision(training_args.cpu_matmul_precision) as precision:
+            if precision != "ieee":
+                logger.info("float32 matrix products on CPU from %s inputs (cpu_matmul_precision)", precision)
+            return _train_locked(model_args, modules, data_args, training_args, lora_args, output_dir)
     finally:
         lock.release()
 
