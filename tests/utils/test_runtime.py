@@ -146,3 +146,18 @@ def test_training_arguments_check_the_cpu_matmul_precision_and_a_run_restores_it
             assert precision == expected == torch.backends.mkldnn.matmul.fp32_precision
             raise RuntimeError("inside")
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+
+
+def test_cpu_matmul_precision_benchmark_runs_at_toy_size():
+    """benchmarks/cpu_matmul_precision.py (the figures behind the option's README sentence) cannot rot."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "benchmarks/cpu_matmul_precision.py", "--repeats", "1", "--batch", "2"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith(("| ieee", "| bf16"))]
+    variants = [(row[0].strip("| "), row[1]) for row in rows]
+    expected = [("ieee", "sdpa"), ("ieee", "eager")]
+    if runtime.cpu_has_native_bf16():
+        expected += [("bf16", "sdpa"), ("bf16", "eager")]
+    assert variants == expected
+    assert rows[0][3].startswith("1.00x") and all(float(row[2]) > 0 for row in rows)
