@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from unimm.llm import UniMMForCausalLM, extend_tokenizer_and_model
 from unimm.testing import build_qwen_style_tokenizer, tiny_llm_config
-from unimm.utils.runtime import cpu_has_native_bf16, cpu_matmul_precision
+from unimm.utils.hf_compat import cpu_has_native_bf16
+from unimm.utils.runtime import cpu_matmul_precision
 
 SPEC = {"pixel": (256, 2), "semantic": (256, 1)}
 VARIANTS = (("ieee", "sdpa"), ("ieee", "eager"), ("bf16", "sdpa"), ("bf16", "eager"))

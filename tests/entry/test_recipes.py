@@ -207,7 +207,7 @@ def test_shipped_recipe_trains_what_it_says(recipe_file, toy, vqrae_toy, family_
     trainer = program.main(argv)
     # the recipe's float32 product precision holds while it trains (a CPU without native bf16 keeps ieee), and the
     # process's own comes back after
-    from unimm.utils.runtime import cpu_has_native_bf16
+    from unimm.utils.hf_compat import cpu_has_native_bf16
 
     wanted = training_args.cpu_matmul_precision
     assert precision == [wanted if cpu_has_native_bf16() else "ieee"]

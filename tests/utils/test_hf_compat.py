@@ -264,3 +264,16 @@ def test_dynamo_recompile_limit_patches_the_installed_torch():
     with hf_compat.dynamo_recompile_limit(before + 37):
         assert getattr(config, name) == before + 37, _installed("torch")
     assert getattr(config, name) == before
+
+
+def test_cpu_has_native_bf16_asks_the_installed_torch(monkeypatch):
+    import torch
+
+    assert hf_compat.cpu_has_native_bf16() == (torch.cpu._is_amx_tile_supported()
+                                               or torch.cpu._is_avx512_bf16_supported())
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert hf_compat.cpu_has_native_bf16() is False
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    with pytest.raises(RuntimeError, match="torch .*_is_avx512_bf16_supported"):
+        hf_compat.cpu_has_native_bf16()

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from unimm.testing import free_port
-from unimm.utils import runtime
+from unimm.utils import hf_compat, runtime
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def _products(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (torch.nn.functional.linear(a, b.t().contiguous())).double(), exact, rounded
 
 
-@pytest.mark.skipif(not runtime.cpu_has_native_bf16(), reason="this CPU has neither AMX nor AVX512-BF16")
+@pytest.mark.skipif(not hf_compat.cpu_has_native_bf16(), reason="this CPU has neither AMX nor AVX512-BF16")
 def test_bf16_cpu_matmul_precision_rounds_the_inputs_and_sums_in_float32(restore_cpu_matmul_precision):
     torch.manual_seed(0)
     a, b = torch.randn(64, 256), torch.randn(256, 96)
@@ -122,7 +122,7 @@ def test_bf16_cpu_matmul_precision_rounds_the_inputs_and_sums_in_float32(restore
 
 
 def test_bf16_cpu_matmul_precision_keeps_ieee_without_native_bf16(monkeypatch, restore_cpu_matmul_precision):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hf_compat, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="neither AMX nor AVX512-BF16"):
         assert runtime.set_cpu_matmul_precision("bf16") == "ieee"
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
@@ -140,7 +140,7 @@ def test_training_arguments_check_the_cpu_matmul_precision_and_a_run_restores_it
     args = UniMMTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", cpu_matmul_precision="bf16")
     runtime.prepare_training_arguments(args)
     assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"  # parsing and preparing set nothing
-    expected = "bf16" if runtime.cpu_has_native_bf16() else "ieee"
+    expected = "bf16" if hf_compat.cpu_has_native_bf16() else "ieee"
     with pytest.raises(RuntimeError, match="inside"):
         with runtime.cpu_matmul_precision(args.cpu_matmul_precision) as precision:
             assert precision == expected == torch.backends.mkldnn.matmul.fp32_precision
@@ -157,7 +157,7 @@ def test_cpu_matmul_precision_benchmark_runs_at_toy_size():
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith(("| ieee", "| bf16"))]
     variants = [(row[0].strip("| "), row[1]) for row in rows]
     expected = [("ieee", "sdpa"), ("ieee", "eager")]
-    if runtime.cpu_has_native_bf16():
+    if hf_compat.cpu_has_native_bf16():
         expected += [("bf16", "sdpa"), ("bf16", "eager")]
     assert variants == expected
     assert rows[0][3].startswith("1.00x") and all(float(row[2]) > 0 for row in rows)

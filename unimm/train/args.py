@@ -193,8 +193,8 @@ class UniMMTrainingArguments(TrainingArguments):
         "resumed run rewrites the steps after its checkpoint).")
     cpu_matmul_precision: str = config_field(
         "ieee", "Float32 matrix products on CPU: ieee (exact) or bf16 (bfloat16 inputs, float32 sums; the CPU "
-        "counterpart of --tf32, several times faster on CPUs with AMX or AVX512-BF16, which the quickstart recipes "
-        "use; a CPU without them keeps ieee with a warning). No effect on CUDA.")
+        "counterpart of --tf32, faster on CPUs with AMX or AVX512-BF16; a CPU without them keeps ieee with a "
+        "warning), for the training run only. No effect on CUDA.")
     # LLaVA's --mm_projector_lr
     projector_learning_rate: float | None = config_field(None, "The feature projector's own learning rate.")
 

@@ -35,6 +35,7 @@ __all__ = [
     "attn_implementation_of",
     "cache_kwargs",
     "check_extension_build_lock",
+    "cpu_has_native_bf16",
     "deepspeed_shm_buffer",
     "extension_build_lock",
     "mark_weights_initialized",
@@ -160,6 +161,17 @@ def dynamo_recompile_limit(limit: int) -> contextlib.AbstractContextManager:
     if not hasattr(config, name):
         raise upstream_error("torch", "torch._dynamo.config has neither recompile_limit nor cache_size_limit")
     return config.patch(**{name: limit})
+
+
+# bfloat16 products in hardware on this CPU (AMX tiles or AVX512-BF16; oneDNN emulates them elsewhere, slower than
+# float32): torch asks cpuinfo through the private `torch.cpu._is_amx_tile_supported` / `_is_avx512_bf16_supported`
+# (torch 2.3 through 2.13); `cpu_matmul_precision bf16` only applies where they say yes.
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if not all(callable(probe) for probe in probes):
+        raise upstream_error("torch", "torch.cpu has no _is_amx_tile_supported / _is_avx512_bf16_supported")
+    return any(probe() for probe in probes)
 
 
 # -- DeepSpeed's CPU communication op ------------------------------------------------------------------------------

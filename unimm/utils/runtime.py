@@ -158,17 +158,14 @@ def prepare_training_arguments(args: Any) -> Any:
     return args
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX tiles or AVX512-BF16: oneDNN then multiplies bfloat16 in hardware (elsewhere it would emulate it)."""
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-
-
 def set_cpu_matmul_precision(precision: str) -> str:
     """Make float32 matrix products on CPU exact ("ieee") or take bfloat16 inputs with float32 sums ("bf16");
     returns the precision set. It applies to every CPU matmul of this process (linear layers, bmm, and the
     attention kernels that call them), not to CUDA (`--tf32` is its GPU counterpart)."""
     if precision not in CPU_MATMUL_PRECISIONS:
         raise ValueError(f"cpu_matmul_precision must be one of {CPU_MATMUL_PRECISIONS}, got {precision!r}")
+    from unimm.utils.hf_compat import cpu_has_native_bf16
+
     if precision == "bf16" and not cpu_has_native_bf16():
         import warnings
 
