@@ -126,8 +126,8 @@ def test_frozen_llm_trains_only_new_rows_and_heads(toy, tmp_path):
 
 
 def test_attn_implementation_applies_to_a_model_path_run(toy, tiny_unimm):
-    """`--attn_implementation` replaces the implementation a saved model was built with ("auto" keeps it): the
-    quickstart finetunes its pretrained model with the eager attention its bf16-product recipe needs."""
+    """`--attn_implementation` replaces the implementation a saved model was built with ("auto" keeps it), so a
+    finetune can pair `--cpu_matmul_precision bf16` with eager attention (the CPU SDPA kernel slows under it)."""
     from unimm.train.args import ModelArguments
     from unimm.train.llm.build import build_model
 
@@ -138,3 +138,39 @@ def test_attn_implementation_applies_to_a_model_path_run(toy, tiny_unimm):
 
     assert loaded("auto") == "sdpa"
     assert loaded("eager") == "eager"
+
+
+def test_cpu_matmul_precision_holds_through_a_pretraining_run(toy, tmp_path, monkeypatch):
+    """`--cpu_matmul_precision bf16` through the program: bf16 products while it trains (so the weights differ from an
+    exact run's, and only slightly), the process's own precision after."""
+    from safetensors.torch import load_file
+
+    from unimm.train.llm import trainer as trainer_module
+    from unimm.utils.hf_compat import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has neither AMX nor AVX512-BF16 (bf16 falls back to ieee)")
+    seen: list[str] = []
+    original_train = trainer_module.UniMMTrainer.train
+
+    def recording_train(self, *args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.UniMMTrainer, "train", recording_train)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    weights = {}
+    for precision in ("ieee", "bf16"):
+        out = tmp_path / precision
+        pretrain.main([
+            "--llm_path", str(toy["llm"]), "--visual_tokenizer_path", str(toy["tokenizer"]), "--code_cache",
+            str(toy["cache"]), "--depth_head_layers", "1", "--max_length", "64", "--num_samples", "16",
+            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
+            "--attn_implementation", "eager", "--cpu_matmul_precision", precision, "--seed", "5",
+        ])
+        weights[precision] = load_file(out / "model.safetensors")
+        assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert seen == ["ieee", "bf16"]
+    moved = max((weights["bf16"][k] - weights["ieee"][k]).abs().max().item() for k in weights["ieee"])
+    assert 0 < moved < 1e-2
