@@ -26,7 +26,7 @@ from unimm.data.mixture import MixtureConfig
 from unimm.data.tasks import SampleConfig
 from unimm.llm.presets import VisualModulesConfig
 from unimm.utils.config import Alias, config_field
-from unimm.utils.runtime import CPU_MATMUL_PRECISIONS
+from unimm.utils.runtime import check_cpu_matmul_precision
 
 __all__ = ["DTYPE_ALIAS", "DataArguments", "LoraArguments", "ModelArguments", "UniMMTrainingArguments",
            "VisualModulesConfig", "VISUAL_TOKENIZER_ALIAS"]
@@ -201,9 +201,7 @@ class UniMMTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         # transformers' __post_init__ sets up the devices, which starts the process group; it runs in finalize().
         self._finalized = False
-        if self.cpu_matmul_precision not in CPU_MATMUL_PRECISIONS:
-            raise ValueError(f"cpu_matmul_precision must be one of {CPU_MATMUL_PRECISIONS}, got "
-                             f"{self.cpu_matmul_precision!r}")
+        check_cpu_matmul_precision(self.cpu_matmul_precision)
 
     def finalize(self) -> UniMMTrainingArguments:
         """Run transformers' own `__post_init__` (validation, device and process-group setup) once. Programs call

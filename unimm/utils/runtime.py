@@ -54,6 +54,7 @@ __all__ = [
     "resolve_device",
     "resolve_dtype",
     "resolve_mixed_precision",
+    "check_cpu_matmul_precision",
     "cpu_matmul_precision",
     "set_cpu_matmul_precision",
 ]
@@ -158,12 +159,17 @@ def prepare_training_arguments(args: Any) -> Any:
     return args
 
 
+def check_cpu_matmul_precision(precision: str) -> None:
+    """Refuse a `cpu_matmul_precision` other than ieee or bf16, naming the key (parse time and run time alike)."""
+    if precision not in CPU_MATMUL_PRECISIONS:
+        raise ValueError(f"cpu_matmul_precision must be one of {CPU_MATMUL_PRECISIONS}, got {precision!r}")
+
+
 def set_cpu_matmul_precision(precision: str) -> str:
     """Make float32 matrix products on CPU exact ("ieee") or take bfloat16 inputs with float32 sums ("bf16");
     returns the precision set. It applies to every CPU matmul of this process (linear layers, bmm, and the
     attention kernels that call them), not to CUDA (`--tf32` is its GPU counterpart)."""
-    if precision not in CPU_MATMUL_PRECISIONS:
-        raise ValueError(f"cpu_matmul_precision must be one of {CPU_MATMUL_PRECISIONS}, got {precision!r}")
+    check_cpu_matmul_precision(precision)
     from unimm.utils.hf_compat import cpu_has_native_bf16
 
     if precision == "bf16" and not cpu_has_native_bf16():
