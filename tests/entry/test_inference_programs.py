@@ -73,3 +73,77 @@ def test_chat_rejects_mismatched_images(tiny_unimm, toy, capsys):
         chat.main(["--model_path", str(tiny_unimm), "--visual_tokenizer_path", str(toy["tokenizer"]),
                                   "--images", image, image, "--questions", "a", "b", "c"])
     assert exit_info.value.code == 2 and "2 images for 3 questions" in capsys.readouterr().err
+
+
+def test_generate_t2i_rerank_keeps_the_candidate_the_model_scores_best(tiny_unimm, toy, tmp_path, capsys):
+    """`--rerank_samples 3`: the configured decoding's image and 3 sampled candidates per prompt (seeded as
+    documented), each scored by the caption NLL (the mean cross-entropy of the prompt's tokens and EOS after the
+    candidate's codes, recomputed here from the logits) plus the image NLL; the written image is the decoding of the
+    lowest sum. The configured decoding samples too (an untrained model's greedy image would win every time)."""
+    import torch
+
+    from unimm.data.collator import UniMMCollator
+    from unimm.data.sequence import ImageSlot
+    from unimm.data.tasks import SampleConfig, SampleFactory
+    from unimm.inference.rerank import CANDIDATE_SEED_STRIDE
+    from unimm.inference.stack import load_for_inference
+    from unimm.llm.generation import generate_images
+    from unimm.tokenizer import load_visual_tokenizer
+
+    torch.set_num_threads(1)
+    prompts = ["a red image", "a green image", "a blue image", "a yellow image"]
+    common = ["--model_path", str(tiny_unimm), "--visual_tokenizer_path", str(toy["tokenizer"]), "--prompts", *prompts,
+              "--cfg_scale", "0", "--temperature", "1", "--top_k", "16", "--seed", "3", "--batch_size", "4"]
+    files = generate_t2i.main([*common, "--rerank_samples", "3", "--output_dir", str(tmp_path / "rr")])
+    report = json.loads((tmp_path / "rr" / "rerank.json").read_text())
+    assert report["rerank_samples"] == 3 and [c["prompt"] for c in report["choices"]] == prompts
+    assert "rerank: kept the configured decoding's image for" in capsys.readouterr().out
+
+    model, text_tokenizer = load_for_inference(tiny_unimm, torch.device("cpu"))
+    visual = load_visual_tokenizer(toy["tokenizer"])
+    rounds = [generate_images(model, text_tokenizer, prompts, num_positions=visual.num_positions, cfg_scale=None,
+                              temperature=1.0, top_k=16, seed=3 + r * CANDIDATE_SEED_STRIDE)
+              for r in range(4)]
+    factory = SampleFactory(text_tokenizer, model.config.layout, SampleConfig(max_length=None))
+    collate = UniMMCollator(pad_token_id=text_tokenizer.pad_token_id)
+    for index, (prompt, choice) in enumerate(zip(prompts, report["choices"])):
+        caption_nll = []
+        for codes in rounds:
+            image = {name: value[index] for name, value in codes.items()}
+            batch = collate([factory.caption("c", prompt, ImageSlot(codes=image))])
+            labels = batch.pop("labels")[0, 1:]
+            batch.pop("sample_ids", None)
+            with torch.no_grad():
+                logits = model(**batch).logits[0, :-1].float()
+            supervised = labels != -100
+            caption_nll.append(float(torch.nn.functional.cross_entropy(logits[supervised], labels[supervised])))
+        torch.testing.assert_close(choice["caption_nll"], caption_nll, rtol=1e-4, atol=1e-5)
+        totals = [c + i for c, i in zip(choice["caption_nll"], choice["image_nll"])]
+        assert choice["chosen"] == min(range(4), key=lambda r: (totals[r], r))
+        chosen = {name: value[index: index + 1] for name, value in rounds[choice["chosen"]].items()}
+        with torch.no_grad():
+            expected = visual.postprocess(visual.decode(chosen))[0]
+        assert np.array_equal(np.asarray(Image.open(files[index])), np.asarray(expected))
+    assert any(choice["chosen"] != 0 for choice in report["choices"])  # a sampled candidate was kept somewhere
+
+    plain = generate_t2i.main([*common, "--output_dir", str(tmp_path / "plain")])  # off: round 0's images, no report
+    assert not (tmp_path / "plain" / "rerank.json").exists()
+    for index, path in enumerate(plain):
+        first = {name: value[index: index + 1] for name, value in rounds[0].items()}
+        with torch.no_grad():
+            expected = visual.postprocess(visual.decode(first))[0]
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(expected))
+
+
+def test_rerank_refuses_a_model_that_reads_images_as_features():
+    from types import SimpleNamespace
+
+    from unimm.inference.rerank import check_reranks
+    from unimm.utils.errors import OptionError
+
+    with pytest.raises(OptionError, match="rerank_samples"):
+        check_reranks(SimpleNamespace(feature_projector=object(), visual_embedding=object()))
+    with pytest.raises(ValueError, match="rerank_samples"):
+        from unimm.inference.args import GenerateArguments
+
+        GenerateArguments(prompts=["a"], rerank_samples=-1)

@@ -83,7 +83,14 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert guidance["validation_prompts"] == 6 and guidance["chosen"] == 1.0 and guidance["source"] == "recipe"
     assert guidance["rows"] == [] and "validation generation accuracy by guidance scale" not in result.stdout
     assert "guidance: scale 1, the recipe's" in result.stdout
-    assert "generating greedily at guidance scale 1\n" in result.stdout
+    assert "generating greedily at guidance scale 1, each image then the best of it and 8 sampled ones\n" in result.stdout
+    # DualToken's images are reranked: each prompt's choice among the greedy image and 8 samples is reported
+    rerank = json.loads((out / "generated" / "rerank.json").read_text())
+    assert [c["prompt"] for c in rerank["choices"]] == [row["prompt"] for row in generated]
+    assert all(len(c["caption_nll"]) == len(c["image_nll"]) == 9 for c in rerank["choices"])
+    assert scores["rerank"] == {"samples": 8, "prompts": len(generated),
+                                "kept_configured": sum(c["chosen"] == 0 for c in rerank["choices"])}
+    assert "reranked: each image the best of" in result.stdout
     assert printed["QA"] == pytest.approx(scores["qa"]["accuracy"], abs=1e-3)
     # It judges itself last: each figure with its count against the README's target (a --fast run misses them and
     # still exits 0).

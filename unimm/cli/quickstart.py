@@ -132,6 +132,14 @@ def generation(args: argparse.Namespace) -> float:
     held = score_images(*groups[True]) if groups[True][0] else None
     _update_scores(out, "generation", seen.to_dict() if seen else {"accuracy": None, "num_images": 0})
     _update_scores(out, "generation_held_out", held.to_dict() if held else {"accuracy": None, "num_images": 0})
+    if (generated / "rerank.json").exists():  # best-of-N images (generate_t2i.py --rerank_samples)
+        report = json.loads((generated / "rerank.json").read_text())
+        kept = sum(choice["chosen"] == 0 for choice in report["choices"])
+        _update_scores(out, "rerank", {"samples": report["rerank_samples"], "prompts": len(report["choices"]),
+                                       "kept_configured": kept})
+        print(f"reranked: each image the best of the configured decoding's and {report['rerank_samples']} sampled "
+              f"candidates by the model's caption + image NLL; the configured decoding's kept for {kept} of "
+              f"{len(report['choices'])} prompts")
     if seen:
         print(f"generation accuracy: {seen.accuracy:.3f} (captions seen in training; {_describe(seen)})")
     else:

@@ -93,6 +93,12 @@ class GenerateArguments:
         "when compiling fails), jacobi / jacobi-compile (speculative Jacobi decoding; flat-code models only). Greedy "
         "codes are the same in every mode."))
     grid_columns: int = config_field(8, "Images per row of grid.png.")
+    rerank_samples: int = config_field(0, (
+        "Best-of-N: draw this many sampled candidates per prompt besides the configured decoding's image and keep "
+        "the one with the lowest caption NLL (the prompt read back off the image) + image NLL (the image under the "
+        "prompt), both by the model itself (unimm.inference.rerank); 0 = off. Models that read images as codes."))
+    rerank_temperature: float = config_field(1.0, "Sampling temperature of the rerank candidates (top_k / top_p as "
+                                             "given).")
 
     def all_prompts(self) -> list[str]:
         for index, prompt in enumerate(self.prompts):
@@ -111,6 +117,11 @@ class GenerateArguments:
         if self.batch_size <= 0 or self.grid_columns <= 0:
             raise ValueError("batch_size and grid_columns must be positive")
         check_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if self.rerank_samples < 0:
+            raise ValueError(f"rerank_samples must be >= 0 (0 = off), got {self.rerank_samples}")
+        if not self.rerank_temperature > 0:
+            raise ValueError(f"rerank_temperature must be > 0 (the candidates are sampled), got "
+                             f"{self.rerank_temperature}")
         from unimm.llm.generation import DECODE_MODES
 
         if self.decode not in DECODE_MODES:
