@@ -7,8 +7,7 @@
 #   5. LoRA instruction tuning on shape questions (the same)
 #   6. three lanes at once: the guidance scale (DualToken: the recipe's, 1, chosen on development seeds 5-8; VQRAE:
 #      chosen on a validation split of the seen captions, never on the held-out ones), images for the prompts at
-#      that scale (scripts/generate_t2i.py; DualToken: each the best of the greedy image and 8 sampled ones by the
-#      model's own caption + image NLL, --rerank_samples) and their generation accuracy (the pixel checker confirms colour, shape
+#      that scale (scripts/generate_t2i.py) and their generation accuracy (the pixel checker confirms colour, shape
 #      and position) on the captions seen in training and, apart, on the held-out captions never trained on;
 #      answers to held-out questions (scripts/chat.py) and their QA accuracy (exact match); the held-out accuracy
 #      at guidance scales 1 (none), 1.25, 1.5, 2 and 3, greedy and sampled (a report, not a choice)
@@ -27,7 +26,8 @@
 #                                              # for VQRAE)
 #   UNIMM_DEPS=latest bash scripts/quickstart.sh   # on the newest releases (.venv-latest) instead of the lock
 # Environment: QUICKSTART_OUT (run directory), QUICKSTART_FAST=1 (same as --fast), QUICKSTART_MASTER_PORT,
-# UNIMM_DEPS (locked | latest: see scripts/_venv.sh).
+# QUICKSTART_RERANK=N (DualToken: each image the best of the greedy one and N sampled ones, generate_t2i.py
+# --rerank_samples; default 0), UNIMM_DEPS (locked | latest: see scripts/_venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,10 +79,13 @@ case "$TOKENIZER" in
     # choosing on the validation captions 82 (they are seen captions: every scale draws them, so the choice is noise;
     # benchmarks/results/quickstart.md).
     GUIDANCE_DEFAULT=1
-    # Best of the greedy image and 8 sampled ones by the model's own caption NLL + image NLL (generate_t2i.py
-    # --rerank_samples; chosen on development models of seeds 5-8: 117 of 120 held-out captions against greedy's 107,
-    # benchmarks/results/quickstart.md).
-    RERANK=8 ;;
+    # Greedy, not reranked: the best of the greedy image and 8 sampled ones by the model's own caption + image NLL
+    # (generate_t2i.py --rerank_samples 8), chosen on pretrained development models (117 of 120 held-out captions
+    # against greedy's 107), drew 104 against greedy's 106 on the finetuned models of seeds 0-4 and 40-42 seen
+    # captions against 42; on a finetuned development model its caption NLL no longer tells right images from wrong
+    # (2.45 against 2.51 nats), the conversation finetuning having flattened it (benchmarks/results/quickstart.md,
+    # 2026-12-08). QUICKSTART_RERANK=8 turns it on.
+    RERANK="${QUICKSTART_RERANK:-0}" ;;
   vqrae)
     PREPARE_ARGS=(--caption_conversations true)
     PRETRAIN_CFG=configs/quickstart/pretrain_vqrae.yaml; FINETUNE_CFG=configs/quickstart/finetune_vqrae.yaml
@@ -111,7 +114,8 @@ else
   TOK_STEPS=""; PRE_STEPS=""; FT_STEPS=""; LOG_STEPS=""; CFG_SAMPLES=4
 fi
 # Decoding of stage 6: greedy, at the recipe's guidance scale or the one chosen on the validation captions (scale 1,
-# none, without them); DualToken's images then the best of that and RERANK sampled candidates (top-k 8, temperature 1).
+# none, without them); with RERANK > 0 (DualToken) each image then the best of that and RERANK sampled ones (top-k 8,
+# temperature 1).
 GEN_TEMPERATURE=0; GEN_TOP_K=8
 steps() {  # --max_steps override only in fast mode (the YAML recipes hold the full-run values)
   if [ -n "$1" ]; then echo "--max_steps $1 --logging_steps $LOG_STEPS"; fi

@@ -24,7 +24,9 @@ POSITION_FLOOR = 0.75
 @pytest.mark.slow
 def test_quickstart_fast_runs_every_stage(tmp_path):
     out = tmp_path / "quickstart"
-    env = {**os.environ, "QUICKSTART_OUT": str(out), "QUICKSTART_MASTER_PORT": str(free_port(consecutive=2))}
+    # QUICKSTART_RERANK: the images lane also draws 2 sampled candidates per prompt and keeps the best (off by default)
+    env = {**os.environ, "QUICKSTART_OUT": str(out), "QUICKSTART_MASTER_PORT": str(free_port(consecutive=2)),
+           "QUICKSTART_RERANK": "2"}
     build_deepspeed_comm_op(env)
     result = run_process_group(["bash", "scripts/quickstart.sh", "--fast"], timeout=1500, cwd=REPO, env=env)
     log = result.stdout + result.stderr
@@ -83,12 +85,12 @@ def test_quickstart_fast_runs_every_stage(tmp_path):
     assert guidance["validation_prompts"] == 6 and guidance["chosen"] == 1.0 and guidance["source"] == "recipe"
     assert guidance["rows"] == [] and "validation generation accuracy by guidance scale" not in result.stdout
     assert "guidance: scale 1, the recipe's" in result.stdout
-    assert "generating greedily at guidance scale 1, each image then the best of it and 8 sampled ones\n" in result.stdout
-    # DualToken's images are reranked: each prompt's choice among the greedy image and 8 samples is reported
+    assert "generating greedily at guidance scale 1, each image then the best of it and 2 sampled ones\n" in result.stdout
+    # the images are reranked: each prompt's choice among the greedy image and 2 samples is reported
     rerank = json.loads((out / "generated" / "rerank.json").read_text())
     assert [c["prompt"] for c in rerank["choices"]] == [row["prompt"] for row in generated]
-    assert all(len(c["caption_nll"]) == len(c["image_nll"]) == 9 for c in rerank["choices"])
-    assert scores["rerank"] == {"samples": 8, "prompts": len(generated),
+    assert all(len(c["caption_nll"]) == len(c["image_nll"]) == 3 for c in rerank["choices"])
+    assert scores["rerank"] == {"samples": 2, "prompts": len(generated),
                                 "kept_configured": sum(c["chosen"] == 0 for c in rerank["choices"])}
     assert "reranked: each image the best of" in result.stdout
     assert printed["QA"] == pytest.approx(scores["qa"]["accuracy"], abs=1e-3)

@@ -9,8 +9,10 @@ image of the configured decoding plus `rerank_samples` sampled candidates, and k
 each the model's own training loss on that one sample (a mean over its supervised positions). An image whose shape
 sits in the wrong place or has the wrong colour makes the prompt an unlikely caption of it, even where the drawing
 direction preferred it; the image term keeps the choice among the drawings the model itself finds likely.
-Measured on the quickstart's development models (24 held-out captions each): greedy 107 of 120, reranked 117
-(benchmarks/results/quickstart.md).
+The scorer is only as good as the model's caption likelihood: on the quickstart's pretrained development models
+(24 held-out captions each) greedy drew 107 of 120 and reranked 117, but after the quickstart's conversation-only
+LoRA finetuning the caption NLL no longer told right images from wrong and reranking drew 104 against greedy's 106
+(benchmarks/results/quickstart.md, 2026-12-08). Use it with models still trained to caption.
 
 The candidates are read as codes, so the model must understand images from codes (a DualToken-style model); a
 model with a feature projector (VQRAE's continuous features) is refused.
