@@ -65,7 +65,7 @@ def generate_pil_images(stack: InferenceStack, prompts: list[str], gen_args, see
                 num_positions=visual.num_positions, cfg_scale=gen_args.cfg_scale or None,
                 temperature=gen_args.rerank_temperature if sampled else gen_args.temperature,
                 top_k=gen_args.top_k, top_p=gen_args.top_p,
-                seed=seed + batch_index + (round_index * CANDIDATE_SEED_STRIDE if sampled else 0),
+                seed=seed + batch_index + round_index * CANDIDATE_SEED_STRIDE,
                 negative_prompts=None if negative is None else [negative] * len(batch),
                 decode=getattr(gen_args, "decode", "eager"),  # unimm.llm.generation.DECODE_MODES
                 progress=on_position,
