@@ -74,13 +74,9 @@ def _sample_losses(model, collator: UniMMCollator, samples: Sequence) -> list[fl
     return losses
 
 
-def score_candidates(model, text_tokenizer, prompts: Sequence[str],
+def score_candidates(model, factory: SampleFactory, collator: UniMMCollator, prompts: Sequence[str],
                      codes: dict[str, torch.Tensor]) -> tuple[list[float], list[float]]:
     """(caption NLL, image NLL) of each `prompts[i]` with its image `codes[group][i]` (`[B, N, D]`)."""
-    check_reranks(model)
-    factory = SampleFactory(text_tokenizer, model.config.layout, SampleConfig(max_length=None, uncond_prob=0.0))
-    collator = UniMMCollator(pad_token_id=text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None
-                             else text_tokenizer.eos_token_id)
     captions, images = [], []
     for index, prompt in enumerate(prompts):
         image = {name: value[index].cpu() for name, value in codes.items()}
@@ -95,7 +91,11 @@ def rerank(model, text_tokenizer, prompts: Sequence[str],
     codes `{group: [B, N, D]}` and each prompt's `RerankChoice` (the first candidate wins a tie)."""
     if not candidates:
         raise ValueError("rerank needs at least one candidate per prompt")
-    scores = [score_candidates(model, text_tokenizer, prompts, codes) for codes in candidates]
+    check_reranks(model)
+    factory = SampleFactory(text_tokenizer, model.config.layout, SampleConfig(max_length=None, uncond_prob=0.0))
+    collator = UniMMCollator(pad_token_id=text_tokenizer.pad_token_id if text_tokenizer.pad_token_id is not None
+                             else text_tokenizer.eos_token_id)
+    scores = [score_candidates(model, factory, collator, prompts, codes) for codes in candidates]
     choices, kept = [], {name: [] for name in candidates[0]}
     for index, prompt in enumerate(prompts):
         caption = [scores[r][0][index] for r in range(len(candidates))]
